@@ -1,0 +1,83 @@
+"""lightly's CIFAR ResNet (ResNetGenerator) as the reference's MoCo backbone.
+
+3x3 stride-1 stem conv + BN, NO max-pool, four stages of BasicBlocks (64/128/256/512 channels at
+width 1, stride 2 from stage 2), a 1x1 conv + BN shortcut only where the shape changes, then global
+average pooling. As the reference uses it for MoCo (the ResNet's children minus the final linear,
+plus an adaptive average pool), there is no ReLU after the stem BN: lightly applies that ReLU in
+`forward`, which the children-based backbone never calls.
+
+Submodule names follow lightly's state_dict (conv1, bn1, layer1_0/conv1, ..., shortcut_conv,
+shortcut_bn) so `jaxattr.convert` is a renaming.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxattr.models.layers import BatchNorm, conv
+
+
+class BasicBlock(nn.Module):
+  planes: int
+  stride: int = 1
+  num_splits: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    bn = functools.partial(BatchNorm, num_splits=self.num_splits, dtype=self.dtype)
+    y = conv(self.planes, 3, self.stride, 1, self.dtype, name="conv1")(x)
+    y = nn.relu(bn(name="bn1")(y, train))
+    y = conv(self.planes, 3, 1, 1, self.dtype, name="conv2")(y)
+    y = bn(name="bn2")(y, train)
+    if self.stride != 1 or x.shape[-1] != self.planes:
+      x = conv(self.planes, 1, self.stride, 0, self.dtype, name="shortcut_conv")(x)
+      x = bn(name="shortcut_bn")(x, train)
+    return nn.relu(y + x)
+
+
+class CifarResNet(nn.Module):
+  """lightly ResNetGenerator backbone (no linear): images [B, H, W, 3] -> {'feature': [B, D]}.
+
+  Attributes:
+    stage_sizes: BasicBlocks per stage ((2, 2, 2, 2) = ResNet-18).
+    width: channel multiplier; base channels = int(64 * width) as in lightly.
+    num_splits: SplitBatchNorm groups (8 in the reference's MoCo; 1 = plain BatchNorm).
+    stem_relu: apply ReLU after the stem BN (lightly's classifier `forward` does; the MoCo
+      backbone built from its children does not, which is the default here).
+    dtype: compute dtype (params stay float32).
+  """
+
+  stage_sizes: Sequence[int] = (2, 2, 2, 2)
+  width: float = 1.0
+  num_splits: int = 1
+  stem_relu: bool = False
+  dtype: Any = jnp.float32
+
+  @property
+  def feature_dim(self) -> int:
+    return int(64 * self.width) * 8
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
+    base = int(64 * self.width)
+    x = x.astype(self.dtype)
+    x = conv(base, 3, 1, 1, self.dtype, name="conv1")(x)
+    x = BatchNorm(num_splits=self.num_splits, dtype=self.dtype, name="bn1")(x, train)
+    if self.stem_relu:
+      x = nn.relu(x)
+    for i, blocks in enumerate(self.stage_sizes):
+      for j in range(blocks):
+        stride = 2 if (i > 0 and j == 0) else 1
+        x = BasicBlock(base * 2**i, stride, self.num_splits, self.dtype,
+                       name=f"layer{i + 1}_{j}")(x, train)
+    feature = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+    return {"feature": feature}
+
+
+LightlyResNet18 = functools.partial(CifarResNet, stage_sizes=(2, 2, 2, 2))

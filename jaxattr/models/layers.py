@@ -1,0 +1,89 @@
+"""Layers with PyTorch semantics, so converted PyTorch weights give the same outputs.
+
+* `conv`: explicit symmetric padding like torch.nn.Conv2d (XLA's 'SAME' pads stride-2 convs
+  asymmetrically, which would shift every feature map by a pixel).
+* `BatchNorm`: torch.nn.BatchNorm2d semantics: normalise with the biased batch variance, update
+  the running variance with the unbiased one, `momentum` is torch's (0.1 = flax's 0.9).
+  With `num_splits > 1` it is lightly's SplitBatchNorm: in training the batch is cut into
+  `num_splits` interleaved groups (sample n belongs to group n % num_splits) that are normalised
+  with their own statistics; running statistics are kept per group, shape [num_splits * C] in
+  torch's layout; at eval the statistics averaged over groups are used.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def conv(features: int, kernel: int, stride: int = 1, padding: int | None = None,
+         dtype: Dtype = jnp.float32, name: str | None = None, use_bias: bool = False,
+         groups: int = 1) -> nn.Conv:
+  """A torch-style Conv2d (NHWC, HWIO kernel) with explicit symmetric padding."""
+  if padding is None:
+    padding = kernel // 2
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=((padding, padding), (padding, padding)), use_bias=use_bias,
+                 feature_group_count=groups, dtype=dtype, name=name,
+                 kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
+
+
+def max_pool(x: jax.Array, window: int, stride: int, padding: int = 0) -> jax.Array:
+  """torch.nn.MaxPool2d with symmetric padding (padded cells never win)."""
+  return nn.max_pool(x, (window, window), strides=(stride, stride),
+                     padding=((padding, padding), (padding, padding)))
+
+
+class BatchNorm(nn.Module):
+  """torch-semantics BatchNorm2d over the channel (last) axis; see the module docstring."""
+
+  num_splits: int = 1
+  momentum: float = 0.1  # torch convention: new = (1 - m) * old + m * batch
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  scale_init: Any = nn.initializers.ones
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    c = x.shape[-1]
+    s = self.num_splits
+    scale = self.param("scale", self.scale_init, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((s * c,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((s * c,), jnp.float32))
+    if train:
+      n = x.shape[0]
+      if n % s:
+        raise ValueError(f"SplitBatchNorm: batch {n} is not divisible by num_splits {s}")
+      # [n // s, s, ..., c]: sample i goes to group i % s, as torch's view(-1, C * s, H, W).
+      xs = x.astype(jnp.float32).reshape((n // s, s) + x.shape[1:])
+      axes = (0,) + tuple(range(2, xs.ndim - 1))
+      mean = jnp.mean(xs, axis=axes)  # [s, c]
+      var = jnp.mean(jnp.square(xs - jnp.expand_dims(mean, axes)), axis=axes)
+      count = xs.size // (s * c)
+      if not self.is_initializing():
+        unbiased = var * (count / max(count - 1, 1))
+        m = self.momentum
+        ra_mean.value = (1 - m) * ra_mean.value + m * mean.reshape(-1)
+        ra_var.value = (1 - m) * ra_var.value + m * unbiased.reshape(-1)
+      inv = jax.lax.rsqrt(var + self.epsilon) * scale  # [s, c]
+      shift = bias - mean * inv
+      y = xs * jnp.expand_dims(inv, axes) + jnp.expand_dims(shift, axes)
+      return y.reshape(x.shape).astype(self.dtype)
+    mean = ra_mean.value.reshape(s, c).mean(0)
+    var = ra_var.value.reshape(s, c).mean(0)
+    inv = jax.lax.rsqrt(var + self.epsilon) * scale
+    shift = bias - mean * inv
+    return (x.astype(jnp.float32) * inv + shift).astype(self.dtype)
+
+
+def count_params(params: Any) -> int:
+  """Number of scalars in a parameter pytree."""
+  return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
+
+
