@@ -1,0 +1,56 @@
+"""Benchmark helpers: timing after warm-up with median and spread, a printed table, JSON out.
+
+Every benchmark launcher measures jaxattr and its reference side by side in one run and writes
+its table plus the resolved settings and `utils.provenance()` to JSON.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+from jaxattr import utils
+
+
+def time_fn(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+  """Times `fn()` (which must block until its work is done) after `warmup` calls.
+
+  Returns:
+    {'median_s', 'min_s', 'max_s', 'repeats'} over `repeats` timed calls.
+  """
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+          "repeats": repeats}
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+  """A plain-text table of `rows` (dicts), floats with 4 significant digits."""
+  if not rows:
+    return "(no rows)"
+  columns = list(columns or rows[0].keys())
+
+  def fmt(v: Any) -> str:
+    if isinstance(v, float):
+      return f"{v:,.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
+    return str(v)
+
+  cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+  widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+  line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
+  sep = "  ".join("-" * w for w in widths)
+  body = ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
+  return "\n".join([line, sep, *body])
+
+
+def write_result(path: str, name: str, rows: Sequence[dict[str, Any]],
+                 settings: dict[str, Any]) -> None:
+  """Writes {'benchmark', 'rows', 'settings', 'provenance'} atomically to `path`."""
+  utils.save_json(path, {"benchmark": name, "rows": list(rows), "settings": settings,
+                         "provenance": utils.provenance()})

@@ -1,0 +1,1 @@
+"""Counterfactual evaluation: parallel retraining of many models and the support search."""
