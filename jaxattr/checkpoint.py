@@ -1,0 +1,68 @@
+"""Orbax checkpoints of Flax variables plus a small JSON of metadata.
+
+A variables checkpoint is a directory::
+
+  PATH/variables/   orbax StandardCheckpointer tree {'params': ..., 'batch_stats': ...}
+  PATH/meta.json    {'encoder': name, 'encoder_kwargs': {...}, 'mean': [..], 'std': [..], ...}
+
+`meta.json` is written last, so a directory without it is incomplete and is never loaded. Writes
+go to a temporary sibling directory renamed into place, so an existing checkpoint survives a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+META = "meta.json"
+
+
+def save_variables(path: str, variables: Any, meta: dict[str, Any], overwrite: bool = False
+                   ) -> None:
+  """Writes `variables` (a pytree of arrays) and `meta` to directory `path` atomically."""
+  path = os.path.abspath(path)
+  if os.path.exists(path) and not overwrite:
+    raise FileExistsError(f"checkpoint {path} exists; pass overwrite=True to replace it")
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
+  try:
+    host = jax.tree_util.tree_map(np.asarray, variables)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.join(tmp, "variables"), host)
+    ckptr.wait_until_finished()
+    with open(os.path.join(tmp, META), "w") as f:
+      json.dump(meta, f, indent=2, sort_keys=True, default=str)
+    if os.path.exists(path):
+      shutil.rmtree(path)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
+def is_checkpoint(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, META)) and os.path.isdir(
+      os.path.join(path, "variables"))
+
+
+def load_variables(path: str) -> tuple[Any, dict[str, Any]]:
+  """Reads (variables as NumPy arrays, meta) from a directory written by `save_variables`."""
+  path = os.path.abspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"checkpoint not found: {path}")
+  if not is_checkpoint(path):
+    raise ValueError(f"{path} is not a jaxattr variables checkpoint (expected {META} and "
+                     "variables/ inside; convert PyTorch files with launch/convert.py)")
+  with open(os.path.join(path, META)) as f:
+    meta = json.load(f)
+  variables = ocp.StandardCheckpointer().restore(os.path.join(path, "variables"))
+  variables = jax.tree_util.tree_map(np.asarray, variables)
+  return variables, meta
