@@ -366,3 +366,78 @@ def test_trainer_predictor_picks_each_models_own_target(monkeypatch):
   out = predict(np.arange(4), np.ones((4, 3), bool), np.zeros((4, 3), np.int32), eval_pos)
   assert len(seen["eval_images"]) == 3  # each distinct target image evaluated once
   np.testing.assert_array_equal(out, (eval_pos + np.arange(4)) % NUM_CLASSES)
+
+
+def _fake_ensemble():
+  """A stand-in trainer module: 'training' = 1-nearest-neighbour on pixels over the kept images.
+  """
+
+  def dist(train, eval_images):
+    a = eval_images.reshape(len(eval_images), -1).astype(np.float32)
+    b = train.images.reshape(len(train), -1).astype(np.float32)
+    return (a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None]
+
+  def train_and_predict(cfg, train, eval_images, seeds, keep, labels, return_params=False):
+    d = dist(train, eval_images)  # [E, N]
+    logits = np.zeros((len(seeds), len(eval_images), train.num_classes), np.float32)
+    for m in range(len(seeds)):
+      nearest = np.where(keep[m][None], d, np.inf).argmin(1)
+      logits[m, np.arange(len(eval_images)), labels[m][nearest]] = 1.0
+    return logits
+
+  def flip_classes(cfg, train, eval_images, eval_labels, num_models, seed):
+    # Mean "softmax" = class histogram of the 5 nearest images; top wrong class.
+    near = np.argsort(dist(train, eval_images), 1)[:, :5]
+    probs = np.stack([np.bincount(train.labels[r], minlength=train.num_classes) / 5.0
+                      for r in near])
+    masked = probs.copy()
+    masked[np.arange(len(probs)), eval_labels] = -1
+    return probs, masked.argmax(1)
+
+  fake = types.ModuleType("jaxattr.counterfactual.ensemble")
+  fake.default_config = lambda: __import__("ml_collections").ConfigDict({"width": 1})
+  fake.train_and_predict, fake.flip_classes = train_and_predict, flip_classes
+  return fake
+
+
+def test_launcher_end_to_end_with_a_stand_in_trainer(tmp_path, monkeypatch):
+  """launch/support.py on digits with the default trainer adapter (a 1-NN stand-in module)."""
+  import importlib.util
+  from absl import flags
+  import jaxattr.counterfactual as cf
+  fake = _fake_ensemble()
+  monkeypatch.setitem(sys.modules, "jaxattr.counterfactual.ensemble", fake)
+  monkeypatch.setattr(cf, "ensemble", fake, raising=False)
+  train, test = data.load("digits", "train"), data.load("digits", "test")
+  targets = test.index[:6]
+  # l2-in-pixel-space attribution restricted to the target's class, best first.
+  a = test.images[:6].reshape(6, -1).astype(np.float32)
+  b = train.images.reshape(len(train), -1).astype(np.float32)
+  d = ((a[:, None] - b[None]) ** 2).sum(-1)
+  d[test.labels[:6, None] != train.labels[None]] = np.inf
+  topk = train.index[np.argsort(d, 1)[:, :64]]
+  os.makedirs(tmp_path / "attribution" / "l2")
+  np.save(tmp_path / "attribution" / "l2" / "topk.npy", topk)
+  np.save(tmp_path / "attribution" / "l2" / "targets.npy", targets)
+
+  spec = importlib.util.spec_from_file_location(
+      "support_launcher", os.path.join(os.path.dirname(__file__), "..", "launch", "support.py"))
+  launcher = importlib.util.module_from_spec(spec)
+  saved = {name: flags.FLAGS[name] for name in flags.FLAGS}
+  try:
+    spec.loader.exec_module(launcher)
+    flags.FLAGS(["prog", f"--workdir={tmp_path}", "--methods=l2", "--k=64", "--search_budget=3",
+                 "--num_tests=3"])
+    launcher.main([])
+  finally:
+    for name in list(flags.FLAGS):
+      if name not in saved:
+        delattr(flags.FLAGS, name)
+  for metric in search.METRICS:
+    rows = [json.loads(x) for x in open(tmp_path / "support" / metric / "l2" / "results.jsonl")]
+    assert [r["target"] for r in rows] == targets.tolist()
+    # 1-NN flips once its same-class neighbours are gone or relabelled; both must happen for
+    # some target within 64 images, and the answers lie on the 64 / 2**3 grid.
+    supports = [r["support"] for r in rows]
+    assert any(s > 0 for s in supports) and all(s == -1 or s % 8 == 0 for s in supports)
+  assert os.path.exists(tmp_path / "support" / "flip_classes.npz")
