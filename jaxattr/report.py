@@ -29,6 +29,8 @@ from jaxattr.counterfactual import search
 
 TOP = 16        # attributed images shown per target
 MAX_PREFIX = 48  # flipping-prefix images shown per target (the rest are counted)
+# Pipeline stages in run order (others follow alphabetically).
+STAGES = ("pretrain", "encoder", "features", "attribution", "flip_classes", "support", "report")
 
 
 def write_report(workdir: str, config: Any = None, train: Any = None, test: Any = None,
@@ -81,7 +83,10 @@ def _timings(workdir: str) -> str:
       timings = json.load(f)
   except (OSError, ValueError) as e:
     return head + _note(f"timings.json is unreadable: {e}")
-  rows = [[html.escape(str(k)), _fmt_seconds(v)] for k, v in timings.items()]
+  # JSON files are written with sorted keys: show the pipeline's stages in pipeline order.
+  order = {stage: i for i, stage in enumerate(STAGES)}
+  stages = sorted(timings, key=lambda k: (order.get(k, len(order)), k))
+  rows = [[html.escape(str(k)), _fmt_seconds(timings[k])] for k in stages]
   total = sum(v for v in timings.values() if isinstance(v, (int, float)))
   rows.append(["<b>total</b>", f"<b>{_fmt_seconds(total)}</b>"])
   return head + _table(["stage", "wall time"], rows)
@@ -100,7 +105,7 @@ def _support(workdir: str) -> str:
            "(infinite support) in the median and curves.</p>"]
   for metric in metrics:
     parts.append(f"<h3>{metric} support</h3>")
-    rows, thresholds = [], []
+    rows, thresholds, settings = [], [], set()
     for method in sorted(os.listdir(os.path.join(root, metric))):
       path = os.path.join(root, metric, method, "summary.json")
       if not os.path.exists(path):
@@ -110,7 +115,7 @@ def _support(workdir: str) -> str:
         continue
       with open(path) as f:
         s = json.load(f)
-      thresholds = thresholds or list(s["fraction_flipped"])
+      thresholds = thresholds or sorted(s["fraction_flipped"], key=int)
       med = s["median_support"]
       rounds = s.get("rounds", [])
       rows.append([
@@ -122,16 +127,19 @@ def _support(workdir: str) -> str:
           *[f"{100 * s['fraction_flipped'].get(t, 0):.0f}%" for t in thresholds],
           str(s["trainings"]), str(s.get("trainings_per_target_max", "")),
           f"{len(rounds)} / " + _fmt_seconds(sum(r["seconds"] for r in rounds)),
-          f"k={s['k']}, budget {s['search_budget']}, {s['num_tests']} models"
-          + (", exhaustive" if s.get("exhaustive") else ""),
       ])
+      settings.add(f"k = {s['k']}, {s['num_tests']} models per evaluation, "
+                   + ("exhaustive grid" if s.get("exhaustive")
+                      else f"search budget {s['search_budget']}"))
     if not rows:
       parts.append(_note("No finished method yet."))
       continue
     columns = ["method", "targets", "median", "median (flipped)", "not flipped",
                *[f"&le;{t}" for t in thresholds], "trainings", "max / target",
-               "rounds / time", "search"]
+               "rounds / time"]
     parts.append(_table(columns, rows))
+    parts.append(f"<p class='sub'>Search: {html.escape('; '.join(sorted(settings)))}. Columns "
+                 "&le;k: fraction of all targets flipped with at most k images.</p>")
     curves = os.path.join(root, metric, "curves.png")
     if not os.path.exists(curves) or _stale(curves, os.path.join(root, metric)):
       try:
@@ -277,7 +285,7 @@ def png_data_uri(image: np.ndarray, min_size: int = 64) -> str:
 
 def _figure(image: np.ndarray, caption: str, cls: str) -> str:
   cap = f"<figcaption>{caption}</figcaption>" if caption else ""
-  size = 32 if cls == "small" else 64
+  size = 28 if cls == "small" else 56
   return (f"<figure class='{cls}'><img src='{png_data_uri(image, size)}' width='{size}' "
           f"height='{size}'>{cap}</figure>")
 
@@ -312,11 +320,11 @@ th, td {{ border: 1px solid #ddd; padding: 3px 8px; text-align: right; }}
 th {{ background: #f3f3f3; }} td:first-child, th:first-child {{ text-align: left; }}
 .muted {{ color: #777; }} .note {{ color: #8a5a00; background: #fff8e5; padding: 4px 8px; }}
 .row {{ display: flex; flex-wrap: wrap; gap: 4px; align-items: flex-start; margin: 6px 0; }}
-figure {{ margin: 0; text-align: center; font-size: 10px; width: 68px; }}
+figure {{ margin: 0; text-align: center; font-size: 10px; width: 62px; }}
 figure img {{ image-rendering: pixelated; border: 2px solid transparent; }}
 figure.target img {{ border-color: #1565c0; }} figure.target {{ margin-right: 12px; }}
 figure.same img {{ border-color: #2e7d32; }} figure.other img {{ border-color: #c62828; }}
-figure.small {{ width: 34px; }}
+figure.small {{ width: 30px; }}
 .sub {{ font-size: 13px; margin: 2px 0; }} .curve {{ max-width: 560px; }}
 pre {{ background: #f7f7f7; padding: 8px; font-size: 12px; max-height: 400px; overflow: auto; }}
 </style></head><body>
