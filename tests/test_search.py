@@ -229,6 +229,50 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
   assert len(again.calls) == 8
 
 
+def test_joint_searches_resumed_at_different_rounds_equal_separate_runs(tmp_path):
+  train_labels, true, flip, prefixes, positions, ids = make_problem(num_targets=8)
+  theta = np.random.default_rng(4).integers(1, 1400, len(ids))
+
+  def problem(metric, rows, name):
+    return search.Problem(metric, prefixes[rows], positions[rows], ids[rows], true[rows],
+                          flip[rows], str(tmp_path / name), "fp")
+
+  def fake(metric):
+    return ThresholdPredictor(metric, prefixes, positions, true, train_labels, theta, flip)
+
+  a_rows, b_rows = np.arange(5), np.arange(3, 8)
+  ref_a = search.support_search_many(fake("removal"), [problem("removal", a_rows, "ra")],
+                                     train_labels, config())[0]
+  ref_b = search.support_search_many(fake("mislabel"), [problem("mislabel", b_rows, "rb")],
+                                     train_labels, config())[0]
+  crashing = fake("removal")
+  crashing.fail_on = 2
+  with pytest.raises(RuntimeError):
+    search.support_search_many(crashing, [problem("removal", a_rows, "a")], train_labels,
+                               config())
+
+  calls = []
+
+  def both(seeds, keep, labels, eval_positions):
+    # Removal models drop images, mislabel models keep them all: route each to its fake.
+    calls.append(len(seeds))
+    removal = ~keep.all(1)
+    out = np.zeros(len(seeds), np.int64)
+    for mask, metric in ((removal, "removal"), (~removal, "mislabel")):
+      if mask.any():
+        out[mask] = fake(metric)(seeds[mask], keep[mask], labels[mask], eval_positions[mask])
+    return out
+
+  res_a, res_b = search.support_search_many(
+      both, [problem("removal", a_rows, "a"), problem("mislabel", b_rows, "b")], train_labels,
+      config())
+  assert len(calls) == 8  # rounds 0-1 for b alone, then 2-7 together
+  assert calls[0] == len(b_rows) * 5  # round 0: every target of b, none of a
+  np.testing.assert_array_equal(res_a.support, ref_a.support)
+  np.testing.assert_array_equal(res_b.support, ref_b.support)
+  assert res_a.evals == ref_a.evals and res_b.evals == ref_b.evals
+
+
 def test_exhaustive_mode_one_round():
   train_labels, true, flip, prefixes, positions, ids = make_problem(num_targets=7)
   theta = np.array([1, 15, 40, 41, 700, 1280, 1281])
@@ -329,10 +373,24 @@ def test_run_writes_outputs_resumes_skips_and_reads_reference_layout(tmp_path):
       assert summary["trainings"] == sum(r["models"] for r in summary["rounds"])
       assert os.path.getsize(f"{d}/curve.png") > 1000
     assert os.path.getsize(f"{wd}/support/{metric}/curves.png") > 1000
+  # Joint: 2 metrics x 2 methods share each round's call: 1 + budget calls, 4 x 4 x 3 at first.
+  assert len(calls) == 1 + 3 and calls[0] == 2 * 2 * len(targets) * 3
   n_calls = len(calls)
   # Same config again: every (metric, method) is skipped, nothing retrained.
   search.run(full, wd, train=train, test=test, predictor=predictor, flip_fn=flip_fn)
   assert len(calls) == n_calls and flip_calls == [len(targets)]
+  # One search after the other gives identical results with 4 times the calls.
+  separate = str(tmp_path / "separate")
+  os.makedirs(separate)
+  os.symlink(f"{wd}/attribution", f"{separate}/attribution")
+  cfg.joint = False
+  calls.clear()
+  search.run(full, separate, train=train, test=test, predictor=predictor, flip_fn=flip_fn)
+  assert len(calls) == 4 * (1 + 3)
+  for metric in search.METRICS:
+    for method in ("esvm", "ref"):
+      assert (open(f"{wd}/support/{metric}/{method}/results.jsonl").read()
+              == open(f"{separate}/support/{metric}/{method}/results.jsonl").read())
   # A reference-layout matrix without explicit targets is refused with a clear message.
   cfg.targets = ""
   with pytest.raises(search.SearchError, match="explicit targets"):

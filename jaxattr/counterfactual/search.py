@@ -91,6 +91,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Flip classes: an ensemble of this many full-data models (REFERENCE: 10), seeded by flip_seed.
   c.flip_models = 10
   c.flip_seed = 0
+  # Run every (metric, method) search in the same rounds, one trainer call per round for all of
+  # them (fuller waves, 1 + budget calls in total); the results do not depend on it.
+  c.joint = True
   return c
 
 
@@ -165,6 +168,33 @@ def counterfactual_inputs(
   return keep, labels
 
 
+@dataclasses.dataclass
+class Problem:
+  """One support search: a metric and a ranking per target.
+
+  Attributes:
+    metric: 'removal' or 'mislabel'.
+    prefixes: int64 [T, >= k], training POSITIONS (rows of the training arrays), best first.
+    target_positions: int64 [T], test positions handed to the predictor as eval positions.
+    target_ids: int64 [T], the targets' test `index` values (seed derivation, output).
+    true_labels: int [T], the targets' true labels.
+    flip: int [T], flip class per target; required for 'mislabel'.
+    state_path: where the state is written after every round (JSON) and resumed from; None keeps
+      it in memory only.
+    fingerprint: identifies the inputs; a state file with another fingerprint is ignored (the
+      search restarts) with a warning.
+  """
+
+  metric: str
+  prefixes: np.ndarray
+  target_positions: np.ndarray
+  target_ids: np.ndarray
+  true_labels: np.ndarray
+  flip: np.ndarray | None = None
+  state_path: str | None = None
+  fingerprint: str = ""
+
+
 def support_search(
     predict: Predictor,
     metric: str,
@@ -183,101 +213,147 @@ def support_search(
   Args:
     predict: trains one model per row and returns its predicted class on its own target (see the
       module docstring).
-    metric: 'removal' or 'mislabel'.
-    prefixes: int64 [T, >= k], training POSITIONS (rows of the training arrays), best first.
-    target_positions: int64 [T], test positions handed to `predict` as eval positions.
-    target_ids: int64 [T], the targets' test `index` values (seed derivation, output).
-    true_labels: int [T], the targets' true labels.
+    metric, prefixes, target_positions, target_ids, true_labels, flip, state_path, fingerprint:
+      as the fields of `Problem`.
     train_labels: int32 [N], the training labels.
     config: the `support` section (num_tests, search_budget, k, exhaustive, grid, seed).
-    flip: int [T], flip class per target; required for 'mislabel'.
-    state_path: where the state is written after every round (JSON) and resumed from; None keeps
-      it in memory only.
-    fingerprint: identifies the inputs; a state file with another fingerprint is ignored (the
-      search restarts) with a warning.
 
   Returns:
     A `SearchResult`.
   """
+  problem = Problem(metric, prefixes, target_positions, target_ids, true_labels, flip,
+                    state_path, fingerprint)
+  return support_search_many(predict, [problem], train_labels, config)[0]
+
+
+def support_search_many(predict: Predictor, problems: Sequence[Problem],
+                        train_labels: np.ndarray, config: ml_collections.ConfigDict
+                        ) -> list[SearchResult]:
+  """Several support searches (metrics x methods) advancing together: ONE predictor call a round.
+
+  Every model depends only on its own seed, keep mask and labels, so the results equal those of
+  separate `support_search` calls; batching them only fills the trainer's waves better. Problems
+  resumed at different rounds catch up first (a call holds the problems due in that round).
+
+  Returns:
+    One `SearchResult` per problem, in order.
+  """
   k, tests, budget = int(config.k), int(config.num_tests), int(config.search_budget)
-  t = len(target_positions)
-  prefixes = np.asarray(prefixes, np.int64)
-  if metric not in METRICS:
-    raise SearchError(f"unknown metric {metric!r}; expected one of {METRICS}")
-  if prefixes.ndim != 2 or prefixes.shape[0] != t or prefixes.shape[1] < k:
-    raise SearchError(f"prefixes must be [{t} targets, >= k={k}], got {prefixes.shape}")
-  if len(target_ids) != t or len(true_labels) != t:
-    raise SearchError(f"{t} target positions but {len(target_ids)} ids, {len(true_labels)} labels")
-  if metric == "mislabel" and (flip is None or len(flip) != t):
-    raise SearchError("mislabel support needs one flip class per target")
   if tests < 1 or budget < 0 or k < 1:
     raise SearchError(f"need num_tests >= 1, search_budget >= 0, k >= 1; got {tests}, {budget}, {k}")
-  if t and (prefixes[:, :k].min() < 0 or prefixes[:, :k].max() >= len(train_labels)):
-    raise SearchError(f"prefix positions must lie in [0, {len(train_labels)})")
-
-  state = _load_state(state_path, fingerprint) or {
-      "fingerprint": fingerprint, "next_round": 0,
-      "low": [0] * t, "high": [k] * t, "best": [k] * t, "active": [True] * t,
-      "evals": [[] for _ in range(t)], "rounds": []}
+  for p in problems:
+    _check(p, k, len(train_labels))
+  states = [_load_state(p.state_path, p.fingerprint) or _new_state(p, k) for p in problems]
   num_rounds = 1 if config.exhaustive else 1 + budget
-  if state["next_round"]:
-    logging.info("%s support: resuming at round %d of %d", metric, state["next_round"], num_rounds)
+  for p, st in zip(problems, states):
+    if st["next_round"]:
+      logging.info("%s support: resuming at round %d of %d", p.metric, st["next_round"],
+                   num_rounds)
 
-  for r in range(state["next_round"], num_rounds):
-    # The (target, size) pairs evaluated this round; each becomes `tests` models.
-    if config.exhaustive:
-      sizes = grid_sizes(config)
-      jobs = [(i, int(s), g) for i in range(t) for g, s in enumerate(sizes)]
-    elif r == 0:
-      jobs = [(i, k, 0) for i in range(t)]
-    else:
-      jobs = [(i, (state["low"][i] + state["high"][i]) // 2, 0)
-              for i in range(t) if state["active"][i]]
-    if not jobs:
-      state["next_round"] = r + 1
-      continue
-    which = np.repeat([j[0] for j in jobs], tests)
-    sizes_m = np.repeat([j[1] for j in jobs], tests)
-    # In exhaustive mode every grid size is a sub-round of its own for seeding purposes.
-    seeds = np.concatenate([model_seeds(config.seed, r + g, target_ids[i], tests)
-                            for i, _, g in jobs])
-    keep, labels = counterfactual_inputs(
-        metric, prefixes[which], sizes_m, train_labels,
-        None if flip is None else np.asarray(flip)[which])
-    t0 = time.perf_counter()
-    preds = np.asarray(predict(seeds, keep, labels, np.asarray(target_positions)[which]))
-    seconds = time.perf_counter() - t0
-    if preds.shape != (len(seeds),):
-      raise SearchError(f"predictor returned shape {preds.shape}, expected ({len(seeds)},)")
-    logging.info("%s support round %d/%d: %d models for %d targets in %.1fs", metric, r + 1,
-                 num_rounds, len(seeds), len(set(which.tolist())), seconds)
-    for j, (i, size, _) in enumerate(jobs):
-      p = preds[j * tests:(j + 1) * tests].astype(np.int64)
-      correct = int((p == int(true_labels[i])).sum())
-      flipped = correct <= tests // 2
-      state["evals"][i].append({
-          "round": r, "k": size, "seeds": seeds[j * tests:(j + 1) * tests].tolist(),
-          "preds": p.tolist(), "correct": correct, "flipped": flipped})
-      if config.exhaustive:
+  for r in range(min([st["next_round"] for st in states], default=num_rounds), num_rounds):
+    due = [i for i, st in enumerate(states) if st["next_round"] == r]
+    # Per due problem, the (target, size, seed-offset) pairs evaluated; each is `tests` models.
+    jobs = {i: _jobs(states[i], r, config) for i in due}
+    pieces = []
+    for i in due:
+      p, js = problems[i], jobs[i]
+      if not js:
         continue
-      if r == 0:
-        if not flipped:
-          state["active"][i], state["best"][i] = False, -1
-      elif flipped:
-        state["high"][i] = state["best"][i] = size
-      else:
-        state["low"][i] = size
-    if config.exhaustive:
-      for i in range(t):
-        done = {e["k"]: e["flipped"] for e in state["evals"][i]}
-        state["best"][i] = (min(s for s, f in done.items() if f) if done.get(k) else -1)
-    state["rounds"].append({"round": r, "models": len(seeds), "seconds": seconds})
-    state["next_round"] = r + 1
-    if state_path:
-      utils.save_json(state_path, state)
+      which = np.repeat([j[0] for j in js], tests)
+      seeds = np.concatenate([model_seeds(config.seed, r + g, p.target_ids[t], tests)
+                              for t, _, g in js])
+      keep, labels = counterfactual_inputs(
+          p.metric, np.asarray(p.prefixes, np.int64)[which], np.repeat([j[1] for j in js], tests),
+          train_labels, None if p.flip is None else np.asarray(p.flip)[which])
+      pieces.append((i, seeds, keep, labels, np.asarray(p.target_positions)[which]))
+    total = sum(len(x[1]) for x in pieces)
+    preds, seconds = np.zeros(0, np.int64), 0.0
+    if total:
+      t0 = time.perf_counter()
+      preds = np.asarray(predict(*[np.concatenate([x[j] for x in pieces]) for j in range(1, 5)]))
+      seconds = time.perf_counter() - t0
+      if preds.shape != (total,):
+        raise SearchError(f"predictor returned shape {preds.shape}, expected ({total},)")
+      logging.info("support round %d/%d: %d models (%d searches) in %.1fs, %.2fs per model",
+                   r + 1, num_rounds, total, len(pieces), seconds, seconds / total)
+    start = 0
+    by_problem = {}
+    for i, seeds, *_ in pieces:
+      by_problem[i] = (seeds, preds[start:start + len(seeds)])
+      start += len(seeds)
+    for i in due:
+      st, p = states[i], problems[i]
+      seeds, pr = by_problem.get(i, (np.zeros(0, np.int64), np.zeros(0, np.int64)))
+      _update(st, p, r, jobs[i], seeds, pr, config)
+      if jobs[i]:
+        st["rounds"].append({"round": r, "models": len(seeds), "seconds": seconds,
+                             "call_models": total})
+      st["next_round"] = r + 1
+      if p.state_path:
+        utils.save_json(p.state_path, st)
 
-  return SearchResult(support=np.array(state["best"], np.int64), evals=state["evals"],
-                      rounds=state["rounds"])
+  return [SearchResult(support=np.array(st["best"], np.int64), evals=st["evals"],
+                       rounds=st["rounds"]) for st in states]
+
+
+def _check(p: Problem, k: int, num_train: int) -> None:
+  t = len(p.target_positions)
+  prefixes = np.asarray(p.prefixes)
+  if p.metric not in METRICS:
+    raise SearchError(f"unknown metric {p.metric!r}; expected one of {METRICS}")
+  if prefixes.ndim != 2 or prefixes.shape[0] != t or prefixes.shape[1] < k:
+    raise SearchError(f"prefixes must be [{t} targets, >= k={k}], got {prefixes.shape}")
+  if len(p.target_ids) != t or len(p.true_labels) != t:
+    raise SearchError(f"{t} target positions but {len(p.target_ids)} ids, "
+                      f"{len(p.true_labels)} labels")
+  if p.metric == "mislabel" and (p.flip is None or len(p.flip) != t):
+    raise SearchError("mislabel support needs one flip class per target")
+  if t and (prefixes[:, :k].min() < 0 or prefixes[:, :k].max() >= num_train):
+    raise SearchError(f"prefix positions must lie in [0, {num_train})")
+
+
+def _new_state(p: Problem, k: int) -> dict[str, Any]:
+  t = len(p.target_positions)
+  return {"fingerprint": p.fingerprint, "next_round": 0, "low": [0] * t, "high": [k] * t,
+          "best": [k] * t, "active": [True] * t, "evals": [[] for _ in range(t)], "rounds": []}
+
+
+def _jobs(st: dict[str, Any], r: int, config: ml_collections.ConfigDict
+          ) -> list[tuple[int, int, int]]:
+  """(target row, prefix size, seed-round offset) evaluated in round r."""
+  t = len(st["best"])
+  if config.exhaustive:
+    # Every grid size is a sub-round of its own for seeding purposes.
+    return [(i, int(s), g) for i in range(t) for g, s in enumerate(grid_sizes(config))]
+  if r == 0:
+    return [(i, int(config.k), 0) for i in range(t)]
+  return [(i, (st["low"][i] + st["high"][i]) // 2, 0) for i in range(t) if st["active"][i]]
+
+
+def _update(st: dict[str, Any], p: Problem, r: int, jobs: list[tuple[int, int, int]],
+            seeds: np.ndarray, preds: np.ndarray, config: ml_collections.ConfigDict) -> None:
+  """Records round r's predictions and moves each target's bisection."""
+  tests, k = int(config.num_tests), int(config.k)
+  for j, (i, size, _) in enumerate(jobs):
+    pr = preds[j * tests:(j + 1) * tests].astype(np.int64)
+    correct = int((pr == int(p.true_labels[i])).sum())
+    flipped = correct <= tests // 2
+    st["evals"][i].append({
+        "round": r, "k": size, "seeds": seeds[j * tests:(j + 1) * tests].tolist(),
+        "preds": pr.tolist(), "correct": correct, "flipped": flipped})
+    if config.exhaustive:
+      continue
+    if r == 0:
+      if not flipped:
+        st["active"][i], st["best"][i] = False, -1
+    elif flipped:
+      st["high"][i] = st["best"][i] = size
+    else:
+      st["low"][i] = size
+  if config.exhaustive:
+    for i in range(len(st["best"])):
+      done = {e["k"]: e["flipped"] for e in st["evals"][i]}
+      st["best"][i] = min(s for s, f in done.items() if f) if done.get(k) else -1
 
 
 def _load_state(path: str | None, fingerprint: str) -> dict[str, Any] | None:
@@ -417,6 +493,8 @@ def write_outputs(out_dir: str, metric: str, method: str, result: SearchResult,
   summary = {
       "metric": metric, "method": method, "k": k, "num_tests": int(config.num_tests),
       "search_budget": int(config.search_budget), "exhaustive": bool(config.exhaustive),
+      # With joint searches, rounds[*].seconds and wall_seconds cover every search of the call.
+      "joint": bool(config.get("joint", True)),
       **summarize(result.support, k),
       "trainings": result.trainings,
       "trainings_per_target_max": max(per_target, default=0),
@@ -653,9 +731,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: Any = None, t
         workdir, union, test.images[u_pos], test.labels[u_pos], flip_fn,
         key=utils.config_hash({"train": train_key, "models": sc.flip_models,
                                "seed": sc.flip_seed})).tolist()))
-  summaries: dict[str, Any] = {}
+  summaries: dict[str, Any] = {metric: {} for metric in sc.metrics}
+  todo: list[tuple[str, Problem, str]] = []  # (method, problem, out_dir)
   for metric in sc.metrics:
-    summaries[metric] = {}
     for name, ids, topk in methods:
       t_pos = positions_of(test.index, ids, f"method {name!r} targets (test split)")
       prefixes = positions_of(train.index, topk, f"method {name!r} top-k (train split)")
@@ -673,16 +751,25 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: Any = None, t
         continue
       logging.info("%s support of %s: %d targets, k=%d, budget %d, %d tests", metric, name,
                    len(ids), k, sc.search_budget, sc.num_tests)
-      t0 = time.perf_counter()
-      result = support_search(predictor, metric, prefixes, t_pos, ids, true, train.labels, sc,
-                              flip=flip, state_path=os.path.join(out_dir, "state.json"),
-                              fingerprint=fingerprint)
-      summaries[metric][name] = write_outputs(
-          out_dir, metric, name, result, ids, true, flip, sc, fingerprint,
-          wall_seconds=time.perf_counter() - t0)
-      logging.info("%s support of %s: median %s, %d of %d not flipped", metric, name,
-                   summaries[metric][name]["median_support"],
-                   summaries[metric][name]["not_flipped"], len(ids))
+      todo.append((name, Problem(metric, prefixes, t_pos, ids, true, flip,
+                                 os.path.join(out_dir, "state.json"), fingerprint), out_dir))
+
+  # Joint: every unfinished (metric, method) shares each round's trainer call; otherwise one
+  # search after the other. The results are the same either way.
+  groups = [todo] if sc.get("joint", True) else [[x] for x in todo]
+  for group in groups:
+    if not group:
+      continue
+    t0 = time.perf_counter()
+    results = support_search_many(predictor, [p for _, p, _ in group], train.labels, sc)
+    wall = time.perf_counter() - t0
+    for (name, p, out_dir), result in zip(group, results):
+      summary = write_outputs(out_dir, p.metric, name, result, p.target_ids, p.true_labels,
+                              p.flip, sc, p.fingerprint, wall_seconds=wall)
+      summaries[p.metric][name] = summary
+      logging.info("%s support of %s: median %s, %d of %d not flipped", p.metric, name,
+                   summary["median_support"], summary["not_flipped"], summary["targets"])
+  for metric in sc.metrics:
     plot_curves(workdir, metric)
   return summaries
 
@@ -714,7 +801,7 @@ def oracle_support(flips: Callable[[int], bool], k: int, budget: int) -> int:
 
 
 __all__: Sequence[str] = (
-    "default_config", "support_search", "run", "summarize", "cumulative_curve", "plot_curves",
+    "default_config", "support_search", "support_search_many", "Problem", "run", "summarize", "cumulative_curve", "plot_curves",
     "load_results", "load_topk", "trainer_predictor", "flip_classes_cached", "model_seeds",
     "counterfactual_inputs", "grid_sizes", "positions_of", "parse_targets", "oracle_support",
     "write_outputs", "SearchResult", "SearchError", "METRICS", "THRESHOLDS")
