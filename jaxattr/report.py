@@ -180,6 +180,7 @@ def _examples(workdir: str, train: Any, test: Any, data_note: str, num_examples:
       parts.append(_note(f"Cannot show {method}: {e}"))
       continue
     support = _support_by_target(workdir, "removal", method)
+    mislabel = _support_by_target(workdir, "mislabel", method, "flip_class")
     names = list(getattr(test, "class_names", []))
     for i, target in enumerate(targets[:num_examples]):
       label = int(test.labels[t_pos[i]])
@@ -205,6 +206,12 @@ def _examples(workdir: str, train: Any, test: Any, data_note: str, num_examples:
         cells = [_figure(train.images[r], "", "small") for r in prefix_rows]
         parts.append(f"<p class='sub'>removal support {s}: removing these {s} images flipped "
                      f"target {int(target)}{more}</p><div class='row'>{''.join(cells)}</div>")
+      if int(target) in mislabel:
+        ms, flip = mislabel[int(target)]
+        text = (f"not flipped within k by relabelling to class {_name(names, flip)}" if ms < 0 else
+                f"relabelling its top {ms} to class {_name(names, flip)} flipped it")
+        parts.append(f"<p class='sub'>mislabel support {'-1' if ms < 0 else ms}: "
+                     f"{html.escape(text)}</p>")
   return "\n".join(parts)
 
 
@@ -253,12 +260,14 @@ def _datasets(cfg: dict[str, Any] | None, train: Any, test: Any) -> tuple[Any, A
   return train, test, ""
 
 
-def _support_by_target(workdir: str, metric: str, method: str) -> dict[int, int]:
+def _support_by_target(workdir: str, metric: str, method: str, extra: str = "") -> dict[int, Any]:
+  """{target: support} (or {target: (support, row[extra])}) from a method's results.jsonl."""
   path = os.path.join(workdir, "support", metric, method, "results.jsonl")
   if not os.path.exists(path):
     return {}
   with open(path) as f:
-    return {r["target"]: r["support"] for r in map(json.loads, filter(str.strip, f))}
+    rows = [json.loads(line) for line in f if line.strip()]
+  return {r["target"]: (r["support"], r[extra]) if extra else r["support"] for r in rows}
 
 
 def _stale(png: str, folder: str) -> bool:

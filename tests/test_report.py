@@ -89,6 +89,10 @@ def test_report_contains_tables_images_curves_and_timings(tmp_path):
   assert page.count("class='same'>") + page.count("class='other'>") == 2 * 3 * 16
   assert "removal support 4: removing these 4 images" in page
   assert "removal support 20:" in page
+  # Mislabel supports equal the removal ones here; flip class of a label-l target is l % 3 + 1.
+  label = int(test.labels[test.index == targets[0]][0])
+  name = ["cat", "dog", "ship", "frog"][label % 3 + 1]
+  assert f"mislabel support 4: relabelling its top 4 to class {name} flipped it" in page
   assert page.count("<figure class='small'>") == 2 * (4 + 12 + 20)
   # Config and versions.
   assert "search_budget" in page and "git_revision" in page and "jax" in page

@@ -499,3 +499,18 @@ def test_launcher_end_to_end_with_a_stand_in_trainer(tmp_path, monkeypatch):
     supports = [r["support"] for r in rows]
     assert any(s > 0 for s in supports) and all(s == -1 or s % 8 == 0 for s in supports)
   assert os.path.exists(tmp_path / "support" / "flip_classes.npz")
+
+
+def test_parse_targets_and_positions(tmp_path):
+  assert search.parse_targets("") is None
+  assert search.parse_targets("3, 17,42").tolist() == [3, 17, 42]
+  np.save(tmp_path / "t.npy", np.array([[5], [0]]))
+  assert search.parse_targets(str(tmp_path / "t.npy")).tolist() == [5, 0]
+  (tmp_path / "t.txt").write_text("9\n0,4\n")
+  assert search.parse_targets(str(tmp_path / "t.txt")).tolist() == [9, 0, 4]
+  with pytest.raises(search.SearchError, match="neither a file"):
+    search.parse_targets("nope.txt")
+  index = np.array([10, 0, 7, 3])
+  assert search.positions_of(index, np.array([[0, 3], [10, 7]]), "x").tolist() == [[1, 3], [0, 2]]
+  with pytest.raises(search.SearchError, match=r"train split: index values \[5\]"):
+    search.positions_of(index, np.array([3, 5]), "train split")

@@ -240,7 +240,8 @@ def support_search_many(predict: Predictor, problems: Sequence[Problem],
   """
   k, tests, budget = int(config.k), int(config.num_tests), int(config.search_budget)
   if tests < 1 or budget < 0 or k < 1:
-    raise SearchError(f"need num_tests >= 1, search_budget >= 0, k >= 1; got {tests}, {budget}, {k}")
+    raise SearchError(f"need num_tests >= 1, search_budget >= 0, k >= 1; got {tests}, {budget}, "
+                      f"{k}")
   for p in problems:
     _check(p, k, len(train_labels))
   states = [_load_state(p.state_path, p.fingerprint) or _new_state(p, k) for p in problems]
@@ -533,18 +534,21 @@ def positions_of(index: np.ndarray, values: np.ndarray, what: str) -> np.ndarray
 
 
 def parse_targets(spec: str) -> np.ndarray | None:
-  """Test `index` values from '' (None), a .npy / text file path, or '3,17,42'."""
+  """Test `index` values from '' (None), a .npy or text file (integers separated by commas or
+  whitespace), or an inline list '3,17,42'."""
   spec = (spec or "").strip()
   if not spec:
     return None
   if os.path.exists(spec):
     if spec.endswith(".npy"):
       return np.load(spec).astype(np.int64).ravel()
-    return np.loadtxt(spec, dtype=np.int64, delimiter=None, ndmin=1).ravel()
+    with open(spec) as f:
+      spec = f.read()
   try:
     return np.array([int(s) for s in spec.replace(",", " ").split()], np.int64)
   except ValueError:
-    raise SearchError(f"support.targets={spec!r} is neither a file nor a list of integers") from None
+    raise SearchError(
+        f"support.targets={spec!r} is neither a file nor a list of integers") from None
 
 
 def load_topk(workdir: str, method: str, k: int, targets: np.ndarray | None = None
@@ -801,7 +805,8 @@ def oracle_support(flips: Callable[[int], bool], k: int, budget: int) -> int:
 
 
 __all__: Sequence[str] = (
-    "default_config", "support_search", "support_search_many", "Problem", "run", "summarize", "cumulative_curve", "plot_curves",
+    "default_config", "support_search", "support_search_many", "Problem", "run", "summarize",
+    "cumulative_curve", "plot_curves",
     "load_results", "load_topk", "trainer_predictor", "flip_classes_cached", "model_seeds",
     "counterfactual_inputs", "grid_sizes", "positions_of", "parse_targets", "oracle_support",
     "write_outputs", "SearchResult", "SearchError", "METRICS", "THRESHOLDS")
