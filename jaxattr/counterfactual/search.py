@@ -126,7 +126,8 @@ def model_seeds(seed: int, round_: int, target: int, num_tests: int) -> np.ndarr
 
   They depend only on (seed, round, target index value, test number), never on which other targets
   take part, so runs with different target sets agree on shared targets and a resumed run draws
-  the same seeds as an uninterrupted one.
+  the same seeds as an uninterrupted one. Metrics and methods share them: their comparisons on a
+  target are paired (same seeds, different counterfactual data).
   """
   ss = np.random.SeedSequence([int(seed), int(round_), int(target)])
   return (ss.generate_state(num_tests, np.uint32) & 0x7FFFFFFF).astype(np.int64)
