@@ -6,24 +6,7 @@ empty, the one pretrained into WORKDIR/pretrain/encoder.
   python launch/extract_features.py --config configs/digits.py --workdir workdir/digits
 """
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-from jaxattr import utils, features
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created; reused to resume).")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
-  utils.quiet_library_logs()
-  features.run(_CONFIG.value, _WORKDIR.value)
-
+from jaxattr import cli, features
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.launch(features.run, __doc__)
