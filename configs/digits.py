@@ -4,7 +4,7 @@ Command (the README's first command runs exactly this):
 
   python launch/pipeline.py --config configs/digits.py --workdir workdir/digits
 
-Expected on a 2-core CPU: about 3 minutes end to end; kNN accuracy of the encoder about 0.9
+Expected on a 2-core CPU: a few minutes end to end; kNN accuracy of the encoder about 0.87
 (see the README for the measured numbers). `configs/digits.py:quick` shrinks everything to a
 smoke test of a few seconds of training.
 """
@@ -21,6 +21,9 @@ def get_config(arg=None):
   c.pretrain.epochs = 20
   c.pretrain.batch_size = 128
   c.pretrain.memory_bank_size = 1024
+  # Crops down to 8% of a 16x16 digit keep too little of it to tell digits apart: measured kNN
+  # accuracy after 20 epochs 0.74 with 0.08, 0.87 with 0.4.
+  c.pretrain.min_scale = 0.4
   c.pretrain.knn_every_epochs = 5
   c.pretrain.checkpoint_every_steps = 50
   c.pretrain.log_every_steps = 11
