@@ -17,6 +17,7 @@ rows and masked, so classes of slightly different sizes share one compiled progr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
 import os
@@ -182,6 +183,15 @@ def _score_fn(method: str, C: float, tol: float, max_iter: int, num_rows: int, k
   return fn
 
 
+@functools.lru_cache(maxsize=16)
+def _sharded_fn(method: str, C: float, tol: float, max_iter: int, num_rows: int, k: int,
+                mesh: Mesh):
+  # Cached so that repeated `topk` calls with the same settings reuse the compiled program.
+  fn = _score_fn(method, C, tol, max_iter, num_rows, k)
+  return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(TARGET_AXIS), P(), P()),
+                               out_specs=P(TARGET_AXIS), check_vma=False))
+
+
 class _ChunkRunner:
   """Compiles (once per candidate bucket) and runs one chunk sharded over the targets axis."""
 
@@ -190,13 +200,10 @@ class _ChunkRunner:
     devices = list(devices or jax.devices())
     self.mesh = Mesh(np.array(devices), (TARGET_AXIS,))
     self.num_devices = len(devices)
-    fn = _score_fn(method, C, tol, max_iter, num_rows, k)
-    sharded = jax.shard_map(
-        fn, mesh=self.mesh, in_specs=(P(TARGET_AXIS), P(), P()), out_specs=P(TARGET_AXIS),
-        check_vma=False)
     self.targets_sharding = NamedSharding(self.mesh, P(TARGET_AXIS))
     self.replicated = NamedSharding(self.mesh, P())
-    self.fn = jax.jit(sharded)
+    self.fn = _sharded_fn(method, float(C), float(tol), int(max_iter), int(num_rows), int(k),
+                          self.mesh)
 
   def put_candidates(self, candidates: np.ndarray) -> tuple[jax.Array, jax.Array]:
     n = len(candidates)
