@@ -291,3 +291,16 @@ def test_launcher_on_four_fake_devices_equals_one_device(tmp_path):
   one = attribute.topk(train, labels, test, test_labels, k=20, train_index=index, chunk_size=8)
   np.testing.assert_allclose(four_scores, one.scores, rtol=1e-5, atol=1e-6)
   assert (four != one.indices).mean() < 0.02
+
+
+def test_esvm_gram_paths_agree_and_few_rows_still_converge():
+  rng = np.random.default_rng(9)
+  x = np.abs(rng.normal(size=(260, 20)) + 1.0).astype(np.float32)
+  t = (x[:3] + 0.1 * rng.normal(size=(3, 20))).astype(np.float32)
+  _, shared, st1 = attribute.solve(t, x, 0.1, shared_gram_max=10_000)
+  _, rows, st2 = attribute.solve(t, x, 0.1, shared_gram_max=0)
+  np.testing.assert_allclose(np.asarray(shared), np.asarray(rows), rtol=1e-5, atol=1e-6)
+  # Fewer exact-Newton rows than violators: approximate steps, but the same optimum.
+  _, few, st3 = attribute.solve(t, x, 0.1, num_rows=8, max_iter=200)
+  assert np.asarray(st3.converged).all() and (np.asarray(st3.num_violators) > 8).all()
+  np.testing.assert_allclose(np.asarray(few), np.asarray(rows), rtol=1e-4, atol=1e-5)

@@ -11,14 +11,29 @@ with balanced class weights n_total / (2 n_class): c_pos = C (n + 1) / 2 for the
 c_neg = C (n + 1) / (2 n) for each negative. The objective is strictly convex, so its minimiser is
 unique and any exact solver reproduces sklearn's decision values w.x_i.
 
-The solver is a semi-smooth (generalised) Newton method: the squared hinge is piecewise quadratic,
-so once the set of margin-violating candidates is right, one Newton step is exact. Each Newton
-system is solved by conjugate gradients on Hessian-vector products; each step length by an exact
-1-D search on the piecewise-quadratic line function. Everything is written for one target and
-`jax.vmap`-ed, so with a shared candidate matrix the heavy work becomes matrix-matrix products
-[targets, d + 1] x [d + 1, candidates]. A vmapped `while_loop` keeps iterating until every target
-has converged, and freezes the ones that have, so a target's result does not depend on the others
-in its batch.
+The solver is a semi-smooth (generalised) Newton method with an exact line search, batched over
+targets with `jax.vmap` inside one jit:
+
+* The squared hinge is piecewise quadratic, so its generalised Hessian is
+  H = I + 2 c_pos [t.w < 1] t t^T + 2 c_neg B^T B, with B the rows of the candidates that violate
+  their margin (w.x_i > -1). Near the optimum only few candidates do (tens for CIFAR-10-like
+  features out of 5,000), so H is a rank-one stiff term plus a low-rank term, and Woodbury gives
+  the exact Newton step from an [m, m] Cholesky on the top-m rows (`num_rows`). Once the set of
+  violators is right, one step is exact.
+* The only products with the whole candidate matrix are x s (for the line search) and x^T r (for
+  the gradient): with a shared candidate matrix they are matrix-matrix products
+  [targets, d + 1] x [d + 1, candidates], which is what accelerators (and BLAS) do well.
+* The step length minimises the convex piecewise-quadratic line function exactly (safeguarded
+  Newton on its derivative), so every iteration decreases the objective.
+* Convergence, per target: the Newton step measured in decision-value units,
+  ||[x; t] H^-1 g||_inf, a norm of the gradient that says how far any decision value can still
+  move. In float32 the plain ||g|| cannot go much below eps * c_pos * ||t||^2 * ||w|| (the
+  positive's cost grows with the number of candidates), whereas this scaled norm reaches ~1e-6.
+  Both, and the P^-1-scaled gradient norm, are reported per target.
+
+A vmapped `while_loop` iterates until every target has converged and freezes those that have,
+so a target's result does not depend on the others in its batch (up to the rounding of the
+batched products). Everything is float32 and deterministic.
 """
 
 from __future__ import annotations
@@ -66,12 +81,14 @@ def _augment(x: jax.Array) -> jax.Array:
   return jnp.concatenate([x, jnp.ones(x.shape[:-1] + (1,), x.dtype)], axis=-1)
 
 
-def _solve_one(t: jax.Array, x: jax.Array, valid: jax.Array, c_pos: jax.Array, c_neg: jax.Array,
-               tol: float, max_iter: int, num_rows: int, line_steps: int):
+def _solve_one(t: jax.Array, x: jax.Array, valid: jax.Array, gram: jax.Array | None,
+               c_pos: jax.Array, c_neg: jax.Array, tol: float, max_iter: int, num_rows: int,
+               line_steps: int):
   """Solves one target's problem.
 
   t: [D] augmented target; x: [n, D] augmented candidates, padding rows all zero (so they add
-  nothing to any sum); valid: [n] bool, False on padding rows.
+  nothing to any sum); valid: [n] bool, False on padding rows; gram: x x^T [n, n] shared by
+  all targets, or None to form each step's [m, m] Gram from the gathered rows.
   """
   neg_inf = jnp.asarray(-jnp.inf, x.dtype)
   dtype = x.dtype
@@ -92,7 +109,7 @@ def _solve_one(t: jax.Array, x: jax.Array, valid: jax.Array, c_pos: jax.Array, c
   def scaled_norm(g, u):
     return jnp.linalg.norm(half_precondition(g, u)[0])
 
-  def newton_direction(g, u, rows, active_rows):
+  def newton_direction(g, u, rows, active_rows, idx):
     # Generalised Hessian H = P + 2 c_neg B^T B, B = rows of the margin violators (v > -1). Few
     # candidates violate their margin near the optimum, so H is P plus a low-rank term and
     # Woodbury gives the exact Newton step from an [m, m] system on the top-m rows. With more
@@ -101,9 +118,17 @@ def _solve_one(t: jax.Array, x: jax.Array, valid: jax.Array, c_pos: jax.Array, c
     # P^-1/2 is applied to both sides: violators lie close to t, and forming B P^-1 B^T as
     # B B^T - beta (B t)(B t)^T would cancel most of its float32 digits.
     gh, gamma = half_precondition(g, u)
-    rows = rows * active_rows[:, None].astype(dtype)
-    rows_p = rows - gamma * jnp.outer(rows @ t, t)
-    m = jnp.eye(rows.shape[0], dtype=dtype) + 2.0 * c_neg * (rows_p @ rows_p.T)
+    mask = active_rows.astype(dtype)
+    rows = rows * mask[:, None]
+    bt = rows @ t
+    rows_p = rows - gamma * jnp.outer(bt, t)
+    if gram is None:
+      gram_p = rows_p @ rows_p.T
+    else:
+      # B P^-1 B^T from the shared Gram: a gather instead of an [m, d] x [d, m] product.
+      gram_p = (gram[idx[:, None], idx[None, :]] * jnp.outer(mask, mask)
+                - (2.0 * gamma - gamma * gamma * tt) * jnp.outer(bt, bt))
+    m = jnp.eye(rows.shape[0], dtype=dtype) + 2.0 * c_neg * gram_p
     coef = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(m, lower=True), rows_p @ gh)
     return -half_precondition(gh - 2.0 * c_neg * (coef @ rows_p), u)[0]
 
@@ -152,7 +177,7 @@ def _solve_one(t: jax.Array, x: jax.Array, valid: jax.Array, c_pos: jax.Array, c
     v = v.at[idx].set(v_rows)
     u = t @ w
     g = gradient(w, v, u)
-    s = newton_direction(g, u, rows, (v_rows > -1.0) & valid[idx])
+    s = newton_direction(g, u, rows, (v_rows > -1.0) & valid[idx], idx)
     xs, ts = x @ s, t @ s
     # The Newton step in decision-value units, ||[x; t] H^-1 g||_inf: a norm of the gradient
     # that says directly how far any decision value may still move.
@@ -175,7 +200,8 @@ def _solve_one(t: jax.Array, x: jax.Array, valid: jax.Array, c_pos: jax.Array, c
 
 
 def solve(targets: jax.Array, candidates: jax.Array, C: float = 0.1, valid: jax.Array | None = None,
-          tol: float = 1e-5, max_iter: int = 50, num_rows: int = 128, line_steps: int = 12):
+          tol: float = 1e-5, max_iter: int = 50, num_rows: int = 128, line_steps: int = 12,
+          shared_gram_max: int = 8192):
   """Solves the Exemplar-SVM of every target against one shared candidate set (traceable).
 
   Args:
@@ -190,6 +216,8 @@ def solve(targets: jax.Array, candidates: jax.Array, C: float = 0.1, valid: jax.
     num_rows: m, the most margin violators the exact Newton step handles (cost ~ m^2 d per
       iteration); with more violators the step is approximate and convergence slower.
     line_steps: safeguarded Newton steps of the exact line search.
+    shared_gram_max: with at most this many candidates, their [n, n] Gram is formed once and
+      shared by all targets (each Newton step gathers from it); above, each step forms its own.
 
   Returns:
     (weights [targets, d + 1] with the intercept last, decision values [targets, candidates]
@@ -203,7 +231,8 @@ def solve(targets: jax.Array, candidates: jax.Array, C: float = 0.1, valid: jax.
   c_pos, c_neg = C * (count + 1) / 2.0, C * (count + 1) / (2.0 * count)
   x = _augment(candidates) * valid[:, None].astype(dtype)
   t = _augment(targets.astype(dtype))
-  fn = functools.partial(_solve_one, x=x, valid=valid, c_pos=c_pos, c_neg=c_neg, tol=tol,
+  gram = x @ x.T if n <= shared_gram_max else None
+  fn = functools.partial(_solve_one, x=x, valid=valid, gram=gram, c_pos=c_pos, c_neg=c_neg, tol=tol,
                          max_iter=max_iter, num_rows=min(num_rows, n), line_steps=line_steps)
   return jax.vmap(fn)(t)
 
