@@ -1,0 +1,266 @@
+r"""Benchmark: jaxattr's batched Exemplar-SVMs versus a loop of sklearn LinearSVC fits.
+
+Both sides score the same features: by default CIFAR-10 (the JPEG set in ../shared/data) through
+a RANDOMLY INITIALISED lightly ResNet-18 (width 1, 512-d, seed --seed, ImageNet mean/std),
+extracted once and cached in bench_results/ (git-ignored); or the features of a jaxattr run via
+--features_dir=WORKDIR/features. Random-init features are fine for timing and for checking that
+both solvers find the same optimum; they say nothing about attribution quality.
+
+Modes (--mode):
+  compare: targets = the first test images of class --class_id, candidates = that class's 5,000
+    training images. sklearn LinearSVC(C=0.1, class_weight='balanced', tol=1e-6,
+    max_iter=10000) fitted per target, primal (dual='auto' picks it: n > d) on
+    --num_targets_sklearn targets and dual=True (what scikit-learn 1.1, the reference's
+    environment, ran) on --num_targets_dual targets; jaxattr on --num_targets_jax targets. Prints
+    targets/s of each, the ratio, top-k overlap at k=100 and 1280, how many top-100 lists are
+    identical, and the largest decision-value difference.
+  all: every test target (10,000 for CIFAR-10) with same-class candidates and k=1280, end to end
+    through `jaxattr.attribute.topk` (chunks, top-k, host transfer), timed once after a warm-up.
+  both (default).
+
+  python launch/benchmark_esvm.py                       # CPU, ~15 min the first time (features)
+  python launch/benchmark_esvm.py --features_dir=runs/cifar10/features --mode=all
+
+Runs unchanged on a GPU (the solver is float32; sklearn stays on the host CPU).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxattr import attribute, bench, utils
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10-jpeg.tar.gz")
+
+_MODE = flags.DEFINE_enum("mode", "both", ["compare", "all", "both"], "What to measure.")
+_FEATURES_DIR = flags.DEFINE_string("features_dir", None,
+                                    "WORKDIR/features with train.npz/test.npz (else extract).")
+_DATA = flags.DEFINE_string("data", f"folder:{DEFAULT_DATA}", "jaxattr.data source to extract.")
+_WIDTH = flags.DEFINE_float("encoder_width", 1.0, "Width of the random-init ResNet-18.")
+_CACHE = flags.DEFINE_string("cache", None, "Feature cache (default bench_results/...npz).")
+_SEED = flags.DEFINE_integer("seed", 0, "Encoder init seed.")
+_CLASS = flags.DEFINE_integer("class_id", 0, "Class of the compare mode's targets/candidates.")
+_N_SK = flags.DEFINE_integer("num_targets_sklearn", 100, "Targets fitted by sklearn primal.")
+_N_DUAL = flags.DEFINE_integer("num_targets_dual", 3, "Targets fitted by sklearn dual=True.")
+_N_JAX = flags.DEFINE_integer("num_targets_jax", 1000, "Targets solved by jaxattr (compare).")
+_CHUNK = flags.DEFINE_integer("chunk_size", 256, "jaxattr targets per step.")
+_TOL = flags.DEFINE_float("tol", 1e-5, "jaxattr tolerance (decision-value units).")
+_NUM_ROWS = flags.DEFINE_integer("num_rows", 128, "jaxattr exact-Newton violator rows.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats of the jaxattr compare run.")
+_BATCH = flags.DEFINE_integer("extract_batch", 250, "Images per feature-extraction step.")
+_OUT = flags.DEFINE_string("out", "bench_results/esvm.json", "Result JSON.")
+_EXTRACT_ONLY = flags.DEFINE_boolean("extract_only", False, "Only build the feature cache.")
+
+
+def load_or_extract() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
+  """(train, test, info): feature dicts with 'features', 'labels', 'index'."""
+  if _FEATURES_DIR.value:
+    out = []
+    for split in ("train", "test"):
+      path = os.path.join(_FEATURES_DIR.value, f"{split}.npz")
+      if not os.path.exists(path):
+        raise FileNotFoundError(f"--features_dir: {path} not found")
+      with np.load(path) as z:
+        out.append({k: z[k] for k in ("features", "labels", "index") if k in z.files})
+    return out[0], out[1], {"features": _FEATURES_DIR.value}
+  cache = _CACHE.value or os.path.join(
+      "bench_results", f"cifar10_random_resnet18_w{_WIDTH.value:g}_seed{_SEED.value}.npz")
+  info = {"features": f"random-init LightlyResNet18(width={_WIDTH.value}) seed {_SEED.value} "
+                      f"on {_DATA.value}", "cache": cache}
+  if os.path.exists(cache):
+    with np.load(cache) as z:
+      parts = {k: z[k] for k in z.files}
+    info["extract_seconds"] = float(parts.pop("extract_seconds"))
+  else:
+    parts, seconds = _extract()
+    utils.save_npz(cache, extract_seconds=np.float64(seconds), **parts)
+    info["extract_seconds"] = seconds
+  split = lambda s: {k: parts[f"{s}_{k}"] for k in ("features", "labels", "index")}
+  return split("train"), split("test"), info
+
+
+def _extract() -> tuple[dict[str, np.ndarray], float]:
+  from jaxattr import data as data_lib  # pylint: disable=g-import-not-at-top
+  from jaxattr.models import LightlyResNet18  # pylint: disable=g-import-not-at-top
+
+  model = LightlyResNet18(width=_WIDTH.value)
+  variables = model.init(jax.random.key(_SEED.value), jnp.zeros((2, 32, 32, 3)), train=False)
+  mean = jnp.asarray([0.485, 0.456, 0.406]) * 255.0
+  std = jnp.asarray([0.229, 0.224, 0.225]) * 255.0
+
+  @jax.jit
+  def features(images):
+    x = (images.astype(jnp.float32) - mean) / std
+    return model.apply(variables, x, train=False)["feature"]
+
+  parts, start = {}, time.perf_counter()
+  for split in ("train", "test"):
+    ds = data_lib.load(_DATA.value, split)
+    n, b = len(ds.images), _BATCH.value
+    out = np.zeros((n, model.feature_dim), np.float32)
+    meter = utils.Throughput(f"extract {split}", n, "images", 30.0)
+    for i in range(0, n, b):
+      batch = np.zeros((b,) + ds.images.shape[1:], np.uint8)
+      batch[:min(b, n - i)] = ds.images[i:i + b]
+      out[i:i + b] = np.asarray(features(batch))[:min(b, n - i)]
+      meter.update(min(b, n - i))
+    parts.update({f"{split}_features": out, f"{split}_labels": ds.labels,
+                  f"{split}_index": ds.index})
+  return parts, time.perf_counter() - start
+
+
+def sklearn_fit(target: np.ndarray, candidates: np.ndarray, dual) -> np.ndarray:
+  from sklearn.svm import LinearSVC  # pylint: disable=g-import-not-at-top
+
+  x = np.vstack([target[None], candidates])
+  y = np.r_[1, np.zeros(len(candidates))]
+  clf = LinearSVC(C=0.1, class_weight="balanced", tol=1e-6, max_iter=10000, dual=dual)
+  clf.fit(x, y)
+  return clf.decision_function(candidates)
+
+
+def compare(train, test) -> tuple[list[dict], dict]:
+  c = _CLASS.value
+  cand = train["features"][train["labels"] == c]
+  tpos = np.flatnonzero(test["labels"] == c)
+  n_jax = min(_N_JAX.value, len(tpos))
+  n_sk = min(_N_SK.value, n_jax)
+  n_dual = min(_N_DUAL.value, n_sk)
+  targets = test["features"][tpos]
+  logging.info("compare: class %d, %d candidates x %d-d; jaxattr %d, sklearn %d, dual %d "
+               "targets", c, len(cand), cand.shape[1], n_jax, n_sk, n_dual)
+
+  # jaxattr, end to end through topk (chunks, top-k, host transfer); compiled by the warm-up.
+  def run_jax():
+    return attribute.topk(train["features"], train["labels"], test["features"], test["labels"],
+                          method="esvm", k=1280, targets=tpos[:n_jax], tol=_TOL.value,
+                          num_rows=_NUM_ROWS.value, chunk_size=_CHUNK.value)
+
+  t_jax = bench.time_fn(run_jax, repeats=_REPEATS.value, warmup=1)
+  res = run_jax()
+  # Full decision values of the sklearn targets, for the comparison (not timed).
+  ours, stats = attribute.esvm_scores(targets[:n_sk], cand, tol=_TOL.value,
+                                      num_rows=_NUM_ROWS.value, return_stats=True)
+  ours = np.asarray(ours, np.float64)
+
+  def run_sklearn(n, dual):
+    times, values = [], []
+    for i in range(n):
+      t0 = time.perf_counter()
+      values.append(sklearn_fit(targets[i].astype(np.float64), cand.astype(np.float64), dual))
+      times.append(time.perf_counter() - t0)
+      if (i + 1) % 10 == 0:
+        logging.info("sklearn dual=%s: %d/%d targets, %.3f s/target", dual, i + 1, n,
+                     np.mean(times))
+    return np.asarray(times), np.stack(values)
+
+  # Interleave so the machine's load hits all sides alike: sklearn primal now, dual after.
+  sk_times, sk_values = run_sklearn(n_sk, "auto")
+  dual_times, dual_values = run_sklearn(n_dual, True)
+
+  def agreement(ref: np.ndarray) -> dict:
+    m = len(ref)
+    diff = np.abs(ours[:m] - ref)
+    out = {"max_abs_diff": float(diff.max()),
+           "max_rel_diff": float((diff / np.maximum(np.abs(ref), 1e-12)).max())}
+    for k in (100, 1280):
+      ref_top = np.argsort(-ref, axis=1, kind="stable")[:, :k]
+      our_top = res.indices[:m, :k]  # train index values
+      cand_index = train["index"][train["labels"] == c]
+      overlap = [len(np.intersect1d(cand_index[r], o)) / k for r, o in zip(ref_top, our_top)]
+      out[f"overlap@{k}"] = float(np.mean(overlap))
+      out[f"min_overlap@{k}"] = float(np.min(overlap))
+      if k == 100:
+        out["identical_top100_frac"] = float(np.mean(
+            [np.array_equal(cand_index[r], o) for r, o in zip(ref_top, our_top)]))
+        # Identical up to ties: our list's reference scores equal the reference's, to 1e-6.
+        pos = np.searchsorted(cand_index, our_top)
+        tie_ok = [np.allclose(rv[p], rv[r], rtol=0, atol=1e-6)
+                  for rv, p, r in zip(ref, pos, ref_top)]
+        out["identical_top100_up_to_ties_frac"] = float(np.mean(tie_ok))
+    return out
+
+  rate_jax = n_jax / t_jax["median_s"]
+  rate_sk = 1.0 / float(np.median(sk_times))
+  rate_dual = 1.0 / float(np.median(dual_times))
+  rows = [
+      {"solver": "jaxattr ESVM (topk, k=1280)", "targets": n_jax, "targets/s": rate_jax,
+       "s/target": 1.0 / rate_jax, "vs primal": rate_jax / rate_sk,
+       "vs dual": rate_jax / rate_dual},
+      {"solver": "sklearn LinearSVC primal", "targets": n_sk, "targets/s": rate_sk,
+       "s/target": 1.0 / rate_sk, "vs primal": 1.0, "vs dual": rate_sk / rate_dual},
+      {"solver": "sklearn LinearSVC dual=True", "targets": n_dual, "targets/s": rate_dual,
+       "s/target": 1.0 / rate_dual, "vs primal": rate_dual / rate_sk, "vs dual": 1.0},
+  ]
+  agree = {"vs_primal": agreement(sk_values), "vs_dual": agreement(dual_values),
+           "jax_timing": t_jax, "sklearn_primal_s": sk_times.tolist(),
+           "sklearn_dual_s": dual_times.tolist(),
+           "solver_iterations_mean": float(np.mean(stats.iterations)),
+           "solver_iterations_max": int(np.max(stats.iterations)),
+           "num_violators_max": int(np.max(stats.num_violators)),
+           "compare_nonconverged": int(len(res.nonconverged))}
+  return rows, agree
+
+
+def all_targets(train, test) -> tuple[list[dict], dict]:
+  kw = dict(method="esvm", k=1280, same_class=True, tol=_TOL.value, num_rows=_NUM_ROWS.value,
+            chunk_size=_CHUNK.value)
+  # Warm-up: compiles the program for the (shared) candidate bucket on one chunk.
+  first = np.flatnonzero(test["labels"] == test["labels"][0])[:_CHUNK.value]
+  attribute.topk(train["features"], train["labels"], test["features"], test["labels"],
+                 targets=first, **kw)
+  t0 = time.perf_counter()
+  res = attribute.topk(train["features"], train["labels"], test["features"], test["labels"],
+                       train_index=train["index"], log_every_s=10.0, **kw)
+  seconds = time.perf_counter() - t0
+  n = len(res.targets)
+  rows = [{"solver": f"jaxattr ESVM, all {n} test targets (k=1280)", "targets": n,
+           "targets/s": n / seconds, "s/target": seconds / n, "seconds": seconds}]
+  return rows, {"all_seconds": seconds, "all_nonconverged": int(len(res.nonconverged)),
+                "all_iterations_mean": float(res.stats["iterations"].mean()),
+                "all_iterations_max": int(res.stats["iterations"].max()),
+                "all_num_violators_max": int(res.stats["num_violators"].max())}
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.INFO)
+  train, test, info = load_or_extract()
+  logging.info("features: %s; train %s, test %s", info, train["features"].shape,
+               test["features"].shape)
+  if _EXTRACT_ONLY.value:
+    return
+  rows, extra = [], {}
+  load = os.getloadavg()
+  if _MODE.value in ("compare", "both"):
+    r, e = compare(train, test)
+    rows += r
+    extra.update(e)
+  if _MODE.value in ("all", "both"):
+    r, e = all_targets(train, test)
+    rows += r
+    extra.update(e)
+  print(bench.format_table(rows, ["solver", "targets", "targets/s", "s/target", "vs primal",
+                                  "vs dual", "seconds"]))
+  for key in ("vs_primal", "vs_dual"):
+    if key in extra:
+      print(key, {k: round(v, 8) for k, v in extra[key].items()})
+  names = ("mode", "features_dir", "data", "encoder_width", "seed", "class_id",
+           "num_targets_sklearn", "num_targets_dual", "num_targets_jax", "chunk_size", "tol",
+           "num_rows", "repeats")
+  settings = {"flags": {name: flags.FLAGS[name].value for name in names},
+              "features": info, "loadavg_before": load, "loadavg_after": os.getloadavg(),
+              "cpu_count": os.cpu_count(), **extra}
+  bench.write_result(_OUT.value, "esvm", rows, settings)
+  logging.info("wrote %s", _OUT.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

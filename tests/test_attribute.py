@@ -1,0 +1,306 @@
+"""Tests of jaxattr.attribute: the ESVM solver against sklearn's LinearSVC itself, l2/cosine
+against NumPy, chunking, fake multi-device sharding, resume after a kill, bad inputs, the launcher.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from sklearn.svm import LinearSVC
+
+from jaxattr import attribute
+from jaxattr.attribute import pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RTOL = 1e-4  # the issue's bound on decision values relative to sklearn
+TIE = 1e-6  # reference scores closer than this may swap places in a ranking
+
+
+def sklearn_decision(target: np.ndarray, candidates: np.ndarray, C: float = 0.1) -> np.ndarray:
+  """The reference: the decision values of sklearn's LinearSVC as the paper's code fits it."""
+  x = np.vstack([target[None], candidates]).astype(np.float64)
+  y = np.r_[1, np.zeros(len(candidates))]
+  clf = LinearSVC(C=C, class_weight="balanced", tol=1e-6, max_iter=10000).fit(x, y)
+  return clf.decision_function(candidates.astype(np.float64))
+
+
+def assert_same_ranking(ours: np.ndarray, ref_scores: np.ndarray, k: int, descending=True):
+  """Top-k of `ours` (positions) equals the reference's, except among reference ties."""
+  ref = ref_scores if descending else -ref_scores
+  order = np.argsort(-ref, kind="stable")[:k]
+  ours = np.asarray(ours)[:k]
+  # Position by position, our pick must score within TIE of the reference's pick.
+  np.testing.assert_allclose(ref[ours], ref[order], rtol=0, atol=TIE)
+  assert len(set(ours.tolist())) == k
+
+
+def feature_sets(rng: np.random.Generator, n: int = 240, d: int = 24) -> dict[str, np.ndarray]:
+  base = rng.normal(size=(n // 3, d))
+  return {
+      "gaussian": rng.normal(size=(n, d)),
+      # Post-ReLU average-pooled features: non-negative with a large shared component.
+      "nonnegative": np.abs(rng.normal(size=(n, d)) + 1.5),
+      "near_duplicates": np.concatenate(
+          [base, base + 1e-4 * rng.normal(size=base.shape), base + 1e-3 * rng.normal(
+              size=base.shape)]),
+      "scaled_offset": rng.normal(size=(n, d)) * 30.0 + 5.0,
+  }
+
+
+@pytest.mark.parametrize("name", ["gaussian", "nonnegative", "near_duplicates", "scaled_offset"])
+def test_esvm_matches_sklearn(name):
+  rng = np.random.default_rng(0)
+  x = feature_sets(rng)[name].astype(np.float32)
+  # Targets: two candidates themselves (a target identical to a candidate) and two new points.
+  new = rng.normal(size=(2, x.shape[1])) * x.std() + x.mean()
+  targets = np.concatenate([x[:2], new]).astype(np.float32)
+  scores, stats = attribute.esvm_scores(targets, x, C=0.1, return_stats=True)
+  scores = np.asarray(scores)
+  assert np.asarray(stats.converged).all(), stats
+  for i, t in enumerate(targets):
+    ref = sklearn_decision(t, x)
+    np.testing.assert_allclose(scores[i], ref, rtol=RTOL, atol=1e-6, err_msg=f"{name} {i}")
+    assert_same_ranking(np.argsort(-scores[i], kind="stable"), ref, k=50)
+  if name != "near_duplicates":  # there a 1e-4 perturbation of the target may outrank it
+    # A candidate identical to its target ranks first.
+    assert np.argmax(scores[0]) == 0 and np.argmax(scores[1]) == 1
+
+
+def test_esvm_other_C_and_stats():
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(150, 12)).astype(np.float32)
+  t = rng.normal(size=(3, 12)).astype(np.float32)
+  scores, stats = attribute.esvm_scores(t, x, C=1.0, return_stats=True)
+  for i in range(3):
+    np.testing.assert_allclose(np.asarray(scores[i]), sklearn_decision(t[i], x, C=1.0),
+                               rtol=RTOL, atol=1e-6)
+  assert (np.asarray(stats.iterations) >= 1).all()
+  assert (np.asarray(stats.newton_step) <= 1e-5).all()
+  # Too few iterations: reported as not converged rather than passed off as a ranking.
+  _, stats = attribute.esvm_scores(t, x, C=1.0, max_iter=1, return_stats=True)
+  assert not np.asarray(stats.converged).any()
+
+
+def test_esvm_deterministic():
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(200, 16)).astype(np.float32)
+  t = rng.normal(size=(5, 16)).astype(np.float32)
+  a = np.asarray(attribute.esvm_scores(t, x))
+  b = np.asarray(attribute.esvm_scores(t, x))
+  np.testing.assert_array_equal(a, b)
+
+
+def toy_features(seed=0, n_per_class=(120, 100, 90), n_test=24, d=16):
+  rng = np.random.default_rng(seed)
+  labels = np.concatenate([np.full(n, c) for c, n in enumerate(n_per_class)]).astype(np.int32)
+  centers = rng.normal(size=(len(n_per_class), d)) * 2.0
+  train = (centers[labels] + rng.normal(size=(len(labels), d))).astype(np.float32)
+  test_labels = rng.integers(0, len(n_per_class), n_test).astype(np.int32)
+  test = (centers[test_labels] + rng.normal(size=(n_test, d))).astype(np.float32)
+  # Canonical train indices that are not positions, to check the index mapping.
+  index = (np.arange(len(labels)) * 3 + 7).astype(np.int64)
+  return train, labels, test, test_labels, index
+
+
+def test_topk_esvm_same_class_and_all_candidates_match_sklearn():
+  train, labels, test, test_labels, index = toy_features()
+  targets = np.array([0, 5, 11])
+  for same_class in (True, False):
+    res = attribute.topk(train, labels, test, test_labels, method="esvm", k=40,
+                         same_class=same_class, targets=targets, train_index=index,
+                         chunk_size=2)
+    assert res.indices.shape == (3, 40) and res.indices.dtype == np.int64
+    assert res.stats["converged"].all()
+    for row, j in enumerate(targets):
+      cand = np.flatnonzero(labels == test_labels[j]) if same_class else np.arange(len(labels))
+      ref = sklearn_decision(test[j], train[cand])
+      pos = np.searchsorted(index[cand], res.indices[row])  # back to candidate positions
+      np.testing.assert_array_equal(index[cand][pos], res.indices[row])
+      assert_same_ranking(pos, ref, k=40)
+      np.testing.assert_allclose(res.scores[row], ref[pos], rtol=RTOL, atol=1e-6)
+      if same_class:
+        assert (labels[(res.indices[row] - 7) // 3] == test_labels[j]).all()
+
+
+@pytest.mark.parametrize("method", ["l2", "cosine"])
+def test_l2_and_cosine_match_numpy(method):
+  train, labels, test, test_labels, index = toy_features(seed=3)
+  res = attribute.topk(train, labels, test, test_labels, method=method, k=30, same_class=False,
+                       train_index=index, chunk_size=8)
+  t64, x64 = test.astype(np.float64), train.astype(np.float64)
+  if method == "l2":
+    ref = np.linalg.norm(t64[:, None] - x64[None], axis=-1)
+    rank = ref  # ascending
+  else:
+    ref = (t64 / np.linalg.norm(t64, axis=1, keepdims=True)) @ (
+        x64 / np.linalg.norm(x64, axis=1, keepdims=True)).T
+    rank = -ref
+  for i in range(len(test)):
+    pos = (res.indices[i] - 7) // 3
+    np.testing.assert_allclose(res.scores[i], ref[i, pos], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(rank[i, pos], np.sort(rank[i])[:30], rtol=0, atol=1e-5)
+
+
+def test_chunked_equals_unchunked():
+  train, labels, test, test_labels, index = toy_features(seed=4)
+  kw = dict(method="esvm", k=25, train_index=index)
+  one = attribute.topk(train, labels, test, test_labels, chunk_size=64, **kw)
+  many = attribute.topk(train, labels, test, test_labels, chunk_size=3, **kw)
+  np.testing.assert_allclose(many.scores, one.scores, rtol=1e-5, atol=1e-6)
+  # Identical lists, except where two candidates tie to float32 precision and swap.
+  differ = one.indices != many.indices
+  assert np.all(np.abs(one.scores[differ] - many.scores[differ]) <= 1e-5)
+  assert differ.mean() < 0.02
+
+
+def test_resume_after_kill(tmp_path, monkeypatch):
+  train, labels, test, test_labels, index = toy_features(seed=5)
+  kw = dict(method="esvm", k=20, train_index=index, chunk_size=4)
+  full = attribute.topk(train, labels, test, test_labels, **kw)
+  chunk_dir = str(tmp_path / "chunks")
+  real_call = pipeline._ChunkRunner.__call__
+  calls = {"n": 0}
+
+  def dying(self, *args):
+    if calls["n"] == 2:
+      raise KeyboardInterrupt("simulated kill")
+    calls["n"] += 1
+    return real_call(self, *args)
+
+  monkeypatch.setattr(pipeline._ChunkRunner, "__call__", dying)
+  with pytest.raises(KeyboardInterrupt):
+    attribute.topk(train, labels, test, test_labels, chunk_dir=chunk_dir, **kw)
+  assert len([f for f in os.listdir(chunk_dir) if f.startswith("chunk_")]) == 2
+  monkeypatch.setattr(pipeline._ChunkRunner, "__call__", real_call)
+  resumed = attribute.topk(train, labels, test, test_labels, chunk_dir=chunk_dir, **kw)
+  n_chunks = len(pipeline.plan_chunks(test_labels, np.arange(len(test)), True, 4))
+  assert len([f for f in os.listdir(chunk_dir) if f.startswith("chunk_")]) == n_chunks
+  assert resumed.computed_targets < len(test)  # the first two chunks came from disk
+  np.testing.assert_array_equal(resumed.indices, full.indices)
+  np.testing.assert_array_equal(resumed.scores, full.scores)
+  # Different settings do not reuse those chunks.
+  other = attribute.topk(train, labels, test, test_labels, chunk_dir=chunk_dir,
+                         **{**kw, "k": 10})
+  assert other.computed_targets == len(test)
+
+
+def _bad_inputs():
+  train, labels, test, test_labels, _ = toy_features(seed=6)
+  nan = train.copy()
+  nan[3, 2] = np.nan
+  inf = test.copy()
+  inf[1, 0] = np.inf
+  no_class = test_labels.copy()
+  no_class[0] = 7
+  return {
+      "labels": (dict(train_labels=labels[:-1]), "labels"),
+      "nan": (dict(train_features=nan), "NaN"),
+      "inf": (dict(test_features=inf), "NaN/inf"),
+      "dims": (dict(test_features=test[:, :8]), "feature dims"),
+      "k": (dict(k=95), "larger than class"),
+      "k_all": (dict(k=400, same_class=False), "larger than"),
+      "target": (dict(targets=[0, len(test)]), "out of range"),
+      "no_class": (dict(test_labels=no_class, targets=[0]), "no training candidates"),
+      "method": (dict(method="svm"), "unknown attribution method"),
+  }, (train, labels, test, test_labels)
+
+
+@pytest.mark.parametrize("case", ["labels", "nan", "inf", "dims", "k", "k_all", "target",
+                                  "no_class", "method"])
+def test_bad_input_is_a_clear_error(case, monkeypatch):
+  cases, (train, labels, test, test_labels) = _bad_inputs()
+  overrides, message = cases[case]
+  args = dict(train_features=train, train_labels=labels, test_features=test,
+              test_labels=test_labels, k=20)
+  args.update(overrides)
+
+  def no_solve(*a, **kw):
+    raise AssertionError("solver started on bad input")
+
+  monkeypatch.setattr(pipeline, "_ChunkRunner", no_solve)
+  with pytest.raises(attribute.AttributionError, match=message):
+    attribute.topk(**args)
+
+
+def _write_features(workdir, train, labels, test, test_labels, index):
+  os.makedirs(os.path.join(workdir, "features"), exist_ok=True)
+  np.savez(os.path.join(workdir, "features", "train.npz"), features=train, labels=labels,
+           index=index, class_names=np.array(["a", "b", "c"]))
+  np.savez(os.path.join(workdir, "features", "test.npz"), features=test, labels=test_labels,
+           index=np.arange(len(test), dtype=np.int64) + 100,
+           class_names=np.array(["a", "b", "c"]))
+
+
+def test_run_writes_outputs_and_reports_nonconvergence(tmp_path):
+  train, labels, test, test_labels, index = toy_features(seed=7)
+  workdir = str(tmp_path)
+  _write_features(workdir, train, labels, test, test_labels, index)
+  config = _config(methods=("esvm", "l2"), k=16, targets="random", num_targets=10)
+  results = attribute.run(config, workdir)
+  out = os.path.join(workdir, "attribution", "esvm")
+  topk = np.load(os.path.join(out, "topk.npy"))
+  targets = np.load(os.path.join(out, "targets.npy"))
+  ref = np.load(os.path.join(out, "topk_reference.npy"))
+  assert topk.shape == (10, 16) and topk.dtype == np.int64
+  assert np.load(os.path.join(out, "scores.npy")).dtype == np.float32
+  np.testing.assert_array_equal(targets, np.sort(np.random.default_rng(0).choice(
+      len(test), 10, replace=False)))
+  assert ref.shape == (100 + len(test), 16)
+  np.testing.assert_array_equal(ref[targets + 100], topk)
+  assert (np.delete(ref, targets + 100, axis=0) == 0).all()
+  np.testing.assert_array_equal(topk, results["esvm"].indices)
+  summary = json.load(open(os.path.join(out, "attribution.json")))
+  assert summary["solver"]["nonconverged_count"] == 0
+  assert os.path.exists(os.path.join(workdir, "attribution", "l2", "topk.npy"))
+  assert not os.path.exists(os.path.join(out, "chunks"))
+  # One Newton iteration cannot converge: the run says which targets failed.
+  config = _config(methods=("esvm",), k=16, targets="list", target_list=(1, 2), max_iter=1)
+  with pytest.raises(RuntimeError, match="did not converge"):
+    attribute.run(config, workdir)
+  summary = json.load(open(os.path.join(out, "attribution.json")))
+  assert summary["solver"]["nonconverged_targets"] == [1, 2]
+
+
+def _config(**overrides):
+  import ml_collections
+
+  config = ml_collections.ConfigDict({"seed": 0})
+  config.attribution = attribute.default_config()
+  config.attribution.update(overrides)
+  return config
+
+
+def test_launcher_on_four_fake_devices_equals_one_device(tmp_path):
+  train, labels, test, test_labels, index = toy_features(seed=8)
+  workdir = str(tmp_path)
+  _write_features(workdir, train, labels, test, test_labels, index)
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="4", JAX_PLATFORMS="cpu",
+             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  code = ("import jax; assert jax.device_count() == 4, jax.devices(); import runpy, sys; "
+          "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+  proc = subprocess.run(
+      [sys.executable, "-c", code, os.path.join(REPO, "launch", "attribute.py"),
+       f"--workdir={workdir}", "--methods=esvm", "--k=20", "--chunk_size=6"],
+      env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  four = np.load(os.path.join(workdir, "attribution", "esvm", "topk.npy"))
+  four_scores = np.load(os.path.join(workdir, "attribution", "esvm", "scores.npy"))
+  one = attribute.topk(train, labels, test, test_labels, k=20, train_index=index, chunk_size=8)
+  np.testing.assert_allclose(four_scores, one.scores, rtol=1e-5, atol=1e-6)
+  assert (four != one.indices).mean() < 0.02
+
+
+def test_esvm_gram_paths_agree_and_few_rows_still_converge():
+  rng = np.random.default_rng(9)
+  x = np.abs(rng.normal(size=(260, 20)) + 1.0).astype(np.float32)
+  t = (x[:3] + 0.1 * rng.normal(size=(3, 20))).astype(np.float32)
+  _, shared, st1 = attribute.solve(t, x, 0.1, shared_gram_max=10_000)
+  _, rows, st2 = attribute.solve(t, x, 0.1, shared_gram_max=0)
+  np.testing.assert_allclose(np.asarray(shared), np.asarray(rows), rtol=1e-5, atol=1e-6)
+  # Fewer exact-Newton rows than violators: approximate steps, but the same optimum.
+  _, few, st3 = attribute.solve(t, x, 0.1, num_rows=8, max_iter=200)
+  assert np.asarray(st3.converged).all() and (np.asarray(st3.num_violators) > 8).all()
+  np.testing.assert_allclose(np.asarray(few), np.asarray(rows), rtol=1e-4, atol=1e-5)
