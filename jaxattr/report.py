@@ -171,7 +171,9 @@ def _examples(workdir: str, train: Any, test: Any, data_note: str, num_examples:
     base = os.path.join(root, method)
     try:
       topk = np.load(os.path.join(base, "topk.npy"))
-      targets = np.load(os.path.join(base, "targets.npy"))
+      ids = "target_index.npy" if os.path.exists(os.path.join(base, "target_index.npy")) else (
+          "targets.npy")  # test `index` values (attribute writes positions in targets.npy)
+      targets = np.load(os.path.join(base, ids))
       scores = (np.load(os.path.join(base, "scores.npy"))
                 if os.path.exists(os.path.join(base, "scores.npy")) else None)
       t_pos = search.positions_of(test.index, targets[:num_examples], "targets")

@@ -581,7 +581,11 @@ def load_topk(workdir: str, method: str, k: int, targets: np.ndarray | None = No
       raise SearchError(f"{path}: targets must lie in [0, {matrix.shape[0]})")
     return name, targets, np.asarray(matrix[targets, :k], np.int64)
   base = os.path.join(workdir, "attribution", name)
-  files = [os.path.join(base, f) for f in ("topk.npy", "targets.npy")]
+  # jaxattr.attribute writes targets.npy as test positions and target_index.npy as test
+  # `index` values; the search speaks index values.
+  ids = "target_index.npy" if os.path.exists(os.path.join(base, "target_index.npy")) else (
+      "targets.npy")
+  files = [os.path.join(base, f) for f in ("topk.npy", ids)]
   for f in files:
     if not os.path.exists(f):
       raise SearchError(f"method {name!r}: {f} does not exist (run the attribution stage first)")
