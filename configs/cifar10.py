@@ -36,7 +36,6 @@ def get_config(arg=None):
   c.pretrain.knn_every_epochs = 50
   c.pretrain.checkpoint_every_steps = 1000
   c.features.batch_size = 1024
-  c.nearest.num_targets = 16
   if "jpeg" in variants or "cpu" in variants:
     c.data.source = JPEG
   if "cpu" in variants:

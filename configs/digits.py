@@ -28,6 +28,8 @@ def get_config(arg=None):
   c.pretrain.checkpoint_every_steps = 50
   c.pretrain.log_every_steps = 11
   c.features.batch_size = 256
+  c.attribution.k = 128  # the smallest digit class has 130 training images
+  c.attribution.num_targets = 16
   if arg == "quick":
     c.data.options.size = 16
     c.encoder.width = 0.125
@@ -39,8 +41,10 @@ def get_config(arg=None):
     c.pretrain.checkpoint_every_steps = 1
     c.pretrain.log_every_steps = 1
     c.features.batch_size = 128
-    c.nearest.num_targets = 3
-    c.nearest.k = 4
+    c.attribution.num_targets = 3
+    c.attribution.k = 32
+    c.viz.num_targets = 3
+    c.viz.top = 4
   elif arg not in (None, ""):
     raise ValueError(f"unknown variant {arg!r} of configs/digits.py (known: quick)")
   return c

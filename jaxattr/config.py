@@ -3,11 +3,11 @@
 import ml_collections
 from ml_collections import config_dict
 
-from jaxattr import features, ssl
+from jaxattr import attribute, features, ssl
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Seed, data, encoder, pretraining, features and nearest-neighbour sections."""
+  """Seed, data, encoder, pretraining, features, attribution and visualisation sections."""
   c = ml_collections.ConfigDict()
   c.seed = 0
 
@@ -26,8 +26,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.pretrain = ssl.default_config()
   c.features = features.default_config()
 
-  # Nearest training images by cosine similarity in feature space, same class (a quick look).
-  c.nearest = ml_collections.ConfigDict()
-  c.nearest.num_targets = 8  # seeded random test targets
-  c.nearest.k = 16  # neighbours shown per target
+  c.attribution = attribute.default_config()
+  c.attribution.methods = ("esvm", "l2")  # the method and the paper's main comparison
+  c.attribution.targets = "random"  # seeded sample of num_targets test images
+  c.attribution.num_targets = 100
+  c.attribution.k = 1280
+
+  c.viz = ml_collections.ConfigDict()
+  c.viz.num_targets = 8  # targets shown per method in WORKDIR/attribution/<method>/grid.png
+  c.viz.top = 16  # attributed images shown per target
   return c

@@ -1,4 +1,4 @@
-"""The main job: pretrain (or load) an encoder -> features -> attribution -> outputs.
+"""The main job: pretrain (or load) an encoder -> features -> attribution (top-k per target).
 
 Each stage records the hash of the config fields it depends on in WORKDIR/stages.json and is
 skipped when its outputs exist for the same hash, so re-running after a crash, or with a new
@@ -16,17 +16,19 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from jaxattr import data as data_lib, features, ssl, utils, viz
+from jaxattr import attribute, data as data_lib, features, ssl, utils, viz
 
 
 def _stage_keys(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config fields each stage's output depends on (a stage also depends on earlier ones)."""
-  pre = {"seed": config.seed, "data": config.data.to_dict(), "encoder": config.encoder.to_dict(),
+  data = config.data.to_dict()
+  pre = {"seed": config.seed, "data": data, "encoder": config.encoder.to_dict(),
          "pretrain": config.pretrain.to_dict()}
   feat = {"pre": pre if not config.encoder.checkpoint else config.encoder.to_dict(),
-          "features": config.features.to_dict(), "data": config.data.to_dict()}
-  near = {"feat": feat, "nearest": config.nearest.to_dict(), "seed": config.seed}
-  return {"pretrain": pre, "features": feat, "nearest": near}
+          "features": config.features.to_dict(), "data": data}
+  attr = {"feat": feat, "attribution": config.attribution.to_dict(), "seed": config.seed,
+          "viz": config.viz.to_dict()}
+  return {"pretrain": pre, "features": feat, "attribution": attr}
 
 
 class Stages:
@@ -47,6 +49,48 @@ class Stages:
     return {}
 
   def run(self, name: str, fn: Callable[[], Any], outputs: list[str]) -> bool:
+    """Runs `fn` unless stage `name` finished before with the same hash and its outputs exist."""
+    key = self.keys[name]
+    have = all(os.path.exists(os.path.join(self.workdir, o)) for o in outputs)
+    if self.done.get(name) == key and have:
+      logging.info("stage %s: up to date (config hash %s), skipped", name, key)
+      return False
+    logging.info("stage %s: running (config hash %s)", name, key)
+    t0 = time.perf_counter()
+    fn()
+    self.timings[name] = time.perf_counter() - t0
+    self.done[name] = key
+    utils.save_json(self.path, self.done)
+    utils.save_json(os.path.join(self.workdir, "timings.json"), self.timings)
+    logging.info("stage %s: done in %.1fs", name, self.timings[name])
+    return True
+
+
+def attribution(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Top-k attribution for every method (jaxattr.attribute), plus a PNG grid per method.
+
+  Writes WORKDIR/attribution/<method>/{topk,scores,targets,...}.npy (see jaxattr.attribute.run)
+  and grid.png: the first `viz.num_targets` targets (left) and their top `viz.top` images.
+  """
+  results = attribute.run(config, workdir)
+  train = data_lib.load(config.data.source, "train", **dict(config.data.options))
+  test = data_lib.load(config.data.source, "test", **dict(config.data.options))
+  pos_tr = {int(i): p for p, i in enumerate(train.index)}
+  summary = {}
+  for method, res in results.items():
+    n, top = min(config.viz.num_targets, len(res.targets)), config.viz.top
+    viz.save_grid(os.path.join(workdir, "attribution", method, "grid.png"),
+                  [test.images[t] for t in res.targets[:n]],
+                  [[train.images[pos_tr[int(i)]] for i in row[:top]] for row in res.indices[:n]],
+                  title=f"{method}: targets (left) and their top-{top} training images")
+    summary[method] = [{"target": int(test.index[t]), "label": int(test.labels[t]),
+                        "top": [int(i) for i in row[:top]],
+                        "scores": [float(v) for v in sc[:top]]}
+                       for t, row, sc in zip(res.targets[:n], res.indices[:n], res.scores[:n])]
+  return summary
+
+
+def run(self, name: str, fn: Callable[[], Any], outputs: list[str]) -> bool:
     """Runs `fn` unless stage `name` finished before with the same hash and its outputs exist."""
     key = self.keys[name]
     have = all(os.path.exists(os.path.join(self.workdir, o)) for o in outputs)
@@ -109,8 +153,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                ["pretrain/encoder/meta.json", "pretrain/summary.json"])
   stages.run("features", lambda: features.run(config, workdir),
              ["features/train.npz", "features/test.npz"])
-  stages.run("nearest", lambda: nearest(config, workdir),
-             ["nearest/nearest.json", "nearest/grid.png"])
+  methods = list(config.attribution.methods)
+  stages.run("attribution", lambda: attribution(config, workdir),
+             [f"attribution/{m}/{f}" for m in methods for f in ("topk.npy", "grid.png")])
 
   summary: dict[str, Any] = {"workdir": os.path.abspath(workdir), "timings": stages.timings,
                              "provenance": utils.provenance()}
@@ -122,8 +167,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                              "images_per_s", "seconds")}
   with open(os.path.join(workdir, "features", "summary.json")) as f:
     summary["features"] = json.load(f)
-  with open(os.path.join(workdir, "nearest", "nearest.json")) as f:
-    summary["nearest"] = json.load(f)
+  summary["attribution"] = {}
+  for m in methods:
+    with open(os.path.join(workdir, "attribution", m, "attribution.json")) as f:
+      a = json.load(f)
+    summary["attribution"][m] = {k: a.get(k) for k in ("k", "num_targets", "targets_per_second",
+                                                       "solver")}
   utils.save_json(os.path.join(workdir, "summary.json"), summary)
   logging.info("pipeline: done; summary in %s", os.path.join(workdir, "summary.json"))
   return summary

@@ -1,4 +1,4 @@
-"""Runs the whole jaxattr job for a config: pretrain (or load) the encoder -> features -> nearest images.
+"""Runs the whole jaxattr job for a config: pretrain (or load) the encoder -> features -> attribution.
 
   python launch/pipeline.py --config configs/digits.py --workdir workdir/digits
 """

@@ -20,15 +20,18 @@ def test_pipeline_quick_end_to_end_and_skips_on_rerun(tmp_path):
   res = _pipeline(tmp_path)
   assert res.returncode == 0, res.stderr[-4000:]
   for rel in ("pretrain/encoder/meta.json", "features/train.npz", "features/test.npz",
-              "nearest/nearest.json", "nearest/grid.png", "summary.json", "timings.json"):
+              "attribution/esvm/topk.npy", "attribution/esvm/grid.png",
+              "attribution/l2/topk_reference.npy", "summary.json", "timings.json"):
     assert os.path.exists(tmp_path / rel), rel
   with open(tmp_path / "summary.json") as f:
     summary = json.load(f)
   assert 0.0 <= summary["pretrain"]["knn_accuracy"] <= 1.0
-  assert len(summary["nearest"]["targets"]) == 3
-  for row in summary["nearest"]["targets"]:
-    assert len(row["neighbours"]) == 4
-    assert row["scores"] == sorted(row["scores"], reverse=True)
+  assert summary["attribution"]["esvm"]["num_targets"] == 3
+  assert summary["attribution"]["esvm"]["solver"]["nonconverged_count"] == 0
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  topk = np.load(tmp_path / "attribution" / "esvm" / "topk.npy")
+  scores = np.load(tmp_path / "attribution" / "esvm" / "scores.npy")
+  assert topk.shape == (3, 32) and np.all(np.diff(scores, axis=1) <= 0)
   # A second run with the same config skips every stage.
   res = _pipeline(tmp_path)
   assert res.returncode == 0, res.stderr[-4000:]
