@@ -312,8 +312,7 @@ class _Program:
       # lax.map = a scan over the local models. XLA:CPU runs training steps inside while loops
       # far slower than straight-line code, so on CPU the scan is fully unrolled (still one
       # model after another, inside one program); elsewhere it stays a loop.
-      m_local = jax.tree_util.tree_leaves(per_model)[0].shape[0]
-      unroll = m_local if jax.default_backend() == "cpu" else 1
+      unroll = True if jax.default_backend() == "cpu" else 1
       return jax.lax.scan(lambda c, xs: (c, one(xs)), None, per_model, unroll=unroll)[1]
 
     def lifted(*args):
