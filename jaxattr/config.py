@@ -4,10 +4,11 @@ import ml_collections
 from ml_collections import config_dict
 
 from jaxattr import attribute, features, ssl
+from jaxattr.counterfactual import ensemble, search
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Seed, data, encoder, pretraining, features, attribution and visualisation sections."""
+  """Seed, data, encoder, pretraining, features, attribution, trainer, support and viz sections."""
   c = ml_collections.ConfigDict()
   c.seed = 0
 
@@ -31,6 +32,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.attribution.targets = "random"  # seeded sample of num_targets test images
   c.attribution.num_targets = 100
   c.attribution.k = 1280
+
+  # Counterfactual evaluation: the trainer of the many retrained models and the support search.
+  c.ensemble = ensemble.default_config()
+  c.support = search.default_config()
+  c.support.methods = ("esvm", "l2")
+  c.support.num_targets = 100  # the first n attribution targets (0 = all)
 
   c.viz = ml_collections.ConfigDict()
   c.viz.num_targets = 8  # targets shown per method in WORKDIR/attribution/<method>/grid.png

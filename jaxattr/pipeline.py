@@ -1,4 +1,4 @@
-"""The main job: pretrain (or load) an encoder -> features -> attribution (top-k per target).
+"""The main job: encoder -> features -> attribution -> removal/mislabel support -> report.
 
 Each stage records the hash of the config fields it depends on in WORKDIR/stages.json and is
 skipped when its outputs exist for the same hash, so re-running after a crash, or with a new
@@ -16,7 +16,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from jaxattr import attribute, data as data_lib, features, ssl, utils, viz
+from jaxattr import attribute, data as data_lib, features, report, ssl, utils, viz
+from jaxattr.counterfactual import search
 
 
 def _stage_keys(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -28,7 +29,8 @@ def _stage_keys(config: ml_collections.ConfigDict) -> dict[str, Any]:
           "features": config.features.to_dict(), "data": data}
   attr = {"feat": feat, "attribution": config.attribution.to_dict(), "seed": config.seed,
           "viz": config.viz.to_dict()}
-  return {"pretrain": pre, "features": feat, "attribution": attr}
+  sup = {"attr": attr, "ensemble": config.ensemble.to_dict(), "support": config.support.to_dict()}
+  return {"pretrain": pre, "features": feat, "attribution": attr, "support": sup}
 
 
 class Stages:
@@ -143,6 +145,18 @@ def nearest(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return summary
 
 
+def _splits(config: ml_collections.ConfigDict):
+  opts = dict(config.data.options)
+  return (data_lib.load(config.data.source, "train", **opts),
+          data_lib.load(config.data.source, "test", **opts))
+
+
+def support(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Removal and mislabel support of every attribution method (jaxattr.counterfactual.search)."""
+  train, test = _splits(config)
+  return search.run(config, workdir, train=train, test=test)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs every stage that is not up to date; returns WORKDIR/summary.json's content."""
   os.makedirs(workdir, exist_ok=True)
@@ -156,6 +170,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   methods = list(config.attribution.methods)
   stages.run("attribution", lambda: attribution(config, workdir),
              [f"attribution/{m}/{f}" for m in methods for f in ("topk.npy", "grid.png")])
+
+  if config.support.metrics:
+    stages.run("support", lambda: support(config, workdir),
+               [f"support/{m}/{n}/summary.json" for m in config.support.metrics
+                for n in config.support.methods])
+  # The report is cheap and reads everything above: always rendered anew.
+  t0 = time.perf_counter()
+  train, test = _splits(config)
+  report_path = report.write_report(workdir, config=config, train=train, test=test)
+  stages.timings["report"] = time.perf_counter() - t0
+  utils.save_json(os.path.join(workdir, "timings.json"), stages.timings)
+  logging.info("pipeline: report in %s", report_path)
 
   summary: dict[str, Any] = {"workdir": os.path.abspath(workdir), "timings": stages.timings,
                              "provenance": utils.provenance()}
@@ -173,6 +199,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       a = json.load(f)
     summary["attribution"][m] = {k: a.get(k) for k in ("k", "num_targets", "targets_per_second",
                                                        "solver")}
+  summary["support"] = {}
+  for metric in config.support.metrics:
+    for m in config.support.methods:
+      path = os.path.join(workdir, "support", metric, m, "summary.json")
+      if os.path.exists(path):
+        with open(path) as f:
+          s = json.load(f)
+        summary["support"].setdefault(metric, {})[m] = {
+            k: s.get(k) for k in ("median_support", "median_support_flipped_only", "targets",
+                                  "not_flipped", "fraction_flipped", "trainings",
+                                  "trainings_per_target_max")}
+  summary["report"] = os.path.abspath(report_path)
   utils.save_json(os.path.join(workdir, "summary.json"), summary)
   logging.info("pipeline: done; summary in %s", os.path.join(workdir, "summary.json"))
   return summary

@@ -660,12 +660,13 @@ def flip_classes_cached(workdir: str, target_ids: np.ndarray, target_images: np.
 
 
 def _load_split(config: ml_collections.ConfigDict, split: str) -> Any:
+  """config.data's split: `config.data.options` (size, limit_per_class, ...) as in configs/."""
   from jaxattr import data  # pylint: disable=g-import-not-at-top
-  options = {}
-  for name in ("size", "limit_per_class"):
-    value = config.data.get(name, None)
-    if value:
-      options[name] = value
+  opts = config.data.get("options", None)
+  if opts is not None:
+    options = {k: v for k, v in dict(opts).items() if v is not None}
+  else:  # a flat data section (launch/support.py's flag mode)
+    options = {k: config.data.get(k) for k in ("size", "limit_per_class") if config.data.get(k)}
   return data.load(config.data.source, split, **options)
 
 
