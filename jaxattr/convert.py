@@ -338,8 +338,9 @@ def _fill(model: Any, names: dict[str, np.ndarray], layout: _Layout, num_splits_
     if path[0] == "batch_stats" and average_splits and num_splits_src > 1:
       value = value.reshape(num_splits_src, -1).mean(0)
     if tuple(value.shape) != tuple(spec.shape):
-      mismatched.append(f"{layout.source(name)}: checkpoint {tuple(names[name].shape)} -> "
-                        f"{tuple(value.shape)}, expected {tuple(spec.shape)}")
+      src_shape, got = tuple(names[name].shape), tuple(value.shape)
+      shown = f"{src_shape} -> {got}" if got != src_shape else f"{src_shape}"
+      mismatched.append(f"{layout.source(name)}: checkpoint {shown}, expected {tuple(spec.shape)}")
       continue
     out[path] = value.astype(spec.dtype)
   unused = [layout.source(n) for n in names if n not in used]

@@ -249,7 +249,7 @@ def test_extra_key_in_lightly_backbone(tmp_path, lightly_moco):
 def test_shape_mismatch(tmp_path, tiny_lightly_state):
   tiny_lightly_state["layer2.0.conv1.weight"] = torch.zeros(16, 8, 5, 5)
   msg = _expect_error(tmp_path, tiny_lightly_state, "1 shape mismatch")
-  assert "layer2.0.conv1.weight: checkpoint (16, 8, 5, 5)" in msg
+  assert "layer2.0.conv1.weight: checkpoint (16, 8, 5, 5) -> (5, 5, 8, 16), expected (3, 3, 8, 16)" in msg
 
 
 def test_unknown_format(tmp_path):
@@ -285,3 +285,23 @@ def test_refuses_to_overwrite(tmp_path, tiny_lightly_state):
   with pytest.raises(FileExistsError):
     convert.convert(src, dst)
   convert.convert(src, dst, overwrite=True)
+
+
+def test_launcher_smoke(tmp_path, tiny_lightly_state):
+  """launch/convert.py converts a file and fails cleanly (exit status, message) on a bad one."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  src = str(tmp_path / "resnet.pth")
+  torch.save(tiny_lightly_state, src)
+  env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
+  cmd = [sys.executable, os.path.join(root, "launch", "convert.py"), f"--src={src}"]
+  ok = subprocess.run(cmd + [f"--dst={tmp_path / 'enc'}", "--average_splits"], env=env,
+                      capture_output=True, text=True, timeout=120)
+  assert ok.returncode == 0, ok.stderr[-2000:]
+  assert checkpoint.is_checkpoint(str(tmp_path / "enc"))
+  bad = subprocess.run(cmd + [f"--dst={tmp_path / 'bad'}", "--encoder=resnet18"], env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert bad.returncode != 0 and "shape mismatch" in bad.stderr
+  assert not os.path.exists(tmp_path / "bad")

@@ -1,0 +1,69 @@
+"""Shapes and parameter counts of the torchvision-compatible ResNets (no PyTorch needed)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxattr.models import resnet
+from jaxattr.models.layers import count_params
+
+
+@pytest.mark.parametrize("ctor, expected", [
+    # torchvision's documented sizes with the 1000-class fc.
+    (resnet.ResNet18, 11_689_512),
+    (resnet.ResNet50, 25_557_032),
+])
+def test_param_counts_match_torchvision(ctor, expected):
+  model = ctor(num_classes=1000)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+  assert count_params(shapes["params"]) == expected
+  assert model.feature_dim == (512 if ctor is resnet.ResNet18 else 2048)
+
+
+@pytest.mark.parametrize("ctor", [resnet.ResNet18, resnet.ResNet50])
+def test_tiny_forward_and_train_step(ctor):
+  model = ctor(width=0.125, num_classes=5)
+  x = jax.random.normal(jax.random.key(1), (2, 37, 37, 3))
+
+  # Random variables of the right shapes: compiling flax's truncated-normal init of every
+  # kernel shape costs more CPU time than the rest of this test.
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+  rng = np.random.default_rng(0)
+  variables = {
+      "params": jax.tree_util.tree_map(
+          lambda s: (rng.normal(size=s.shape) * 0.1).astype(np.float32), shapes["params"]),
+      "batch_stats": jax.tree_util.tree_map(
+          lambda s: np.full(s.shape, 0.5, np.float32), shapes["batch_stats"]),
+  }
+
+  @jax.jit  # one compilation for all three applies
+  def run(variables, x):
+    out = model.apply(variables, x, train=False)
+    _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    bf16 = ctor(width=0.125, dtype=jnp.bfloat16).apply(variables, x)
+    return out, updates, bf16
+
+  out, updates, bf16 = run(variables, x)
+  assert out["feature"].shape == (2, model.feature_dim) and out["logits"].shape == (2, 5)
+  assert out["feature"].dtype == jnp.float32
+  changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)),
+                                   variables["batch_stats"], updates["batch_stats"])
+  assert all(jax.tree_util.tree_leaves(changed))
+  assert bf16["feature"].dtype == jnp.float32 and "logits" not in bf16
+  assert float(jnp.abs(bf16["feature"] - out["feature"]).max()) < 0.1 * float(
+      jnp.abs(out["feature"]).max())
+
+
+def test_v15_stride_on_3x3_conv():
+  """ResNet-50 v1.5: the downsampling Bottleneck's 1x1 conv keeps stride 1 (torchvision)."""
+  model = resnet.ResNet50(width=0.125)
+  x = jnp.zeros((1, 64, 64, 3))
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  _, state = jax.eval_shape(lambda v: model.apply(v, x, capture_intermediates=True,
+                                                  mutable=["intermediates"]), variables)
+  inter = state["intermediates"]["layer2_0"]
+  assert inter["conv1"]["__call__"][0].shape[1:3] == (16, 16)  # after stem + pool: 16x16
+  assert inter["conv2"]["__call__"][0].shape[1:3] == (8, 8)
