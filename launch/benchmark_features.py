@@ -36,7 +36,8 @@ _REPEATS = flags.DEFINE_integer("repeats", 7, "Timed calls per framework (median
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls first (after compilation).")
 _THREADS = flags.DEFINE_integer("threads", 0, "torch intra-op threads; 0 = CPUs available.")
 _XLA_FLAGS = flags.DEFINE_string(
-    "xla_flags", "--xla_cpu_use_onednn=true",
+    "xla_flags",
+    "--xla_cpu_use_onednn=true --xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
     "Appended to XLA_FLAGS before the backend starts (CPU-only flags are ignored on GPUs).")
 _FOLD = flags.DEFINE_bool("fold_bn", True, "Also time jaxattr with BatchNorm folded into convs.")
 _OUT = flags.DEFINE_string("out", "bench_results/features.json", "JSON result path.")

@@ -305,3 +305,24 @@ def test_launcher_smoke(tmp_path, tiny_lightly_state):
                        capture_output=True, text=True, timeout=120)
   assert bad.returncode != 0 and "shape mismatch" in bad.stderr
   assert not os.path.exists(tmp_path / "bad")
+
+
+@pytest.mark.slow
+def test_benchmark_smoke(tmp_path):
+  """launch/benchmark_features.py runs end to end on a tiny batch and writes its JSON."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / "features.json"
+  env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
+  run = subprocess.run(
+      [sys.executable, os.path.join(root, "launch", "benchmark_features.py"),
+       "--nets=cifar_resnet18", "--batch_size=8", "--repeats=1", "--warmup=0", "--threads=1",
+       f"--out={out}"], env=env, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  result = json.loads(out.read_text())
+  rows = {r["framework"]: r for r in result["rows"]}
+  assert set(rows) == {"jaxattr", "jaxattr+fold", "torch"}
+  assert rows["jaxattr"]["max_rel_diff"] < TOL and rows["jaxattr+fold"]["max_rel_diff"] < TOL
+  assert result["settings"]["torch_threads"] == 1

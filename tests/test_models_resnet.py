@@ -67,3 +67,33 @@ def test_v15_stride_on_3x3_conv():
   inter = state["intermediates"]["layer2_0"]
   assert inter["conv1"]["__call__"][0].shape[1:3] == (16, 16)  # after stem + pool: 16x16
   assert inter["conv2"]["__call__"][0].shape[1:3] == (8, 8)
+
+
+def test_fold_batchnorm_is_exact():
+  """Inference with BN folded into the convs == the model's own eval apply (both families)."""
+  from jaxattr import convert  # pylint: disable=g-import-not-at-top
+  from jaxattr.models import cifar_resnet  # pylint: disable=g-import-not-at-top
+
+  models = [cifar_resnet.LightlyResNet18(width=0.125, num_splits=8),
+            resnet.ResNet50(width=0.125, num_classes=3)]
+  x = jax.random.normal(jax.random.key(1), (2, 35, 35, 3))
+  rng = np.random.default_rng(0)
+  for model in models:
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+    variables = jax.tree_util.tree_map(
+        lambda s: (rng.normal(size=s.shape) * 0.2).astype(np.float32), shapes)
+    variables["batch_stats"] = jax.tree_util.tree_map(lambda a: np.abs(a) + 0.5,
+                                                      variables["batch_stats"])
+
+    @jax.jit
+    def both(variables, x, model=model):
+      params, biases = convert.fold_batchnorm(variables)
+      return model.apply(variables, x, train=False), convert.apply_folded(model, params, biases, x)
+
+    ref, out = both(variables, x)
+    assert set(ref) == set(out)
+    for k in ref:
+      err = float(jnp.abs(ref[k] - out[k]).max() / jnp.abs(ref[k]).max())
+      assert err < 1e-5, (k, err)
+    params, _ = convert.fold_batchnorm(variables)
+    assert "bn1" not in params and "scale" not in str(jax.tree_util.tree_structure(params))
