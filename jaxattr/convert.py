@@ -124,7 +124,7 @@ def load_torch_state(path: str, trust_pickle: bool = False) -> dict[str, np.ndar
     if not trust_pickle:
       raise ConversionError(
           f"{path}: torch.load(weights_only=True) failed ({type(e).__name__}: "
-          f"{str(e).splitlines()[0][:200]}). If you trust this file, retry with trust_pickle=True "
+          f"{(str(e).splitlines() or [''])[0][:200]}). If you trust this file, retry with trust_pickle=True "
           "(--trust_pickle)") from e
     obj = torch.load(path, map_location="cpu", weights_only=False)
   state = obj
@@ -414,7 +414,8 @@ def _convert_scope(state: dict[str, np.ndarray], layout: _Layout, src: str,
   return variables, encoder, kwargs, dropped
 
 
-def convert(src_path: str, dst_path: str, format: str = "auto", *,  # pylint: disable=redefined-builtin
+def convert(src_path: str, dst_path: str,
+            format: str = "auto", *,  # pylint: disable=redefined-builtin
             encoder: str | None = None, width: float | None = None, prefix: str | None = None,
             keep_fc: bool = False, average_splits: bool = False, stem_relu: bool | None = None,
             export_momentum: bool = False,

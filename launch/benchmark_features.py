@@ -28,7 +28,7 @@ from absl import app, flags, logging
 import numpy as np
 
 _NETS = flags.DEFINE_list("nets", ["cifar_resnet18", "resnet50"],
-                          "cifar_resnet18 (lightly MoCo backbone, 32x32) and/or resnet50 (224x224).")
+                          "cifar_resnet18 (lightly MoCo backbone, 32x32), resnet50 (224x224).")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Images per call for cifar_resnet18.")
 _BATCH_IMAGENET = flags.DEFINE_integer("imagenet_batch_size", 32, "Images per call, resnet50.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")

@@ -249,7 +249,8 @@ def test_extra_key_in_lightly_backbone(tmp_path, lightly_moco):
 def test_shape_mismatch(tmp_path, tiny_lightly_state):
   tiny_lightly_state["layer2.0.conv1.weight"] = torch.zeros(16, 8, 5, 5)
   msg = _expect_error(tmp_path, tiny_lightly_state, "1 shape mismatch")
-  assert "layer2.0.conv1.weight: checkpoint (16, 8, 5, 5) -> (5, 5, 8, 16), expected (3, 3, 8, 16)" in msg
+  assert ("layer2.0.conv1.weight: checkpoint (16, 8, 5, 5) -> (5, 5, 8, 16), "
+          "expected (3, 3, 8, 16)") in msg
 
 
 def test_unknown_format(tmp_path):
@@ -273,6 +274,16 @@ def test_stray_keys_in_moco_and_bad_flags(tmp_path, tiny_lightly_state):
   _expect_error(tmp_path, tiny_lightly_state, "unknown format", format="timm")
   _expect_error(tmp_path, tiny_lightly_state, "no momentum", format="lightly_resnet",
                 export_momentum=True)
+
+
+def test_untrusted_pickle_needs_opt_in(tmp_path, tiny_lightly_state):
+  """Lightning files may pickle objects (here an argparse.Namespace of hyper-parameters)."""
+  import argparse  # pylint: disable=g-import-not-at-top
+
+  state = {"state_dict": tiny_lightly_state, "hyper_parameters": argparse.Namespace(lr=0.1)}
+  _expect_error(tmp_path, state, "trust_pickle")
+  meta = convert.convert(str(tmp_path / "bad.pth"), str(tmp_path / "enc"), trust_pickle=True)
+  assert meta["format"] == "lightly_resnet"
 
 
 def test_refuses_to_overwrite(tmp_path, tiny_lightly_state):
