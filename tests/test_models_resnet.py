@@ -1,0 +1,99 @@
+"""Shapes and parameter counts of the torchvision-compatible ResNets (no PyTorch needed)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxattr.models import resnet
+from jaxattr.models.layers import count_params
+
+
+@pytest.mark.parametrize("ctor, expected", [
+    # torchvision's documented sizes with the 1000-class fc.
+    (resnet.ResNet18, 11_689_512),
+    (resnet.ResNet50, 25_557_032),
+])
+def test_param_counts_match_torchvision(ctor, expected):
+  model = ctor(num_classes=1000)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+  assert count_params(shapes["params"]) == expected
+  assert model.feature_dim == (512 if ctor is resnet.ResNet18 else 2048)
+
+
+@pytest.mark.parametrize("ctor", [resnet.ResNet18, resnet.ResNet50])
+def test_tiny_forward_and_train_step(ctor):
+  model = ctor(width=0.125, num_classes=5)
+  x = jax.random.normal(jax.random.key(1), (2, 37, 37, 3))
+
+  # Random variables of the right shapes: compiling flax's truncated-normal init of every
+  # kernel shape costs more CPU time than the rest of this test.
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+  rng = np.random.default_rng(0)
+  variables = {
+      "params": jax.tree_util.tree_map(
+          lambda s: (rng.normal(size=s.shape) * 0.1).astype(np.float32), shapes["params"]),
+      "batch_stats": jax.tree_util.tree_map(
+          lambda s: np.full(s.shape, 0.5, np.float32), shapes["batch_stats"]),
+  }
+
+  @jax.jit  # one compilation for all three applies
+  def run(variables, x):
+    out = model.apply(variables, x, train=False)
+    _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    bf16 = ctor(width=0.125, dtype=jnp.bfloat16).apply(variables, x)
+    return out, updates, bf16
+
+  out, updates, bf16 = run(variables, x)
+  assert out["feature"].shape == (2, model.feature_dim) and out["logits"].shape == (2, 5)
+  assert out["feature"].dtype == jnp.float32
+  changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)),
+                                   variables["batch_stats"], updates["batch_stats"])
+  assert all(jax.tree_util.tree_leaves(changed))
+  assert bf16["feature"].dtype == jnp.float32 and "logits" not in bf16
+  assert float(jnp.abs(bf16["feature"] - out["feature"]).max()) < 0.1 * float(
+      jnp.abs(out["feature"]).max())
+
+
+def test_v15_stride_on_3x3_conv():
+  """ResNet-50 v1.5: the downsampling Bottleneck's 1x1 conv keeps stride 1 (torchvision)."""
+  model = resnet.ResNet50(width=0.125)
+  x = jnp.zeros((1, 64, 64, 3))
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  _, state = jax.eval_shape(lambda v: model.apply(v, x, capture_intermediates=True,
+                                                  mutable=["intermediates"]), variables)
+  inter = state["intermediates"]["layer2_0"]
+  assert inter["conv1"]["__call__"][0].shape[1:3] == (16, 16)  # after stem + pool: 16x16
+  assert inter["conv2"]["__call__"][0].shape[1:3] == (8, 8)
+
+
+def test_fold_batchnorm_is_exact():
+  """Inference with BN folded into the convs == the model's own eval apply (both families)."""
+  from jaxattr import convert  # pylint: disable=g-import-not-at-top
+  from jaxattr.models import cifar_resnet  # pylint: disable=g-import-not-at-top
+
+  models = [cifar_resnet.LightlyResNet18(width=0.125, num_splits=8),
+            resnet.ResNet50(width=0.125, num_classes=3)]
+  x = jax.random.normal(jax.random.key(1), (2, 35, 35, 3))
+  rng = np.random.default_rng(0)
+  for model in models:
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+    variables = jax.tree_util.tree_map(
+        lambda s: (rng.normal(size=s.shape) * 0.2).astype(np.float32), shapes)
+    variables["batch_stats"] = jax.tree_util.tree_map(lambda a: np.abs(a) + 0.5,
+                                                      variables["batch_stats"])
+
+    @jax.jit
+    def both(variables, x, model=model):
+      params, biases = convert.fold_batchnorm(variables)
+      return model.apply(variables, x, train=False), convert.apply_folded(model, params, biases, x)
+
+    ref, out = both(variables, x)
+    assert set(ref) == set(out)
+    for k in ref:
+      err = float(jnp.abs(ref[k] - out[k]).max() / jnp.abs(ref[k]).max())
+      assert err < 1e-5, (k, err)
+    params, _ = convert.fold_batchnorm(variables)
+    assert "bn1" not in params and "scale" not in str(jax.tree_util.tree_structure(params))
