@@ -543,6 +543,7 @@ def run_config():
   c.data = ml_collections.ConfigDict()
   c.data.source = "folder:/work/shared/data/cifar10-jpeg.tar.gz"  # jaxattr.data.load source
   c.data.limit_per_class = 0  # keep the first n training images per class (0 = all)
+  c.data.size = 0  # resize images to size x size (0 = as stored)
   c.mode = "flip"  # 'flip': flip classes of the test set | 'train': logits of M models
   c.num_models = 10  # ensemble size (reference: 10 ResNet-9 for the flip classes)
   c.trainer = default_config()
@@ -562,9 +563,10 @@ def run(config, workdir: str) -> str:
 
   if config.mode not in ("flip", "train"):
     raise ValueError(f"config.mode must be 'flip' or 'train', got {config.mode!r}")
-  opts = {"limit_per_class": int(config.data.limit_per_class)} if config.data.limit_per_class else {}
-  train = data.load(config.data.source, "train", **opts)
-  test = data.load(config.data.source, "test")
+  sized = {"size": int(config.data.size)} if config.data.size else {}
+  limit = {"limit_per_class": int(config.data.limit_per_class)} if config.data.limit_per_class else {}
+  train = data.load(config.data.source, "train", **sized, **limit)
+  test = data.load(config.data.source, "test", **sized)
   os.makedirs(workdir, exist_ok=True)
   t0 = time.perf_counter()
   if config.mode == "flip":
