@@ -277,9 +277,9 @@ def test_sharded_over_four_devices_matches_one_device(tmp_path):
 
 @pytest.mark.slow
 def test_cifar10_small_resnet9_learns():
-  """Width-1/4 ResNet-9, 5,000 CIFAR-10 images, 6 epochs on CPU: >= 35% test accuracy (chance 10%).
+  """Width-1/4 ResNet-9, 5,000 CIFAR-10 images, 6 epochs on CPU: >= 40% test accuracy (chance 10%).
 
-  Measured ~45% (about 2 minutes on an idle 2-core CPU, plus ~15 s to decode the JPEGs).
+  Measured 52.6% (81 s on the shared, loaded 2-core CPU, including ~15 s of JPEG decoding).
   """
   if not os.path.exists(CIFAR):
     pytest.skip(f"CIFAR-10 JPEG archive not found at {CIFAR}")
@@ -291,7 +291,8 @@ def test_cifar10_small_resnet9_learns():
   logits = ensemble.train_and_predict(cfg, train, test.images, np.array([0]),
                                       np.ones((1, len(train)), bool), train.labels[None])
   acc = float((logits[0].argmax(-1) == test.labels).mean())
-  assert acc >= 0.35, acc
+  print(f"CIFAR-10 test accuracy of the small ResNet-9: {acc:.4f}")
+  assert acc >= 0.40, acc
 
 
 def test_flip_launcher_smoke(tmp_path):
