@@ -57,8 +57,8 @@ def test_schedule_matches_hand_computation():
   assert ensemble.iterations_per_epoch(cfg, n) == 97
   steps = np.array([0, 1, 97 * 5 // 2, 97 * 5, 97 * 5 + 1, int(97 * 14.5), 97 * 24 - 1, 97 * 24,
                     97 * 30])
-  want = [0.0, 0.5 / 485, 0.5 * 242 / 485, 0.5, 0.5 * (1843 - 1) / 1843, 0.5 * 922 / 1843, 0.5 / 1843, 0.0,
-          0.0]
+  want = [0.0, 0.5 / 485, 0.5 * 242 / 485, 0.5, 0.5 * (1843 - 1) / 1843, 0.5 * 922 / 1843,
+          0.5 / 1843, 0.0, 0.0]
   got = np.asarray(ensemble.learning_rate(steps, cfg, n))
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
   # Removing images does not change the schedule: it follows the FULL set (or the override).

@@ -364,6 +364,8 @@ def _to_host(x: Any) -> Any:
 
 
 _PROGRAMS: dict[Any, _Program] = {}
+# Timings of the last train_and_predict call (read by launch/benchmark_train.py).
+LAST_RUN: dict[str, float] = {}
 
 
 def _program(config, num_train: int, image_shape: tuple[int, ...], num_classes: int,
@@ -454,6 +456,8 @@ def train_and_predict(config, train, eval_images: np.ndarray, seeds: np.ndarray,
   meter = utils.Throughput("ensemble training", total=total_images, unit="images",
                            every_s=float(config.log_every_s))
   num_waves = int(math.ceil(m / wave))
+  epoch_seconds = []  # (wave, epoch, wall seconds incl. the sync of its losses)
+  t_start = time.perf_counter()
   logging.info("training %d %s models (width %s, %s, %s) in %d wave(s) of %d on %d device(s)",
                m, config.model, config.width, jnp.dtype(compute_dtype(config)).name,
                config.formulation, num_waves, wave, ndev)
@@ -471,6 +475,7 @@ def train_and_predict(config, train, eval_images: np.ndarray, seeds: np.ndarray,
     states = program.init(keys)
     real = len(members)
     for ep in range(epochs):
+      t_epoch = time.perf_counter()
       epoch = jnp.int32(ep)
       idx, valid = plan_fn(keys, keep_w, epoch)
       losses = []
@@ -479,6 +484,7 @@ def train_and_predict(config, train, eval_images: np.ndarray, seeds: np.ndarray,
         losses.append(loss)
       # One small sync per epoch, for the log (and to bound the dispatch queue).
       loss = _to_host(jnp.stack(losses).sum(0))[:real] / np.maximum(kept_steps[members], 1)
+      epoch_seconds.append((w, ep, time.perf_counter() - t_epoch))
       meter.update(int(kept_steps[members].sum()) * bs,
                    extra=(f"wave {w + 1}/{num_waves}, epoch {ep + 1}/{epochs}, "
                           f"mean loss {loss.mean():.4f}"))
@@ -488,6 +494,14 @@ def train_and_predict(config, train, eval_images: np.ndarray, seeds: np.ndarray,
       variables = _to_host({"params": states.params, "batch_stats": states.batch_stats})
       params_out.append(jax.tree_util.tree_map(lambda a: a[:real], variables))
     logging.info("%s (models done %d/%d)", meter.message(), members[-1] + 1, m)
+  # Timing for benchmarks: the first epoch includes compilation.
+  steady = [t for (_, ep, t) in epoch_seconds if ep > 0] or [t for (_, _, t) in epoch_seconds]
+  LAST_RUN.clear()
+  LAST_RUN.update(models=m, wave=wave, waves=num_waves, epochs=epochs,
+                  total_seconds=time.perf_counter() - t_start,
+                  first_epoch_seconds=epoch_seconds[0][2],
+                  steady_epoch_seconds=float(np.median(steady)),
+                  steady_seconds_per_model=float(np.median(steady)) * epochs * num_waves / m)
   if return_params:
     variables = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *params_out)
     return logits_out, variables
@@ -564,7 +578,8 @@ def run(config, workdir: str) -> str:
   if config.mode not in ("flip", "train"):
     raise ValueError(f"config.mode must be 'flip' or 'train', got {config.mode!r}")
   sized = {"size": int(config.data.size)} if config.data.size else {}
-  limit = {"limit_per_class": int(config.data.limit_per_class)} if config.data.limit_per_class else {}
+  limit = ({"limit_per_class": int(config.data.limit_per_class)}
+           if config.data.limit_per_class else {})
   train = data.load(config.data.source, "train", **sized, **limit)
   test = data.load(config.data.source, "test", **sized)
   os.makedirs(workdir, exist_ok=True)
