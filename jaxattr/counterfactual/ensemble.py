@@ -277,9 +277,12 @@ class _Program:
     k = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, 2), epoch), step)
     idx_s = jax.lax.dynamic_index_in_dim(idx, step, keepdims=False)
     valid_s = jax.lax.dynamic_index_in_dim(valid, step, keepdims=False)
-    # lax.cond skips the work under lax.map; under vmap it becomes a select (same result).
-    return jax.lax.cond(valid_s, lambda st: self._train_step(st, images, labels, idx_s, k),
-                        lambda st: (st, jnp.zeros((), jnp.float32)), state)
+    # A select rather than lax.cond: under vmap a cond becomes a select anyway, and on XLA:CPU
+    # a training step inside a conditional (a nested computation) runs many times slower. The
+    # work wasted on skipped rows is the few final steps of models that removed images.
+    new_state, loss = self._train_step(state, images, labels, idx_s, k)
+    new_state = jax.tree_util.tree_map(lambda a, b: jnp.where(valid_s, a, b), new_state, state)
+    return new_state, jnp.where(valid_s, loss, 0.0)
 
   def _predict_one(self, state: TrainState, images: jax.Array) -> jax.Array:
     """Eval-mode logits [E, classes] of one model; E a multiple of eval_batch_size."""
@@ -312,6 +315,10 @@ class _Program:
       # lax.map = a scan over the local models. XLA:CPU runs training steps inside while loops
       # far slower than straight-line code, so on CPU the scan is fully unrolled (still one
       # model after another, inside one program); elsewhere it stays a loop.
+      m_local = jax.tree_util.tree_leaves(per_model)[0].shape[0]
+      if m_local == 1:  # XLA:CPU was ~50x slower on a length-1 scan than on the plain step
+        out = one(jax.tree_util.tree_map(lambda a: a[0], per_model))
+        return jax.tree_util.tree_map(lambda a: a[None], out)
       unroll = True if jax.default_backend() == "cpu" else 1
       return jax.lax.scan(lambda c, xs: (c, one(xs)), None, per_model, unroll=unroll)[1]
 
