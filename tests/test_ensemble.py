@@ -168,10 +168,10 @@ def test_same_seed_is_bitwise_reproducible_and_formulations_agree(tiny):
   train, ev = tiny
   keep = np.ones((1, 128), bool)
   labels = train.labels[None]
-  a = ensemble.train_and_predict(tiny_config(), train, ev, np.array([5]), keep, labels)
-  b = ensemble.train_and_predict(tiny_config(), train, ev, np.array([5]), keep, labels)
-  c = ensemble.train_and_predict(tiny_config(formulation="map"), train, ev, np.array([5]), keep,
-                                 labels)
+  vmap, lmap = tiny_config(formulation="vmap"), tiny_config(formulation="map")
+  a = ensemble.train_and_predict(vmap, train, ev, np.array([5]), keep, labels)
+  b = ensemble.train_and_predict(vmap, train, ev, np.array([5]), keep, labels)
+  c = ensemble.train_and_predict(lmap, train, ev, np.array([5]), keep, labels)
   np.testing.assert_array_equal(a, b)
   # vmap and lax.map round differently and training amplifies it; same model up to that.
   np.testing.assert_allclose(a, c, rtol=0, atol=1e-2)
