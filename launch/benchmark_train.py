@@ -10,11 +10,18 @@ Modes:
     for 24 epochs on the CIFAR-10 JPEG set; prints every model's test accuracy and the cost per
     model in seconds, FLOP/s and MFU; optionally --torch_models reference runs for the ratio.
 
-CPU (this project's 2-core dev box; takes a few minutes):
-  python launch/benchmark_train.py --width=0.25 --train_examples=2048 --epochs=1 --num_models=4
-H200:
-  python launch/benchmark_train.py --mode=gpu --num_models=32 \
+CPU (this project's 2-core dev box, ~5 minutes; jaxattr timings include init and predicting
+500 eval images, which the torch loop does not do):
+  python launch/benchmark_train.py --width=0.25 --train_examples=1024 --epochs=1 \
+    --num_models=4 --repeats=1
+H200, (1) which formulation wins, 2 epochs of 32 full-width models each (~2-3 min):
+  python launch/benchmark_train.py --mode=gpu --num_models=32 --epochs=2 \
+    --formulations=vmap,map --data=folder:../shared/data/cifar10-jpeg.tar.gz
+(2) the 24-epoch accuracy and s/model with the winner (~5 min at the 8 s/model goal):
+  python launch/benchmark_train.py --mode=gpu --num_models=32 --formulations=map \
     --data=folder:../shared/data/cifar10-jpeg.tar.gz
+In gpu mode s_per_model is the steady-state cost (epochs 2..E; the first compiles);
+total_s_per_model includes compilation and evaluation.
 
 Only jax, flax, numpy, absl and torch are needed (no ml_collections / tensorflow).
 """
