@@ -17,7 +17,7 @@ def _variables(model, size=32):
 
 def test_resnet9_parameter_count():
   v = _variables(ResNet9())
-  # convs 1,728 + 204,800 + 4 x 147,456 (128->128 twice, 128->256 ... see REFERENCE.md) ...
+  # conv_bn weights as listed in REFERENCE.md section 3, BN scale + bias, the bias-free linear.
   convs = 3 * 64 * 9 + 64 * 128 * 25 + 2 * 128 * 128 * 9 + 128 * 256 * 9 + 2 * 256 * 256 * 9
   convs += 256 * 128 * 9
   bn = 2 * (64 + 128 + 128 + 128 + 256 + 256 + 256 + 128)
@@ -93,7 +93,8 @@ def test_resnet9_matches_torch_reference():
   params = {"linear": {"kernel": jnp.asarray(ref[-1].weight.detach().numpy().T)}}
   stats = {}
   for name, c, bn in zip(names, convs, bns):
-    params[name] = {"conv": {"kernel": jnp.asarray(c.weight.detach().numpy().transpose(2, 3, 1, 0))},
+    kernel = jnp.asarray(c.weight.detach().numpy().transpose(2, 3, 1, 0))
+    params[name] = {"conv": {"kernel": kernel},
                     "bn": {"scale": jnp.asarray(bn.weight.detach().numpy()),
                            "bias": jnp.asarray(bn.bias.detach().numpy())}}
     stats[name] = {"bn": {"mean": jnp.asarray(bn.running_mean.numpy()),
