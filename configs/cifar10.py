@@ -9,8 +9,8 @@ Variants (comma-separated):
   jpeg    data from the JPEG re-encoding `folder:../shared/data/cifar10-jpeg.tar.gz` (its own
           canonical order; not torchvision's indices).
   cpu     shrunk to run on a CPU (implies jpeg): 500 training images per class, width-0.25
-          encoder for 2 epochs, top-320 for 16 targets, support of 4 targets with 1/16-width
-          ResNet-9s for 3 epochs (budget 3, 3 models); only a smoke test of the protocol.
+          encoder for 2 epochs, top-320 for 16 targets, support of 4 targets with 1/8-width
+          ResNet-9s for 4 epochs (budget 3, 3 models); only a smoke test of the protocol.
 
 The full setting is the paper's protocol: 100 seeded test targets, top-1280 by ESVM and l2,
 removal and mislabel support with budget 7 and 5 full-width ResNet-9s (24 epochs) per test, flip
@@ -51,9 +51,11 @@ def get_config(arg=None):
     c.features.batch_size = 512
     c.attribution.k = 320
     c.attribution.num_targets = 16
-    c.ensemble.width = 0.0625
-    c.ensemble.epochs = 3
+    c.ensemble.width = 0.125
+    c.ensemble.epochs = 4
+    c.ensemble.peak_epoch = 1.0
     c.ensemble.batch_size = 256
+    c.ensemble.models_per_wave = 8  # XLA:CPU compiles the model loop unrolled
     c.support.k = 320
     c.support.num_targets = 4
     c.support.search_budget = 3
