@@ -75,8 +75,7 @@ def attribution(config: ml_collections.ConfigDict, workdir: str) -> dict[str, An
   and grid.png: the first `viz.num_targets` targets (left) and their top `viz.top` images.
   """
   results = attribute.run(config, workdir)
-  train = data_lib.load(config.data.source, "train", **dict(config.data.options))
-  test = data_lib.load(config.data.source, "test", **dict(config.data.options))
+  train, test = _splits(config)
   pos_tr = {int(i): p for p, i in enumerate(train.index)}
   summary = {}
   for method, res in results.items():
@@ -92,60 +91,9 @@ def attribution(config: ml_collections.ConfigDict, workdir: str) -> dict[str, An
   return summary
 
 
-def run(self, name: str, fn: Callable[[], Any], outputs: list[str]) -> bool:
-    """Runs `fn` unless stage `name` finished before with the same hash and its outputs exist."""
-    key = self.keys[name]
-    have = all(os.path.exists(os.path.join(self.workdir, o)) for o in outputs)
-    if self.done.get(name) == key and have:
-      logging.info("stage %s: up to date (config hash %s), skipped", name, key)
-      return False
-    logging.info("stage %s: running (config hash %s)", name, key)
-    t0 = time.perf_counter()
-    fn()
-    self.timings[name] = time.perf_counter() - t0
-    self.done[name] = key
-    utils.save_json(self.path, self.done)
-    utils.save_json(os.path.join(self.workdir, "timings.json"), self.timings)
-    logging.info("stage %s: done in %.1fs", name, self.timings[name])
-    return True
-
-
-def nearest(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Top-k same-class training images by cosine similarity for seeded random test targets.
-
-  Writes WORKDIR/nearest/{nearest.json, grid.png}.
-  """
-  tr = features.load_features(workdir, "train")
-  te = features.load_features(workdir, "test")
-  rng = np.random.default_rng(config.seed)
-  n_t = min(config.nearest.num_targets, len(te["labels"]))
-  targets = np.sort(rng.choice(len(te["labels"]), n_t, replace=False))
-  a = tr["features"] / np.linalg.norm(tr["features"], axis=1, keepdims=True).clip(1e-12)
-  b = te["features"] / np.linalg.norm(te["features"], axis=1, keepdims=True).clip(1e-12)
-  k = config.nearest.k
-  rows = []
-  for t in targets:
-    same = np.flatnonzero(tr["labels"] == te["labels"][t])
-    sims = a[same] @ b[t]
-    order = np.argsort(-sims, kind="stable")[:k]
-    rows.append({"target": int(te["index"][t]), "label": int(te["labels"][t]),
-                 "neighbours": [int(tr["index"][same[o]]) for o in order],
-                 "scores": [float(sims[o]) for o in order]})
-  out_dir = os.path.join(workdir, "nearest")
-  train = data_lib.load(config.data.source, "train", **dict(config.data.options))
-  test = data_lib.load(config.data.source, "test", **dict(config.data.options))
-  pos_tr = {int(i): p for p, i in enumerate(train.index)}
-  pos_te = {int(i): p for p, i in enumerate(test.index)}
-  viz.save_grid(os.path.join(out_dir, "grid.png"),
-                [test.images[pos_te[r["target"]]] for r in rows],
-                [[train.images[pos_tr[i]] for i in r["neighbours"]] for r in rows],
-                title=f"test targets (left) and their {k} nearest same-class training images")
-  summary = {"method": "cosine", "same_class": True, "k": k, "targets": rows}
-  utils.save_json(os.path.join(out_dir, "nearest.json"), summary)
-  return summary
-
 
 def _splits(config: ml_collections.ConfigDict):
+  """(train, test) Datasets of config.data."""
   opts = dict(config.data.options)
   return (data_lib.load(config.data.source, "train", **opts),
           data_lib.load(config.data.source, "test", **opts))
