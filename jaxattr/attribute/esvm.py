@@ -109,7 +109,7 @@ def _solve_one(t: jax.Array, x: jax.Array, valid: jax.Array, gram: jax.Array | N
   def scaled_norm(g, u):
     return jnp.linalg.norm(half_precondition(g, u)[0])
 
-  def newton_direction(g, u, rows, active_rows, idx):
+  def newton_direction(g, u, rows, active_rows):
     # Generalised Hessian H = P + 2 c_neg B^T B, B = rows of the margin violators (v > -1). Few
     # candidates violate their margin near the optimum, so H is P plus a low-rank term and
     # Woodbury gives the exact Newton step from an [m, m] system on the top-m rows. With more
@@ -122,13 +122,7 @@ def _solve_one(t: jax.Array, x: jax.Array, valid: jax.Array, gram: jax.Array | N
     rows = rows * mask[:, None]
     bt = rows @ t
     rows_p = rows - gamma * jnp.outer(bt, t)
-    if gram is None:
-      gram_p = rows_p @ rows_p.T
-    else:
-      # B P^-1 B^T from the shared Gram: a gather instead of an [m, d] x [d, m] product.
-      gram_p = (gram[idx[:, None], idx[None, :]] * jnp.outer(mask, mask)
-                - (2.0 * gamma - gamma * gamma * tt) * jnp.outer(bt, bt))
-    m = jnp.eye(rows.shape[0], dtype=dtype) + 2.0 * c_neg * gram_p
+    m = jnp.eye(rows.shape[0], dtype=dtype) + 2.0 * c_neg * (rows_p @ rows_p.T)
     coef = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(m, lower=True), rows_p @ gh)
     return -half_precondition(gh - 2.0 * c_neg * (coef @ rows_p), u)[0]
 
@@ -166,7 +160,7 @@ def _solve_one(t: jax.Array, x: jax.Array, valid: jax.Array, gram: jax.Array | N
     _, _, it, step = state
     return (it < max_iter) & (step > tol)
 
-  def body(state):
+  def body_rows(state):
     w, v, it, _ = state
     # The m largest decision values hold every violator (while there are at most m). Their v
     # and u are recomputed from w: the incremental updates below carry the rounding of every
@@ -177,13 +171,44 @@ def _solve_one(t: jax.Array, x: jax.Array, valid: jax.Array, gram: jax.Array | N
     v = v.at[idx].set(v_rows)
     u = t @ w
     g = gradient(w, v, u)
-    s = newton_direction(g, u, rows, (v_rows > -1.0) & valid[idx], idx)
+    s = newton_direction(g, u, rows, (v_rows > -1.0) & valid[idx])
     xs, ts = x @ s, t @ s
     # The Newton step in decision-value units, ||[x; t] H^-1 g||_inf: a norm of the gradient
     # that says directly how far any decision value may still move.
     step = jnp.maximum(jnp.max(jnp.abs(xs)), jnp.abs(ts))
     a = line_search(w, s, v, u, xs, ts)
     return w + a * s, v + a * xs, it + 1, step
+
+  def body_gram(state):
+    # The same Newton step without gathering candidate rows (slow on CPUs): the [m, m] system
+    # comes from the shared Gram, and the products with B become full products with x, which
+    # are matrix-matrix products over the batch. v is recomputed from w: the incremental updates
+    # carry the rounding of every earlier (large) step, which would bias the gradient.
+    w, v, it, _ = state
+    v = x @ w
+    _, idx = jax.lax.top_k(jnp.where(valid, v, neg_inf), num_rows)
+    mask = ((v[idx] > -1.0) & valid[idx]).astype(dtype)
+    u = t @ w
+    g = gradient(w, v, u)
+    gh, gamma = half_precondition(g, u)
+    h = half_precondition(gh, u)[0]  # P^-1 g
+    bh = (x @ h)[idx] * mask  # B P^-1 g
+    bt = xt[idx] * mask
+    gram_p = (gram[idx[:, None], idx[None, :]] * jnp.outer(mask, mask)
+              - (2.0 * gamma - gamma * gamma * tt) * jnp.outer(bt, bt))  # B P^-1 B^T
+    m = jnp.eye(num_rows, dtype=dtype) + 2.0 * c_neg * gram_p
+    coef = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(m, lower=True), bh)
+    btc = jnp.zeros_like(v).at[idx].add(coef * mask) @ x  # B^T coef
+    # As in the rows path, P^-1/2 is applied to each side separately: P^-1 applied at once to a
+    # vector with a large t component would cancel most of its float32 digits.
+    s = -half_precondition(gh - 2.0 * c_neg * half_precondition(btc, u)[0], u)[0]
+    xs, ts = x @ s, t @ s
+    step = jnp.maximum(jnp.max(jnp.abs(xs)), jnp.abs(ts))
+    a = line_search(w, s, v, u, xs, ts)
+    return w + a * s, v + a * xs, it + 1, step
+
+  body = body_rows if gram is None else body_gram
+  xt = x @ t
 
   # Start at w = 0 with intercept -1: every negative sits exactly on its margin (not violating)
   # and only the positive violates its own. At the optimum few negatives violate theirs, so
@@ -195,12 +220,12 @@ def _solve_one(t: jax.Array, x: jax.Array, valid: jax.Array, gram: jax.Array | N
   v = x @ w
   u = t @ w
   g = gradient(w, v, u)
-  return w, v, SolverStats(it, jnp.sum((v > -1.0) & valid), jnp.linalg.norm(g), scaled_norm(g, u), step,
-                           step <= tol)
+  return w, v, SolverStats(it, jnp.sum((v > -1.0) & valid), jnp.linalg.norm(g),
+                           scaled_norm(g, u), step, step <= tol)
 
 
 def solve(targets: jax.Array, candidates: jax.Array, C: float = 0.1, valid: jax.Array | None = None,
-          tol: float = 1e-5, max_iter: int = 50, num_rows: int = 128, line_steps: int = 12,
+          tol: float = 1e-5, max_iter: int = 50, num_rows: int = 192, line_steps: int = 12,
           shared_gram_max: int = 8192):
   """Solves the Exemplar-SVM of every target against one shared candidate set (traceable).
 
@@ -213,8 +238,8 @@ def solve(targets: jax.Array, candidates: jax.Array, C: float = 0.1, valid: jax.
     tol: convergence tolerance in decision-value units: a target stops once its Newton step
       would move no decision value by more than `tol`.
     max_iter: Newton iterations per target.
-    num_rows: m, the most margin violators the exact Newton step handles (cost ~ m^2 d per
-      iteration); with more violators the step is approximate and convergence slower.
+    num_rows: m, the most margin violators the exact Newton step handles (an [m, m] Cholesky
+      per iteration); with more violators the step is approximate and convergence slower.
     line_steps: safeguarded Newton steps of the exact line search.
     shared_gram_max: with at most this many candidates, their [n, n] Gram is formed once and
       shared by all targets (each Newton step gathers from it); above, each step forms its own.
@@ -240,7 +265,7 @@ def solve(targets: jax.Array, candidates: jax.Array, C: float = 0.1, valid: jax.
 @functools.partial(jax.jit, static_argnames=("max_iter", "num_rows", "line_steps",
                                              "return_stats"))
 def esvm_scores(targets: jax.Array, candidates: jax.Array, C: float = 0.1, *, tol: float = 1e-5,
-                max_iter: int = 50, num_rows: int = 128, line_steps: int = 12,
+                max_iter: int = 50, num_rows: int = 192, line_steps: int = 12,
                 return_stats: bool = False):
   """Exemplar-SVM decision values of every candidate for every target, as sklearn computes them.
 

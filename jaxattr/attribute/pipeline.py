@@ -57,7 +57,7 @@ def default_config():
   c.C = 0.1  # sklearn LinearSVC C (the reference's value)
   c.tol = 1e-5  # ESVM convergence: largest remaining Newton step, in decision-value units
   c.max_iter = 50  # ESVM Newton iterations per target
-  c.num_rows = 128  # ESVM: margin violators handled by the exact Newton step
+  c.num_rows = 192  # ESVM: margin violators handled by the exact Newton step
   c.chunk_size = 256  # targets per jitted step (bounds device memory; padded to the devices)
   c.allow_nonconverged = False  # False: finish, write everything, then raise if any failed
   return c
@@ -240,7 +240,7 @@ def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np
          test_labels: np.ndarray, *, method: str = "esvm", k: int = 1280,
          same_class: bool = True, targets: Sequence[int] | np.ndarray | None = None,
          train_index: np.ndarray | None = None, C: float = 0.1, tol: float = 1e-5,
-         max_iter: int = 50, num_rows: int = 128, chunk_size: int = 256,
+         max_iter: int = 50, num_rows: int = 192, chunk_size: int = 256,
          devices: Sequence[jax.Device] | None = None, chunk_dir: str | None = None,
          log_every_s: float = 10.0) -> TopK:
   """Ranks training examples for each target and keeps the best k.
