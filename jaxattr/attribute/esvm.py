@@ -19,10 +19,13 @@ targets with `jax.vmap` inside one jit:
   their margin (w.x_i > -1). Near the optimum only few candidates do (tens for CIFAR-10-like
   features out of 5,000), so H is a rank-one stiff term plus a low-rank term, and Woodbury gives
   the exact Newton step from an [m, m] Cholesky on the top-m rows (`num_rows`). Once the set of
-  violators is right, one step is exact.
-* The only products with the whole candidate matrix are x s (for the line search) and x^T r (for
-  the gradient): with a shared candidate matrix they are matrix-matrix products
-  [targets, d + 1] x [d + 1, candidates], which is what accelerators (and BLAS) do well.
+  violators is right, one step is exact. For candidate sets of up to `shared_gram_max` rows
+  (same-class sets), the [m, m] matrices are gathered from the candidates' Gram matrix, formed
+  once and shared by all targets; larger sets gather the m rows instead.
+* The products with the whole candidate matrix (x w, x s, x^T r for the gradient, and with the
+  shared Gram two more for the Woodbury terms) are, with a shared candidate matrix,
+  matrix-matrix products [targets, d + 1] x [d + 1, candidates]: what accelerators (and BLAS)
+  do well.
 * The step length minimises the convex piecewise-quadratic line function exactly (safeguarded
   Newton on its derivative), so every iteration decreases the objective.
 * Convergence, per target: the Newton step measured in decision-value units,
@@ -43,7 +46,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 class SolverStats(NamedTuple):
