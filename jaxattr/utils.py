@@ -147,3 +147,25 @@ class Throughput:
   @property
   def rate(self) -> float:
     return self.done / max(time.perf_counter() - self.start, 1e-9)
+
+
+class _DropLibraryInfo:
+  """A logging filter that drops INFO-and-below records from noisy libraries (orbax)."""
+
+  def __init__(self, fragments: tuple[str, ...]):
+    self.fragments = fragments
+
+  def filter(self, record) -> bool:  # logging.Filter protocol
+    import logging as py_logging  # pylint: disable=g-import-not-at-top
+    if record.levelno > py_logging.INFO:
+      return True
+    return not any(f in record.pathname for f in self.fragments)
+
+
+def quiet_library_logs(fragments: tuple[str, ...] = ("orbax", "etils")) -> None:
+  """Keeps orbax's per-save INFO chatter out of the logs (warnings still pass)."""
+  import logging as py_logging  # pylint: disable=g-import-not-at-top
+  flt = _DropLibraryInfo(fragments)
+  for handler in py_logging.getLogger().handlers + py_logging.getLogger("absl").handlers:
+    handler.addFilter(flt)
+  py_logging.getLogger("absl").addFilter(flt)

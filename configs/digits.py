@@ -1,0 +1,50 @@
+"""The embedded default: scikit-learn's digits, a small MoCo encoder, attribution, in minutes.
+
+Command (the README's first command runs exactly this):
+
+  python launch/pipeline.py --config configs/digits.py --workdir workdir/digits
+
+Expected on a 2-core CPU: a few minutes end to end; kNN accuracy of the encoder about 0.87
+(see the README for the measured numbers). `configs/digits.py:quick` shrinks everything to a
+smoke test of a few seconds of training.
+"""
+
+from jaxattr import config as config_lib
+
+
+def get_config(arg=None):
+  c = config_lib.base_config()
+  c.data.source = "digits"
+  # The digits are 8x8 natively: 16x16 keeps all their detail at a quarter of 32x32's cost.
+  c.data.options.size = 16
+  c.encoder.width = 0.25  # 16 base channels, 128-d features
+  c.pretrain.epochs = 20
+  c.pretrain.batch_size = 128
+  c.pretrain.memory_bank_size = 1024
+  # Crops down to 8% of a 16x16 digit keep too little of it to tell digits apart: measured kNN
+  # accuracy after 20 epochs 0.74 with 0.08, 0.87 with 0.4.
+  c.pretrain.min_scale = 0.4
+  c.pretrain.knn_every_epochs = 5
+  c.pretrain.checkpoint_every_steps = 50
+  c.pretrain.log_every_steps = 11
+  c.features.batch_size = 256
+  c.attribution.k = 128  # the smallest digit class has 130 training images
+  c.attribution.num_targets = 16
+  if arg == "quick":
+    c.data.options.size = 16
+    c.encoder.width = 0.125
+    c.pretrain.epochs = 1
+    c.pretrain.max_steps = 2
+    c.pretrain.batch_size = 64
+    c.pretrain.memory_bank_size = 256
+    c.pretrain.knn_every_epochs = 0
+    c.pretrain.checkpoint_every_steps = 1
+    c.pretrain.log_every_steps = 1
+    c.features.batch_size = 128
+    c.attribution.num_targets = 3
+    c.attribution.k = 32
+    c.viz.num_targets = 3
+    c.viz.top = 4
+  elif arg not in (None, ""):
+    raise ValueError(f"unknown variant {arg!r} of configs/digits.py (known: quick)")
+  return c

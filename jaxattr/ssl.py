@@ -1,0 +1,401 @@
+"""MoCo pretraining in JAX, the reference's CIFAR-10 recipe (REFERENCE.md section 4).
+
+Query encoder = lightly CIFAR ResNet backbone (SplitBatchNorm, 8 splits) + projection head
+Linear(512, 512) -> ReLU -> Linear(512, 128). Key encoder = an exponential moving average
+(m = 0.99) of the query encoder's parameters; like the reference it runs in training mode, so its
+BatchNorm uses batch statistics and keeps running statistics of its own. Loss = InfoNCE
+(temperature 0.1) of each query against its key and a FIFO memory bank of past keys, symmetric
+in the two views (the bank is updated after each half, as the reference's loss module does).
+Keys are computed on a shuffled batch and unshuffled ("batch shuffle"), so SplitBatchNorm groups
+of the key encoder differ from the query's. SGD (momentum 0.9, weight decay 5e-4 on all
+parameters), lr 0.06 per 128 examples, cosine decay per epoch.
+
+Everything of one step happens in one jitted pure function `train_step(state, images, key)`;
+images live on the device as uint8 and views are made inside jit (`jaxattr.augment`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+
+from jaxattr import augment, checkpoint, data as data_lib, utils
+from jaxattr.models import get_encoder
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """The `config.pretrain` section: the reference's MoCo recipe at batch 512 for 800 epochs."""
+  c = ml_collections.ConfigDict()
+  c.epochs = 800
+  c.batch_size = 512  # examples per step (must be divisible by encoder.num_splits)
+  c.base_lr = 0.06  # lr per 128 examples; the actual lr is base_lr * batch_size / 128
+  c.momentum = 0.9
+  c.weight_decay = 5e-4
+  c.ema_momentum = 0.99  # key encoder: k = m * k + (1 - m) * q
+  c.temperature = 0.1
+  c.memory_bank_size = 4096  # negatives (keys of past batches)
+  c.proj_hidden_dim = 512
+  c.proj_out_dim = 128
+  c.min_scale = 0.08  # RandomResizedCrop scale lower bound
+  c.knn_k = 200
+  c.knn_temperature = 0.1
+  c.knn_every_epochs = 50  # 0 = only at the end
+  c.checkpoint_every_steps = 500
+  c.log_every_steps = 50
+  c.max_steps = -1  # stop early after this many steps (debugging / tests); -1 = all
+  return c
+
+
+class ProjectionHead(nn.Module):
+  hidden_dim: int = 512
+  out_dim: int = 128
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = nn.relu(nn.Dense(self.hidden_dim, name="layers_0")(x))
+    return nn.Dense(self.out_dim, name="layers_2")(x)
+
+
+class MoCoNet(nn.Module):
+  """Backbone + projection head: images [B, H, W, 3] -> (projection [B, out], feature [B, D])."""
+
+  backbone: nn.Module
+  head: nn.Module
+
+  def __call__(self, x: jax.Array, train: bool = True) -> tuple[jax.Array, jax.Array]:
+    feature = self.backbone(x, train=train)["feature"]
+    return self.head(feature), feature
+
+
+@flax.struct.dataclass
+class MoCoState:
+  step: jax.Array
+  params: Any  # query encoder {'backbone', 'head'}
+  batch_stats: Any
+  ema_params: Any  # key encoder
+  ema_batch_stats: Any
+  opt_state: Any
+  bank: jax.Array  # [memory_bank_size, proj_out_dim], L2-normalised keys, oldest first out
+  bank_ptr: jax.Array  # int32 scalar: next slot to overwrite
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+
+def build_model(config: ml_collections.ConfigDict) -> MoCoNet:
+  backbone = get_encoder(config.encoder.name, **encoder_kwargs(config))
+  head = ProjectionHead(config.pretrain.proj_hidden_dim, config.pretrain.proj_out_dim)
+  return MoCoNet(backbone=backbone, head=head)
+
+
+def encoder_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  enc = config.encoder
+  return {"width": float(enc.width), "num_splits": int(enc.num_splits)}
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  return num_examples // batch_size  # drop_last, as the reference's loader
+
+
+def lr_schedule(config: ml_collections.ConfigDict, num_examples: int):
+  """Cosine over epochs, constant within an epoch (torch CosineAnnealingLR stepped per epoch)."""
+  p = config.pretrain
+  peak = p.base_lr * p.batch_size / 128
+  spe = steps_per_epoch(num_examples, p.batch_size)
+
+  def schedule(step):
+    epoch = jnp.floor_divide(step, spe)
+    return peak * 0.5 * (1 + jnp.cos(jnp.pi * epoch / p.epochs))
+
+  return schedule
+
+
+def make_optimizer(config: ml_collections.ConfigDict, num_examples: int):
+  p = config.pretrain
+  # torch SGD: g <- g + wd * p; buf <- m * buf + g; p <- p - lr * buf.
+  return optax.chain(optax.add_decayed_weights(p.weight_decay),
+                     optax.sgd(lr_schedule(config, num_examples), momentum=p.momentum))
+
+
+def init_state(config: ml_collections.ConfigDict, key: jax.Array, image_shape: tuple[int, ...],
+               num_examples: int) -> MoCoState:
+  """Fresh state: query and key encoders equal, a random normalised memory bank (as lightly)."""
+  model = build_model(config)
+  k_init, k_bank = jax.random.split(key)
+  dummy = jnp.zeros((config.encoder.num_splits,) + tuple(image_shape), jnp.float32)
+  variables = model.init(k_init, dummy, train=False)
+  params, batch_stats = variables["params"], variables.get("batch_stats", {})
+  tx = make_optimizer(config, num_examples)
+  p = config.pretrain
+  bank = jax.random.normal(k_bank, (p.memory_bank_size, p.proj_out_dim), jnp.float32)
+  bank = bank / jnp.linalg.norm(bank, axis=1, keepdims=True)
+  # Distinct buffers for the key encoder: the step donates the whole state.
+  copy = functools.partial(jax.tree_util.tree_map, jnp.copy)
+  return MoCoState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                   ema_params=copy(params), ema_batch_stats=copy(batch_stats), opt_state=tx.init(params),
+                   bank=bank, bank_ptr=jnp.zeros((), jnp.int32), tx=tx)
+
+
+def info_nce(query: jax.Array, key: jax.Array, bank: jax.Array, temperature: float) -> jax.Array:
+  """Mean InfoNCE of queries [B, D] vs their keys [B, D] and negatives bank [K, D].
+
+  Inputs need not be normalised (queries/keys are L2-normalised here, like lightly's NTXentLoss).
+  """
+  q = query / jnp.linalg.norm(query, axis=1, keepdims=True).clip(1e-12)
+  k = key / jnp.linalg.norm(key, axis=1, keepdims=True).clip(1e-12)
+  pos = jnp.sum(q * k, axis=1, keepdims=True)
+  neg = q @ bank.T
+  logits = jnp.concatenate([pos, neg], axis=1) / temperature
+  return jnp.mean(jax.nn.logsumexp(logits, axis=1) - logits[:, 0])
+
+
+def bank_enqueue(bank: jax.Array, ptr: jax.Array, keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """FIFO: writes the L2-normalised keys [B, D] at `ptr` (wrapping), returns (bank, new ptr)."""
+  size = bank.shape[0]
+  k = keys / jnp.linalg.norm(keys, axis=1, keepdims=True).clip(1e-12)
+  slots = (ptr + jnp.arange(k.shape[0])) % size
+  return bank.at[slots].set(k.astype(bank.dtype)), (ptr + k.shape[0]) % size
+
+
+def train_step(state: MoCoState, images: jax.Array, key: jax.Array, *, model: MoCoNet,
+               config: ml_collections.ConfigDict) -> tuple[MoCoState, dict[str, jax.Array]]:
+  """One MoCo step on a batch of uint8 images [B, H, W, 3]; `key` is this step's key."""
+  p = config.pretrain
+  k_v0, k_v1, k_s0, k_s1 = jax.random.split(key, 4)
+  out_size = images.shape[1]
+  x0 = augment.simclr_views(k_v0, images, out_size, min_scale=p.min_scale)
+  x1 = augment.simclr_views(k_v1, images, out_size, min_scale=p.min_scale)
+
+  # The reference updates the key encoder before computing keys.
+  m = p.ema_momentum
+  ema_params = jax.tree_util.tree_map(lambda e, q: m * e + (1 - m) * q, state.ema_params,
+                                      state.params)
+
+  def keys_of(x, ema_stats, k_shuffle):
+    perm = jax.random.permutation(k_shuffle, x.shape[0])
+    (proj, _), upd = model.apply({"params": ema_params, "batch_stats": ema_stats}, x[perm],
+                                 train=True, mutable=["batch_stats"])
+    unperm = jnp.zeros_like(perm).at[perm].set(jnp.arange(x.shape[0]))
+    return jax.lax.stop_gradient(proj[unperm]), upd["batch_stats"]
+
+  key1, ema_stats = keys_of(x1, state.ema_batch_stats, k_s0)
+  bank1 = state.bank
+  bank2, ptr2 = bank_enqueue(state.bank, state.bank_ptr, key1)
+  key0, ema_stats = keys_of(x0, ema_stats, k_s1)
+  bank3, ptr3 = bank_enqueue(bank2, ptr2, key0)
+
+  def loss_fn(params):
+    (q0, _), upd = model.apply({"params": params, "batch_stats": state.batch_stats}, x0,
+                               train=True, mutable=["batch_stats"])
+    (q1, _), upd = model.apply({"params": params, "batch_stats": upd["batch_stats"]}, x1,
+                               train=True, mutable=["batch_stats"])
+    loss = 0.5 * (info_nce(q0, key1, bank1, p.temperature)
+                  + info_nce(q1, key0, bank2, p.temperature))
+    return loss, upd["batch_stats"]
+
+  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                      ema_params=ema_params, ema_batch_stats=ema_stats, opt_state=opt_state,
+                      bank=bank3, bank_ptr=ptr3)
+  return new, {"loss": loss}
+
+
+def batch_indices(seed_key: jax.Array, step: jax.Array, num_examples: int,
+                  batch_size: int) -> jax.Array:
+  """Indices of step `step`'s batch: an epoch-wise permutation (drop_last), a pure function."""
+  spe = num_examples // batch_size
+  epoch, within = jnp.divmod(step, spe)
+  perm = jax.random.permutation(jax.random.fold_in(seed_key, epoch), num_examples)
+  return jax.lax.dynamic_slice_in_dim(perm, within * batch_size, batch_size)
+
+
+def make_train_fn(config: ml_collections.ConfigDict, model: MoCoNet, num_examples: int):
+  """jit of (state, all images on device, root key) -> (state, metrics) for one step."""
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def step_fn(state, all_images, root_key):
+    k_perm, k_step = jax.random.split(root_key)
+    idx = batch_indices(k_perm, state.step, num_examples, config.pretrain.batch_size)
+    batch = jnp.take(all_images, idx, axis=0)
+    return train_step(state, batch, jax.random.fold_in(k_step, state.step), model=model,
+                      config=config)
+
+  return step_fn
+
+
+# ----------------------------------------------------------------------------------------------
+# kNN monitor
+
+
+def knn_predict(train_feats: jax.Array, train_labels: jax.Array, test_feats: jax.Array,
+                num_classes: int, k: int = 200, temperature: float = 0.1) -> jax.Array:
+  """Weighted kNN (exp(sim / t) votes of the k most cosine-similar train features).
+
+  Args:
+    train_feats: [N, D]; train_labels: [N]; test_feats: [M, D].
+  Returns:
+    int32 [M] predicted classes.
+  """
+  tr = train_feats / jnp.linalg.norm(train_feats, axis=1, keepdims=True).clip(1e-12)
+  te = test_feats / jnp.linalg.norm(test_feats, axis=1, keepdims=True).clip(1e-12)
+  k = min(k, tr.shape[0])
+  sim, idx = jax.lax.top_k(te @ tr.T, k)
+  weights = jnp.exp(sim / temperature)
+  votes = jax.nn.one_hot(train_labels[idx], num_classes) * weights[..., None]
+  return jnp.argmax(votes.sum(1), axis=-1).astype(jnp.int32)
+
+
+def knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes, k=200,
+                 temperature=0.1, chunk: int = 1024) -> float:
+  preds = []
+  tf_, tl = jnp.asarray(train_feats), jnp.asarray(train_labels)
+  fn = jax.jit(functools.partial(knn_predict, num_classes=num_classes, k=k,
+                                 temperature=temperature))
+  for s in range(0, len(test_feats), chunk):
+    preds.append(np.asarray(fn(tf_, tl, jnp.asarray(test_feats[s:s + chunk]))))
+  return float(np.mean(np.concatenate(preds) == np.asarray(test_labels)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+
+
+def _state_dict(state: MoCoState) -> dict[str, Any]:
+  return flax.serialization.to_state_dict(state)
+
+
+def export_encoder(state: MoCoState, config: ml_collections.ConfigDict, path: str,
+                   extra_meta: dict[str, Any] | None = None) -> None:
+  """Writes the query backbone as a variables checkpoint that feature extraction loads."""
+  variables = {"params": state.params["backbone"],
+               "batch_stats": state.batch_stats.get("backbone", {})}
+  meta = {"encoder": config.encoder.name, "encoder_kwargs": encoder_kwargs(config),
+          "mean": list(augment.IMAGENET_MEAN), "std": list(augment.IMAGENET_STD),
+          "format": "jaxattr-moco", "step": int(state.step)}
+  meta.update(extra_meta or {})
+  checkpoint.save_variables(path, variables, meta, overwrite=True)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Pretrains MoCo on `config.data` train split; resumes from WORKDIR/pretrain/checkpoints.
+
+  Writes WORKDIR/pretrain/{checkpoints/, encoder/ (variables checkpoint), summary.json}.
+
+  Returns:
+    The summary dict (steps, final loss, kNN accuracy, images/s).
+  """
+  p = config.pretrain
+  if p.batch_size % config.encoder.num_splits:
+    raise ValueError(f"pretrain.batch_size={p.batch_size} must be divisible by "
+                     f"encoder.num_splits={config.encoder.num_splits}")
+  train = data_lib.load(config.data.source, "train", **dict(config.data.options))
+  test = data_lib.load(config.data.source, "test", **dict(config.data.options))
+  n = len(train)
+  if n < p.batch_size:
+    raise ValueError(f"pretrain.batch_size={p.batch_size} exceeds the {n} training images of "
+                     f"{config.data.source}")
+  spe = steps_per_epoch(n, p.batch_size)
+  total = spe * p.epochs if p.max_steps < 0 else min(spe * p.epochs, p.max_steps)
+  out_dir = os.path.join(workdir, "pretrain")
+  os.makedirs(out_dir, exist_ok=True)
+
+  model = build_model(config)
+  root = jax.random.key(config.seed)
+  k_init, k_train = jax.random.split(root)
+  state = init_state(config, k_init, train.images.shape[1:], n)
+  mngr = ocp.CheckpointManager(
+      os.path.abspath(os.path.join(out_dir, "checkpoints")),
+      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+  latest = mngr.latest_step()
+  if latest is not None:
+    restored = mngr.restore(latest, args=ocp.args.StandardRestore(_state_dict(state)))
+    state = flax.serialization.from_state_dict(state, restored)
+    logging.info("pretrain: resumed from step %d", latest)
+
+  images = jax.device_put(train.images)  # uint8, stays on device
+  step_fn = make_train_fn(config, model, n)
+  eval_fn = make_feature_fn(model)
+  meter = utils.Throughput("pretrain", total * p.batch_size, "images", every_s=1e9)
+  knn_history = []
+  loss = float("nan")
+  start_step = int(state.step)
+  t0 = time.perf_counter()
+  for step in range(start_step, total):
+    state, metrics = step_fn(state, images, k_train)
+    done = step + 1
+    meter.done = (done - start_step) * p.batch_size
+    if done % p.log_every_steps == 0 or done == total:
+      loss = float(metrics["loss"])
+      epoch = done / spe
+      lr = float(lr_schedule(config, n)(done - 1))
+      logging.info("pretrain: step %d/%d epoch %.2f loss %.4f lr %.4f | %s", done, total, epoch,
+                   loss, lr, meter.message())
+    if p.knn_every_epochs and done % (spe * p.knn_every_epochs) == 0 and done != total:
+      acc = _knn(eval_fn, state, train, test, config)
+      knn_history.append({"step": done, "knn_accuracy": acc})
+      logging.info("pretrain: step %d kNN accuracy %.4f", done, acc)
+    if done % p.checkpoint_every_steps == 0 or done == total:
+      mngr.save(done, args=ocp.args.StandardSave(_state_dict(state)))
+  mngr.wait_until_finished()
+  seconds = time.perf_counter() - t0
+  loss = float(metrics["loss"]) if total > start_step else loss
+  acc = _knn(eval_fn, state, train, test, config)
+  logging.info("pretrain: done at step %d, kNN accuracy %.4f", int(state.step), acc)
+  export_encoder(state, config, os.path.join(out_dir, "encoder"), {"knn_accuracy": acc})
+  summary = {"steps": int(state.step), "epochs": int(state.step) / spe, "final_loss": loss,
+             "knn_accuracy": acc, "knn_history": knn_history,
+             "images_per_s": (int(state.step) - start_step) * p.batch_size / max(seconds, 1e-9),
+             "seconds": seconds, "resumed_from": start_step, "config": config.to_dict(),
+             "provenance": utils.provenance()}
+  utils.save_json(os.path.join(out_dir, "summary.json"), summary)
+  mngr.close()
+  return summary
+
+
+def make_feature_fn(model: MoCoNet):
+  @jax.jit
+  def fn(params, batch_stats, images):
+    x = augment.normalize(images)
+    return model.backbone.apply({"params": params["backbone"],
+                                 "batch_stats": batch_stats["backbone"]}, x,
+                                train=False)["feature"]
+
+  return fn
+
+
+def _features(fn, state: MoCoState, images: np.ndarray, batch: int = 512) -> np.ndarray:
+  out = []
+  for s in range(0, len(images), batch):
+    chunk = images[s:s + batch]
+    pad = batch - len(chunk)
+    if pad:
+      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+    f = np.asarray(fn(state.params, state.batch_stats, chunk))
+    out.append(f[: batch - pad])
+  return np.concatenate(out)
+
+
+def _knn(fn, state, train, test, config) -> float:
+  tr = _features(fn, state, train.images)
+  te = _features(fn, state, test.images)
+  return knn_accuracy(tr, train.labels, te, test.labels, train.num_classes,
+                      k=config.pretrain.knn_k, temperature=config.pretrain.knn_temperature)
+
+
+def total_steps(config: ml_collections.ConfigDict, num_examples: int) -> int:
+  spe = steps_per_epoch(num_examples, config.pretrain.batch_size)
+  return spe * config.pretrain.epochs if config.pretrain.max_steps < 0 else min(
+      spe * config.pretrain.epochs, config.pretrain.max_steps)
+

@@ -1,0 +1,296 @@
+r"""Benchmark: jaxattr's ensemble trainer vs the PyTorch reference loop (ResNet-9 recipe).
+
+Modes:
+  speed (default): M models with jaxattr (each --formulations entry, plus M=1 for the
+    parallel-vs-alone check) and the same M models trained one after another by a PyTorch loop
+    with the same recipe (model, SGD, schedule, label smoothing, batch size, augmentation on
+    in-memory tensors). Prints per-model time per epoch, the ratio torch / jaxattr, FLOP/s and
+    MFU against --peak_tflops.
+  gpu: the accelerator check. --num_models models (default 32) trained at once at full width
+    for 24 epochs on the CIFAR-10 JPEG set; prints every model's test accuracy and the cost per
+    model in seconds, FLOP/s and MFU; optionally --torch_models reference runs for the ratio.
+
+CPU (this project's 2-core dev box; takes a few minutes):
+  python launch/benchmark_train.py --width=0.25 --train_examples=2048 --epochs=1 --num_models=4
+H200:
+  python launch/benchmark_train.py --mode=gpu --num_models=32 \
+    --data=folder:../shared/data/cifar10-jpeg.tar.gz
+
+Only jax, flax, numpy, absl and torch are needed (no ml_collections / tensorflow).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jaxattr import bench  # noqa: E402
+from jaxattr.counterfactual import ensemble  # noqa: E402
+from jaxattr.models.resnet9 import resnet9_train_flops  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("mode", "speed", ["speed", "gpu"], "What to measure (see the module doc).")
+flags.DEFINE_string("data", "synthetic", "'synthetic' (random uint8 images) or a jaxattr.data "
+                    "source such as folder:../shared/data/cifar10-jpeg.tar.gz.")
+flags.DEFINE_integer("train_examples", 0, "Use the first n training images (0 = all; "
+                     "synthetic: 0 means 50,000).")
+flags.DEFINE_integer("num_models", 0, "M models trained at once (0: 4 in speed mode, 32 in gpu).")
+flags.DEFINE_float("width", 0.0, "ResNet-9 width multiplier (0: 0.25 on CPU, 1 elsewhere).")
+flags.DEFINE_integer("epochs", 0, "Epochs (0: 1 in speed mode, 24 in gpu mode).")
+flags.DEFINE_integer("batch_size", 512, "Images per step.")
+flags.DEFINE_list("formulations", ["vmap", "map"], "jaxattr formulations to time.")
+flags.DEFINE_enum("compute_dtype", "auto", ["auto", "float32", "bfloat16"], "jaxattr compute.")
+flags.DEFINE_integer("torch_models", -1, "Reference models to train (-1: M in speed mode, 0 in "
+                     "gpu mode).")
+flags.DEFINE_float("peak_tflops", 0.0, "Backend peak for MFU (0: 790 on GPU = the project's "
+                   "H200 bf16 dense figure; on CPU a float32 matmul measured here).")
+flags.DEFINE_integer("repeats", 2, "Timed repeats (median) in speed mode.")
+flags.DEFINE_string("out", "bench_results/train.json", "JSON result path.")
+
+
+def load_data(source: str, limit: int):
+  """(train Dataset, test images, test labels); synthetic data when source == 'synthetic'."""
+  from jaxattr import data  # pylint: disable=g-import-not-at-top
+
+  if source == "synthetic":
+    rng = np.random.default_rng(0)
+    n = limit or 50_000
+    train = data.Dataset(images=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                         labels=rng.integers(0, 10, n).astype(np.int32),
+                         class_names=[str(i) for i in range(10)], index=np.arange(n),
+                         source="synthetic", split="train")
+    return train, train.images[:500], train.labels[:500]
+  train = data.load(source, "train")
+  if limit:
+    train = train.subset(np.arange(limit))
+  test = data.load(source, "test")
+  return train, test.images, test.labels
+
+
+# ---------------------------------------------------------------------------------------------
+# The PyTorch reference loop (FFCV's ResNet-9 recipe), data in memory.
+
+
+def torch_resnet9(width: float, num_classes: int = 10):
+  """The reference ResNet-9 as a torch.nn.Sequential (default torch init)."""
+  import torch.nn as tnn  # pylint: disable=g-import-not-at-top
+
+  def ch(c):
+    return max(1, int(round(c * width)))
+
+  def conv_bn(cin, cout, k=3, s=1, p=1):
+    return tnn.Sequential(tnn.Conv2d(cin, cout, k, s, p, bias=False), tnn.BatchNorm2d(cout),
+                          tnn.ReLU(inplace=True))
+
+  class Residual(tnn.Module):
+    def __init__(self, module):
+      super().__init__()
+      self.module = module
+
+    def forward(self, x):
+      return x + self.module(x)
+
+  class Mul(tnn.Module):
+    def __init__(self, weight):
+      super().__init__()
+      self.weight = weight
+
+    def forward(self, x):
+      return x * self.weight
+
+  return tnn.Sequential(
+      conv_bn(3, ch(64)), conv_bn(ch(64), ch(128), 5, 2, 2),
+      Residual(tnn.Sequential(conv_bn(ch(128), ch(128)), conv_bn(ch(128), ch(128)))),
+      conv_bn(ch(128), ch(256)), tnn.MaxPool2d(2),
+      Residual(tnn.Sequential(conv_bn(ch(256), ch(256)), conv_bn(ch(256), ch(256)))),
+      conv_bn(ch(256), ch(128), 3, 1, 0), tnn.AdaptiveMaxPool2d((1, 1)), tnn.Flatten(),
+      tnn.Linear(ch(128), num_classes, bias=False), Mul(0.2))
+
+
+def torch_train(images: np.ndarray, labels: np.ndarray, cfg, seed: int, device: str,
+                epochs: int):
+  """Trains one reference ResNet-9; returns the model. Images uint8 [N, H, W, 3]."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  torch.manual_seed(seed)
+  gen = torch.Generator(device=device).manual_seed(seed)
+  x_all = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).contiguous()  # uint8 NCHW
+  y_all = torch.from_numpy(labels.astype(np.int64)).to(device)
+  n = len(images)
+  bs = int(cfg.batch_size)
+  model = torch_resnet9(float(cfg.width)).to(device)
+  if device == "cuda":
+    model = model.to(memory_format=torch.channels_last)
+  opt = torch.optim.SGD(model.parameters(), lr=1.0, momentum=float(cfg.momentum),
+                        weight_decay=float(cfg.weight_decay))
+  ipe = n // bs
+  sched = np.interp(np.arange((epochs + 1) * ipe), [0, cfg.peak_epoch * ipe, cfg.epochs * ipe],
+                    [0, cfg.peak_lr, 0])
+  lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: sched[it])
+  loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=float(cfg.label_smoothing))
+  mean = torch.tensor(ensemble.CIFAR_MEAN, device=device).view(1, 3, 1, 1)
+  std = torch.tensor(ensemble.CIFAR_STD, device=device).view(1, 3, 1, 1)
+  ar = torch.arange(32, device=device)
+  amp = device == "cuda"
+  for _ in range(epochs):
+    perm = torch.randperm(n, generator=gen, device=device)
+    for s in range(n // bs):
+      idx = perm[s * bs:(s + 1) * bs]
+      x = x_all[idx].float()
+      # Flip, translate 2 with zero padding, Cutout 8 with the mean, normalise (per batch).
+      flip = torch.rand(bs, generator=gen, device=device) < 0.5
+      x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+      xp = torch.nn.functional.pad(x, (2, 2, 2, 2))
+      dy = torch.randint(0, 5, (bs,), generator=gen, device=device)
+      dx = torch.randint(0, 5, (bs,), generator=gen, device=device)
+      rows = (ar[None] + dy[:, None])[:, None, :, None]
+      cols = (ar[None] + dx[:, None])[:, None, None, :]
+      bidx = torch.arange(bs, device=device).view(-1, 1, 1, 1)
+      cidx = torch.arange(3, device=device).view(1, -1, 1, 1)
+      x = xp[bidx, cidx, rows, cols]
+      cy = torch.randint(0, 25, (bs, 1), generator=gen, device=device)
+      cx = torch.randint(0, 25, (bs, 1), generator=gen, device=device)
+      inside = (((ar[None] >= cy) & (ar[None] < cy + 8))[:, :, None]
+                & ((ar[None] >= cx) & (ar[None] < cx + 8))[:, None, :])
+      x = torch.where(inside[:, None], mean, x)
+      x = (x - mean) / std
+      if device == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+      with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=amp):
+        loss = loss_fn(model(x), y_all[idx])
+      opt.zero_grad(set_to_none=True)
+      loss.backward()
+      opt.step()
+      lr_sched.step()
+  if device == "cuda":
+    torch.cuda.synchronize()
+  return model
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def cpu_peak_tflops() -> float:
+  """A float32 matmul's achieved TFLOP/s on this CPU (the practical peak for the MFU)."""
+  a = jnp.ones((2048, 2048), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  t = bench.time_fn(lambda: f(a).block_until_ready(), repeats=5, warmup=2)
+  return 2 * 2048 ** 3 / t["min_s"] / 1e12
+
+
+def main(argv):
+  del argv
+  backend = jax.default_backend()
+  gpu_mode = FLAGS.mode == "gpu"
+  m = FLAGS.num_models or (32 if gpu_mode else 4)
+  width = FLAGS.width or (1.0 if backend != "cpu" else 0.25)
+  epochs = FLAGS.epochs or (24 if gpu_mode else 1)
+  torch_models = FLAGS.torch_models if FLAGS.torch_models >= 0 else (0 if gpu_mode else m)
+  if gpu_mode and FLAGS.data == "synthetic":
+    raise app.UsageError("--mode=gpu reports test accuracy: pass --data=folder:PATH/cifar10-jpeg"
+                         ".tar.gz")
+  train, test_images, test_labels = load_data(FLAGS.data, FLAGS.train_examples)
+  n = len(train)
+  cfg = ensemble.default_config()
+  cfg.width, cfg.epochs, cfg.batch_size = width, epochs, FLAGS.batch_size
+  cfg.compute_dtype = FLAGS.compute_dtype
+  cfg.models_per_wave = 0
+  cfg.log_every_s = 30.0
+  steps_per_epoch = n // FLAGS.batch_size
+  flops_per_model_epoch = steps_per_epoch * FLAGS.batch_size * resnet9_train_flops(width)
+  if FLAGS.peak_tflops:
+    peak = FLAGS.peak_tflops
+  elif backend == "gpu":
+    peak = 790.0
+  else:
+    peak = cpu_peak_tflops()
+  logging.info("peak for MFU: %.3f TFLOP/s", peak)
+
+  rows = []
+
+  def add_row(name, models, seconds, extra=None):
+    per = seconds / (models * epochs)
+    row = {"run": name, "models": models, "s_per_model_epoch": per,
+           "s_per_model": seconds / models,
+           "tflops": flops_per_model_epoch / per / 1e12,
+           "mfu_pct": 100 * flops_per_model_epoch / per / 1e12 / peak}
+    row.update(extra or {})
+    rows.append(row)
+    logging.info("%s", row)
+    return row
+
+  seeds = np.arange(m, dtype=np.int64)
+  eval_images = test_images if gpu_mode else test_images[:500]
+  eval_labels = test_labels if gpu_mode else test_labels[:500]
+  for form in FLAGS.formulations:
+    cfg.formulation = form
+    for models in ([m] if gpu_mode else sorted({1, m})):
+      keep = np.ones((models, n), bool)
+      labels = np.broadcast_to(train.labels, (models, n))
+
+      def run(models=models, keep=keep, labels=labels):
+        return ensemble.train_and_predict(cfg, train, eval_images, seeds[:models], keep, labels)
+
+      if gpu_mode:
+        t0 = time.perf_counter()
+        run()  # compiles; the second run is timed
+        compile_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        logits = run()
+        seconds = time.perf_counter() - t0
+        acc = (logits.argmax(-1) == eval_labels[None]).mean(1)
+        add_row(f"jaxattr {form}", models, seconds,
+                {"first_run_s": compile_s, "test_acc_mean": float(acc.mean()),
+                 "test_acc_min": float(acc.min()), "test_acc_max": float(acc.max())})
+      else:
+        t = bench.time_fn(run, repeats=FLAGS.repeats, warmup=1)
+        add_row(f"jaxattr {form}", models, t["median_s"],
+                {"min_s_per_model_epoch": t["min_s"] / (models * epochs)})
+
+  if torch_models:
+    import torch  # pylint: disable=g-import-not-at-top
+    device = "cuda" if torch.cuda.is_available() and backend == "gpu" else "cpu"
+    if device == "cpu":
+      torch.set_num_threads(os.cpu_count() or 1)
+    # Warm-up (allocator, kernels) on a few steps' worth of images.
+    torch_train(train.images[:2 * FLAGS.batch_size], train.labels[:2 * FLAGS.batch_size], cfg,
+                0, device, 1)
+    times = []
+    for _ in range(1 if gpu_mode else FLAGS.repeats):
+      t0 = time.perf_counter()
+      for i in range(torch_models):
+        model = torch_train(train.images, train.labels, cfg, i, device, epochs)
+      times.append(time.perf_counter() - t0)
+    add_row("torch loop", torch_models, float(np.median(times)))
+    del model
+    ref = rows[-1]["s_per_model_epoch"]
+    for row in rows[:-1]:
+      row["torch_over_jaxattr"] = ref / row["s_per_model_epoch"]
+
+  columns = ["run", "models", "s_per_model_epoch", "s_per_model", "tflops", "mfu_pct",
+             "torch_over_jaxattr"]
+  if gpu_mode:
+    columns += ["test_acc_mean", "test_acc_min", "test_acc_max", "first_run_s"]
+  print(f"backend {backend}, width {width}, {n} training images ({FLAGS.data}), epochs {epochs}, "
+        f"batch {FLAGS.batch_size}, compute {jnp.dtype(ensemble.compute_dtype(cfg)).name}, "
+        f"peak {peak:.3f} TFLOP/s, {resnet9_train_flops(width) / 1e9:.3f} GFLOP/image/step")
+  print(bench.format_table(rows, columns))
+  settings = {"mode": FLAGS.mode, "data": FLAGS.data, "train_examples": n, "num_models": m,
+              "width": width, "epochs": epochs, "batch_size": FLAGS.batch_size,
+              "compute_dtype": FLAGS.compute_dtype, "peak_tflops": peak,
+              "torch_models": torch_models, "formulations": FLAGS.formulations,
+              "trainer": dict(cfg.items()) if hasattr(cfg, "items") else str(cfg)}
+  bench.write_result(FLAGS.out, "train", rows, settings)
+  print(f"wrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+  app.run(main)

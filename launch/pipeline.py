@@ -1,0 +1,9 @@
+"""Runs the whole jaxattr job for a config: pretrain (or load) the encoder -> features -> attribution.
+
+  python launch/pipeline.py --config configs/digits.py --workdir workdir/digits
+"""
+
+from jaxattr import cli, pipeline
+
+if __name__ == "__main__":
+  cli.launch(pipeline.run, __doc__)

@@ -1,0 +1,9 @@
+"""Pretrains the MoCo encoder of a config (resumes from WORKDIR/pretrain/checkpoints).
+
+  python launch/pretrain.py --config configs/digits.py --workdir workdir/digits
+"""
+
+from jaxattr import cli, ssl
+
+if __name__ == "__main__":
+  cli.launch(ssl.run, __doc__)

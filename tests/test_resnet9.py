@@ -1,0 +1,114 @@
+"""ResNet-9 and CIFAR MobileNetV2: parameter counts, shapes, and a golden check against torch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxattr.models.layers import count_params
+from jaxattr.models.mobilenetv2 import MobileNetV2
+from jaxattr.models.resnet9 import ResNet9, resnet9_macs, resnet9_train_flops
+
+
+def _variables(model, size=32):
+  return jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
+
+
+def test_resnet9_parameter_count():
+  v = _variables(ResNet9())
+  # convs 1,728 + 204,800 + 4 x 147,456 (128->128 twice, 128->256 ... see REFERENCE.md) ...
+  convs = 3 * 64 * 9 + 64 * 128 * 25 + 2 * 128 * 128 * 9 + 128 * 256 * 9 + 2 * 256 * 256 * 9
+  convs += 256 * 128 * 9
+  bn = 2 * (64 + 128 + 128 + 128 + 256 + 256 + 256 + 128)
+  linear = 128 * 10
+  assert count_params(v["params"]) == convs + bn + linear == 2_274_880
+  # Running mean and var of the 8 BatchNorms.
+  assert count_params(v["batch_stats"]) == bn
+
+
+def test_resnet9_flops():
+  assert resnet9_macs() == 291_308_800  # ~0.29 GMAC forward, REFERENCE.md section 3
+  assert resnet9_train_flops() == pytest.approx(1.75e9, rel=0.01)
+
+
+def test_mobilenetv2_parameter_count_and_width():
+  assert count_params(_variables(MobileNetV2())["params"]) == 2_296_922
+  small = MobileNetV2(width=0.25, num_classes=7)
+  x = jnp.zeros((2, 32, 32, 3))
+  v = small.init(jax.random.key(0), x, train=False)
+  out, _ = small.apply(v, x, train=True, mutable=["batch_stats"])
+  assert out["logits"].shape == (2, 7) and out["feature"].shape == (2, 320)
+
+
+def test_resnet9_width_shapes_and_bf16():
+  model = ResNet9(width=0.125, num_classes=10, dtype=jnp.bfloat16)
+  x = jnp.zeros((3, 32, 32, 3))
+  v = model.init(jax.random.key(0), x, train=False)
+  assert v["params"]["conv1"]["conv"]["kernel"].dtype == jnp.float32  # params stay float32
+  out = model.apply(v, x, train=False)
+  assert out["logits"].shape == (3, 10) and out["logits"].dtype == jnp.float32
+  assert out["feature"].shape == (3, 16)
+
+
+@pytest.mark.torch
+def test_resnet9_matches_torch_reference():
+  """Same weights in the torch reference ResNet-9 give the same logits (eval and train mode)."""
+  torch = pytest.importorskip("torch")
+  tnn = torch.nn
+  width = 0.125
+
+  def ch(c):
+    return max(1, int(round(c * width)))
+
+  def conv_bn(cin, cout, k=3, s=1, p=1):
+    return tnn.Sequential(tnn.Conv2d(cin, cout, k, s, p, bias=False), tnn.BatchNorm2d(cout),
+                          tnn.ReLU())
+
+  class Residual(tnn.Module):
+    def __init__(self, module):
+      super().__init__()
+      self.module = module
+
+    def forward(self, x):
+      return x + self.module(x)
+
+  torch.manual_seed(0)
+  ref = tnn.Sequential(
+      conv_bn(3, ch(64)), conv_bn(ch(64), ch(128), 5, 2, 2),
+      Residual(tnn.Sequential(conv_bn(ch(128), ch(128)), conv_bn(ch(128), ch(128)))),
+      conv_bn(ch(128), ch(256)), tnn.MaxPool2d(2),
+      Residual(tnn.Sequential(conv_bn(ch(256), ch(256)), conv_bn(ch(256), ch(256)))),
+      conv_bn(ch(256), ch(128), 3, 1, 0), tnn.AdaptiveMaxPool2d((1, 1)), tnn.Flatten(),
+      tnn.Linear(ch(128), 10, bias=False))
+  convs = [m for m in ref.modules() if isinstance(m, tnn.Conv2d)]
+  bns = [m for m in ref.modules() if isinstance(m, tnn.BatchNorm2d)]
+  with torch.no_grad():
+    for bn in bns:  # non-trivial affine and running statistics
+      bn.weight.uniform_(0.5, 1.5)
+      bn.bias.uniform_(-0.2, 0.2)
+      bn.running_mean.uniform_(-0.1, 0.1)
+      bn.running_var.uniform_(0.5, 2.0)
+  names = ["conv1", "conv2", "res1a", "res1b", "conv3", "res2a", "res2b", "conv4"]
+  params = {"linear": {"kernel": jnp.asarray(ref[-1].weight.detach().numpy().T)}}
+  stats = {}
+  for name, c, bn in zip(names, convs, bns):
+    params[name] = {"conv": {"kernel": jnp.asarray(c.weight.detach().numpy().transpose(2, 3, 1, 0))},
+                    "bn": {"scale": jnp.asarray(bn.weight.detach().numpy()),
+                           "bias": jnp.asarray(bn.bias.detach().numpy())}}
+    stats[name] = {"bn": {"mean": jnp.asarray(bn.running_mean.numpy()),
+                          "var": jnp.asarray(bn.running_var.numpy())}}
+  model = ResNet9(width=width)
+  x = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
+  xt = torch.from_numpy(x.transpose(0, 3, 1, 2))
+  ref.eval()
+  want = ref(xt).detach().numpy() * 0.2
+  got = model.apply({"params": params, "batch_stats": stats}, jnp.asarray(x))["logits"]
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+  ref.train()
+  want = ref(xt).detach().numpy() * 0.2
+  got, new = model.apply({"params": params, "batch_stats": stats}, jnp.asarray(x), train=True,
+                         mutable=["batch_stats"])
+  np.testing.assert_allclose(np.asarray(got["logits"]), want, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(new["batch_stats"]["conv1"]["bn"]["var"]),
+                             bns[0].running_var.numpy(), rtol=1e-4)

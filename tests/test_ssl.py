@@ -1,0 +1,140 @@
+"""MoCo pieces against NumPy, augmentation properties, kNN, and checkpoint-resume equality."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxattr import augment, ssl
+
+
+def _np_info_nce(q, k, bank, t):
+  q = q / np.linalg.norm(q, axis=1, keepdims=True)
+  k = k / np.linalg.norm(k, axis=1, keepdims=True)
+  logits = np.concatenate([(q * k).sum(1, keepdims=True), q @ bank.T], axis=1) / t
+  logits = logits - logits.max(1, keepdims=True)
+  logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+  return -logp[:, 0].mean()
+
+
+def test_info_nce_against_numpy():
+  rng = np.random.default_rng(0)
+  q, k = rng.normal(size=(6, 5)), rng.normal(size=(6, 5))
+  bank = rng.normal(size=(9, 5))
+  bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+  got = float(ssl.info_nce(jnp.asarray(q), jnp.asarray(k), jnp.asarray(bank), 0.1))
+  np.testing.assert_allclose(got, _np_info_nce(q, k, bank, 0.1), rtol=1e-5)
+
+
+def test_memory_bank_is_fifo_and_wraps():
+  bank = jnp.zeros((5, 2))
+  ptr = jnp.int32(0)
+  ref = np.zeros((5, 2))
+  ref_ptr = 0
+  rng = np.random.default_rng(0)
+  for _ in range(4):
+    keys = rng.normal(size=(3, 2))
+    bank, ptr = ssl.bank_enqueue(bank, ptr, jnp.asarray(keys))
+    for row in keys / np.linalg.norm(keys, axis=1, keepdims=True):
+      ref[ref_ptr] = row
+      ref_ptr = (ref_ptr + 1) % 5
+    np.testing.assert_allclose(np.asarray(bank), ref, rtol=1e-6)
+    assert int(ptr) == ref_ptr
+
+
+def test_views_in_range_deterministic_and_varied():
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.integers(0, 256, (16, 12, 12, 3), dtype=np.uint8))
+  f = jax.jit(augment.simclr_views)
+  a = np.asarray(f(jax.random.key(3), images))
+  b = np.asarray(f(jax.random.key(3), images))
+  c = np.asarray(f(jax.random.key(4), images))
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, c)
+  assert a.shape == (16, 12, 12, 3) and np.isfinite(a).all()
+  lo = (0 - np.array(augment.IMAGENET_MEAN)) / np.array(augment.IMAGENET_STD)
+  hi = (1 - np.array(augment.IMAGENET_MEAN)) / np.array(augment.IMAGENET_STD)
+  assert (a >= lo - 1e-5).all() and (a <= hi + 1e-5).all()
+
+
+def test_crop_of_full_image_is_identity():
+  """Bilinear resampling of the whole image at the same size reproduces it exactly."""
+  rng = np.random.default_rng(0)
+  img = rng.random((7, 9, 3)).astype(np.float32)
+  wy = augment._interp_matrix(jnp.float32(0), jnp.float32(7), 7, 7)
+  wx = augment._interp_matrix(jnp.float32(0), jnp.float32(9), 9, 9)
+  out = np.asarray(jnp.einsum("oh,hwc,pw->opc", wy, img, wx))
+  np.testing.assert_allclose(out, img, atol=1e-6)
+
+
+def test_hsv_roundtrip_and_zero_hue_jitter_is_identity():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.random((5, 5, 3)), jnp.float32)
+  np.testing.assert_allclose(np.asarray(augment._hsv_to_rgb(augment._rgb_to_hsv(x))),
+                             np.asarray(x), atol=1e-5)
+  y = augment.color_jitter(jax.random.key(0), x, 0.0, 0.0, 0.0, 0.0)
+  np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5)
+
+
+def test_crop_params_within_bounds():
+  keys = jax.random.split(jax.random.key(0), 200)
+  p = np.asarray(jax.vmap(lambda k: augment._sample_crop(k, 20, 30))(keys))
+  top, left, h, w = p.T
+  assert (h >= 1).all() and (w >= 1).all() and (top + h <= 20).all() and (left + w <= 30).all()
+  area = h * w / 600
+  assert area.min() >= 0.07 and area.max() <= 1.0 and area.std() > 0.1
+
+
+def test_knn_predict_simple():
+  train = jnp.asarray([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+  labels = jnp.asarray([0, 0, 1, 1])
+  test = jnp.asarray([[1.0, 0.05], [0.05, 1.0]])
+  pred = ssl.knn_predict(train, labels, test, num_classes=2, k=3, temperature=0.1)
+  np.testing.assert_array_equal(np.asarray(pred), [0, 1])
+
+
+def _tiny_config():
+  import sys, os  # pylint: disable=import-outside-toplevel,multiple-imports
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
+  import digits  # pylint: disable=import-outside-toplevel
+  c = digits.get_config("quick")
+  c.data.options.limit_per_class = 8
+  c.pretrain.batch_size = 16
+  c.encoder.width = 0.0625
+  c.encoder.num_splits = 2
+  c.pretrain.memory_bank_size = 32
+  c.pretrain.max_steps = 4
+  c.pretrain.epochs = 2
+  c.pretrain.checkpoint_every_steps = 2
+  c.pretrain.knn_k = 5
+  return c
+
+
+def _read_state(workdir):
+  from jaxattr import checkpoint  # pylint: disable=import-outside-toplevel
+  v, meta = checkpoint.load_variables(f"{workdir}/pretrain/encoder")
+  return v, meta
+
+
+def test_resume_after_kill_equals_uninterrupted(tmp_path):
+  c = _tiny_config()
+  full = ssl.run(c, str(tmp_path / "a"))
+  assert full["steps"] == 4 and np.isfinite(full["final_loss"])
+  # "Killed" after step 2: run to 2 steps, then resume to 4 in the same workdir.
+  c2 = _tiny_config()
+  c2.pretrain.max_steps = 2
+  ssl.run(c2, str(tmp_path / "b"))
+  resumed = ssl.run(_tiny_config(), str(tmp_path / "b"))
+  assert resumed["resumed_from"] == 2 and resumed["steps"] == 4
+  va, _ = _read_state(tmp_path / "a")
+  vb, meta = _read_state(tmp_path / "b")
+  assert meta["step"] == 4
+  jax.tree_util.tree_map(np.testing.assert_array_equal, va, vb)
+  assert full["final_loss"] == resumed["final_loss"]
+
+
+def test_batch_size_must_divide_splits(tmp_path):
+  c = _tiny_config()
+  c.pretrain.batch_size = 15
+  with pytest.raises(ValueError, match="divisible by encoder.num_splits"):
+    ssl.run(c, str(tmp_path))
