@@ -151,6 +151,18 @@ def initial_weights(targets: jax.Array, prob: Problem) -> jax.Array:
   return a_b - k * p * tb / (1.0 + k * tp)
 
 
+def _spd_solve(m: jax.Array, b: jax.Array) -> jax.Array:
+  """m^-1 b for SPD m [B, r, r] and b [B, r], by Cholesky.
+
+  The two triangular solves take b as a row ([B, 1, r], right-hand side): XLA:CPU runs that
+  form about 1.5x faster than the column form jax.scipy.linalg.cho_solve uses.
+  """
+  chol = jax.lax.linalg.cholesky(m, symmetrize_input=False)
+  y = jax.lax.linalg.triangular_solve(chol, b[:, None, :], left_side=False, lower=True,
+                                      transpose_a=True)  # y^T = b^T L^-T, i.e. L y = b
+  return jax.lax.linalg.triangular_solve(chol, y, left_side=False, lower=True)[:, 0]  # L^T c = y
+
+
 def _rowdot(a, b):
   return jnp.sum(a * b, -1)
 
@@ -252,8 +264,7 @@ def newton_step(t: jax.Array, w: jax.Array, prob: Problem, num_rows: int, line_s
     rows_p = rows - (gamma[:, None] * jnp.einsum("brd,bd->br", rows, t))[..., None] * t[:, None]
     m = eye + 2.0 * c_neg * jnp.einsum("brd,bsd->brs", rows_p, rows_p)
     rhs = jnp.einsum("brd,bd->br", rows_p, gh)
-    coef = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(m, lower=True),
-                                      rhs[..., None])[..., 0]
+    coef = _spd_solve(m, rhs)
     s = -_half_precondition(gh - 2.0 * c_neg * jnp.einsum("br,brd->bd", coef, rows_p), t,
                             gamma)
   else:
@@ -268,8 +279,7 @@ def newton_step(t: jax.Array, w: jax.Array, prob: Problem, num_rows: int, line_s
               - ((2.0 * gamma - gamma * gamma * tt)[:, None, None]
                  * (bt[:, :, None] * bt[:, None, :])))  # B P^-1 B^T
     m = eye + 2.0 * c_neg * gram_p
-    coef = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(m, lower=True),
-                                      bh[..., None])[..., 0]
+    coef = _spd_solve(m, bh)
     scattered = jnp.zeros_like(v).at[jnp.arange(b)[:, None], idx].add(coef * mask)
     btc = scattered @ x  # B^T coef
     s = -_half_precondition(gh - 2.0 * c_neg * _half_precondition(btc, t, gamma), t, gamma)
@@ -396,12 +406,16 @@ class Solver:
   """
 
   def __init__(self, C: float = 0.1, tol: float = 1e-5, max_iter: int = 50,
-               max_rows: int = 224, line_steps: int = 12, min_batch: int = 8,
-               mesh: jax.sharding.Mesh | None = None, shared_gram_max: int = 8192):
+               max_rows: int = 224, approx_rows: int = 128, line_steps: int = 12,
+               min_batch: int = 8, mesh: jax.sharding.Mesh | None = None,
+               shared_gram_max: int = 8192):
     """See `solve` for C, tol, max_iter, line_steps, shared_gram_max.
 
     Args:
       max_rows: the largest active-set size; beyond it steps are approximate (still convergent).
+      approx_rows: active-set size of the approximate steps of targets with more than
+        `max_rows` violators (the first steps, while the active set is far from the optimum's):
+        a bigger one barely improves those steps but costs cubically more.
       min_batch: smallest padded batch of a step.
       mesh: optional 1-axis mesh; batches are sharded over its axis (padded to a multiple of
         its size). None: the default device.
@@ -409,6 +423,7 @@ class Solver:
     self.C, self.tol, self.max_iter = float(C), float(tol), int(max_iter)
     self.line_steps = int(line_steps)
     self.rows = tuple(r for r in ROW_BUCKETS if r < max_rows) + (int(max_rows),)
+    self.approx_rows = _bucket(min(int(approx_rows), int(max_rows)), self.rows)
     self.mesh = mesh
     self.num_devices = 1 if mesh is None else mesh.size
     self.min_batch = -(-int(min_batch) // self.num_devices) * self.num_devices
@@ -480,7 +495,8 @@ class Solver:
         break
       # A little headroom: the count comes from incrementally updated decision values, which
       # may differ from the recomputed ones right at the margin.
-      sizes = np.array([_bucket(int(c) + 8, self.rows) for c in count[active]])
+      sizes = np.array([_bucket(int(c) + 8, self.rows) if c + 8 <= self.rows[-1]
+                        else self.approx_rows for c in count[active]])
       for r in np.unique(sizes):
         sel = active[sizes == r]
         pad = self._padded(sel)
