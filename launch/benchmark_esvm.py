@@ -52,7 +52,7 @@ _N_DUAL = flags.DEFINE_integer("num_targets_dual", 3, "Targets fitted by sklearn
 _N_JAX = flags.DEFINE_integer("num_targets_jax", 1000, "Targets solved by jaxattr (compare).")
 _CHUNK = flags.DEFINE_integer("chunk_size", 256, "jaxattr targets per step.")
 _TOL = flags.DEFINE_float("tol", 1e-5, "jaxattr tolerance (decision-value units).")
-_NUM_ROWS = flags.DEFINE_integer("num_rows", 128, "jaxattr exact-Newton violator rows.")
+_NUM_ROWS = flags.DEFINE_integer("num_rows", 224, "jaxattr: largest exact-Newton active set.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats of the jaxattr compare run.")
 _BATCH = flags.DEFINE_integer("extract_batch", 250, "Images per feature-extraction step.")
 _OUT = flags.DEFINE_string("out", "bench_results/esvm.json", "Result JSON.")
@@ -144,6 +144,7 @@ def compare(train, test) -> tuple[list[dict], dict]:
                           num_rows=_NUM_ROWS.value, chunk_size=_CHUNK.value)
 
   t_jax = bench.time_fn(run_jax, repeats=_REPEATS.value, warmup=1)
+  load_jax = os.getloadavg()[0]
   res = run_jax()
   # Full decision values of the sklearn targets, for the comparison (not timed).
   ours, stats = attribute.esvm_scores(targets[:n_sk], cand, tol=_TOL.value,
@@ -163,7 +164,9 @@ def compare(train, test) -> tuple[list[dict], dict]:
 
   # Interleave so the machine's load hits all sides alike: sklearn primal now, dual after.
   sk_times, sk_values = run_sklearn(n_sk, "auto")
+  load_sk = os.getloadavg()[0]
   dual_times, dual_values = run_sklearn(n_dual, True)
+  load_dual = os.getloadavg()[0]
 
   def agreement(ref: np.ndarray) -> dict:
     m = len(ref)
@@ -193,11 +196,13 @@ def compare(train, test) -> tuple[list[dict], dict]:
   rows = [
       {"solver": "jaxattr ESVM (topk, k=1280)", "targets": n_jax, "targets/s": rate_jax,
        "s/target": 1.0 / rate_jax, "vs primal": rate_jax / rate_sk,
-       "vs dual": rate_jax / rate_dual},
+       "vs dual": rate_jax / rate_dual, "load1": load_jax},
       {"solver": "sklearn LinearSVC primal", "targets": n_sk, "targets/s": rate_sk,
-       "s/target": 1.0 / rate_sk, "vs primal": 1.0, "vs dual": rate_sk / rate_dual},
+       "s/target": 1.0 / rate_sk, "vs primal": 1.0, "vs dual": rate_sk / rate_dual,
+       "load1": load_sk},
       {"solver": "sklearn LinearSVC dual=True", "targets": n_dual, "targets/s": rate_dual,
-       "s/target": 1.0 / rate_dual, "vs primal": rate_dual / rate_sk, "vs dual": 1.0},
+       "s/target": 1.0 / rate_dual, "vs primal": rate_dual / rate_sk, "vs dual": 1.0,
+       "load1": load_dual},
   ]
   agree = {"vs_primal": agreement(sk_values), "vs_dual": agreement(dual_values),
            "jax_timing": t_jax, "sklearn_primal_s": sk_times.tolist(),
@@ -222,7 +227,8 @@ def all_targets(train, test) -> tuple[list[dict], dict]:
   seconds = time.perf_counter() - t0
   n = len(res.targets)
   rows = [{"solver": f"jaxattr ESVM, all {n} test targets (k=1280)", "targets": n,
-           "targets/s": n / seconds, "s/target": seconds / n, "seconds": seconds}]
+           "targets/s": n / seconds, "s/target": seconds / n, "seconds": seconds,
+           "load1": os.getloadavg()[0]}]
   return rows, {"all_seconds": seconds, "all_nonconverged": int(len(res.nonconverged)),
                 "all_iterations_mean": float(res.stats["iterations"].mean()),
                 "all_iterations_max": int(res.stats["iterations"].max()),
@@ -248,7 +254,9 @@ def main(argv):
     rows += r
     extra.update(e)
   print(bench.format_table(rows, ["solver", "targets", "targets/s", "s/target", "vs primal",
-                                  "vs dual", "seconds"]))
+                                  "vs dual", "seconds", "load1"]))
+  print("load1: 1-minute load average of this 2-core machine right after each measurement "
+        "(other processes compete for the cores while it is above ~2).")
   for key in ("vs_primal", "vs_dual"):
     if key in extra:
       print(key, {k: round(v, 8) for k, v in extra[key].items()})

@@ -57,7 +57,7 @@ def default_config():
   c.C = 0.1  # sklearn LinearSVC C (the reference's value)
   c.tol = 1e-5  # ESVM convergence: largest remaining Newton step, in decision-value units
   c.max_iter = 50  # ESVM Newton iterations per target
-  c.num_rows = 128  # ESVM: margin violators handled by the exact Newton step
+  c.num_rows = 224  # ESVM: most margin violators handled by the exact Newton step
   c.chunk_size = 256  # targets per jitted step (bounds device memory; padded to the devices)
   c.allow_nonconverged = False  # False: finish, write everything, then raise if any failed
   return c
@@ -153,32 +153,37 @@ def validate(train_features: np.ndarray, train_labels: np.ndarray, test_features
 # one chunk
 
 
-def _score_fn(method: str, C: float, tol: float, max_iter: int, num_rows: int, k: int):
-  """(targets [T, d], candidates [n, d], valid [n]) -> (positions, scores, stats), per device."""
+def _ranked_topk(scores, ranked, valid, k):
+  ranked = jnp.where(valid[None, :], ranked, -jnp.inf)
+  _, pos = jax.lax.top_k(ranked, k)
+  return pos, jnp.take_along_axis(scores, pos, axis=1)
+
+
+def _score_fn(method: str, k: int):
+  """(targets [T, d], candidates [n, d], valid [n]) -> (positions, scores), per device."""
 
   def fn(targets, candidates, valid):
-    if method == "esvm":
-      _, scores, st = esvm.solve(targets, candidates, C, valid=valid, tol=tol,
-                                 max_iter=max_iter, num_rows=num_rows)
-      stats = st._asdict()
-      ranked = scores
-    elif method == "l2":
+    if method == "l2":
       # Squared distance by expansion keeps the work a matrix product; ties are broken by
       # position (top_k is stable) exactly as for the other scores.
       sq = (jnp.sum(targets * targets, -1)[:, None] - 2.0 * targets @ candidates.T
             + jnp.sum(candidates * candidates, -1)[None, :])
-      scores = jnp.sqrt(jnp.maximum(sq, 0.0))
-      ranked = -sq
-      stats = {}
-    else:
-      tn = targets / jnp.maximum(jnp.linalg.norm(targets, axis=-1, keepdims=True), 1e-12)
-      cn = candidates / jnp.maximum(jnp.linalg.norm(candidates, axis=-1, keepdims=True), 1e-12)
-      scores = tn @ cn.T
-      ranked = scores
-      stats = {}
-    ranked = jnp.where(valid[None, :], ranked, -jnp.inf)
-    _, pos = jax.lax.top_k(ranked, k)
-    return pos, jnp.take_along_axis(scores, pos, axis=1), stats
+      return _ranked_topk(jnp.sqrt(jnp.maximum(sq, 0.0)), -sq, valid, k)
+    tn = targets / jnp.maximum(jnp.linalg.norm(targets, axis=-1, keepdims=True), 1e-12)
+    cn = candidates / jnp.maximum(jnp.linalg.norm(candidates, axis=-1, keepdims=True), 1e-12)
+    scores = tn @ cn.T
+    return _ranked_topk(scores, scores, valid, k)
+
+  return fn
+
+
+def _esvm_finish_fn(tol: float, k: int):
+  """(targets, weights, iterations, step, problem) -> (positions, scores, stats), per device."""
+
+  def fn(targets, w, iterations, step, prob):
+    scores, st = esvm.finish(targets, w, prob, iterations, step, tol)
+    pos, top = _ranked_topk(scores, scores, prob.valid, k)
+    return pos, top, st._asdict()
 
   return fn
 
@@ -186,14 +191,30 @@ def _score_fn(method: str, C: float, tol: float, max_iter: int, num_rows: int, k
 @functools.lru_cache(maxsize=16)
 def _sharded_fn(method: str, C: float, tol: float, max_iter: int, num_rows: int, k: int,
                 mesh: Mesh):
-  # Cached so that repeated `topk` calls with the same settings reuse the compiled program.
-  fn = _score_fn(method, C, tol, max_iter, num_rows, k)
-  return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(TARGET_AXIS), P(), P()),
-                               out_specs=P(TARGET_AXIS), check_vma=False))
+  # Cached so that repeated `topk` calls with the same settings reuse the compiled programs.
+  if method == "esvm":
+    if mesh.size > 1:
+      # KNOWN LIMITATION: the batched Newton step hangs when sharded over several XLA:CPU
+      # devices (seen with 2 and 4 fake devices; cause not found yet), so ESVM chunks run on
+      # the mesh's first device only.
+      solver = esvm.Solver(C, tol, max_iter, max_rows=num_rows)
+      return solver, jax.jit(_esvm_finish_fn(tol, k))
+    solver = esvm.Solver(C, tol, max_iter, max_rows=num_rows, mesh=mesh)
+    finish = jax.jit(jax.shard_map(_esvm_finish_fn(tol, k), mesh=mesh,
+                                   in_specs=(P(TARGET_AXIS),) * 4 + (P(),),
+                                   out_specs=P(TARGET_AXIS), check_vma=False))
+    return solver, finish
+  fn = _score_fn(method, k)
+  return None, jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(TARGET_AXIS), P(), P()),
+                                     out_specs=P(TARGET_AXIS), check_vma=False))
 
 
 class _ChunkRunner:
-  """Compiles (once per candidate bucket) and runs one chunk sharded over the targets axis."""
+  """Compiles (once per candidate bucket) and runs one chunk sharded over the targets axis.
+
+  ESVM chunks are solved by `esvm.Solver` (host-driven Newton steps, converged targets dropped
+  between steps), then ranked by one compiled top-k program; l2/cosine by one program.
+  """
 
   def __init__(self, method: str, C: float, tol: float, max_iter: int, num_rows: int, k: int,
                devices: Sequence[jax.Device] | None = None):
@@ -202,22 +223,33 @@ class _ChunkRunner:
     self.num_devices = len(devices)
     self.targets_sharding = NamedSharding(self.mesh, P(TARGET_AXIS))
     self.replicated = NamedSharding(self.mesh, P())
-    self.fn = _sharded_fn(method, float(C), float(tol), int(max_iter), int(num_rows), int(k),
-                          self.mesh)
+    self.solver, self.fn = _sharded_fn(method, float(C), float(tol), int(max_iter),
+                                       int(num_rows), int(k), self.mesh)
 
-  def put_candidates(self, candidates: np.ndarray) -> tuple[jax.Array, jax.Array]:
+  def put_candidates(self, candidates: np.ndarray):
+    """Pads and places a candidate set: (x, valid) or, for ESVM, the solver's problem."""
     n = len(candidates)
     padded = -(-n // CANDIDATE_BUCKET) * CANDIDATE_BUCKET
     x = np.zeros((padded, candidates.shape[1]), np.float32)
     x[:n] = candidates
     valid = np.zeros((padded,), bool)
     valid[:n] = True
+    if self.solver is not None:
+      where = self.replicated if self.num_devices == 1 else self.mesh.devices.flat[0]
+      return (self.solver.prepare(jax.device_put(x, where), jax.device_put(valid, where)),)
     return jax.device_put(x, self.replicated), jax.device_put(valid, self.replicated)
 
-  def __call__(self, targets: np.ndarray, candidates: jax.Array, valid: jax.Array):
-    t = jax.device_put(targets.astype(np.float32), self.targets_sharding)
-    pos, scores, stats = self.fn(t, candidates, valid)
-    return jax.device_get((pos, scores, stats))
+  def __call__(self, targets: np.ndarray, candidates):
+    targets = targets.astype(np.float32)
+    if self.solver is None:
+      t = jax.device_put(targets, self.targets_sharding)
+      pos, scores = self.fn(t, *candidates)
+      return jax.device_get((pos, scores, {}))
+    (prob,) = candidates
+    w, it, step = self.solver(targets, prob)
+    where = self.targets_sharding if self.num_devices == 1 else self.mesh.devices.flat[0]
+    put = lambda a: jax.device_put(a, where)
+    return jax.device_get(self.fn(put(targets), put(w), put(it), put(step), prob))
 
 
 # ------------------------------------------------------------------------------------------
@@ -240,7 +272,7 @@ def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np
          test_labels: np.ndarray, *, method: str = "esvm", k: int = 1280,
          same_class: bool = True, targets: Sequence[int] | np.ndarray | None = None,
          train_index: np.ndarray | None = None, C: float = 0.1, tol: float = 1e-5,
-         max_iter: int = 50, num_rows: int = 128, chunk_size: int = 256,
+         max_iter: int = 50, num_rows: int = 224, chunk_size: int = 256,
          devices: Sequence[jax.Device] | None = None, chunk_dir: str | None = None,
          log_every_s: float = 10.0) -> TopK:
   """Ranks training examples for each target and keeps the best k.
@@ -256,7 +288,7 @@ def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np
     targets: test positions to attribute (default: all).
     train_index: int64 [n_train] canonical train indices returned in `indices` (default:
       positions).
-    C, tol, max_iter, num_rows: ESVM solver options (see `esvm.solve`).
+    C, tol, max_iter, num_rows: ESVM solver options (see `esvm.Solver`; num_rows = max_rows).
     chunk_size: targets per step; rounded up to a multiple of the device count.
     devices: devices of the targets mesh (default: all).
     chunk_dir: if set, each finished chunk is saved there and reused by a rerun with the same
@@ -306,7 +338,7 @@ def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np
       if c != current_class or cand is None:
         cand_pos = np.flatnonzero(train_labels == c) if same_class else np.arange(
             len(train_features))
-        cand = (cand_pos, *runner.put_candidates(train_features[cand_pos]))
+        cand = (cand_pos, runner.put_candidates(train_features[cand_pos]))
         current_class = c
       start = time.perf_counter()
       rows = np.zeros((chunk_size, test_features.shape[1]), np.float32)
@@ -314,7 +346,7 @@ def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np
       # Padding rows repeat the first target: a real, well-posed problem (no special cases in
       # the solver) whose result is dropped.
       rows[len(members):] = rows[0]
-      pos, sc, st = runner(rows, cand[1], cand[2])
+      pos, sc, st = runner(rows, cand[1])
       m = len(members)
       part = {"indices": train_index[cand[0][pos[:m]]], "scores": sc[:m].astype(np.float32)}
       part.update({f"stat_{name}": np.asarray(v)[:m] for name, v in st.items()})
