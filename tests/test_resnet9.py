@@ -8,6 +8,7 @@ import pytest
 from jaxattr.models.layers import count_params
 from jaxattr.models.mobilenetv2 import MobileNetV2
 from jaxattr.models.resnet9 import ResNet9, resnet9_macs, resnet9_train_flops
+from jaxattr.torch_reference import torch_resnet9
 
 
 def _variables(model, size=32):
@@ -57,30 +58,8 @@ def test_resnet9_matches_torch_reference():
   torch = pytest.importorskip("torch")
   tnn = torch.nn
   width = 0.125
-
-  def ch(c):
-    return max(1, int(round(c * width)))
-
-  def conv_bn(cin, cout, k=3, s=1, p=1):
-    return tnn.Sequential(tnn.Conv2d(cin, cout, k, s, p, bias=False), tnn.BatchNorm2d(cout),
-                          tnn.ReLU())
-
-  class Residual(tnn.Module):
-    def __init__(self, module):
-      super().__init__()
-      self.module = module
-
-    def forward(self, x):
-      return x + self.module(x)
-
   torch.manual_seed(0)
-  ref = tnn.Sequential(
-      conv_bn(3, ch(64)), conv_bn(ch(64), ch(128), 5, 2, 2),
-      Residual(tnn.Sequential(conv_bn(ch(128), ch(128)), conv_bn(ch(128), ch(128)))),
-      conv_bn(ch(128), ch(256)), tnn.MaxPool2d(2),
-      Residual(tnn.Sequential(conv_bn(ch(256), ch(256)), conv_bn(ch(256), ch(256)))),
-      conv_bn(ch(256), ch(128), 3, 1, 0), tnn.AdaptiveMaxPool2d((1, 1)), tnn.Flatten(),
-      tnn.Linear(ch(128), 10, bias=False))
+  ref = torch_resnet9(width)  # the same module the training benchmark times
   convs = [m for m in ref.modules() if isinstance(m, tnn.Conv2d)]
   bns = [m for m in ref.modules() if isinstance(m, tnn.BatchNorm2d)]
   with torch.no_grad():
@@ -90,7 +69,7 @@ def test_resnet9_matches_torch_reference():
       bn.running_mean.uniform_(-0.1, 0.1)
       bn.running_var.uniform_(0.5, 2.0)
   names = ["conv1", "conv2", "res1a", "res1b", "conv3", "res2a", "res2b", "conv4"]
-  params = {"linear": {"kernel": jnp.asarray(ref[-1].weight.detach().numpy().T)}}
+  params = {"linear": {"kernel": jnp.asarray(ref[-2].weight.detach().numpy().T)}}
   stats = {}
   for name, c, bn in zip(names, convs, bns):
     kernel = jnp.asarray(c.weight.detach().numpy().transpose(2, 3, 1, 0))
@@ -103,11 +82,11 @@ def test_resnet9_matches_torch_reference():
   x = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
   xt = torch.from_numpy(x.transpose(0, 3, 1, 2))
   ref.eval()
-  want = ref(xt).detach().numpy() * 0.2
+  want = ref(xt).detach().numpy()  # includes the 0.2 output scale
   got = model.apply({"params": params, "batch_stats": stats}, jnp.asarray(x))["logits"]
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
   ref.train()
-  want = ref(xt).detach().numpy() * 0.2
+  want = ref(xt).detach().numpy()  # includes the 0.2 output scale
   got, new = model.apply({"params": params, "batch_stats": stats}, jnp.asarray(x), train=True,
                          mutable=["batch_stats"])
   np.testing.assert_allclose(np.asarray(got["logits"]), want, rtol=1e-4, atol=1e-5)
