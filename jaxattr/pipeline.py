@@ -105,8 +105,35 @@ def support(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return search.run(config, workdir, train=train, test=test)
 
 
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks settings that later stages need against the data, before any long work starts."""
+  train = data_lib.load(config.data.source, "train", **dict(config.data.options))
+  n = len(train)
+  a = config.attribution
+  unknown = [m for m in a.methods if m not in attribute.METHODS]
+  if unknown:
+    raise ValueError(f"attribution.methods: unknown {unknown}; known: {list(attribute.METHODS)}")
+  smallest = int(np.bincount(train.labels).min()) if a.same_class else n
+  if a.k > smallest:
+    raise ValueError(f"attribution.k={a.k} exceeds the {smallest} training images of the "
+                     f"smallest class of {config.data.source}; lower attribution.k")
+  if not config.encoder.checkpoint:
+    p = config.pretrain
+    if p.batch_size % config.encoder.num_splits or p.batch_size > n:
+      raise ValueError(f"pretrain.batch_size={p.batch_size} must divide by encoder.num_splits="
+                       f"{config.encoder.num_splits} and not exceed the {n} training images")
+  if config.support.metrics:
+    if config.support.k > a.k:
+      raise ValueError(f"support.k={config.support.k} exceeds attribution.k={a.k}")
+    own = [m for m in config.support.methods if "=" not in m and m not in a.methods]
+    if own:
+      raise ValueError(f"support.methods {own} are not computed by attribution.methods "
+                       f"{list(a.methods)}")
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs every stage that is not up to date; returns WORKDIR/summary.json's content."""
+  validate(config)
   os.makedirs(workdir, exist_ok=True)
   utils.save_json(os.path.join(workdir, "config.json"), config.to_dict())
   stages = Stages(workdir, _stage_keys(config))

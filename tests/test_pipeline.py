@@ -53,3 +53,10 @@ def test_pipeline_rejects_unknown_config_field(tmp_path):
   res = _pipeline(tmp_path, "--config.pretrain.epochz=3")
   assert res.returncode != 0
   assert "epochz" in res.stderr
+
+
+def test_pipeline_checks_config_against_data_before_work(tmp_path):
+  res = _pipeline(tmp_path, "--config.attribution.k=500")
+  assert res.returncode != 0
+  assert "attribution.k=500 exceeds the" in res.stderr
+  assert not os.path.exists(tmp_path / "pretrain")  # failed before any stage ran
