@@ -91,8 +91,9 @@ class Problem(NamedTuple):
     x: [n, D] augmented candidates (D = d + 1), padding rows all zero (they add nothing to sums).
     valid: [n] bool, False on padding rows.
     gram: x x^T [n, n] shared by all targets, or None to gather each step's rows instead.
-    ridge_chol: [D, D] lower Cholesky factor of A = I + 2 c_neg x^T x (the Hessian with every
-      negative inside its margin), for the starting point.
+    ridge_inv: [D, D] A^-1 for A = I + 2 c_neg x^T x (the Hessian with every negative inside
+      its margin), for the starting point: a matrix product per batch instead of triangular
+      solves (see `pure_solve` in `newton_step` for why LAPACK calls are avoided there).
     ridge_rhs: [D] A^-1 x^T 1.
     c_pos, c_neg: the balanced class weights (scalars).
   """
@@ -100,7 +101,7 @@ class Problem(NamedTuple):
   x: jax.Array
   valid: jax.Array
   gram: jax.Array | None
-  ridge_chol: jax.Array
+  ridge_inv: jax.Array
   ridge_rhs: jax.Array
   c_pos: jax.Array
   c_neg: jax.Array
@@ -128,8 +129,9 @@ def prepare(candidates: jax.Array, C: float, valid: jax.Array | None = None,
   gram = x @ x.T if n <= shared_gram_max else None
   a = jnp.eye(x.shape[1], dtype=dtype) + 2.0 * c_neg * (x.T @ x)
   chol = jnp.linalg.cholesky(a)
-  rhs = jax.scipy.linalg.cho_solve((chol, True), jnp.sum(x, 0))
-  return Problem(x, valid, gram, chol, rhs, c_pos, c_neg)
+  inv = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(x.shape[1], dtype=dtype))
+  inv = 0.5 * (inv + inv.T)
+  return Problem(x, valid, gram, inv, inv @ jnp.sum(x, 0), c_pos, c_neg)
 
 
 def initial_weights(targets: jax.Array, prob: Problem) -> jax.Array:
@@ -144,7 +146,7 @@ def initial_weights(targets: jax.Array, prob: Problem) -> jax.Array:
   """
   t = _augment(targets.astype(prob.x.dtype))
   k = 2.0 * prob.c_pos
-  p = jax.scipy.linalg.cho_solve((prob.ridge_chol, True), t.T).T  # A^-1 t  [targets, D]
+  p = t @ prob.ridge_inv  # A^-1 t  [targets, D] (A symmetric)
   a_b = k * p - 2.0 * prob.c_neg * prob.ridge_rhs  # A^-1 b, b = k t - 2 c_neg x^T 1
   tb = jnp.sum(t * a_b, -1, keepdims=True)
   tp = jnp.sum(t * p, -1, keepdims=True)
@@ -156,16 +158,56 @@ CERT_FACTOR = 10.0
 CERT_SLACK = 1e-3
 
 
-def _spd_solve(m: jax.Array, b: jax.Array) -> jax.Array:
+def _spd_solve(m: jax.Array, b: jax.Array, pure: bool = False) -> jax.Array:
   """m^-1 b for SPD m [B, r, r] and b [B, r], by Cholesky.
+
+  With `pure`, `_spd_solve_pure` (no LAPACK call) instead.
 
   The two triangular solves take b as a row ([B, 1, r], right-hand side): XLA:CPU runs that
   form about 1.5x faster than the column form jax.scipy.linalg.cho_solve uses.
   """
+  if pure:
+    return _spd_solve_pure(m, b)
   chol = jax.lax.linalg.cholesky(m, symmetrize_input=False)
   y = jax.lax.linalg.triangular_solve(chol, b[:, None, :], left_side=False, lower=True,
                                       transpose_a=True)  # y^T = b^T L^-T, i.e. L y = b
   return jax.lax.linalg.triangular_solve(chol, y, left_side=False, lower=True)[:, 0]  # L^T c = y
+
+
+def _spd_solve_pure(m: jax.Array, b: jax.Array) -> jax.Array:
+  """m^-1 b as `_spd_solve`, from XLA loops and products only (no LAPACK custom call).
+
+  jaxlib 0.10's CPU LAPACK kernels (Cholesky, triangular solve) split a batch over XLA:CPU's
+  intra-op thread pool and block a pool thread until the pieces finish. When several CPU devices
+  run such a kernel at once (a program sharded over JAX_NUM_CPU_DEVICES host devices), every pool
+  thread can end up blocked waiting for pieces that no thread is left to run: the process hangs
+  (gdb: all `tf_XLAEigen` threads in `jax::ParallelBatchMap` / `BlockingCounter::Wait` under
+  `jax::CholeskyFactorization::Kernel`). This left-looking Cholesky (one column per loop step,
+  O(B r^3) memory traffic, so slower than LAPACK) is used only on such CPU meshes.
+  """
+  m, b = jnp.asarray(m), jnp.asarray(b)
+  bsz, r, _ = m.shape
+  rows = jnp.arange(r)
+
+  def column(j, chol):
+    # Column j of L from rows j.. of m[:, j] - L L[j, :]^T (entries right of j are still zero).
+    col = m[:, :, j] - jnp.einsum("bik,bk->bi", chol, chol[:, j, :])
+    col = jnp.where(rows[None, :] >= j, col, 0.0)
+    return chol.at[:, :, j].set(col * jax.lax.rsqrt(col[:, j])[:, None])
+
+  chol = jax.lax.fori_loop(0, r, column, jnp.zeros_like(m))
+
+  def forward(j, y):  # L y = b; y is still zero from j on, so the sum runs over i < j
+    row = chol[:, j, :]
+    return y.at[:, j].set((b[:, j] - jnp.sum(row * y, -1)) / row[:, j])
+
+  def backward(k, c):  # L^T c = y; c is still zero up to r - 1 - k
+    j = r - 1 - k
+    col = chol[:, :, j]
+    return c.at[:, j].set((y[:, j] - jnp.sum(col * c, -1)) / col[:, j])
+
+  y = jax.lax.fori_loop(0, r, forward, jnp.zeros((bsz, r), b.dtype))
+  return jax.lax.fori_loop(0, r, backward, jnp.zeros((bsz, r), b.dtype))
 
 
 def _rowdot(a, b):
@@ -224,7 +266,8 @@ def _line_search(w, s, v, u, xs, ts, valid, c_pos, c_neg, line_steps):
   return a
 
 
-def newton_step(t: jax.Array, w: jax.Array, prob: Problem, num_rows: int, line_steps: int = 12):
+def newton_step(t: jax.Array, w: jax.Array, prob: Problem, num_rows: int, line_steps: int = 12,
+                pure_solve: bool = False):
   """One semi-smooth Newton iteration with exact line search for a batch of targets.
 
   Written on whole batches (no vmap) so that every product with the candidates is a matrix
@@ -234,6 +277,9 @@ def newton_step(t: jax.Array, w: jax.Array, prob: Problem, num_rows: int, line_s
     t: [B, D] augmented targets; w: [B, D] current weights.
     prob: the prepared candidate set.
     num_rows: r, the active-set size of the exact Newton step (static).
+    line_steps: most safeguarded Newton steps of the exact line search.
+    pure_solve: solve the [r, r] systems without LAPACK (`_spd_solve_pure`): for programs that
+      run on several XLA:CPU devices at once, where the LAPACK kernels can deadlock.
 
   Returns:
     (new weights [B, D], a bound on the Newton step in decision-value units [B]: the step at w,
@@ -270,7 +316,7 @@ def newton_step(t: jax.Array, w: jax.Array, prob: Problem, num_rows: int, line_s
     rows_p = rows - (gamma[:, None] * jnp.einsum("brd,bd->br", rows, t))[..., None] * t[:, None]
     m = eye + 2.0 * c_neg * jnp.einsum("brd,bsd->brs", rows_p, rows_p)
     rhs = jnp.einsum("brd,bd->br", rows_p, gh)
-    coef = _spd_solve(m, rhs)
+    coef = _spd_solve(m, rhs, pure_solve)
     s = -_half_precondition(gh - 2.0 * c_neg * jnp.einsum("br,brd->bd", coef, rows_p), t,
                             gamma)
   else:
@@ -285,7 +331,7 @@ def newton_step(t: jax.Array, w: jax.Array, prob: Problem, num_rows: int, line_s
               - ((2.0 * gamma - gamma * gamma * tt)[:, None, None]
                  * (bt[:, :, None] * bt[:, None, :])))  # B P^-1 B^T
     m = eye + 2.0 * c_neg * gram_p
-    coef = _spd_solve(m, bh)
+    coef = _spd_solve(m, bh, pure_solve)
     scattered = jnp.zeros_like(v).at[jnp.arange(b)[:, None], idx].add(coef * mask)
     btc = scattered @ x  # B^T coef
     s = -_half_precondition(gh - 2.0 * c_neg * _half_precondition(btc, t, gamma), t, gamma)
@@ -453,9 +499,14 @@ class Solver:
       spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names[0]))
       rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     self._targets_sharding = spec
+    self._replicated = rep
+    # Several XLA:CPU devices running LAPACK kernels at once can deadlock (`_spd_solve_pure`):
+    # such meshes solve without LAPACK, and the candidate set (one Cholesky) is prepared on one
+    # device and then copied to all. Accelerators keep the LAPACK/cuSOLVER path.
+    self.pure_solve = (mesh is not None and mesh.size > 1
+                       and mesh.devices.flat[0].platform == "cpu")
     self._prepare = jax.jit(functools.partial(prepare, C=self.C,
-                                              shared_gram_max=self.shared_gram_max),
-                            out_shardings=rep)
+                                              shared_gram_max=self.shared_gram_max))
     self._init = self._sharded(self._initial)
 
   def _sharded(self, fn):
@@ -476,13 +527,18 @@ class Solver:
     if num_rows not in self._steps:
       def fn(targets, w, prob):
         t = _augment(targets.astype(prob.x.dtype))
-        return newton_step(t, w, prob, min(num_rows, prob.x.shape[0]), self.line_steps)
+        return newton_step(t, w, prob, min(num_rows, prob.x.shape[0]), self.line_steps,
+                           self.pure_solve)
       self._steps[num_rows] = self._sharded(fn)
     return self._steps[num_rows]
 
   def prepare(self, candidates: jax.Array, valid: jax.Array | None = None) -> Problem:
     """The device-side candidate set, shared by every call (replicated over the mesh)."""
-    return self._prepare(candidates, valid=valid)
+    if self.mesh is None:
+      return self._prepare(candidates, valid=valid)
+    first = self.mesh.devices.flat[0]
+    put = lambda a: None if a is None else jax.device_put(a, first)
+    return jax.device_put(self._prepare(put(candidates), valid=put(valid)), self._replicated)
 
   def _padded(self, sel: np.ndarray) -> np.ndarray:
     # A batch padded to a power of two (few compiled shapes); padding repeats a real target,

@@ -193,12 +193,6 @@ def _sharded_fn(method: str, C: float, tol: float, max_iter: int, num_rows: int,
                 mesh: Mesh):
   # Cached so that repeated `topk` calls with the same settings reuse the compiled programs.
   if method == "esvm":
-    if mesh.size > 1:
-      # KNOWN LIMITATION: the batched Newton step hangs when sharded over several XLA:CPU
-      # devices (seen with 2 and 4 fake devices; cause not found yet), so ESVM chunks run on
-      # the mesh's first device only.
-      solver = esvm.Solver(C, tol, max_iter, max_rows=num_rows)
-      return solver, jax.jit(_esvm_finish_fn(tol, k))
     solver = esvm.Solver(C, tol, max_iter, max_rows=num_rows, mesh=mesh)
     finish = jax.jit(jax.shard_map(_esvm_finish_fn(tol, k), mesh=mesh,
                                    in_specs=(P(TARGET_AXIS),) * 4 + (P(),),
@@ -235,8 +229,7 @@ class _ChunkRunner:
     valid = np.zeros((padded,), bool)
     valid[:n] = True
     if self.solver is not None:
-      where = self.replicated if self.num_devices == 1 else self.mesh.devices.flat[0]
-      return (self.solver.prepare(jax.device_put(x, where), jax.device_put(valid, where)),)
+      return (self.solver.prepare(x, valid),)
     return jax.device_put(x, self.replicated), jax.device_put(valid, self.replicated)
 
   def __call__(self, targets: np.ndarray, candidates):
@@ -247,8 +240,7 @@ class _ChunkRunner:
       return jax.device_get((pos, scores, {}))
     (prob,) = candidates
     w, it, step = self.solver(targets, prob)
-    where = self.targets_sharding if self.num_devices == 1 else self.mesh.devices.flat[0]
-    put = lambda a: jax.device_put(a, where)
+    put = lambda a: jax.device_put(a, self.targets_sharding)
     return jax.device_get(self.fn(put(targets), put(w), put(it), put(step), prob))
 
 
