@@ -18,8 +18,12 @@ Modes (--mode):
     through `jaxattr.attribute.topk` (chunks, top-k, host transfer), timed once after a warm-up.
   both (default).
 
-  python launch/benchmark_esvm.py                       # CPU, ~15 min the first time (features)
+  python launch/benchmark_esvm.py                       # CPU, ~5 min the first time (features)
   python launch/benchmark_esvm.py --features_dir=runs/cifar10/features --mode=all
+
+Measured (2-core CPU, load ~2, random-init features, class 0, 5,000 candidates x 512):
+jaxattr 314 targets/s vs sklearn primal 11.4 (27.7x), dual=True 1.8; overlap@100/@1280 1.0;
+max |diff| 6e-6; all 10,000 test targets in 31 s (6.8 mean Newton iterations).
 
 Runs unchanged on a GPU (the solver is float32; sklearn stays on the host CPU).
 """
@@ -27,6 +31,7 @@ Runs unchanged on a GPU (the solver is float32; sklearn stays on the host CPU).
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 from absl import app, flags, logging
@@ -34,9 +39,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxattr import attribute, bench, utils
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# This checkout's jaxattr, not whichever copy happens to be importable (python puts launch/,
+# not the repository root, on the path).
+sys.path.insert(0, REPO)
+
+from jaxattr import attribute, bench, utils  # noqa: E402  pylint: disable=wrong-import-position
+
 DEFAULT_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10-jpeg.tar.gz")
 
 _MODE = flags.DEFINE_enum("mode", "both", ["compare", "all", "both"], "What to measure.")

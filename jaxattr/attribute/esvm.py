@@ -32,7 +32,13 @@ targets with `jax.vmap` inside one jit:
   ||[x; t] H^-1 g||_inf, a norm of the gradient that says how far any decision value can still
   move. In float32 the plain ||g|| cannot go much below eps * c_pos * ||t||^2 * ||w|| (the
   positive's cost grows with the number of candidates), whereas this scaled norm reaches ~1e-6.
-  Both, and the P^-1-scaled gradient norm, are reported per target.
+  Both, and the P^-1-scaled gradient norm, are reported per target. When an exact step keeps
+  the set of margin violators unchanged, the step at the new weights is known without another
+  iteration ((1 - a) times the step taken, up to the solve's rounding), so converged targets do
+  not spend an iteration verifying it.
+* Several XLA:CPU devices running jaxlib's batched LAPACK kernels at once can deadlock its
+  thread pool, so `Solver` on a multi-device CPU mesh solves the [r, r] systems with a
+  LAPACK-free Cholesky (`_spd_solve_pure`); single devices and accelerators use LAPACK/cuSOLVER.
 
 A vmapped `while_loop` iterates until every target has converged and freezes those that have,
 so a target's result does not depend on the others in its batch (up to the rounding of the
@@ -61,7 +67,8 @@ class SolverStats(NamedTuple):
     scaled_grad_norm: sqrt(g^T P^-1 g), P = I + 2 c_pos t t^T: the gradient norm with the
       positive's stiff direction scaled out; an upper bound of the Newton decrement.
     newton_step: the last Newton step in decision-value units, max over the candidates and the
-      target of |[x_i, 1] . H^-1 g|; the convergence test.
+      target of |[x_i, 1] . H^-1 g|, or its bound from the active-set certificate (see
+      `newton_step`); the convergence test.
     converged: newton_step <= tol.
   """
 
