@@ -118,24 +118,33 @@ def test_strided_conv_space_to_depth_gradient_is_exact(size, kernel, stride, pad
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
 
 
-def test_max_pool_2x2_matches_reduce_window_and_s2d_model_matches_plain():
+def test_max_pool_2x2_matches_reduce_window():
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(size=(2, 7, 6, 3)), jnp.float32)  # odd rows are floored, as torch
   want = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
   np.testing.assert_array_equal(np.asarray(max_pool_2x2(x)), np.asarray(want))
-  # The s2d_grad option changes neither the parameters nor the outputs, only how grads are taken.
-  plain, fast = ResNet9(width=0.125), ResNet9(width=0.125, s2d_grad=True)
+
+
+def test_cpu_formulations_match_plain_model():
+  """s2d_grad and flat_bn change neither variables nor values, gradients or running stats."""
+  rng = np.random.default_rng(1)
+  plain, fast = ResNet9(width=0.125), ResNet9(width=0.125, s2d_grad=True, flat_bn=True)
   x = jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32)
   v = plain.init(jax.random.key(0), x, train=False)
   v2 = fast.init(jax.random.key(0), x, train=False)
-  assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: bool((a == b).all()), v, v2))
+  assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(v2)
+  assert all(bool((a == b).all()) for a, b in zip(jax.tree_util.tree_leaves(v),
+                                                   jax.tree_util.tree_leaves(v2)))
 
   def loss(model, params):
-    out, _ = model.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=True,
-                         mutable=["batch_stats"])
-    return jnp.sum(out["logits"] ** 2)
+    out, new = model.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=True,
+                           mutable=["batch_stats"])
+    return jnp.sum(out["logits"] ** 2), new["batch_stats"]
 
-  ga = jax.grad(lambda p: loss(plain, p))(v["params"])
-  gb = jax.grad(lambda p: loss(fast, p))(v["params"])
-  for a, b in zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gb)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-5)
+  (la, sa), ga = jax.value_and_grad(lambda p: loss(plain, p), has_aux=True)(v["params"])
+  (lb, sb), gb = jax.value_and_grad(lambda p: loss(fast, p), has_aux=True)(v["params"])
+  np.testing.assert_allclose(float(lb), float(la), rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves((ga, sa)), jax.tree_util.tree_leaves((gb, sb))):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-3, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(fast.apply(v, x)["logits"]),
+                             np.asarray(plain.apply(v, x)["logits"]), rtol=1e-5, atol=1e-6)
