@@ -14,7 +14,12 @@ CPU (this project's 2-core dev box; s_per_model_epoch counts training epochs onl
 sides (augmentation included on both); jaxattr's total_s_per_model adds model init and
 predicting 500 eval images, which the torch loop does not do):
   python launch/benchmark_train.py --width=0.25 --train_examples=5120 --epochs=2 \
-    --num_models=2 --formulations=map --repeats=1
+    --num_models=2 --repeats=2                                          # ~2 min
+  python launch/benchmark_train.py --width=0.5 --train_examples=2560 --epochs=2 \
+    --num_models=2 --repeats=1                                          # ~2 min
+  python launch/benchmark_train.py --width=1 --train_examples=1024 --epochs=2 \
+    --num_models=2 --repeats=1                                          # ~3 min
+Measured (load ~2): torch / jaxattr per model-epoch 0.81 at width 0.25, 1.15 at 0.5, 1.13 at 1.
 On CPU the launcher sets XLA_FLAGS to jaxattr.xla_flags.FAST_CPU_FLAGS unless XLA_FLAGS is
 already set or --nofast_cpu_flags is given (pass XLA_FLAGS= to measure XLA's defaults).
 H200, (1) which formulation wins, 2 epochs of 32 full-width models each (~2-3 min):
