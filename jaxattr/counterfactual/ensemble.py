@@ -81,7 +81,8 @@ _DEFAULTS: dict[str, Any] = {
 
 # The default formulation per backend. CPU (2 cores, width 0.25, 4 models, jaxattr.xla_flags
 # set): 'map' 1.64 s per model-epoch of 4 steps vs 'vmap' 3.42 (2.1x; 3-5.6x with XLA's default
-# flags), vmap's batched convolutions being grouped convolutions that XLA:CPU runs slowly. GPU/TPU: not measured yet ('map' assumed: each model's step keeps XLA's ungrouped
+# flags), vmap's batched convolutions being grouped convolutions that XLA:CPU runs slowly.
+# GPU/TPU: not measured yet ('map' assumed: each model's step keeps XLA's ungrouped
 # convolution kernels); `launch/benchmark_train.py --mode=gpu --formulations=vmap,map` decides.
 FORMULATION_BY_BACKEND = {"cpu": "map", "gpu": "map", "cuda": "map", "rocm": "map",
                           "tpu": "map"}
