@@ -21,8 +21,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from typing import Sequence
 
 FAST_CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",)
+# Feature extraction (inference) was measured 1.5x torch with these and 1.1x with XLA's defaults
+# (README); the oneDNN part is untested for training beyond "no measurable change".
+INFERENCE_CPU_FLAGS = FAST_CPU_FLAGS + ("--xla_cpu_use_onednn=true",)
 
 
 def _accelerator_plugin_installed() -> bool:
@@ -53,10 +57,13 @@ def will_use_cpu() -> bool:
   return not _accelerator_plugin_installed()
 
 
-def use_fast_cpu_flags() -> str | None:
-  """Adds `FAST_CPU_FLAGS` to XLA_FLAGS when the CPU backend is about to be used.
+def use_fast_cpu_flags(flags: Sequence[str] = FAST_CPU_FLAGS) -> str | None:
+  """Sets XLA_FLAGS to `flags` when the CPU backend is about to be used.
 
   Call it first thing in a launcher's main(), before any JAX computation.
+
+  Args:
+    flags: XLA flags (`FAST_CPU_FLAGS` for training, `INFERENCE_CPU_FLAGS` for features).
 
   Returns:
     The flags set, or None when nothing was changed (XLA_FLAGS already set by the user, a
@@ -64,6 +71,6 @@ def use_fast_cpu_flags() -> str | None:
   """
   if "XLA_FLAGS" in os.environ or not will_use_cpu() or _backend_initialised():
     return None
-  flags = " ".join(FAST_CPU_FLAGS)
-  os.environ["XLA_FLAGS"] = flags
-  return flags
+  value = " ".join(flags)
+  os.environ["XLA_FLAGS"] = value
+  return value
