@@ -10,10 +10,18 @@ Modes:
     for 24 epochs on the CIFAR-10 JPEG set; prints every model's test accuracy and the cost per
     model in seconds, FLOP/s and MFU; optionally --torch_models reference runs for the ratio.
 
-CPU (this project's 2-core dev box, ~5 minutes; jaxattr timings include init and predicting
-500 eval images, which the torch loop does not do):
-  python launch/benchmark_train.py --width=0.25 --train_examples=1024 --epochs=1 \
-    --num_models=4 --repeats=1
+CPU (this project's 2-core dev box; s_per_model_epoch counts training epochs only on both
+sides (augmentation included on both); jaxattr's total_s_per_model adds model init and
+predicting 500 eval images, which the torch loop does not do):
+  python launch/benchmark_train.py --width=0.25 --train_examples=5120 --epochs=2 \
+    --num_models=2 --repeats=2                                          # ~2 min
+  python launch/benchmark_train.py --width=0.5 --train_examples=2560 --epochs=2 \
+    --num_models=2 --repeats=1                                          # ~2 min
+  python launch/benchmark_train.py --width=1 --train_examples=1024 --epochs=2 \
+    --num_models=2 --repeats=1                                          # ~3 min
+Measured (load ~2): torch / jaxattr per model-epoch 0.81 at width 0.25, 1.15 at 0.5, 1.13 at 1.
+On CPU the launcher sets XLA_FLAGS to jaxattr.xla_flags.FAST_CPU_FLAGS unless XLA_FLAGS is
+already set or --nofast_cpu_flags is given (pass XLA_FLAGS= to measure XLA's defaults).
 H200, (1) which formulation wins, 2 epochs of 32 full-width models each (~2-3 min):
   python launch/benchmark_train.py --mode=gpu --num_models=32 --epochs=2 \
     --formulations=vmap,map --data=folder:../shared/data/cifar10-jpeg.tar.gz
@@ -39,7 +47,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxattr import bench  # noqa: E402
+from jaxattr import bench, xla_flags  # noqa: E402
 from jaxattr.torch_reference import torch_resnet9  # noqa: E402
 from jaxattr.counterfactual import ensemble  # noqa: E402
 from jaxattr.models.resnet9 import resnet9_train_flops  # noqa: E402
@@ -54,13 +62,18 @@ flags.DEFINE_integer("num_models", 0, "M models trained at once (0: 4 in speed m
 flags.DEFINE_float("width", 0.0, "ResNet-9 width multiplier (0: 0.25 on CPU, 1 elsewhere).")
 flags.DEFINE_integer("epochs", 0, "Epochs (0: 1 in speed mode, 24 in gpu mode).")
 flags.DEFINE_integer("batch_size", 512, "Images per step.")
-flags.DEFINE_list("formulations", ["vmap", "map"], "jaxattr formulations to time.")
+flags.DEFINE_list("formulations", ["auto"], "jaxattr formulations to time (auto, vmap, map).")
 flags.DEFINE_enum("compute_dtype", "auto", ["auto", "float32", "bfloat16"], "jaxattr compute.")
 flags.DEFINE_integer("torch_models", -1, "Reference models to train (-1: M in speed mode, 0 in "
                      "gpu mode).")
 flags.DEFINE_float("peak_tflops", 0.0, "Backend peak for MFU (0: 790 on GPU = the project's "
                    "H200 bf16 dense figure; on CPU a float32 matmul measured here).")
 flags.DEFINE_integer("repeats", 2, "Timed repeats (median) in speed mode.")
+flags.DEFINE_bool("fast_cpu_flags", True, "On the CPU backend, set jaxattr.xla_flags."
+                  "FAST_CPU_FLAGS in XLA_FLAGS when XLA_FLAGS is unset.")
+flags.DEFINE_enum("cpu_ops", "auto", ["auto", "on", "off"], "The trainer's cpu_ops setting.")
+flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads on CPU (0 = all cores, the "
+                     "threads XLA:CPU uses).")
 flags.DEFINE_string("out", "bench_results/train.json", "JSON result path.")
 
 
@@ -160,6 +173,10 @@ def cpu_peak_tflops() -> float:
 
 def main(argv):
   del argv
+  # Before the first JAX computation: XLA reads XLA_FLAGS when the backend starts.
+  set_flags = xla_flags.use_fast_cpu_flags() if FLAGS.fast_cpu_flags else None
+  if set_flags:
+    logging.info("XLA_FLAGS=%s (jaxattr.xla_flags)", set_flags)
   backend = jax.default_backend()
   gpu_mode = FLAGS.mode == "gpu"
   m = FLAGS.num_models or (32 if gpu_mode else 4)
@@ -174,6 +191,7 @@ def main(argv):
   cfg = ensemble.default_config()
   cfg.width, cfg.epochs, cfg.batch_size = width, epochs, FLAGS.batch_size
   cfg.compute_dtype = FLAGS.compute_dtype
+  cfg.cpu_ops = FLAGS.cpu_ops
   cfg.models_per_wave = 0
   cfg.log_every_s = 30.0
   steps_per_epoch = n // FLAGS.batch_size
@@ -223,15 +241,26 @@ def main(argv):
                  "test_acc_mean": float(acc.mean()), "test_acc_min": float(acc.min()),
                  "test_acc_max": float(acc.max())})
       else:
-        t = bench.time_fn(run, repeats=FLAGS.repeats, warmup=1)
-        add_row(f"jaxattr {form}", models, t["median_s"],
-                {"min_s_per_model_epoch": t["min_s"] / (models * epochs)})
+        # Training epochs only (the torch loop's work), from the trainer's own epoch timers;
+        # the whole call (init + training + evaluation) as total_s_per_model.
+        train_s = []
 
+        def timed(run=run):
+          run()
+          train_s.append(ensemble.LAST_RUN["train_seconds"])
+
+        t = bench.time_fn(timed, repeats=FLAGS.repeats, warmup=1)
+        train_s = train_s[1:]  # the warm-up call compiled
+        add_row(f"jaxattr {form}", models, float(np.median(train_s)),
+                {"min_s_per_model_epoch": min(train_s) / (models * epochs),
+                 "total_s_per_model": t["median_s"] / models})
+
+  torch_threads_used = 0
   if torch_models:
     import torch  # pylint: disable=g-import-not-at-top
     device = "cuda" if torch.cuda.is_available() and backend == "gpu" else "cpu"
     if device == "cpu":
-      torch.set_num_threads(os.cpu_count() or 1)
+      torch.set_num_threads(FLAGS.torch_threads or os.cpu_count() or 1)
     # Warm-up (allocator, kernels) on a few steps' worth of images.
     torch_train(train.images[:2 * FLAGS.batch_size], train.labels[:2 * FLAGS.batch_size], cfg,
                 0, device, 1)
@@ -241,6 +270,7 @@ def main(argv):
       for i in range(torch_models):
         model = torch_train(train.images, train.labels, cfg, i, device, epochs)
       times.append(time.perf_counter() - t0)
+    torch_threads_used = torch.get_num_threads()
     add_row("torch loop", torch_models, float(np.median(times)))
     del model
     ref = rows[-1]["s_per_model_epoch"]
@@ -248,18 +278,22 @@ def main(argv):
       row["torch_over_jaxattr"] = ref / row["s_per_model_epoch"]
 
   columns = ["run", "models", "s_per_model_epoch", "s_per_model", "tflops", "mfu_pct",
-             "torch_over_jaxattr"]
+             "torch_over_jaxattr", "total_s_per_model"]
   if gpu_mode:
-    columns += ["total_s_per_model", "first_epoch_s", "test_acc_mean", "test_acc_min",
+    columns += ["first_epoch_s", "test_acc_mean", "test_acc_min",
                 "test_acc_max"]
   print(f"backend {backend}, width {width}, {n} training images ({FLAGS.data}), epochs {epochs}, "
         f"batch {FLAGS.batch_size}, compute {jnp.dtype(ensemble.compute_dtype(cfg)).name}, "
-        f"peak {peak:.3f} TFLOP/s, {resnet9_train_flops(width) / 1e9:.3f} GFLOP/image/step")
+        f"peak {peak:.3f} TFLOP/s, {resnet9_train_flops(width) / 1e9:.3f} GFLOP/image/step, "
+        f"cpu_ops {FLAGS.cpu_ops}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+        f"torch threads {torch_threads_used}, load {os.getloadavg()[0]:.2f}")
   print(bench.format_table(rows, columns))
   settings = {"mode": FLAGS.mode, "data": FLAGS.data, "train_examples": n, "num_models": m,
               "width": width, "epochs": epochs, "batch_size": FLAGS.batch_size,
               "compute_dtype": FLAGS.compute_dtype, "peak_tflops": peak,
               "torch_models": torch_models, "formulations": FLAGS.formulations,
+              "xla_flags": os.environ.get("XLA_FLAGS", ""), "torch_threads": torch_threads_used,
+              "loadavg": os.getloadavg(),
               "trainer": dict(cfg.items()) if hasattr(cfg, "items") else str(cfg)}
   bench.write_result(FLAGS.out, "train", rows, settings)
   print(f"wrote {FLAGS.out}")

@@ -7,7 +7,8 @@ import pytest
 
 from jaxattr.models.layers import count_params
 from jaxattr.models.mobilenetv2 import MobileNetV2
-from jaxattr.models.resnet9 import ResNet9, resnet9_macs, resnet9_train_flops
+from jaxattr.models.resnet9 import (ResNet9, max_pool_2x2, resnet9_macs, resnet9_train_flops,
+                                    strided_conv)
 from jaxattr.torch_reference import torch_resnet9
 
 
@@ -92,3 +93,58 @@ def test_resnet9_matches_torch_reference():
   np.testing.assert_allclose(np.asarray(got["logits"]), want, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(np.asarray(new["batch_stats"]["conv1"]["bn"]["var"]),
                              bns[0].running_var.numpy(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("size,kernel,stride,padding", [(16, 5, 2, 2), (15, 3, 2, 1),
+                                                       (17, 5, 2, 0), (12, 4, 3, 1)])
+def test_strided_conv_space_to_depth_gradient_is_exact(size, kernel, stride, padding):
+  """strided_conv's values and both gradients equal XLA's strided convolution's."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(3, size, size, 4)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(kernel, kernel, 4, 5)), jnp.float32)
+
+  def lax_conv(x, w):
+    return jax.lax.conv_general_dilated(x, w, (stride,) * 2, ((padding, padding),) * 2,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  want = lax_conv(x, w)
+  got = strided_conv(x, w, stride, padding)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))  # same forward op
+  g = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+  want_grads = jax.grad(lambda x, w: jnp.sum(lax_conv(x, w) * g), (0, 1))(x, w)
+  got_grads = jax.grad(lambda x, w: jnp.sum(strided_conv(x, w, stride, padding) * g),
+                       (0, 1))(x, w)
+  for a, b in zip(got_grads, want_grads):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
+def test_max_pool_2x2_matches_reduce_window():
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 7, 6, 3)), jnp.float32)  # odd rows are floored, as torch
+  want = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+  np.testing.assert_array_equal(np.asarray(max_pool_2x2(x)), np.asarray(want))
+
+
+def test_cpu_formulations_match_plain_model():
+  """s2d_grad and flat_bn change neither variables nor values, gradients or running stats."""
+  rng = np.random.default_rng(1)
+  plain, fast = ResNet9(width=0.125), ResNet9(width=0.125, s2d_grad=True, flat_bn=True)
+  x = jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32)
+  v = plain.init(jax.random.key(0), x, train=False)
+  v2 = fast.init(jax.random.key(0), x, train=False)
+  assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(v2)
+  assert all(bool((a == b).all()) for a, b in zip(jax.tree_util.tree_leaves(v),
+                                                   jax.tree_util.tree_leaves(v2)))
+
+  def loss(model, params):
+    out, new = model.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=True,
+                           mutable=["batch_stats"])
+    return jnp.sum(out["logits"] ** 2), new["batch_stats"]
+
+  (la, sa), ga = jax.value_and_grad(lambda p: loss(plain, p), has_aux=True)(v["params"])
+  (lb, sb), gb = jax.value_and_grad(lambda p: loss(fast, p), has_aux=True)(v["params"])
+  np.testing.assert_allclose(float(lb), float(la), rtol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves((ga, sa)), jax.tree_util.tree_leaves((gb, sb))):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-3, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(fast.apply(v, x)["logits"]),
+                             np.asarray(plain.apply(v, x)["logits"]), rtol=1e-5, atol=1e-6)

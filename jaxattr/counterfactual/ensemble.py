@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import os
 import time
 from typing import Any, Callable
 
@@ -65,13 +66,36 @@ _DEFAULTS: dict[str, Any] = {
     # Models trained at once (rounded up to a multiple of the device count); 0 = all M at once.
     "models_per_wave": 64,
     # 'map': a device's models one after another inside one program (bit-exact independent of
-    # the wave; 5.6x faster than 'vmap' per model on CPU, whose batched convolutions are slow);
-    # 'vmap': a device's models batched (grouped convolutions). Measure on accelerators.
-    "formulation": "map",
+    # the wave); 'vmap': a device's models batched (grouped convolutions); 'auto': the measured
+    # winner of the backend (`FORMULATION_BY_BACKEND`).
+    "formulation": "auto",
+    # ResNet-9's XLA:CPU-friendly formulations (same parameters and values): the stride-2
+    # conv's gradient through a space-to-depth conv, and `fast_ops.FlatBatchNorm`.
+    # 'auto' = on for the CPU backend only | 'on' | 'off'.
+    "cpu_ops": "auto",
     "eval_batch_size": 500,  # images per model per evaluation step
     "seed": 0,  # root seed of launchers (train_and_predict takes per-model seeds)
     "log_every_s": 30.0,  # progress logging interval in seconds
 }
+
+
+# The default formulation per backend. CPU (2 cores, width 0.25, 4 models, jaxattr.xla_flags
+# set): 'map' 1.64 s per model-epoch of 4 steps vs 'vmap' 3.42 (2.1x; 3-5.6x with XLA's default
+# flags), vmap's batched convolutions being grouped convolutions that XLA:CPU runs slowly.
+# GPU/TPU: not measured yet ('map' assumed: each model's step keeps XLA's ungrouped
+# convolution kernels); `launch/benchmark_train.py --mode=gpu --formulations=vmap,map` decides.
+FORMULATION_BY_BACKEND = {"cpu": "map", "gpu": "map", "cuda": "map", "rocm": "map",
+                          "tpu": "map"}
+
+
+def resolve_formulation(config) -> str:
+  """config.formulation with 'auto' replaced by the backend's default ('map' or 'vmap')."""
+  form = config.formulation
+  if form == "auto":
+    form = FORMULATION_BY_BACKEND.get(jax.default_backend(), "map")
+  if form not in ("vmap", "map"):
+    raise ValueError(f"config.formulation must be 'auto', 'vmap' or 'map', got {form!r}")
+  return form
 
 
 class _AttrDict(dict):
@@ -215,8 +239,15 @@ def build_model(config, num_classes: int) -> nn.Module:
   models = {"resnet9": ResNet9, "mobilenetv2": MobileNetV2}
   if config.model not in models:
     raise ValueError(f"config.model must be one of {sorted(models)}, got {config.model!r}")
+  cpu_ops = config.get("cpu_ops", "auto")
+  if cpu_ops not in ("auto", "on", "off"):
+    raise ValueError(f"config.cpu_ops must be 'auto', 'on' or 'off', got {cpu_ops!r}")
+  kwargs = {}
+  if config.model == "resnet9":
+    on = cpu_ops == "on" or (cpu_ops == "auto" and jax.default_backend() == "cpu")
+    kwargs.update(s2d_grad=on, flat_bn=on)
   return models[config.model](num_classes=num_classes, width=float(config.width),
-                              dtype=compute_dtype(config))
+                              dtype=compute_dtype(config), **kwargs)
 
 
 class _Program:
@@ -227,8 +258,7 @@ class _Program:
     self.config, self.model, self.mesh = config, model, mesh
     self.num_train, self.num_classes = num_train, num_classes
     self.image_shape = image_shape
-    if config.formulation not in ("vmap", "map"):
-      raise ValueError(f"config.formulation must be 'vmap' or 'map', got {config.formulation!r}")
+    self.formulation = resolve_formulation(config)
     self._fns: dict[Any, Callable] = {}
     per_model = NamedSharding(mesh, P("models"))
     self.init = jax.jit(self._lift(self._init_one, n_shared=0), out_shardings=per_model)
@@ -308,7 +338,7 @@ class _Program:
     arguments are replicated (data, epoch). Each device runs its local models with vmap or
     lax.map according to config.formulation.
     """
-    formulation = self.config.formulation
+    formulation = self.formulation
 
     def local(*args):
       per_model, shared = args[: len(args) - n_shared], args[len(args) - n_shared:]
@@ -374,7 +404,9 @@ def _to_host(x: Any) -> Any:
 
 
 _PROGRAMS: dict[Any, _Program] = {}
-# Timings of the last train_and_predict call (read by launch/benchmark_train.py).
+# Timings of the last train_and_predict call (read by launch/benchmark_train.py): wall seconds
+# of the whole call, of all epochs (training only: no init, no evaluation), of the first epoch,
+# and the steady (non-first) epochs' median.
 LAST_RUN: dict[str, float] = {}
 
 
@@ -449,6 +481,9 @@ def train_and_predict(config, train, eval_images: np.ndarray, seeds: np.ndarray,
   wave = wave_size(config, m, ndev)
   bs = int(config.batch_size)
   program = _program(config, n, tuple(train.images.shape[1:]), num_classes, mesh)
+  if jax.default_backend() == "cpu" and "ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
+    logging.warning("XLA:CPU trains ~2x slower with its default YNNPACK convolutions: call "
+                    "jaxattr.xla_flags.use_fast_cpu_flags() before JAX starts (see there)")
 
   images = _global_array(mesh, np.ascontiguousarray(train.images), P())
   eb = int(config.eval_batch_size)
@@ -470,7 +505,7 @@ def train_and_predict(config, train, eval_images: np.ndarray, seeds: np.ndarray,
   t_start = time.perf_counter()
   logging.info("training %d %s models (width %s, %s, %s) in %d wave(s) of %d on %d device(s)",
                m, config.model, config.width, jnp.dtype(compute_dtype(config)).name,
-               config.formulation, num_waves, wave, ndev)
+               resolve_formulation(config), num_waves, wave, ndev)
   for w in range(num_waves):
     members = np.arange(w * wave, min((w + 1) * wave, m))
     # Pad the last wave with copies of its first model so every wave has the same shape.
@@ -509,6 +544,7 @@ def train_and_predict(config, train, eval_images: np.ndarray, seeds: np.ndarray,
   LAST_RUN.clear()
   LAST_RUN.update(models=m, wave=wave, waves=num_waves, epochs=epochs,
                   total_seconds=time.perf_counter() - t_start,
+                  train_seconds=float(sum(t for (_, _, t) in epoch_seconds)),
                   first_epoch_seconds=epoch_seconds[0][2],
                   steady_epoch_seconds=float(np.median(steady)),
                   steady_seconds_per_model=float(np.median(steady)) * epochs * num_waves / m)
@@ -581,8 +617,6 @@ def run(config, workdir: str) -> str:
   index [E] of the test split); mode 'train' writes `ensemble_logits.npz` (logits [M, E, C],
   labels, index) and the test accuracy of each model to `ensemble_metrics.json`.
   """
-  import os  # pylint: disable=g-import-not-at-top
-
   from jaxattr import data  # pylint: disable=g-import-not-at-top
 
   if config.mode not in ("flip", "train"):
