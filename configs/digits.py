@@ -5,7 +5,7 @@ Command (the README's first command runs exactly this):
   python launch/pipeline.py --config configs/digits.py --workdir workdir/digits
 
 Stages: MoCo pretraining (16x16 digits, width-0.25 ResNet-18, 20 epochs) -> features -> ESVM and
-l2 top-128 for 16 seeded test targets -> removal and mislabel support of the first 4 targets with
+l2 top-128 for 16 seeded test targets -> removal and mislabel support of the first 8 targets with
 ResNet-9s at 1/8 width -> report.html.
 
 Expected on a 2-core CPU: under 10 minutes end to end; kNN accuracy of the encoder about 0.87
@@ -44,9 +44,9 @@ def get_config(arg=None):
   c.ensemble.cutout = 4  # the reference's 8x8 Cutout is scaled with the 16x16 image
   # XLA:CPU compiles the model loop unrolled: compile time grows with the wave, so small waves.
   c.ensemble.models_per_wave = 8
-  # Support of the first 4 targets; bisection steps of 128 / 2**3 = 16 images.
+  # Support of the first 8 targets; bisection steps of 128 / 2**3 = 16 images.
   c.support.k = 128
-  c.support.num_targets = 4
+  c.support.num_targets = 8
   c.support.search_budget = 3
   c.support.num_tests = 3
   c.support.flip_models = 3

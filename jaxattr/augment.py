@@ -17,7 +17,9 @@ import numpy as np
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_GRAY = jnp.array([0.299, 0.587, 0.114], jnp.float32)
+# NumPy, not jnp: a module-level jax array would start the backend at import, before a launcher
+# can set XLA_FLAGS (jaxattr.xla_flags).
+_GRAY = np.array([0.299, 0.587, 0.114], np.float32)
 
 
 def normalize(images: jax.Array, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> jax.Array:

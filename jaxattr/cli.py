@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxattr import utils
+from jaxattr import utils, xla_flags
 
 
-def launch(run: Callable[[Any, str], Any], doc: str = "") -> None:
+def launch(run: Callable[[Any, str], Any], doc: str = "",
+           cpu_flags: Sequence[str] = xla_flags.FAST_CPU_FLAGS) -> None:
   """Defines --config (a Python config file, locked) and --workdir, then calls run(config, workdir).
 
   Any config field can be overridden on the command line (`--config.pretrain.epochs=5`); a
   misspelt field is an error before anything runs.
+
+  On the CPU backend, XLA_FLAGS defaults to `cpu_flags` (`jaxattr.xla_flags`: about 2x faster
+  convolution training on XLA:CPU) unless the user has set XLA_FLAGS, in which case those stand;
+  other backends are untouched.
   """
   config = config_flags.DEFINE_config_file("config", None, "Experiment config file "
                                            "(path/to/config.py[:variant]).", lock_config=True)
@@ -26,6 +31,10 @@ def launch(run: Callable[[Any, str], Any], doc: str = "") -> None:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     utils.quiet_library_logs()
+    set_flags = xla_flags.use_fast_cpu_flags(cpu_flags)
+    if set_flags:
+      logging.info("XLA_FLAGS=%s (CPU defaults of jaxattr.xla_flags; set XLA_FLAGS to override)",
+                   set_flags)
     if doc:
       logging.info("%s", doc.strip().splitlines()[0])
     run(config.value, workdir.value)
