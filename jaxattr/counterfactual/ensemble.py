@@ -69,8 +69,8 @@ _DEFAULTS: dict[str, Any] = {
     # the wave); 'vmap': a device's models batched (grouped convolutions); 'auto': the measured
     # winner of the backend (`FORMULATION_BY_BACKEND`).
     "formulation": "auto",
-    # ResNet-9's XLA:CPU-friendly formulations (same parameters and values): the stride-2
-    # conv's gradient through a space-to-depth conv, and `fast_ops.FlatBatchNorm`.
+    # ResNet-9's XLA:CPU-friendly formulation (same parameters and values): the stride-2
+    # conv's gradient through a space-to-depth conv.
     # 'auto' = on for the CPU backend only | 'on' | 'off'.
     "cpu_ops": "auto",
     "eval_batch_size": 500,  # images per model per evaluation step
@@ -245,7 +245,7 @@ def build_model(config, num_classes: int) -> nn.Module:
   kwargs = {}
   if config.model == "resnet9":
     on = cpu_ops == "on" or (cpu_ops == "auto" and jax.default_backend() == "cpu")
-    kwargs.update(s2d_grad=on, flat_bn=on)
+    kwargs.update(s2d_grad=on)
   return models[config.model](num_classes=num_classes, width=float(config.width),
                               dtype=compute_dtype(config), **kwargs)
 

@@ -19,7 +19,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxattr.models.fast_ops import FlatBatchNorm
 from jaxattr.models.layers import BatchNorm
 
 Dtype = Any
@@ -160,14 +159,11 @@ class ConvBN(nn.Module):
   padding: int = 1
   dtype: Dtype = jnp.float32
   s2d_grad: bool = False
-  flat_bn: bool = False
-
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = Conv(self.features, self.kernel, self.stride, self.padding, dtype=self.dtype,
              s2d_grad=self.s2d_grad, name="conv")(x)
-    bn = FlatBatchNorm if self.flat_bn else BatchNorm
-    x = bn(dtype=self.dtype, name="bn")(x, train)
+    x = BatchNorm(dtype=self.dtype, name="bn")(x, train)
     return nn.relu(x)
 
 
@@ -180,16 +176,12 @@ class ResNet9(nn.Module):
     dtype: compute dtype (parameters stay float32).
     s2d_grad: differentiate the stride-2 conv through a space-to-depth stride-1 conv (same
       values and gradients; much faster backward on XLA:CPU, see `strided_conv`).
-    flat_bn: use `fast_ops.FlatBatchNorm` (same variables and values as `layers.BatchNorm`,
-      fuses better on XLA:CPU).
   """
 
   num_classes: int = 10
   width: float = 1.0
   dtype: Dtype = jnp.float32
   s2d_grad: bool = False
-  flat_bn: bool = False
-
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
     """Maps images [B, H, W, 3] to {'feature': [B, 128 * width], 'logits': [B, classes]}."""
@@ -199,7 +191,7 @@ class ResNet9(nn.Module):
       spec = {c[0]: c for c in _CONVS}[name]
       _, _, out, k, s, p = spec
       return ConvBN(scaled(out, self.width), k, s, p, self.dtype, self.s2d_grad,
-                    self.flat_bn, name=name)(h, train)
+                    name=name)(h, train)
 
     x = block("conv1", x)
     x = block("conv2", x)
