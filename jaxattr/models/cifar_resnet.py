@@ -23,10 +23,18 @@ from jaxattr.models.layers import BatchNorm, conv
 
 
 class BasicBlock(nn.Module):
+  """Two 3x3 conv + BN (stride on the first), a 1x1 conv + BN shortcut where the shape changes.
+
+  The block of lightly's ResNetGenerator and of torchvision's ResNet-18/34; they differ only in
+  the shortcut's name (`shortcut`: 'shortcut' here, 'downsample' in `jaxattr.models.resnet`).
+  """
+
   planes: int
   stride: int = 1
   num_splits: int = 1
   dtype: Any = jnp.float32
+  shortcut: str = "shortcut"
+  expansion = 1  # output channels / planes (class constant, not a field)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -36,8 +44,8 @@ class BasicBlock(nn.Module):
     y = conv(self.planes, 3, 1, 1, self.dtype, name="conv2")(y)
     y = bn(name="bn2")(y, train)
     if self.stride != 1 or x.shape[-1] != self.planes:
-      x = conv(self.planes, 1, self.stride, 0, self.dtype, name="shortcut_conv")(x)
-      x = bn(name="shortcut_bn")(x, train)
+      x = conv(self.planes, 1, self.stride, 0, self.dtype, name=f"{self.shortcut}_conv")(x)
+      x = bn(name=f"{self.shortcut}_bn")(x, train)
     return nn.relu(y + x)
 
 

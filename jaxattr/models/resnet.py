@@ -20,28 +20,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxattr.models import cifar_resnet
 from jaxattr.models.layers import BatchNorm, conv, max_pool
 
 
-class BasicBlock(nn.Module):
-  """torchvision BasicBlock: two 3x3 convs, stride on the first; expansion 1."""
+class BasicBlock(cifar_resnet.BasicBlock):
+  """torchvision's BasicBlock: lightly's (`cifar_resnet.BasicBlock`), shortcut 'downsample'."""
 
-  planes: int
-  stride: int = 1
-  dtype: Any = jnp.float32
-  expansion = 1
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    bn = functools.partial(BatchNorm, dtype=self.dtype)
-    y = conv(self.planes, 3, self.stride, 1, self.dtype, name="conv1")(x)
-    y = nn.relu(bn(name="bn1")(y, train))
-    y = conv(self.planes, 3, 1, 1, self.dtype, name="conv2")(y)
-    y = bn(name="bn2")(y, train)
-    if self.stride != 1 or x.shape[-1] != self.planes:
-      x = conv(self.planes, 1, self.stride, 0, self.dtype, name="downsample_conv")(x)
-      x = bn(name="downsample_bn")(x, train)
-    return nn.relu(y + x)
+  shortcut: str = "downsample"
 
 
 class Bottleneck(nn.Module):
@@ -106,7 +92,7 @@ class ResNet(nn.Module):
     for i, blocks in enumerate(self.stage_sizes):
       for j in range(blocks):
         stride = 2 if (i > 0 and j == 0) else 1
-        x = block(base * 2**i, stride, self.dtype, name=f"layer{i + 1}_{j}")(x, train)
+        x = block(base * 2**i, stride, dtype=self.dtype, name=f"layer{i + 1}_{j}")(x, train)
     feature = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     out = {"feature": feature}
     if self.num_classes is not None:
