@@ -134,6 +134,8 @@ def prepare(candidates: jax.Array, C: float, valid: jax.Array | None = None,
   c_pos, c_neg = C * (count + 1) / 2.0, C * (count + 1) / (2.0 * count)
   x = _augment(candidates) * valid[:, None].astype(dtype)
   gram = x @ x.T if n <= shared_gram_max else None
+  if gram is not None:
+    gram = 0.5 * (gram + gram.T)  # exactly symmetric (the product's rounding need not be)
   a = jnp.eye(x.shape[1], dtype=dtype) + 2.0 * c_neg * (x.T @ x)
   chol = jnp.linalg.cholesky(a)
   inv = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(x.shape[1], dtype=dtype))
@@ -166,7 +168,7 @@ CERT_SLACK = 1e-3
 
 
 def _spd_solve(m: jax.Array, b: jax.Array, pure: bool = False) -> jax.Array:
-  """m^-1 b for SPD m [B, r, r] and b [B, r], by Cholesky.
+  """m^-1 b for SPD m [B, r, r] and b [B, r], by Cholesky; only m's lower triangle is read.
 
   With `pure`, `_spd_solve_pure` (no LAPACK call) instead.
 
@@ -333,12 +335,10 @@ def newton_step(t: jax.Array, w: jax.Array, prob: Problem, num_rows: int, line_s
     xh_xt = jnp.concatenate([h, t]) @ x.T
     bh = jnp.take_along_axis(xh_xt[:b], idx, 1) * mask  # B P^-1 g
     bt = jnp.take_along_axis(xh_xt[b:], idx, 1) * mask  # B t
-    block = jax.vmap(lambda i: gram[i[:, None], i[None, :]])(idx)
-    gram_p = (block * (mask[:, :, None] * mask[:, None, :])
-              - ((2.0 * gamma - gamma * gamma * tt)[:, None, None]
-                 * (bt[:, :, None] * bt[:, None, :])))  # B P^-1 B^T
-    m = eye + 2.0 * c_neg * gram_p
-    coef = _spd_solve(m, bh, pure_solve)
+    m_t = eye + 2.0 * c_neg * (_gram_block(gram, idx, mask) - (
+        (2.0 * gamma - gamma * gamma * tt)[:, None, None]
+        * (bt[:, :, None] * bt[:, None, :])))  # I + 2 c_neg B P^-1 B^T, lower triangle
+    coef = _spd_solve(m_t, bh, pure_solve)
     scattered = jnp.zeros_like(v).at[jnp.arange(b)[:, None], idx].add(coef * mask)
     btc = scattered @ x  # B^T coef
     s = -_half_precondition(gh - 2.0 * c_neg * _half_precondition(btc, t, gamma), t, gamma)
@@ -362,6 +362,22 @@ def newton_step(t: jax.Array, w: jax.Array, prob: Problem, num_rows: int, line_s
           & ((u + a * ts < 1.0) == (u < 1.0)))
   next_step = jnp.where(same, (CERT_FACTOR * jnp.abs(1.0 - a) + CERT_SLACK) * step, jnp.inf)
   return w + a[:, None] * s, jnp.minimum(step, next_step), count, next_count
+
+
+def _gram_block(gram: jax.Array, idx: jax.Array, mask: jax.Array) -> jax.Array:
+  """The LOWER triangles of the active sets' Gram blocks [B, r, r] (padding masked out).
+
+  Only the lower triangle is gathered: the Cholesky factorisations (LAPACK, cuSOLVER and
+  `_spd_solve_pure`) read nothing else, and the gather, one cache line of the [n, n] Gram per
+  element, is a large part of a Newton step. Above the diagonal each entry repeats its column's
+  diagonal entry (a cache hit). The block is built as the transpose of its upper triangle (the
+  Gram is exactly symmetric, see `prepare`): XLA then writes the row-major gather as it is into
+  the column-major operand the LAPACK kernels take, instead of running down the Gram's columns.
+  idx must be ascending over the unmasked entries (as `jnp.nonzero` gives it).
+  """
+  rows = idx[:, :, None]
+  block = gram.at[rows, jnp.maximum(rows, idx[:, None, :])].get(mode="promise_in_bounds")
+  return jnp.swapaxes(block * (mask[:, :, None] * mask[:, None, :]), 1, 2)
 
 
 def finish(targets: jax.Array, w: jax.Array, prob: Problem, iterations: jax.Array,
