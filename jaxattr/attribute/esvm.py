@@ -219,6 +219,27 @@ def _spd_solve_pure(m: jax.Array, b: jax.Array) -> jax.Array:
   return jax.lax.fori_loop(0, r, backward, jnp.zeros((bsz, r), b.dtype))
 
 
+def _first_violators(violators: jax.Array, num_rows: int) -> tuple[jax.Array, jax.Array]:
+  """Positions of each row's first `num_rows` violators, and every candidate's violator rank.
+
+  Args:
+    violators: bool [B, n].
+    num_rows: r.
+
+  Returns:
+    (idx int32 [B, r]: the candidates of the first r violators, ascending (entries past a row's
+    count are clamped to n - 1 and must be masked); pos int32 [B, n]: among the violators, how
+    many come before each candidate (its slot in idx when it is a violator and pos < r)).
+    Equivalent to `jnp.nonzero(size=r)` per row, but a binary search in the running count
+    instead of a scatter over all B x n entries, which XLA:CPU runs several times slower.
+  """
+  n = violators.shape[1]
+  running = jnp.cumsum(violators, axis=1, dtype=jnp.int32)  # [B, n]
+  ranks = jnp.arange(1, num_rows + 1, dtype=jnp.int32)
+  idx = jax.vmap(lambda c: jnp.searchsorted(c, ranks, side="left"))(running)
+  return jnp.minimum(idx, n - 1).astype(jnp.int32), running - 1
+
+
 def _rowdot(a, b):
   return jnp.sum(a * b, -1)
 
@@ -309,7 +330,7 @@ def newton_step(t: jax.Array, w: jax.Array, prob: Problem, num_rows: int, line_s
   # The violators' positions, padded (padding masked out). With more than r violators the
   # first r are used: H is replaced by a positive definite H' <= H, which still gives a descent
   # direction for the exact line search.
-  idx = jax.vmap(lambda m: jnp.nonzero(m, size=num_rows, fill_value=0)[0])(violators)
+  idx, pos = _first_violators(violators, num_rows)
   mask = (jnp.arange(num_rows)[None, :] < count[:, None]).astype(dtype)
   g = _gradient(w, v, u, t, x, c_pos, c_neg)
   a_pos = 2.0 * c_pos * (u < 1.0)
@@ -339,8 +360,11 @@ def newton_step(t: jax.Array, w: jax.Array, prob: Problem, num_rows: int, line_s
         (2.0 * gamma - gamma * gamma * tt)[:, None, None]
         * (bt[:, :, None] * bt[:, None, :])))  # I + 2 c_neg B P^-1 B^T, lower triangle
     coef = _spd_solve(m_t, bh, pure_solve)
-    scattered = jnp.zeros_like(v).at[jnp.arange(b)[:, None], idx].add(coef * mask)
-    btc = scattered @ x  # B^T coef
+    # coef spread over the candidates (zero off the active set), by gathering rather than
+    # scattering: entry j is coef[pos_j] for the active violators.
+    spread = jnp.where(violators & (pos < num_rows),
+                       jnp.take_along_axis(coef, jnp.minimum(pos, num_rows - 1), 1), 0.0)
+    btc = spread @ x  # B^T coef
     s = -_half_precondition(gh - 2.0 * c_neg * _half_precondition(btc, t, gamma), t, gamma)
   xs, ts = s @ x.T, _rowdot(t, s)
   # The Newton step in decision-value units, ||[x; t] H^-1 g||_inf: a norm of the gradient that
@@ -373,7 +397,7 @@ def _gram_block(gram: jax.Array, idx: jax.Array, mask: jax.Array) -> jax.Array:
   diagonal entry (a cache hit). The block is built as the transpose of its upper triangle (the
   Gram is exactly symmetric, see `prepare`): XLA then writes the row-major gather as it is into
   the column-major operand the LAPACK kernels take, instead of running down the Gram's columns.
-  idx must be ascending over the unmasked entries (as `jnp.nonzero` gives it).
+  idx must be ascending over the unmasked entries (as `_first_violators` gives it).
   """
   rows = idx[:, :, None]
   block = gram.at[rows, jnp.maximum(rows, idx[:, None, :])].get(mode="promise_in_bounds")
