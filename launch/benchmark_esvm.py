@@ -60,7 +60,7 @@ _CLASS = flags.DEFINE_integer("class_id", 0, "Class of the compare mode's target
 _N_SK = flags.DEFINE_integer("num_targets_sklearn", 100, "Targets fitted by sklearn primal.")
 _N_DUAL = flags.DEFINE_integer("num_targets_dual", 3, "Targets fitted by sklearn dual=True.")
 _N_JAX = flags.DEFINE_integer("num_targets_jax", 1000, "Targets solved by jaxattr (compare).")
-_CHUNK = flags.DEFINE_integer("chunk_size", 256, "jaxattr targets per step.")
+_CHUNK = flags.DEFINE_integer("chunk_size", 1024, "jaxattr targets per step.")
 _TOL = flags.DEFINE_float("tol", 1e-5, "jaxattr tolerance (decision-value units).")
 _NUM_ROWS = flags.DEFINE_integer("num_rows", 224, "jaxattr: largest exact-Newton active set.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats of the jaxattr compare run.")

@@ -321,3 +321,37 @@ def test_pure_spd_solve_matches_lapack():
   np.testing.assert_allclose(np.asarray(esvm._spd_solve(m, b, pure=True)), ref, rtol=1e-4,
                              atol=1e-5)
   np.testing.assert_allclose(np.asarray(esvm._spd_solve(m, b)), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_host_topk_matches_lax_top_k_with_ties():
+  # CPU runs select the top k on the host; it must give exactly jax.lax.top_k's order, including
+  # ties inside the top k and at its boundary (lower position first).
+  import jax  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(4)
+  ranked = np.round(rng.normal(size=(6, 300)), 1).astype(np.float32)  # many ties
+  ranked[2, :] = 0.0  # a row that is all one tie
+  ranked[3, 50:] = -np.inf  # padding
+  ranked[4, :40:2] = -0.0  # ties with 0.0
+  scores = rng.normal(size=ranked.shape).astype(np.float32)
+  for k in (1, 7, 50):
+    pos, top = pipeline.host_topk(ranked, scores, k)
+    ref = np.asarray(jax.lax.top_k(ranked, k)[1])
+    np.testing.assert_array_equal(pos, ref)
+    np.testing.assert_array_equal(top, np.take_along_axis(scores, ref, 1))
+
+
+def test_esvm_first_violators_match_nonzero():
+  # esvm._first_violators gives what jnp.nonzero(size=r) gives, and every violator's slot.
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jaxattr.attribute import esvm  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(5)
+  flags = rng.random((5, 40)) < np.array([0.0, 0.1, 0.5, 0.9, 1.0])[:, None]
+  idx, pos = esvm._first_violators(jnp.asarray(flags), 8)
+  idx, pos = np.asarray(idx), np.asarray(pos)
+  for row, f in enumerate(flags):
+    first = np.flatnonzero(f)[:8]
+    np.testing.assert_array_equal(idx[row, :len(first)], first)
+    assert (idx[row] < 40).all()
+    np.testing.assert_array_equal(pos[row][f], np.arange(f.sum()))

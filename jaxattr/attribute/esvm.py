@@ -133,9 +133,9 @@ def prepare(candidates: jax.Array, C: float, valid: jax.Array | None = None,
   count = jnp.sum(valid).astype(dtype)
   c_pos, c_neg = C * (count + 1) / 2.0, C * (count + 1) / (2.0 * count)
   x = _augment(candidates) * valid[:, None].astype(dtype)
+  # Only the Gram's upper triangle is ever read (`_gram_block`), so its rounding need not be
+  # symmetric.
   gram = x @ x.T if n <= shared_gram_max else None
-  if gram is not None:
-    gram = 0.5 * (gram + gram.T)  # exactly symmetric (the product's rounding need not be)
   a = jnp.eye(x.shape[1], dtype=dtype) + 2.0 * c_neg * (x.T @ x)
   chol = jnp.linalg.cholesky(a)
   inv = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(x.shape[1], dtype=dtype))
@@ -394,10 +394,11 @@ def _gram_block(gram: jax.Array, idx: jax.Array, mask: jax.Array) -> jax.Array:
   Only the lower triangle is gathered: the Cholesky factorisations (LAPACK, cuSOLVER and
   `_spd_solve_pure`) read nothing else, and the gather, one cache line of the [n, n] Gram per
   element, is a large part of a Newton step. Above the diagonal each entry repeats its column's
-  diagonal entry (a cache hit). The block is built as the transpose of its upper triangle (the
-  Gram is exactly symmetric, see `prepare`): XLA then writes the row-major gather as it is into
-  the column-major operand the LAPACK kernels take, instead of running down the Gram's columns.
-  idx must be ascending over the unmasked entries (as `_first_violators` gives it).
+  diagonal entry (a cache hit). The block is built as the transpose of its upper triangle, read
+  from the Gram's upper triangle (the only part of the Gram read anywhere): XLA then writes the
+  row-major gather as it is into the column-major operand the LAPACK kernels take, instead of
+  running down the Gram's columns. idx must be ascending over the unmasked entries (as
+  `_first_violators` gives it).
   """
   rows = idx[:, :, None]
   block = gram.at[rows, jnp.maximum(rows, idx[:, None, :])].get(mode="promise_in_bounds")
@@ -518,7 +519,7 @@ class Solver:
   """
 
   def __init__(self, C: float = 0.1, tol: float = 1e-5, max_iter: int = 50,
-               max_rows: int = 224, approx_rows: int = 128, line_steps: int = 12,
+               max_rows: int = 224, approx_rows: int = 64, line_steps: int = 12,
                min_batch: int = 16, mesh: jax.sharding.Mesh | None = None,
                shared_gram_max: int = 8192):
     """See `solve` for C, tol, max_iter, line_steps, shared_gram_max.
