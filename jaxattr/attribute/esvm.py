@@ -519,16 +519,18 @@ class Solver:
   """
 
   def __init__(self, C: float = 0.1, tol: float = 1e-5, max_iter: int = 50,
-               max_rows: int = 224, approx_rows: int = 64, line_steps: int = 12,
-               min_batch: int = 16, mesh: jax.sharding.Mesh | None = None,
-               shared_gram_max: int = 8192):
+               max_rows: int = 224, approx_rows: int = 64, approx_iters: int = 4,
+               line_steps: int = 12, min_batch: int = 16,
+               mesh: jax.sharding.Mesh | None = None, shared_gram_max: int = 8192):
     """See `solve` for C, tol, max_iter, line_steps, shared_gram_max.
 
     Args:
       max_rows: the largest active-set size; beyond it steps are approximate (still convergent).
       approx_rows: active-set size of the approximate steps of targets with more than
-        `max_rows` violators (the first steps, while the active set is far from the optimum's):
-        a bigger one barely improves those steps but costs cubically more.
+        `max_rows` violators in their first `approx_iters` iterations (while the active set is
+        still far from the optimum's): a bigger one barely improves those steps but costs
+        cubically more. Later approximate steps use `max_rows`.
+      approx_iters: see approx_rows.
       min_batch: smallest padded batch of a step.
       mesh: optional 1-axis mesh; batches are sharded over its axis (padded to a multiple of
         its size). None: the default device.
@@ -537,6 +539,7 @@ class Solver:
     self.line_steps = int(line_steps)
     self.rows = tuple(r for r in ROW_BUCKETS if r < max_rows) + (int(max_rows),)
     self.approx_rows = _bucket(min(int(approx_rows), int(max_rows)), self.rows)
+    self.approx_iters = int(approx_iters)
     self.mesh = mesh
     self.num_devices = 1 if mesh is None else mesh.size
     self.min_batch = -(-int(min_batch) // self.num_devices) * self.num_devices
@@ -618,8 +621,12 @@ class Solver:
         break
       # A little headroom: the count comes from incrementally updated decision values, which
       # may differ from the recomputed ones right at the margin.
-      sizes = np.array([_bucket(int(c) + 8, self.rows) if c + 8 <= self.rows[-1]
-                        else self.approx_rows for c in count[active]])
+      sizes = np.array([_bucket(int(c) + 8, self.rows) for c in count[active]])
+      # More violators than max_rows: approximate steps, with few rows while the active set is
+      # still far from the optimum's (the first iterations), then with max_rows (a target whose
+      # optimum has more violators than max_rows converges only linearly, faster with more rows).
+      big = count[active] + 8 > self.rows[-1]
+      sizes[big] = np.where(it[active][big] < self.approx_iters, self.approx_rows, self.rows[-1])
       # Groups smaller than a minimal batch join the next larger size (a bigger active set is
       # still exact): fewer small calls and fewer compiled shapes.
       present = np.unique(sizes)

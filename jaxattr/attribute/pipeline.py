@@ -8,9 +8,11 @@
 
 With `same_class` the candidates of a target are the training examples of its label (the
 paper's default); targets of one class share one candidate matrix. Targets are processed in
-chunks of `chunk_size` (a fixed shape, padded, so nothing recompiles), each chunk sharded over all
+chunks of `chunk_size` (a fixed shape, padded, so nothing recompiles; the ESVM solver itself
+solves only a chunk's real targets, in its own power-of-two batches), each chunk sharded over all
 devices along the targets axis; candidate sets are padded to a multiple of `CANDIDATE_BUCKET`
-rows and masked, so classes of slightly different sizes share one compiled program. With an
+rows and masked, so classes of slightly different sizes share one compiled program. The top k
+are selected on the device, or on the host for CPU devices (`host_topk`, same order). With an
 `out_dir`, every finished chunk is written to disk at once and a restarted run skips it.
 """
 
