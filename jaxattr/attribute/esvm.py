@@ -513,9 +513,10 @@ class Solver:
   the targets that have converged and groups the rest by their current number of violators:
   each group takes its step with the smallest active-set size r in `ROW_BUCKETS` that holds its
   violators, in a batch padded to a power of two. Cost then follows the mean iteration count and
-  the typical active set rather than the maxima. The iterates are those of `solve` (exact
-  Newton steps up to `max_rows` violators); only the weights and a few [targets] counters cross
-  between host and device per step. The grouping is deterministic.
+  the typical active set rather than the maxima. The iterates are those of `solve` wherever a
+  target's violators fit in `max_rows` (exact Newton steps); with more violators the steps are
+  approximate here too, but with fewer rows at first (`approx_rows`). Only the weights and a few
+  [targets] counters cross between host and device per step. The grouping is deterministic.
   """
 
   def __init__(self, C: float = 0.1, tol: float = 1e-5, max_iter: int = 50,
