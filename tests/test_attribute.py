@@ -156,6 +156,17 @@ def test_chunked_equals_unchunked():
   assert differ.mean() < 0.02
 
 
+@pytest.mark.parametrize("method", ["esvm", "l2"])
+def test_device_and_host_top_k_agree(method):
+  # Accelerators pick the top k on the device (jax.lax.top_k), CPUs on the host: same lists.
+  train, labels, test, test_labels, index = toy_features(seed=6)
+  kw = dict(method=method, k=25, train_index=index, chunk_size=16)
+  host = attribute.topk(train, labels, test, test_labels, select_on_host=True, **kw)
+  device = attribute.topk(train, labels, test, test_labels, select_on_host=False, **kw)
+  np.testing.assert_array_equal(host.indices, device.indices)
+  np.testing.assert_array_equal(host.scores, device.scores)
+
+
 def test_resume_after_kill(tmp_path, monkeypatch):
   train, labels, test, test_labels, index = toy_features(seed=5)
   kw = dict(method="esvm", k=20, train_index=index, chunk_size=4)

@@ -258,14 +258,15 @@ class _ChunkRunner:
   """
 
   def __init__(self, method: str, C: float, tol: float, max_iter: int, num_rows: int, k: int,
-               devices: Sequence[jax.Device] | None = None):
+               devices: Sequence[jax.Device] | None = None, select_on_host: bool | None = None):
     devices = list(devices or jax.devices())
     self.mesh = Mesh(np.array(devices), (TARGET_AXIS,))
     self.num_devices = len(devices)
     self.targets_sharding = NamedSharding(self.mesh, P(TARGET_AXIS))
     self.replicated = NamedSharding(self.mesh, P())
     self.k = int(k)
-    self.on_host = devices[0].platform == "cpu"
+    self.on_host = (devices[0].platform == "cpu" if select_on_host is None
+                    else bool(select_on_host))
     self.solver, self.fn = _sharded_fn(method, float(C), float(tol), int(max_iter),
                                        int(num_rows), self.k, self.mesh, self.on_host)
 
@@ -325,7 +326,7 @@ def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np
          train_index: np.ndarray | None = None, C: float = 0.1, tol: float = 1e-5,
          max_iter: int = 50, num_rows: int = 224, chunk_size: int = 1024,
          devices: Sequence[jax.Device] | None = None, chunk_dir: str | None = None,
-         log_every_s: float = 10.0) -> TopK:
+         log_every_s: float = 10.0, select_on_host: bool | None = None) -> TopK:
   """Ranks training examples for each target and keeps the best k.
 
   Args:
@@ -345,6 +346,8 @@ def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np
     chunk_dir: if set, each finished chunk is saved there and reused by a rerun with the same
       arguments (resume after a kill).
     log_every_s: seconds between progress logs.
+    select_on_host: pick the top k on the host (`host_topk`) rather than on the devices
+      (`jax.lax.top_k`); same result. None: on the host for CPU devices, where it is faster.
 
   Returns:
     A `TopK` with rows in the order of `targets`.
@@ -363,7 +366,7 @@ def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np
   train_index = (np.arange(len(train_features)) if train_index is None
                  else np.asarray(train_index)).astype(np.int64)
 
-  runner = _ChunkRunner(method, C, tol, max_iter, num_rows, k, devices)
+  runner = _ChunkRunner(method, C, tol, max_iter, num_rows, k, devices, select_on_host)
   chunk_size = -(-chunk_size // runner.num_devices) * runner.num_devices
   plan = plan_chunks(test_labels, targets, same_class, chunk_size)
   if chunk_dir is not None:
