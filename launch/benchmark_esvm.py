@@ -21,10 +21,10 @@ Modes (--mode):
   python launch/benchmark_esvm.py                       # CPU, ~5 min the first time (features)
   python launch/benchmark_esvm.py --features_dir=runs/cifar10/features --mode=all
 
-Measured (2-core CPU, load ~2, random-init features, class 0, 5,000 candidates x 512; two runs):
-jaxattr 289-314 targets/s vs sklearn primal 10.8-11.4 (26.7-27.7x), dual=True 1.8-1.9;
-overlap@100/@1280 1.0; max |diff| 6e-6; all 10,000 test targets in 31-34 s (6.8 mean Newton
-iterations). Run as `PYTHONPATH=. python3 launch/benchmark_esvm.py --mode=both`.
+Measured (2-core CPU, load 1.3-1.8, random-init features, class 0, 5,000 candidates x 512;
+three runs): jaxattr 372-418 targets/s vs sklearn primal 10.0-10.8 (37.2-38.6x), dual=True
+1.7-1.9; overlap@100/@1280 1.0; max |diff| 6e-6; all 10,000 test targets in 30-31 s with
+compilation (6.8 mean Newton iterations). Run as `python3 launch/benchmark_esvm.py --mode=both`.
 
 Runs unchanged on a GPU (the solver is float32; sklearn stays on the host CPU).
 """
