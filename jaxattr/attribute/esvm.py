@@ -94,6 +94,9 @@ def _augment(x: jax.Array) -> jax.Array:
 class Problem(NamedTuple):
   """One candidate set, prepared once on the device and shared by all targets (`prepare`).
 
+  The candidates are held in the solver's own order (see `inverse`), which all candidate-indexed
+  arrays here follow; `finish` and `solve` return decision values in the caller's order.
+
   Attributes:
     x: [n, D] augmented candidates (D = d + 1), padding rows all zero (they add nothing to sums).
     valid: [n] bool, False on padding rows.
@@ -103,6 +106,12 @@ class Problem(NamedTuple):
       solves (see `pure_solve` in `newton_step` for why LAPACK calls are avoided there).
     ridge_rhs: [D] A^-1 x^T 1.
     c_pos, c_neg: the balanced class weights (scalars).
+    inverse: int32 [n]: row inverse[i] here is the caller's candidate i. The valid candidates
+      are sorted by norm, smallest first: a candidate near the origin has a decision value near
+      the intercept for every target, so small-norm candidates are margin violators for most
+      targets (for CIFAR-10 features the 1,000 smallest of 5,000 hold ~2/3 of all targets'
+      active-set entries). Together they make a compact, cache-resident corner of the Gram,
+      which the per-step gather of the active set's block reads far more often than the rest.
   """
 
   x: jax.Array
@@ -112,6 +121,11 @@ class Problem(NamedTuple):
   ridge_rhs: jax.Array
   c_pos: jax.Array
   c_neg: jax.Array
+  inverse: jax.Array
+
+  def caller_order(self, a: jax.Array) -> jax.Array:
+    """A [..., n] candidate-indexed array of the solver's order in the caller's order."""
+    return a[..., self.inverse]
 
 
 def prepare(candidates: jax.Array, C: float, valid: jax.Array | None = None,
@@ -130,6 +144,11 @@ def prepare(candidates: jax.Array, C: float, valid: jax.Array | None = None,
   dtype = candidates.dtype
   if valid is None:
     valid = jnp.ones((n,), bool)
+  # The solver's order (see `Problem.inverse`): valid candidates by norm, then the padding.
+  order = jnp.argsort(jnp.where(valid, jnp.sum(candidates * candidates, -1), jnp.inf),
+                      stable=True)
+  candidates, valid = candidates[order], valid[order]
+  inverse = jnp.argsort(order).astype(jnp.int32)
   count = jnp.sum(valid).astype(dtype)
   c_pos, c_neg = C * (count + 1) / 2.0, C * (count + 1) / (2.0 * count)
   x = _augment(candidates) * valid[:, None].astype(dtype)
@@ -140,7 +159,7 @@ def prepare(candidates: jax.Array, C: float, valid: jax.Array | None = None,
   chol = jnp.linalg.cholesky(a)
   inv = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(x.shape[1], dtype=dtype))
   inv = 0.5 * (inv + inv.T)
-  return Problem(x, valid, gram, inv, inv @ jnp.sum(x, 0), c_pos, c_neg)
+  return Problem(x, valid, gram, inv, inv @ jnp.sum(x, 0), c_pos, c_neg, inverse)
 
 
 def initial_weights(targets: jax.Array, prob: Problem) -> jax.Array:
@@ -407,14 +426,14 @@ def _gram_block(gram: jax.Array, idx: jax.Array, mask: jax.Array) -> jax.Array:
 
 def finish(targets: jax.Array, w: jax.Array, prob: Problem, iterations: jax.Array,
            step: jax.Array, tol: float):
-  """Decision values [targets, n] and `SolverStats` of weights w [targets, D] (traceable)."""
+  """Decision values [targets, n] (caller's order) and `SolverStats` of weights w [targets, D]."""
   t = _augment(targets.astype(prob.x.dtype))
   v = w @ prob.x.T
   u = _rowdot(t, w)
   g = _gradient(w, v, u, t, prob.x, prob.c_pos, prob.c_neg)
   tt = _rowdot(t, t)
   gamma = (1.0 - jax.lax.rsqrt(1.0 + 2.0 * prob.c_pos * (u < 1.0) * tt)) / tt
-  return v, SolverStats(iterations, jnp.sum((v > -1.0) & prob.valid, -1),
+  return prob.caller_order(v), SolverStats(iterations, jnp.sum((v > -1.0) & prob.valid, -1),
                         jnp.linalg.norm(g, axis=-1),
                         jnp.linalg.norm(_half_precondition(g, t, gamma), axis=-1), step,
                         step <= tol)

@@ -227,7 +227,7 @@ def _esvm_finish_fn(tol: float, k: int, on_host: bool):
 
   def fn(targets, w, iterations, step, prob):
     scores, st = esvm.finish(targets, w, prob, iterations, step, tol)
-    pos, top = _ranked_topk(scores, scores, prob.valid, k, on_host)
+    pos, top = _ranked_topk(scores, scores, prob.caller_order(prob.valid), k, on_host)
     return pos, top, st._asdict()
 
   return fn
