@@ -11,9 +11,12 @@ Modes (--mode):
     training images. sklearn LinearSVC(C=0.1, class_weight='balanced', tol=1e-6,
     max_iter=10000) fitted per target, primal (dual='auto' picks it: n > d) on
     --num_targets_sklearn targets and dual=True (what scikit-learn 1.1, the reference's
-    environment, ran) on --num_targets_dual targets; jaxattr on --num_targets_jax targets. Prints
-    targets/s of each, the ratio, top-k overlap at k=100 and 1280, how many top-100 lists are
-    identical, and the largest decision-value difference.
+    environment, ran) on --num_targets_dual targets; jaxattr on --num_targets_jax targets, timed
+    twice: end to end through `jaxattr.attribute.topk` (candidate preparation, solve, top-1280
+    selection), and like for like with sklearn's loop (preparation, solve and the decision
+    values of every candidate on the host, no ranking). Prints targets/s of each, the ratios,
+    top-k overlap at k=100 and 1280, how many top-100 lists are identical, and the largest
+    decision-value difference.
   all: every test target (10,000 for CIFAR-10) with same-class candidates and k=1280, end to end
     through `jaxattr.attribute.topk` (chunks, top-k, host transfer), timed once after a warm-up.
   both (default).
@@ -46,6 +49,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from jaxattr import attribute, bench, utils  # noqa: E402  pylint: disable=wrong-import-position
+from jaxattr.attribute import esvm  # noqa: E402  pylint: disable=wrong-import-position
 
 DEFAULT_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10-jpeg.tar.gz")
 
@@ -156,6 +160,21 @@ def compare(train, test) -> tuple[list[dict], dict]:
   t_jax = bench.time_fn(run_jax, repeats=_REPEATS.value, warmup=1)
   load_jax = os.getloadavg()[0]
   res = run_jax()
+
+  # Like for like with sklearn's loop (a fit and the decision values of every candidate, no
+  # ranking): the same solver, from the candidate set's preparation to the decision values of
+  # every candidate on the host.
+  solver = esvm.Solver(tol=_TOL.value, max_rows=_NUM_ROWS.value)
+  values_fn = jax.jit(lambda t, w, it, st, prob: esvm.finish(t, w, prob, it, st, _TOL.value)[0])
+
+  def run_values():
+    prob = solver.prepare(cand)
+    w, it, st = solver(targets[:n_jax], prob)
+    return np.asarray(values_fn(targets[:n_jax], w, it, st, prob))
+
+  t_values = bench.time_fn(run_values, repeats=_REPEATS.value, warmup=1)
+  load_values = os.getloadavg()[0]
+  values = run_values()
   # Full decision values of the sklearn targets, for the comparison (not timed).
   ours, stats = attribute.esvm_scores(targets[:n_sk], cand, tol=_TOL.value,
                                       num_rows=_NUM_ROWS.value, return_stats=True)
@@ -201,12 +220,16 @@ def compare(train, test) -> tuple[list[dict], dict]:
     return out
 
   rate_jax = n_jax / t_jax["median_s"]
+  rate_values = n_jax / t_values["median_s"]
   rate_sk = 1.0 / float(np.median(sk_times))
   rate_dual = 1.0 / float(np.median(dual_times))
   rows = [
       {"solver": "jaxattr ESVM (topk, k=1280)", "targets": n_jax, "targets/s": rate_jax,
        "s/target": 1.0 / rate_jax, "vs primal": rate_jax / rate_sk,
        "vs dual": rate_jax / rate_dual, "load1": load_jax},
+      {"solver": "jaxattr ESVM decision values", "targets": n_jax, "targets/s": rate_values,
+       "s/target": 1.0 / rate_values, "vs primal": rate_values / rate_sk,
+       "vs dual": rate_values / rate_dual, "load1": load_values},
       {"solver": "sklearn LinearSVC primal", "targets": n_sk, "targets/s": rate_sk,
        "s/target": 1.0 / rate_sk, "vs primal": 1.0, "vs dual": rate_sk / rate_dual,
        "load1": load_sk},
@@ -215,7 +238,10 @@ def compare(train, test) -> tuple[list[dict], dict]:
        "load1": load_dual},
   ]
   agree = {"vs_primal": agreement(sk_values), "vs_dual": agreement(dual_values),
-           "jax_timing": t_jax, "sklearn_primal_s": sk_times.tolist(),
+           "jax_timing": t_jax, "values_timing": t_values,
+           # The decision-value run against the topk run's solve (same solver, same targets).
+           "values_vs_esvm_scores_max_abs_diff": float(np.abs(values[:n_sk] - ours).max()),
+           "sklearn_primal_s": sk_times.tolist(),
            "sklearn_dual_s": dual_times.tolist(),
            "solver_iterations_mean": float(np.mean(stats.iterations)),
            "solver_iterations_max": int(np.max(stats.iterations)),
