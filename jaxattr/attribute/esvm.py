@@ -36,6 +36,9 @@ targets with `jax.vmap` inside one jit:
   the set of margin violators unchanged, the step at the new weights is known without another
   iteration ((1 - a) times the step taken, up to the solve's rounding), so converged targets do
   not spend an iteration verifying it.
+* The candidates are held sorted by norm (`Problem.inverse`): the small-norm ones are margin
+  violators for most targets, so the active sets' Gram blocks come mostly from one small,
+  cache-resident corner of the Gram, and only that matrix's upper triangle is read.
 * Several XLA:CPU devices running jaxlib's batched LAPACK kernels at once can deadlock its
   thread pool, so `Solver` on a multi-device CPU mesh solves the [r, r] systems with a
   LAPACK-free Cholesky (`_spd_solve_pure`); single devices and accelerators use LAPACK/cuSOLVER.
