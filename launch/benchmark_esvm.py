@@ -24,10 +24,11 @@ Modes (--mode):
   python launch/benchmark_esvm.py                       # CPU, ~5 min the first time (features)
   python launch/benchmark_esvm.py --features_dir=runs/cifar10/features --mode=all
 
-Measured (2-core CPU, load 1.3-1.8, random-init features, class 0, 5,000 candidates x 512;
-three runs): jaxattr 372-418 targets/s vs sklearn primal 10.0-10.8 (37.2-38.6x), dual=True
-1.7-1.9; overlap@100/@1280 1.0; max |diff| 6e-6; all 10,000 test targets in 30-31 s with
-compilation (6.8 mean Newton iterations). Run as `python3 launch/benchmark_esvm.py --mode=both`.
+Measured (2-core CPU, load 1.6-2.0, random-init features, class 0, 5,000 candidates x 512; two
+runs): decision values 412-467 targets/s, topk 405-411, vs sklearn primal 9.9-10.5 (41.5-44.3x
+and 38.4-41.3x), dual=True 1.75-1.77; overlap@100/@1280 1.0; max |diff| 7e-6; all 10,000 test
+targets in 30.7-32.0 s (6.65 mean Newton iterations). Run as
+`python3 launch/benchmark_esvm.py --mode=both`.
 
 Runs unchanged on a GPU (the solver is float32; sklearn stays on the host CPU).
 """
