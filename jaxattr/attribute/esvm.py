@@ -104,10 +104,11 @@ class Problem(NamedTuple):
     x: [n, D] augmented candidates (D = d + 1), padding rows all zero (they add nothing to sums).
     valid: [n] bool, False on padding rows.
     gram: x x^T [n, n] shared by all targets, or None to gather each step's rows instead.
-    ridge_inv: [D, D] A^-1 for A = I + 2 c_neg x^T x (the Hessian with every negative inside
-      its margin), for the starting point: a matrix product per batch instead of triangular
-      solves (see `pure_solve` in `newton_step` for why LAPACK calls are avoided there).
-    ridge_rhs: [D] A^-1 x^T 1.
+    ridge_inv: [D, D] A^-1 for A = I + 2 c_neg x_K^T x_K, x_K the `init_rows` smallest-norm
+      candidates (the Hessian with those inside their margin), for the starting point: a
+      matrix product per batch instead of triangular solves (see `pure_solve` in `newton_step`
+      for why LAPACK calls are avoided there).
+    ridge_rhs: [D] A^-1 x_K^T 1.
     c_pos, c_neg: the balanced class weights (scalars).
     inverse: int32 [n]: row inverse[i] here is the caller's candidate i. The valid candidates
       are sorted by norm, smallest first: a candidate near the origin has a decision value near
@@ -131,8 +132,12 @@ class Problem(NamedTuple):
     return a[..., self.inverse]
 
 
+# Candidates assumed inside their margin by the starting point (`initial_weights`).
+INIT_ROWS = 256
+
+
 def prepare(candidates: jax.Array, C: float, valid: jax.Array | None = None,
-            shared_gram_max: int = 8192) -> Problem:
+            shared_gram_max: int = 8192, init_rows: int = INIT_ROWS) -> Problem:
   """Augments the candidates, masks padding, and forms what all targets share (traceable).
 
   Args:
@@ -140,6 +145,8 @@ def prepare(candidates: jax.Array, C: float, valid: jax.Array | None = None,
     C: sklearn's C.
     valid: optional bool [n]; False marks padding rows (the class weights count valid rows).
     shared_gram_max: with at most this many candidates their [n, n] Gram is formed here.
+    init_rows: the starting point counts this many smallest-norm candidates as margin violators
+      (`initial_weights`).
   """
   n = candidates.shape[0]
   candidates = candidates.astype(jnp.float32) if not jnp.issubdtype(
@@ -158,27 +165,31 @@ def prepare(candidates: jax.Array, C: float, valid: jax.Array | None = None,
   # Only the Gram's upper triangle is ever read (`_gram_block`), so its rounding need not be
   # symmetric.
   gram = x @ x.T if n <= shared_gram_max else None
-  a = jnp.eye(x.shape[1], dtype=dtype) + 2.0 * c_neg * (x.T @ x)
+  x_k = x[:max(1, min(int(init_rows), n))]  # valid rows come first; padding rows are zero
+  a = jnp.eye(x.shape[1], dtype=dtype) + 2.0 * c_neg * (x_k.T @ x_k)
   chol = jnp.linalg.cholesky(a)
   inv = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(x.shape[1], dtype=dtype))
   inv = 0.5 * (inv + inv.T)
-  return Problem(x, valid, gram, inv, inv @ jnp.sum(x, 0), c_pos, c_neg, inverse)
+  return Problem(x, valid, gram, inv, inv @ jnp.sum(x_k, 0), c_pos, c_neg, inverse)
 
 
 def initial_weights(targets: jax.Array, prob: Problem) -> jax.Array:
-  """Starting weights [targets, D]: the minimiser with every candidate inside its margin.
+  """Starting weights [targets, D]: the minimiser with the `init_rows` smallest-norm candidates
+  inside their margin and the others ignored.
 
-  With every negative counted as a violator the objective is a ridge regression whose Hessian
-  A + 2 c_pos t t^T is shared by all targets up to the rank-one positive term, so its minimiser
-  costs one shared [D, D] factorisation plus Sherman-Morrison per target. It lands near the
-  optimum's scale and orientation, about a third fewer Newton steps than starting from w = 0
-  (which first swings to w ~ t, with every negative violating). Only a starting point: the
-  Newton iterations make the result exact whatever its rounding.
+  That objective is a ridge regression whose Hessian A + 2 c_pos t t^T is shared by all targets
+  up to the rank-one positive term, so its minimiser costs one shared [D, D] factorisation plus
+  Sherman-Morrison per target. The small-norm candidates are the margin violators of most
+  targets' optima (see `Problem.inverse`), so this lands near the optimum: on CIFAR-10 features
+  (5,000 candidates) 256 of them take ~1 Newton step fewer (5.3-5.8 on average) than counting
+  every candidate (6.6), which in turn takes about a third fewer than w = 0 (which first swings
+  to w ~ t, with every negative violating). Only a starting point: the Newton iterations make
+  the result exact whatever its rounding.
   """
   t = _augment(targets.astype(prob.x.dtype))
   k = 2.0 * prob.c_pos
   p = t @ prob.ridge_inv  # A^-1 t  [targets, D] (A symmetric)
-  a_b = k * p - 2.0 * prob.c_neg * prob.ridge_rhs  # A^-1 b, b = k t - 2 c_neg x^T 1
+  a_b = k * p - 2.0 * prob.c_neg * prob.ridge_rhs  # A^-1 b, b = k t - 2 c_neg x_K^T 1
   tb = jnp.sum(t * a_b, -1, keepdims=True)
   tp = jnp.sum(t * p, -1, keepdims=True)
   return a_b - k * p * tb / (1.0 + k * tp)
