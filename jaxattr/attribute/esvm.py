@@ -655,7 +655,8 @@ class Solver:
         break
       # A little headroom: the count comes from incrementally updated decision values, which
       # may differ from the recomputed ones right at the margin.
-      sizes = np.array([_bucket(int(c) + 8, self.rows) for c in count[active]])
+      rows = np.asarray(self.rows)
+      sizes = rows[np.minimum(np.searchsorted(rows, count[active] + 8), len(rows) - 1)]
       # More violators than max_rows: approximate steps, with few rows while the active set is
       # still far from the optimum's (the first iterations), then with max_rows (a target whose
       # optimum has more violators than max_rows converges only linearly, faster with more rows).

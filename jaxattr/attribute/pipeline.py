@@ -159,11 +159,13 @@ def _ranked_topk(scores, ranked, valid, k, on_host):
   """(positions, scores) of the k largest `ranked` per row; ties: lower position first.
 
   With `on_host` nothing is selected here: (ranked with padding at -inf, scores) come back whole
-  for `host_topk`.
+  for `host_topk`, scores as None when they are the ranked values themselves (esvm, cosine), so
+  that one [B, n] array rather than two crosses to the host.
   """
+  same = ranked is scores
   ranked = jnp.where(valid[None, :], ranked, -jnp.inf)
   if on_host:
-    return ranked, scores
+    return ranked, None if same else scores
   _, pos = jax.lax.top_k(ranked, k)
   return pos, jnp.take_along_axis(scores, pos, axis=1)
 
@@ -300,7 +302,8 @@ class _ChunkRunner:
       put = lambda a: jax.device_put(a[fill], self.targets_sharding)
       out = jax.device_get(self.fn(put(targets), *(put(a) for a in solved), prob))
     if self.on_host:
-      return host_topk(out[0], out[1], self.k) + (out[2],)
+      ranked, scores = out[0], out[1]
+      return host_topk(ranked, ranked if scores is None else scores, self.k) + (out[2],)
     return out
 
 
