@@ -216,11 +216,13 @@ def _bad_inputs():
       "target": (dict(targets=[0, len(test)]), "out of range"),
       "no_class": (dict(test_labels=no_class, targets=[0]), "no training candidates"),
       "method": (dict(method="svm"), "unknown attribution method"),
+      "chunk_size": (dict(chunk_size=0), "chunk_size must be positive"),
+      "tol": (dict(tol=-1e-5), "tol must be positive"),
   }, (train, labels, test, test_labels)
 
 
 @pytest.mark.parametrize("case", ["labels", "nan", "inf", "dims", "k", "k_all", "target",
-                                  "no_class", "method"])
+                                  "no_class", "method", "chunk_size", "tol"])
 def test_bad_input_is_a_clear_error(case, monkeypatch):
   cases, (train, labels, test, test_labels) = _bad_inputs()
   overrides, message = cases[case]

@@ -366,6 +366,10 @@ def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np
              else np.asarray(targets).astype(np.int64).reshape(-1))
   validate(train_features, train_labels, test_features, test_labels, targets, method, k,
            same_class, train_index)
+  for name, value in (("chunk_size", chunk_size), ("num_rows", num_rows),
+                      ("max_iter", max_iter), ("C", C), ("tol", tol)):
+    if not value > 0:
+      raise AttributionError(f"{name} must be positive, got {value!r}")
   train_index = (np.arange(len(train_features)) if train_index is None
                  else np.asarray(train_index)).astype(np.int64)
 
