@@ -319,6 +319,32 @@ def test_esvm_gram_paths_agree_and_few_rows_still_converge():
   np.testing.assert_allclose(np.asarray(few), np.asarray(rows), rtol=1e-4, atol=1e-5)
 
 
+def test_solver_batch_caps_split_groups_without_changing_results():
+  from jaxattr.attribute import esvm  # pylint: disable=g-import-not-at-top
+
+  solver = esvm.Solver()
+  assert solver.on_cpu
+  # CPU default: B r <= 2^14 and B n <= 2^20, rounded down to a power of two.
+  assert solver._batch_cap(64, 5000) == 128 and solver._batch_cap(224, 5000) == 64
+  assert solver._batch_cap(128, 1300) == 128 and solver._batch_cap(512, 100_000) == 16
+  assert [len(p) for p in solver._split(np.arange(300), 128)] == [128, 128, 32, 12]
+  assert esvm.Solver(max_batch=100)._batch_cap(64, 5000) == 64
+  with pytest.raises(ValueError, match="max_batch"):
+    esvm.Solver(max_batch=0)
+  # The same targets in batches of 16 and in one batch: the same optimum.
+  rng = np.random.default_rng(4)
+  x = np.abs(rng.normal(size=(300, 20)) + 1.0).astype(np.float32)
+  t = (x[:40] + 0.3 * rng.normal(size=(40, 20))).astype(np.float32)
+  results = []
+  for cap in (16, 1024):
+    s = esvm.Solver(max_batch=cap, min_batch=16)
+    prob = s.prepare(x)
+    w, it, step = s(t, prob)
+    assert (step <= s.tol).all()
+    results.append(w)
+  np.testing.assert_allclose(results[0], results[1], rtol=1e-4, atol=1e-5)
+
+
 def test_pure_spd_solve_matches_lapack():
   # The LAPACK-free solve of multi-device CPU meshes (esvm._spd_solve_pure) against the LAPACK
   # one, on Woodbury-like systems I + c G G^T with identity rows where the active set is padded.
