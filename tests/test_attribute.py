@@ -310,6 +310,11 @@ def test_esvm_gram_paths_agree_and_few_rows_still_converge():
   rng = np.random.default_rng(9)
   x = np.abs(rng.normal(size=(260, 20)) + 1.0).astype(np.float32)
   t = (x[:3] + 0.1 * rng.normal(size=(3, 20))).astype(np.float32)
+  from jaxattr.attribute import esvm  # pylint: disable=g-import-not-at-top
+
+  # The Gram of row blocks (large candidate sets): its upper triangle is x x^T's.
+  upper = np.asarray(esvm._upper_gram(x[:50], block=8))  # 7 blocks, the last one ragged
+  np.testing.assert_allclose(np.triu(upper), np.triu(x[:50] @ x[:50].T), rtol=1e-5)
   _, shared, st1 = attribute.solve(t, x, 0.1, shared_gram_max=10_000)
   _, rows, st2 = attribute.solve(t, x, 0.1, shared_gram_max=0)
   np.testing.assert_allclose(np.asarray(shared), np.asarray(rows), rtol=1e-5, atol=1e-6)
@@ -378,6 +383,12 @@ def test_host_topk_matches_lax_top_k_with_ties():
     ref = np.asarray(jax.lax.top_k(ranked, k)[1])
     np.testing.assert_array_equal(pos, ref)
     np.testing.assert_array_equal(top, np.take_along_axis(scores, ref, 1))
+  # Enough rows for the thread pool's row blocks: the same as one block.
+  many = np.concatenate([ranked] * 60)
+  many_scores = np.concatenate([scores] * 60)
+  pos, top = pipeline.host_topk(many, many_scores, 7)
+  np.testing.assert_array_equal(pos, np.asarray(jax.lax.top_k(many, 7)[1]))
+  np.testing.assert_array_equal(pos, pipeline._host_topk_rows(many, many_scores, 7)[0])
 
 
 def test_esvm_first_violators_match_nonzero():
