@@ -19,11 +19,12 @@ def launch(run: Callable[[Any, str], Any], doc: str = "",
 
   On the CPU backend, XLA_FLAGS defaults to `cpu_flags` (`jaxattr.xla_flags`: about 2x faster
   convolution training on XLA:CPU) unless the user has set XLA_FLAGS, in which case those stand;
-  other backends are untouched.
+  other backends are untouched. Compiled programs are kept in --compilation_cache.
   """
   config = config_flags.DEFINE_config_file("config", None, "Experiment config file "
                                            "(path/to/config.py[:variant]).", lock_config=True)
   workdir = flags.DEFINE_string("workdir", None, "Output directory (created; reused to resume).")
+  cache = define_compilation_cache_flag()
   flags.mark_flags_as_required(["config", "workdir"])
 
   def main(argv):
@@ -35,8 +36,23 @@ def launch(run: Callable[[Any, str], Any], doc: str = "",
     if set_flags:
       logging.info("XLA_FLAGS=%s (CPU defaults of jaxattr.xla_flags; set XLA_FLAGS to override)",
                    set_flags)
+    use_compilation_cache(cache.value)
     if doc:
       logging.info("%s", doc.strip().splitlines()[0])
     run(config.value, workdir.value)
 
   app.run(main)
+
+
+def define_compilation_cache_flag() -> flags.FlagHolder:
+  """--compilation_cache: JAX's persistent compilation cache directory ('' turns it off)."""
+  return flags.DEFINE_string(
+      "compilation_cache", xla_flags.DEFAULT_COMPILATION_CACHE,
+      "Directory of JAX's persistent compilation cache, so that reruns skip compiling ('' = "
+      "off; default from $JAXATTR_COMPILATION_CACHE, else ~/.cache/jaxattr/jax).")
+
+
+def use_compilation_cache(directory: str) -> None:
+  """Turns the cache on (`xla_flags.use_compilation_cache`) and logs where it is."""
+  where = xla_flags.use_compilation_cache(directory)
+  logging.info("JAX compilation cache: %s", where or "off")

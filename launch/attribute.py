@@ -18,7 +18,7 @@ from absl import app, flags
 import ml_collections
 from ml_collections import config_flags
 
-from jaxattr import attribute
+from jaxattr import attribute, cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file with an `attribution` section and `seed`.", lock_config=True)
@@ -33,6 +33,7 @@ _NUM_TARGETS = flags.DEFINE_integer("num_targets", None, "Without --config: rand
 _TARGET_LIST = flags.DEFINE_list("target_list", None, "Without --config: test positions.")
 _CHUNK = flags.DEFINE_integer("chunk_size", None, "Without --config: targets per step.")
 _SEED = flags.DEFINE_integer("seed", 0, "Without --config: seed of the random target sample.")
+_CACHE = cli.define_compilation_cache_flag()
 
 
 def _config() -> ml_collections.ConfigDict:
@@ -55,6 +56,7 @@ def _config() -> ml_collections.ConfigDict:
 
 def main(argv):
   del argv
+  cli.use_compilation_cache(_CACHE.value)
   attribute.run(_config(), _WORKDIR.value)
 
 

@@ -37,3 +37,34 @@ def test_pipeline_launcher_sets_cpu_flags(tmp_path):
       out.stderr[-3000:])
   assert out.returncode != 0 and "support.k=100000 exceeds attribution.k=32" in out.stderr
   assert not os.listdir(tmp_path)  # validated before any stage wrote anything
+
+
+def test_compilation_cache_is_written_and_reused(tmp_path):
+  """use_compilation_cache keeps even quick compiles; a second process reads them back."""
+  cache = str(tmp_path / "cache")
+  code = textwrap.dedent(f"""
+      import os, jax, jax.numpy as jnp
+      from jaxattr import xla_flags
+      assert xla_flags.use_compilation_cache({cache!r}) == {cache!r}
+      total = float(jax.jit(lambda a: jnp.sum(jnp.sin(a) @ a.T))(jnp.arange(12.0).reshape(3, 4)))
+      print("entries", len(os.listdir({cache!r})), total)
+      """)
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR",)}
+  runs = [subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
+                         text=True, timeout=300) for _ in range(2)]
+  for out in runs:
+    assert out.returncode == 0, out.stderr[-3000:]
+  first, second = (out.stdout.split() for out in runs)
+  assert int(first[1]) >= 1 and first == second  # nothing new compiled, the same result
+  # Off when asked, and the user's own JAX setting wins.
+  code = textwrap.dedent("""
+      from jaxattr import xla_flags
+      assert xla_flags.use_compilation_cache("") is None
+      import jax
+      jax.config.update("jax_compilation_cache_dir", "/somewhere/else")
+      assert xla_flags.use_compilation_cache("/tmp/ignored") == "/somewhere/else"
+      print("ok")
+      """)
+  out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
