@@ -405,3 +405,11 @@ def test_esvm_first_violators_match_nonzero():
     np.testing.assert_array_equal(idx[row, :len(first)], first)
     assert (idx[row] < 40).all()
     np.testing.assert_array_equal(pos[row][f], np.arange(f.sum()))
+
+
+def test_padded_sizes_share_buckets_without_padding_past_the_largest_set():
+  sizes = [5000, 5000, 1300, 1290, 1281, 1280, 1279, 732, 7]
+  got = pipeline.padded_sizes(sizes)
+  assert got[5000] == 5000  # CIFAR-10 classes: no padding
+  assert got[1300] == got[1290] == got[1281] == 1300  # one bucket (1281..1408), one shape
+  assert got[1280] == got[1279] == 1280 and got[732] == 732 and got[7] == 7
