@@ -26,8 +26,13 @@ def time_fn(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> dict[st
     t0 = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t0)
+  return summarize(times)
+
+
+def summarize(times: Sequence[float]) -> dict[str, Any]:
+  """{'median_s', 'min_s', 'max_s', 'repeats', 'times_s'} of timed calls' seconds."""
   return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-          "repeats": repeats}
+          "repeats": len(times), "times_s": [float(t) for t in times]}
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:

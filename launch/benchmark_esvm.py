@@ -11,10 +11,13 @@ Modes (--mode):
     training images. sklearn LinearSVC(C=0.1, class_weight='balanced', tol=1e-6,
     max_iter=10000) fitted per target, primal (dual='auto' picks it: n > d) on
     --num_targets_sklearn targets and dual=True (what scikit-learn 1.1, the reference's
-    environment, ran) on --num_targets_dual targets; jaxattr on --num_targets_jax targets, timed
-    twice: end to end through `jaxattr.attribute.topk` (candidate preparation, solve, top-1280
+    environment, ran) on --num_targets_dual targets; jaxattr on --num_targets_jax targets, two
+    ways: end to end through `jaxattr.attribute.topk` (candidate preparation, solve, top-1280
     selection), and like for like with sklearn's loop (preparation, solve and the decision
-    values of every candidate on the host, no ranking). Prints targets/s of each, the ratios,
+    values of every candidate on the host, no ranking). After a warm-up (compiles), --repeats
+    rounds each time both jaxattr runs once and 1/repeats of the sklearn primal fits, so that
+    the machine's drifts hit all sides alike; jaxattr's rate is the median round's, sklearn's
+    the median target's. Prints targets/s of each, the ratios,
     top-k overlap at k=100 and 1280, how many top-100 lists are identical, and the largest
     decision-value difference.
   all: every test target (10,000 for CIFAR-10) with same-class candidates and k=1280, end to end
@@ -68,7 +71,9 @@ _N_JAX = flags.DEFINE_integer("num_targets_jax", 1000, "Targets solved by jaxatt
 _CHUNK = flags.DEFINE_integer("chunk_size", 1024, "jaxattr targets per step.")
 _TOL = flags.DEFINE_float("tol", 1e-5, "jaxattr tolerance (decision-value units).")
 _NUM_ROWS = flags.DEFINE_integer("num_rows", 224, "jaxattr: largest exact-Newton active set.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats of the jaxattr compare run.")
+_REPEATS = flags.DEFINE_integer(
+    "repeats", 5, "Interleaved rounds of the compare mode: each times jaxattr's two runs once "
+    "and 1/repeats of the sklearn primal targets.")
 _BATCH = flags.DEFINE_integer("extract_batch", 250, "Images per feature-extraction step.")
 _OUT = flags.DEFINE_string("out", "bench_results/esvm.json", "Result JSON.")
 _EXTRACT_ONLY = flags.DEFINE_boolean("extract_only", False, "Only build the feature cache.")
@@ -158,8 +163,7 @@ def compare(train, test) -> tuple[list[dict], dict]:
                           method="esvm", k=1280, targets=tpos[:n_jax], tol=_TOL.value,
                           num_rows=_NUM_ROWS.value, chunk_size=_CHUNK.value)
 
-  t_jax = bench.time_fn(run_jax, repeats=_REPEATS.value, warmup=1)
-  load_jax = os.getloadavg()[0]
+  run_jax()  # warm-up: compiles
   res = run_jax()
 
   # Like for like with sklearn's loop (a fit and the decision values of every candidate, no
@@ -173,30 +177,45 @@ def compare(train, test) -> tuple[list[dict], dict]:
     w, it, st = solver(targets[:n_jax], prob)
     return np.asarray(values_fn(targets[:n_jax], w, it, st, prob))
 
-  t_values = bench.time_fn(run_values, repeats=_REPEATS.value, warmup=1)
-  load_values = os.getloadavg()[0]
-  values = run_values()
+  values = run_values()  # warm-up: compiles
   # Full decision values of the sklearn targets, for the comparison (not timed).
   ours, stats = attribute.esvm_scores(targets[:n_sk], cand, tol=_TOL.value,
                                       num_rows=_NUM_ROWS.value, return_stats=True)
   ours = np.asarray(ours, np.float64)
 
-  def run_sklearn(n, dual):
+  def run_sklearn(indices, dual):
     times, values = [], []
-    for i in range(n):
+    for i in indices:
       t0 = time.perf_counter()
       values.append(sklearn_fit(targets[i].astype(np.float64), cand.astype(np.float64), dual))
       times.append(time.perf_counter() - t0)
-      if (i + 1) % 10 == 0:
-        logging.info("sklearn dual=%s: %d/%d targets, %.3f s/target", dual, i + 1, n,
-                     np.mean(times))
-    return np.asarray(times), np.stack(values)
+    return times, values
 
-  # Interleave so the machine's load hits all sides alike: sklearn primal now, dual after.
-  sk_times, sk_values = run_sklearn(n_sk, "auto")
-  load_sk = os.getloadavg()[0]
-  dual_times, dual_values = run_sklearn(n_dual, True)
+  # Interleaved rounds, so that the machine's drifts (this 2-core VM's speed varies by 10-20%
+  # over minutes) hit every side alike: each round times the topk run, the decision-value run
+  # and a 1/repeats share of the sklearn primal fits.
+  timings = {"topk": [], "values": [], "primal": []}
+  sk_values, loads = [], {"topk": [], "values": [], "primal": []}
+  for r, part in enumerate(np.array_split(np.arange(n_sk), _REPEATS.value)):
+    for name, fn in (("topk", run_jax), ("values", run_values)):
+      t0 = time.perf_counter()
+      fn()
+      timings[name].append(time.perf_counter() - t0)
+      loads[name].append(os.getloadavg()[0])
+    times, vals = run_sklearn(part, "auto")
+    timings["primal"] += times
+    sk_values += vals
+    loads["primal"].append(os.getloadavg()[0])
+    logging.info("round %d/%d: topk %.3f s, values %.3f s (%d targets); sklearn primal %.3f "
+                 "s/target", r + 1, _REPEATS.value, timings["topk"][-1], timings["values"][-1],
+                 n_jax, np.mean(times))
+  sk_times, sk_values = np.asarray(timings["primal"]), np.stack(sk_values)
+  dual_times, dual_values = run_sklearn(range(n_dual), True)
+  dual_times, dual_values = np.asarray(dual_times), np.stack(dual_values)
   load_dual = os.getloadavg()[0]
+  t_jax = bench.summarize(timings["topk"])
+  t_values = bench.summarize(timings["values"])
+  load_jax, load_values, load_sk = (float(np.mean(loads[k])) for k in ("topk", "values", "primal"))
 
   def agreement(ref: np.ndarray) -> dict:
     m = len(ref)

@@ -156,6 +156,23 @@ def test_chunked_equals_unchunked():
   assert differ.mean() < 0.02
 
 
+def test_sliced_scoring_program_equals_whole(monkeypatch):
+  # On CPU the ESVM scoring program runs a chunk in slices of CPU_FINISH_SLICE targets.
+  train, labels, test, test_labels, index = toy_features(seed=5)
+  kw = dict(method="esvm", k=25, train_index=index, chunk_size=8)
+  pipeline._sharded_fn.cache_clear()
+  whole = attribute.topk(train, labels, test, test_labels, **kw)  # 8 % 128: one slice
+  monkeypatch.setattr(pipeline, "CPU_FINISH_SLICE", 4)
+  pipeline._sharded_fn.cache_clear()
+  sliced = attribute.topk(train, labels, test, test_labels, **kw)
+  pipeline._sharded_fn.cache_clear()
+  # The same computation per target; only the products' blocking may round differently.
+  np.testing.assert_allclose(sliced.scores, whole.scores, rtol=1e-6, atol=1e-7)
+  assert (sliced.indices != whole.indices).mean() < 0.02
+  np.testing.assert_array_equal(sliced.stats["iterations"], whole.stats["iterations"])
+  np.testing.assert_allclose(sliced.stats["grad_norm"], whole.stats["grad_norm"], rtol=1e-4)
+
+
 @pytest.mark.parametrize("method", ["esvm", "l2"])
 def test_device_and_host_top_k_agree(method):
   # Accelerators pick the top k on the device (jax.lax.top_k), CPUs on the host: same lists.

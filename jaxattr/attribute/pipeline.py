@@ -247,7 +247,12 @@ def _score_fn(method: str, k: int, on_host: bool):
   return fn
 
 
-def _esvm_finish_fn(tol: float, k: int, on_host: bool):
+# On CPU devices the scoring program runs over a chunk in slices of this many targets, whose
+# [slice, n] arrays stay in cache (~30% faster for 1,024 x 5,000 in an ad hoc timing).
+CPU_FINISH_SLICE = 128
+
+
+def _esvm_finish_fn(tol: float, k: int, on_host: bool, on_cpu: bool):
   """(targets, weights, iterations, step, problem) -> (positions, scores, stats), per device."""
 
   def fn(targets, w, iterations, step, prob):
@@ -255,7 +260,16 @@ def _esvm_finish_fn(tol: float, k: int, on_host: bool):
     pos, top = _ranked_topk(scores, scores, prob.caller_order(prob.valid), k, on_host)
     return pos, top, st._asdict()
 
-  return fn
+  def sliced(targets, w, iterations, step, prob):
+    b, size = targets.shape[0], CPU_FINISH_SLICE
+    if not on_cpu or b % size or b == size:
+      return fn(targets, w, iterations, step, prob)
+    split = lambda a: a.reshape((b // size, size) + a.shape[1:])
+    out = jax.lax.map(lambda args: fn(*args, prob), tuple(map(split, (targets, w, iterations,
+                                                                      step))))
+    return jax.tree.map(lambda a: a.reshape((b,) + a.shape[2:]), out)
+
+  return sliced
 
 
 @functools.lru_cache(maxsize=16)
@@ -264,7 +278,8 @@ def _sharded_fn(method: str, C: float, tol: float, max_iter: int, num_rows: int,
   # Cached so that repeated `topk` calls with the same settings reuse the compiled programs.
   if method == "esvm":
     solver = esvm.Solver(C, tol, max_iter, max_rows=num_rows, mesh=mesh)
-    finish = jax.jit(jax.shard_map(_esvm_finish_fn(tol, k, on_host), mesh=mesh,
+    on_cpu = mesh.devices.flat[0].platform == "cpu"
+    finish = jax.jit(jax.shard_map(_esvm_finish_fn(tol, k, on_host, on_cpu), mesh=mesh,
                                    in_specs=(P(TARGET_AXIS),) * 4 + (P(),),
                                    out_specs=P(TARGET_AXIS), check_vma=False))
     return solver, finish
