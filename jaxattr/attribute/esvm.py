@@ -555,8 +555,8 @@ ROW_BUCKETS = (64, 128, 160, 192, 224, 256, 320, 384, 512)
 # [B, n] arrays (decision values, steps, masks) are reread by several passes, which run fastest
 # while they stay in the last-level cache. On a 2-core CPU with 32 MiB of L3 (a CIFAR-10 class,
 # n = 5,000: B = 128 at r <= 128, 64 above), capping B r at 2^14 and B n at 2^20 took the
-# benchmark's 1,000-target solve from ~1.8 s to ~1.5 s (batches of up to 1,024 before).
-# Accelerators take whole groups.
+# benchmark's 1,000-target solve from ~1.8 s to ~1.5 s in an ad hoc A/B (batches of up to 1,024
+# before). Accelerators take whole groups.
 CPU_BATCH_ROWS = 1 << 14
 CPU_BATCH_VALUES = 1 << 20
 

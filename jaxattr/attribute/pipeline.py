@@ -12,9 +12,9 @@ chunks of `chunk_size` (a fixed shape, padded, so nothing recompiles; the ESVM s
 solves only a chunk's real targets, in its own power-of-two batches), each chunk sharded over all
 devices along the targets axis; candidate sets are padded (`padded_sizes`: sizes that fall in
 one `CANDIDATE_BUCKET`-row bucket are padded to the largest of them) and masked, so classes of
-slightly different sizes share one compiled program. The top k
-are selected on the device, or on the host for CPU devices (`host_topk`, same order). With an
-`out_dir`, every finished chunk is written to disk at once and a restarted run skips it.
+slightly different sizes share one compiled program. The top k are selected on the device, or
+on the host for CPU devices (`host_topk`, same order). With an `out_dir`, every finished chunk
+is written to disk at once and a restarted run skips it.
 """
 
 from __future__ import annotations
@@ -176,9 +176,12 @@ def _ranked_topk(scores, ranked, valid, k, on_host):
 HOST_TOPK_ROWS = 128
 
 
+HOST_TOPK_WORKERS = max(1, os.cpu_count() or 1)
+
+
 @functools.lru_cache(maxsize=1)
 def _host_pool() -> futures.ThreadPoolExecutor:
-  return futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1), "host_topk")
+  return futures.ThreadPoolExecutor(HOST_TOPK_WORKERS, "host_topk")
 
 
 def host_topk(ranked: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -196,9 +199,8 @@ def host_topk(ranked: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarra
   Returns:
     (positions int [B, k], scores [B, k]).
   """
-  workers = _host_pool()._max_workers  # pylint: disable=protected-access
-  if workers > 1 and len(ranked) >= 2 * HOST_TOPK_ROWS:
-    step = max(HOST_TOPK_ROWS, -(-len(ranked) // workers))
+  if HOST_TOPK_WORKERS > 1 and len(ranked) >= 2 * HOST_TOPK_ROWS:
+    step = max(HOST_TOPK_ROWS, -(-len(ranked) // HOST_TOPK_WORKERS))
     parts = list(_host_pool().map(lambda i: _host_topk_rows(ranked[i:i + step],
                                                             scores[i:i + step], k),
                                   range(0, len(ranked), step)))
