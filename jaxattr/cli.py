@@ -53,6 +53,15 @@ def define_compilation_cache_flag() -> flags.FlagHolder:
 
 
 def use_compilation_cache(directory: str) -> None:
-  """Turns the cache on (`xla_flags.use_compilation_cache`) and logs where it is."""
-  where = xla_flags.use_compilation_cache(directory)
+  """Turns the cache on (`xla_flags.use_compilation_cache`) and logs where it is.
+
+  Raises:
+    app.UsageError: the directory cannot be created (a file there, no permission), before any
+      work starts.
+  """
+  try:
+    where = xla_flags.use_compilation_cache(directory)
+  except OSError as e:
+    raise app.UsageError(f"--compilation_cache={directory}: cannot use it as a directory ({e}); "
+                         "pass another path or '' to turn the cache off") from e
   logging.info("JAX compilation cache: %s", where or "off")

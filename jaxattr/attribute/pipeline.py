@@ -280,8 +280,7 @@ def _sharded_fn(method: str, C: float, tol: float, max_iter: int, num_rows: int,
   # Cached so that repeated `topk` calls with the same settings reuse the compiled programs.
   if method == "esvm":
     solver = esvm.Solver(C, tol, max_iter, max_rows=num_rows, mesh=mesh)
-    on_cpu = mesh.devices.flat[0].platform == "cpu"
-    finish = jax.jit(jax.shard_map(_esvm_finish_fn(tol, k, on_host, on_cpu), mesh=mesh,
+    finish = jax.jit(jax.shard_map(_esvm_finish_fn(tol, k, on_host, solver.on_cpu), mesh=mesh,
                                    in_specs=(P(TARGET_AXIS),) * 4 + (P(),),
                                    out_specs=P(TARGET_AXIS), check_vma=False))
     return solver, finish
