@@ -17,9 +17,8 @@ Modes (--mode):
     values of every candidate on the host, no ranking). After a warm-up (compiles), --repeats
     rounds each time both jaxattr runs once and 1/repeats of the sklearn primal fits, so that
     the machine's drifts hit all sides alike; jaxattr's rate is the median round's, sklearn's
-    the median target's. Prints targets/s of each, the ratios,
-    top-k overlap at k=100 and 1280, how many top-100 lists are identical, and the largest
-    decision-value difference.
+    the median target's. Prints targets/s of each, the ratios, top-k overlap at k=100 and 1280,
+    how many top-100 lists are identical, and the largest decision-value difference.
   all: every test target (10,000 for CIFAR-10) with same-class candidates and k=1280, end to end
     through `jaxattr.attribute.topk` (chunks, top-k, host transfer), timed once after a warm-up.
   both (default).
@@ -191,8 +190,8 @@ def compare(train, test) -> tuple[list[dict], dict]:
       times.append(time.perf_counter() - t0)
     return times, values
 
-  # Interleaved rounds, so that the machine's drifts (this 2-core VM's speed varies by 10-20%
-  # over minutes) hit every side alike: each round times the topk run, the decision-value run
+  # Interleaved rounds, so that the machine's drifts (this 2-core VM's speed varies by 10-30%
+  # between rounds) hit every side alike: each round times the topk run, the decision-value run
   # and a 1/repeats share of the sklearn primal fits.
   timings = {"topk": [], "values": [], "primal": []}
   sk_values, loads = [], {"topk": [], "values": [], "primal": []}
