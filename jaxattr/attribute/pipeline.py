@@ -399,7 +399,9 @@ def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np
     train_index: int64 [n_train] canonical train indices returned in `indices` (default:
       positions).
     C, tol, max_iter, num_rows: ESVM solver options (see `esvm.Solver`; num_rows = max_rows).
-    chunk_size: targets per step; rounded up to a multiple of the device count.
+    chunk_size: targets per step; rounded up to a multiple of the device count. Device memory
+      grows with chunk_size x candidates (the scores; the ESVM solver's decision values and
+      t x^T, on every device).
     devices: devices of the targets mesh (default: all).
     chunk_dir: if set, each finished chunk is saved there and reused by a rerun with the same
       arguments (resume after a kill).
