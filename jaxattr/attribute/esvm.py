@@ -721,14 +721,13 @@ class Solver:
       active = np.flatnonzero((step > self.tol) & (it < self.max_iter))
       if not len(active):
         break
-      # A little headroom: the count comes from incrementally updated decision values, which
-      # may differ from the recomputed ones right at the margin.
+      # The counts are exact: they come from the decision values the next step starts from.
       rows = np.asarray(self.rows)
-      sizes = rows[np.minimum(np.searchsorted(rows, count[active] + 8), len(rows) - 1)]
+      sizes = rows[np.minimum(np.searchsorted(rows, count[active]), len(rows) - 1)]
       # More violators than max_rows: approximate steps, with few rows while the active set is
       # still far from the optimum's (the first iterations), then with max_rows (a target whose
       # optimum has more violators than max_rows converges only linearly, faster with more rows).
-      big = count[active] + 8 > self.rows[-1]
+      big = count[active] > self.rows[-1]
       sizes[big] = np.where(it[active][big] < self.approx_iters, self.approx_rows, self.rows[-1])
       # Groups smaller than a minimal batch join the next larger size (a bigger active set is
       # still exact): fewer small calls and fewer compiled shapes.
