@@ -365,6 +365,13 @@ def test_solver_batch_caps_split_groups_without_changing_results():
     assert (step <= s.tol).all()
     results.append(w)
   np.testing.assert_allclose(results[0], results[1], rtol=1e-4, atol=1e-5)
+  # The device-resident state (weights, decision values carried from step to step, padded
+  # batches writing nowhere) gives the optimum of the one-program solve, target by target.
+  w_ref, _, st = attribute.solve(t, x, 0.1, tol=1e-6)
+  assert np.asarray(st.converged).all()
+  x_aug = np.c_[x, np.ones(len(x), np.float32)]
+  np.testing.assert_allclose(results[0] @ x_aug.T, np.asarray(w_ref) @ x_aug.T, rtol=1e-4,
+                             atol=2e-5)
 
 
 def test_pure_spd_solve_matches_lapack():

@@ -406,7 +406,8 @@ def newton_step(t: jax.Array, w: jax.Array, prob: Problem, num_rows: int, line_s
                             gamma)
   else:
     # The same step from the shared Gram, without gathering candidate rows: the products with B
-    # become full products with x (one stacked matrix product) and a gather of [r, r] blocks.
+    # become full products with x (B t from t x^T, carried or formed here alongside x P^-1 g)
+    # and a gather of [r, r] blocks.
     h = _half_precondition(gh, t, gamma)  # P^-1 g
     if tx is None:
       xh, tx = jnp.split(jnp.concatenate([h, t]) @ x.T, 2)
