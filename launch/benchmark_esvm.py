@@ -26,10 +26,10 @@ Modes (--mode):
   python launch/benchmark_esvm.py                       # CPU, ~5 min the first time (features)
   python launch/benchmark_esvm.py --features_dir=runs/cifar10/features --mode=all
 
-Measured (2-core CPU, load 1.8-2.1, random-init features, class 0, 5,000 candidates x 512; three
-runs): decision values 627-662 targets/s, topk 589-592, vs sklearn primal 11.1-11.4 (55.5-59.8x
-and 51.8-53.2x), dual=True 1.81-1.96; overlap@100/@1280 1.0; max |diff| 7e-6; all 10,000 test
-targets in 15.3-15.9 s (5.6 mean Newton iterations). Run as
+Measured (2-core CPU, load 1.0-2.1, random-init features, class 0, 5,000 candidates x 512; five
+runs): decision values 627-687 targets/s, topk 589-651, vs sklearn primal 11.1-11.8 (55.5-59.8x
+and 51.8-55.2x), dual=True 1.81-1.96; overlap@100/@1280 1.0; max |diff| 7e-6; all 10,000 test
+targets in 15.0-15.9 s (5.6 mean Newton iterations). Run as
 `python3 launch/benchmark_esvm.py --mode=both`.
 
 Runs unchanged on a GPU (the solver is float32; sklearn stays on the host CPU).
