@@ -62,20 +62,28 @@ _MODE = flags.DEFINE_enum("mode", "both", ["compare", "all", "both"], "What to m
 _FEATURES_DIR = flags.DEFINE_string("features_dir", None,
                                     "WORKDIR/features with train.npz/test.npz (else extract).")
 _DATA = flags.DEFINE_string("data", f"folder:{DEFAULT_DATA}", "jaxattr.data source to extract.")
-_WIDTH = flags.DEFINE_float("encoder_width", 1.0, "Width of the random-init ResNet-18.")
+_WIDTH = flags.DEFINE_float("encoder_width", 1.0, "Width of the random-init ResNet-18.",
+                            lower_bound=0.0)
 _CACHE = flags.DEFINE_string("cache", None, "Feature cache (default bench_results/...npz).")
 _SEED = flags.DEFINE_integer("seed", 0, "Encoder init seed.")
-_CLASS = flags.DEFINE_integer("class_id", 0, "Class of the compare mode's targets/candidates.")
-_N_SK = flags.DEFINE_integer("num_targets_sklearn", 100, "Targets fitted by sklearn primal.")
-_N_DUAL = flags.DEFINE_integer("num_targets_dual", 3, "Targets fitted by sklearn dual=True.")
-_N_JAX = flags.DEFINE_integer("num_targets_jax", 1000, "Targets solved by jaxattr (compare).")
-_CHUNK = flags.DEFINE_integer("chunk_size", 1024, "jaxattr targets per step.")
-_TOL = flags.DEFINE_float("tol", 1e-5, "jaxattr tolerance (decision-value units).")
-_NUM_ROWS = flags.DEFINE_integer("num_rows", 224, "jaxattr: largest exact-Newton active set.")
+_CLASS = flags.DEFINE_integer("class_id", 0, "Class of the compare mode's targets/candidates.",
+                              lower_bound=0)
+_N_SK = flags.DEFINE_integer("num_targets_sklearn", 100, "Targets fitted by sklearn primal.",
+                             lower_bound=1)
+_N_DUAL = flags.DEFINE_integer("num_targets_dual", 3, "Targets fitted by sklearn dual=True.",
+                               lower_bound=1)
+_N_JAX = flags.DEFINE_integer("num_targets_jax", 1000, "Targets solved by jaxattr (compare).",
+                              lower_bound=1)
+_CHUNK = flags.DEFINE_integer("chunk_size", 1024, "jaxattr targets per step.", lower_bound=1)
+_TOL = flags.DEFINE_float("tol", 1e-5, "jaxattr tolerance (decision-value units).",
+                          lower_bound=0.0)
+_NUM_ROWS = flags.DEFINE_integer("num_rows", 224, "jaxattr: largest exact-Newton active set.",
+                                 lower_bound=1)
 _REPEATS = flags.DEFINE_integer(
     "repeats", 5, "Interleaved rounds of the compare mode: each times jaxattr's two runs once "
-    "and 1/repeats of the sklearn primal targets.")
-_BATCH = flags.DEFINE_integer("extract_batch", 250, "Images per feature-extraction step.")
+    "and 1/repeats of the sklearn primal targets.", lower_bound=1)
+_BATCH = flags.DEFINE_integer("extract_batch", 250, "Images per feature-extraction step.",
+                              lower_bound=1)
 _OUT = flags.DEFINE_string("out", "bench_results/esvm.json", "Result JSON.")
 _EXTRACT_ONLY = flags.DEFINE_boolean("extract_only", False, "Only build the feature cache.")
 
@@ -160,6 +168,9 @@ def compare(train, test) -> tuple[list[dict], dict]:
   c = _CLASS.value
   cand = train["features"][train["labels"] == c]
   tpos = np.flatnonzero(test["labels"] == c)
+  if not len(cand) or not len(tpos):
+    raise app.UsageError(f"--class_id={c}: {len(cand)} training and {len(tpos)} test examples "
+                         f"have that label (labels present: {np.unique(train['labels']).tolist()})")
   n_jax = min(_N_JAX.value, len(tpos))
   n_sk = min(_N_SK.value, n_jax)
   n_dual = min(_N_DUAL.value, n_sk)

@@ -1,0 +1,68 @@
+"""launch/benchmark_esvm.py end to end on small synthetic features, and its flag checks."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args, timeout=300):
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  env["JAX_PLATFORMS"] = "cpu"
+  return subprocess.run([sys.executable, "launch/benchmark_esvm.py", *args], env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def _features(path, rng, per_class, classes=2, dim=16):
+  # Non-negative, shared-mean features like a ReLU encoder's, one cluster per class.
+  labels = np.repeat(np.arange(classes), per_class)
+  centers = np.abs(rng.normal(size=(classes, dim))) + 1.0
+  feats = np.abs(centers[labels] + 0.5 * rng.normal(size=(len(labels), dim)))
+  np.savez(path, features=feats.astype(np.float32), labels=labels,
+           index=np.arange(len(labels), dtype=np.int64))
+
+
+def test_benchmark_esvm_compare_and_all(tmp_path):
+  """Both modes on 1,300 candidates per class (the top-1280 needs that many): the table, the
+  agreement with sklearn and the JSON."""
+  rng = np.random.default_rng(0)
+  feat_dir = tmp_path / "features"
+  feat_dir.mkdir()
+  _features(feat_dir / "train.npz", rng, 1300)
+  _features(feat_dir / "test.npz", rng, 6)
+  out = tmp_path / "esvm.json"
+  res = _run(f"--features_dir={feat_dir}", "--mode=both", "--num_targets_jax=6",
+             "--num_targets_sklearn=4", "--num_targets_dual=1", "--repeats=2", f"--out={out}")
+  assert res.returncode == 0, res.stderr[-3000:]
+  for row in ("jaxattr ESVM (topk, k=1280)", "jaxattr ESVM decision values",
+              "sklearn LinearSVC primal", "sklearn LinearSVC dual=True",
+              "jaxattr ESVM, all 12 test targets"):
+    assert row in res.stdout, res.stdout
+  assert "stopped at max_iter=10000" in res.stdout
+  result = json.loads(out.read_text())
+  settings = result["settings"]
+  assert settings["vs_primal"]["overlap@100"] == 1.0
+  assert settings["vs_primal"]["max_abs_diff"] < 1e-4
+  assert settings["sklearn_primal_unconverged"] == 0
+  assert settings["all_nonconverged"] == 0 and len(settings["sklearn_primal_s"]) == 4
+
+
+def test_benchmark_esvm_rejects_bad_flags(tmp_path):
+  """Bad counts fail at flag parsing; a class without examples names --class_id."""
+  res = _run("--num_targets_dual=0", timeout=120)
+  assert res.returncode != 0 and "--num_targets_dual" in res.stderr
+  res = _run("--repeats=0", timeout=120)
+  assert res.returncode != 0 and "--repeats" in res.stderr
+  rng = np.random.default_rng(1)
+  feat_dir = tmp_path / "features"
+  feat_dir.mkdir()
+  _features(feat_dir / "train.npz", rng, 10)
+  _features(feat_dir / "test.npz", rng, 2)
+  res = _run(f"--features_dir={feat_dir}", "--mode=compare", "--class_id=5",
+             f"--out={tmp_path / 'x.json'}", timeout=120)
+  assert res.returncode != 0 and "--class_id=5" in res.stderr
+  assert not (tmp_path / "x.json").exists()
