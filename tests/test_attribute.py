@@ -235,11 +235,15 @@ def _bad_inputs():
       "method": (dict(method="svm"), "unknown attribution method"),
       "chunk_size": (dict(chunk_size=0), "chunk_size must be positive"),
       "tol": (dict(tol=-1e-5), "tol must be positive"),
+      "negative_label": (dict(train_labels=np.where(np.arange(len(labels)) == 5, -1, labels)),
+                         "non-negative"),
+      "float_labels": (dict(test_labels=test_labels + 0.5), "integer class ids"),
   }, (train, labels, test, test_labels)
 
 
 @pytest.mark.parametrize("case", ["labels", "nan", "inf", "dims", "k", "k_all", "target",
-                                  "no_class", "method", "chunk_size", "tol"])
+                                  "no_class", "method", "chunk_size", "tol",
+                                  "negative_label", "float_labels"])
 def test_bad_input_is_a_clear_error(case, monkeypatch):
   cases, (train, labels, test, test_labels) = _bad_inputs()
   overrides, message = cases[case]

@@ -100,6 +100,16 @@ class TopK:
 # validation
 
 
+def _class_ids(name: str, labels) -> np.ndarray:
+  """int64 labels; whole-number floats (e.g. labels saved as float) are accepted as such."""
+  labels = np.asarray(labels)
+  if not (np.issubdtype(labels.dtype, np.integer) or (
+      np.issubdtype(labels.dtype, np.floating) and np.all(np.mod(labels, 1) == 0))):
+    raise AttributionError(f"{name} labels must be integer class ids, got {labels.dtype} "
+                           f"(first values: {labels.reshape(-1)[:5].tolist()})")
+  return labels.astype(np.int64)
+
+
 def _check_features(name: str, features: np.ndarray, labels: np.ndarray) -> None:
   if features.ndim != 2:
     raise AttributionError(f"{name} features must be [N, D], got shape {features.shape}")
@@ -108,6 +118,10 @@ def _check_features(name: str, features: np.ndarray, labels: np.ndarray) -> None
         f"{name}: {len(features)} feature rows but labels of shape {labels.shape}")
   if not np.issubdtype(features.dtype, np.floating):
     raise AttributionError(f"{name} features must be floating point, got {features.dtype}")
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise AttributionError(f"{name} labels must be integer class ids, got {labels.dtype}")
+  if len(labels) and labels.min() < 0:
+    raise AttributionError(f"{name} labels must be non-negative class ids, got {labels.min()}")
   bad = ~np.isfinite(features).all(axis=1)
   if bad.any():
     rows = np.flatnonzero(bad)
@@ -417,8 +431,8 @@ def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np
   """
   train_features = np.asarray(train_features)
   test_features = np.asarray(test_features)
-  train_labels = np.asarray(train_labels).astype(np.int64)
-  test_labels = np.asarray(test_labels).astype(np.int64)
+  train_labels = _class_ids("train", train_labels)
+  test_labels = _class_ids("test", test_labels)
   targets = (np.arange(len(test_features)) if targets is None
              else np.asarray(targets).astype(np.int64).reshape(-1))
   validate(train_features, train_labels, test_features, test_labels, targets, method, k,
@@ -434,8 +448,11 @@ def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np
   chunk_size = -(-chunk_size // runner.num_devices) * runner.num_devices
   plan = plan_chunks(test_labels, targets, same_class, chunk_size)
   # Candidate set sizes of the classes this run visits, and their padded sizes.
-  set_size = ({int(c): int(np.sum(train_labels == c)) for c in {c for c, _ in plan}}
-              if same_class else {-1: len(train_features)})
+  if same_class:
+    counts = np.bincount(train_labels)  # non-negative integers (`validate`)
+    set_size = {int(c): int(counts[c]) for c in {c for c, _ in plan}}
+  else:
+    set_size = {-1: len(train_features)}
   padded = padded_sizes(list(set_size.values()))
   if chunk_dir is not None:
     _prepare_chunk_dir(chunk_dir, dict(
