@@ -231,9 +231,9 @@ def compare(train, test) -> tuple[list[dict], dict]:
     timings["primal"] += times
     sk_values += vals
     loads["primal"].append(os.getloadavg()[0])
-    logging.info("round %d/%d: topk %.3f s, values %.3f s (%d targets); sklearn primal %.3f "
-                 "s/target", r + 1, _REPEATS.value, timings["topk"][-1], timings["values"][-1],
-                 n_jax, np.mean(times))
+    logging.info("round %d/%d: topk %.3f s, values %.3f s (%d targets); sklearn primal %s",
+                 r + 1, _REPEATS.value, timings["topk"][-1], timings["values"][-1], n_jax,
+                 f"{np.mean(times):.3f} s/target" if times else "none (more rounds than fits)")
   sk_times, sk_values = np.asarray(timings["primal"]), np.stack(sk_values)
   dual_times, dual_values = run_sklearn(range(n_dual), True)
   dual_times, dual_values = np.asarray(dual_times), np.stack(dual_values)
