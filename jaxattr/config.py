@@ -1,44 +1,156 @@
-"""The base experiment config: every configs/*.py starts from `base_config()` and overrides."""
+"""Experiment config sections: every configs/*.py starts from `base_config()` and overrides.
+
+This module imports ml_collections and nothing of jaxattr, so a config file stays cheap to load
+and the stage modules read their section's fields without defining them. Each field's comment
+gives its unit.
+"""
 
 import ml_collections
 from ml_collections import config_dict
 
-from jaxattr import attribute, features, ssl
-from jaxattr.counterfactual import ensemble, search
+# The real CIFAR-10 JPEG archive of the development machines and CI (../shared/data/README.md),
+# relative to the checkout root, from where the README's commands run. The one place that names
+# it: configs/cifar10.py (`:jpeg`, `:cpu`), the tests and the benchmarks' --data default use it.
+CIFAR10_JPEG = "folder:../shared/data/cifar10-jpeg.tar.gz"
+
+
+def data_section() -> ml_collections.ConfigDict:
+  """`config.data`: the source and the options every source takes (`jaxattr.data.load`)."""
+  c = ml_collections.ConfigDict()
+  c.source = "digits"  # 'digits' | 'folder:PATH' | 'npz:PATH' | 'tfds:NAME'
+  c.options = ml_collections.ConfigDict()
+  c.options.size = config_dict.placeholder(int)  # resize to size x size pixels (None = native)
+  c.options.limit_per_class = config_dict.placeholder(int)  # first n per class (None = all)
+  return c
+
+
+def encoder_section() -> ml_collections.ConfigDict:
+  """`config.encoder`: the feature encoder, pretrained here or read from a checkpoint."""
+  c = ml_collections.ConfigDict()
+  c.name = "lightly_resnet18"
+  c.width = 1.0  # channel multiplier (1.0 = 64 base channels, 512-d features)
+  c.num_splits = 8  # SplitBatchNorm groups during pretraining
+  c.checkpoint = ""  # variables checkpoint to use; '' = pretrain into WORKDIR/pretrain
+  return c
+
+
+def pretrain_section() -> ml_collections.ConfigDict:
+  """`config.pretrain`: the reference's MoCo recipe (REFERENCE.md section 4), batch 512."""
+  c = ml_collections.ConfigDict()
+  c.epochs = 800
+  c.batch_size = 512  # examples per step (a multiple of encoder.num_splits)
+  c.base_lr = 0.06  # lr per 128 examples; the lr is base_lr * batch_size / 128
+  c.momentum = 0.9
+  c.weight_decay = 5e-4
+  c.ema_momentum = 0.99  # key encoder: k = m * k + (1 - m) * q
+  c.temperature = 0.1
+  c.memory_bank_size = 4096  # negatives (keys of past batches)
+  c.proj_hidden_dim = 512
+  c.proj_out_dim = 128
+  c.min_scale = 0.08  # RandomResizedCrop area fraction, lower bound
+  c.knn_k = 200  # neighbours of the kNN monitor
+  c.knn_temperature = 0.1
+  c.knn_every_epochs = 50  # 0 = only at the end
+  c.checkpoint_every_steps = 500
+  c.log_every_steps = 50
+  c.max_steps = -1  # stop after this many steps (debugging, tests); -1 = all epochs
+  return c
+
+
+def features_section() -> ml_collections.ConfigDict:
+  """`config.features`: feature extraction."""
+  c = ml_collections.ConfigDict()
+  c.batch_size = 512  # images per step over all devices (rounded up to a multiple of them)
+  c.dtype = "float32"  # compute dtype, 'float32' | 'bfloat16' (features are stored as float32)
+  return c
+
+
+def attribution_section() -> ml_collections.ConfigDict:
+  """`config.attribution`: which targets, which methods, and the ESVM solver's options."""
+  c = ml_collections.ConfigDict()
+  c.methods = ("esvm", "l2")  # any of 'esvm', 'l2', 'cosine'
+  c.k = 1280  # training examples kept per target
+  c.same_class = True  # candidates = training examples with the target's label
+  c.targets = "random"  # 'all' test examples, a seeded 'random' sample, or a 'list'
+  c.num_targets = 100  # targets of targets='random' (seeded by config.seed)
+  c.target_list = ()  # test positions (rows of the test split) of targets='list'
+  c.C = 0.1  # sklearn LinearSVC's C (the reference's value)
+  c.tol = 1e-5  # ESVM convergence: largest remaining Newton step, in decision-value units
+  c.max_iter = 50  # ESVM Newton iterations per target
+  c.max_rows = 224  # ESVM: most margin violators an exact Newton step handles (candidates)
+  c.chunk_size = 1024  # targets per step (bounds device memory; padded to the devices)
+  c.allow_nonconverged = False  # False: finish, write everything, then raise if any failed
+  return c
+
+
+def trainer_section() -> ml_collections.ConfigDict:
+  """`config.ensemble`: the counterfactual trainer (REFERENCE.md section 3)."""
+  c = ml_collections.ConfigDict()
+  c.model = "resnet9"  # 'resnet9' | 'mobilenetv2'
+  c.width = 1.0  # channel multiplier (1.0 = the reference)
+  c.epochs = 24
+  c.batch_size = 512  # images per step per model (drop_last)
+  c.peak_lr = 0.5  # lr at the peak, per batch of batch_size (mean loss)
+  c.peak_epoch = 5.0  # epoch at which the triangular schedule peaks
+  # Images of the FULL training set that set the schedule's iterations per epoch (0 = the
+  # dataset given); the reference uses 50,000 // 512 = 97 even when images are removed.
+  c.schedule_examples = 0
+  c.momentum = 0.9  # SGD momentum (torch semantics, no Nesterov)
+  c.weight_decay = 5e-4  # L2 added to the gradient of every parameter
+  c.label_smoothing = 0.1
+  c.compute_dtype = "auto"  # 'auto' (bf16 on GPU/TPU, float32 on CPU) | 'float32' | 'bfloat16'
+  c.translate = 2  # random translation in pixels (zero padding)
+  c.cutout = 8  # Cutout square side in pixels (filled with the mean); 0 = off
+  c.flip = True  # random horizontal flip
+  c.models_per_wave = 64  # models trained at once (a multiple of the devices); 0 = all
+  # 'map': a device's models one after another in one program (bit-exact whatever the wave);
+  # 'vmap': batched (grouped convolutions); 'auto': the backend's measured winner.
+  c.formulation = "auto"
+  # ResNet-9's stride-2 convolution gradient through a space-to-depth convolution (same
+  # values; faster on XLA:CPU). 'auto' = on for the CPU backend only | 'on' | 'off'.
+  c.cpu_ops = "auto"
+  c.eval_batch_size = 500  # images per model per evaluation step
+  c.log_every_s = 30.0  # seconds between progress logs
+  return c
+
+
+def support_section() -> ml_collections.ConfigDict:
+  """`config.support`: removal / mislabel support by counterfactual retraining."""
+  c = ml_collections.ConfigDict()
+  c.metrics = ("removal", "mislabel")
+  # Methods read from WORKDIR/attribution/<name>/; 'name=PATH' instead reads a reference-layout
+  # top-k matrix, int64 [n_test, >= k] of train `index` values, one row per test `index`
+  # (its targets must then come from `targets`).
+  c.methods = ("esvm", "l2")
+  # Targets as test `index` values: '' (those of each method's attribution), a .npy or text
+  # file of integers, or a comma-separated list ('3,17,42').
+  c.targets = ""
+  c.num_targets = 100  # the first n targets (0 = all)
+  c.num_tests = 5  # models per evaluated prefix size; flipped when <= num_tests // 2 are right
+  c.search_budget = 7  # bisection steps after the all-k check
+  c.k = 1280  # largest prefix size (images); the all-k check removes/relabels this many
+  # Evaluate every `grid` prefix size (plus k) in one round instead of bisecting.
+  c.exhaustive = False
+  c.grid = (10, 20, 40, 80, 160, 320, 640, 1280)  # prefix sizes of exhaustive mode (images)
+  c.seed = 0  # root of the search's training seeds (per round, target and test)
+  c.flip_models = 10  # full-data models whose mean softmax gives the flip classes
+  c.flip_seed = 0
+  # Every (metric, method) search in the same rounds: one trainer call a round for all.
+  c.joint = True
+  return c
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Seed, data, encoder, pretraining, features, attribution, trainer, support and viz sections."""
+  """Seed, data, encoder, pretrain, features, attribution, ensemble, support and viz sections."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-
-  c.data = ml_collections.ConfigDict()
-  c.data.source = "digits"  # 'digits' | 'folder:PATH' | 'npz:PATH' | 'tfds:NAME'
-  c.data.options = ml_collections.ConfigDict()
-  c.data.options.size = config_dict.placeholder(int)  # resize to size x size (None = native)
-  c.data.options.limit_per_class = config_dict.placeholder(int)  # first n per class (None = all)
-
-  c.encoder = ml_collections.ConfigDict()
-  c.encoder.name = "lightly_resnet18"
-  c.encoder.width = 1.0  # channel multiplier (1.0 = 64 base channels, 512-d features)
-  c.encoder.num_splits = 8  # SplitBatchNorm groups during pretraining
-  c.encoder.checkpoint = ""  # variables checkpoint to use; '' = pretrain into WORKDIR/pretrain
-
-  c.pretrain = ssl.default_config()
-  c.features = features.default_config()
-
-  c.attribution = attribute.default_config()
-  c.attribution.methods = ("esvm", "l2")  # the method and the paper's main comparison
-  c.attribution.targets = "random"  # seeded sample of num_targets test images
-  c.attribution.num_targets = 100
-  c.attribution.k = 1280
-
-  # Counterfactual evaluation: the trainer of the many retrained models and the support search.
-  c.ensemble = ensemble.default_config()
-  c.support = search.default_config()
-  c.support.methods = ("esvm", "l2")
-  c.support.num_targets = 100  # the first n attribution targets (0 = all)
-
+  c.data = data_section()
+  c.encoder = encoder_section()
+  c.pretrain = pretrain_section()
+  c.features = features_section()
+  c.attribution = attribution_section()
+  c.ensemble = trainer_section()
+  c.support = support_section()
   c.viz = ml_collections.ConfigDict()
   c.viz.num_targets = 8  # targets shown per method in WORKDIR/attribution/<method>/grid.png
   c.viz.top = 16  # attributed images shown per target

@@ -38,7 +38,7 @@ import dataclasses
 import hashlib
 import os
 import re
-from typing import Any, Callable
+from typing import Any
 
 import flax
 import jax
@@ -46,29 +46,11 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxattr import checkpoint
-from jaxattr import utils
-from jaxattr.models import cifar_resnet
-from jaxattr.models import resnet
+from jaxattr import augment, checkpoint, utils
+from jaxattr.models import ENCODERS, cifar_resnet
 
 FORMATS = ("lightly", "lightly_resnet", "moco", "torchvision")
 
-# ImageNet normalisation on the 0..1 scale: what lightly's benchmarks (imagenet_normalize),
-# official MoCo and torchvision all train with.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# Encoder names as in `jaxattr.models.ENCODERS` (this module keeps its own map so that it works
-# before the registry lists the torchvision ResNets).
-ENCODERS: dict[str, Callable[..., Any]] = {
-    "lightly_resnet18": cifar_resnet.LightlyResNet18,
-    "lightly_resnet": cifar_resnet.CifarResNet,
-    "resnet18": resnet.ResNet18,
-    "resnet34": resnet.ResNet34,
-    "resnet50": resnet.ResNet50,
-    "resnet101": resnet.ResNet101,
-    "resnet152": resnet.ResNet152,
-}
 # (stage sizes, bottleneck?) -> torchvision encoder name.
 _TORCHVISION_ARCHS = {
     ((2, 2, 2, 2), False): "resnet18",
@@ -419,8 +401,8 @@ def convert(src_path: str, dst_path: str,
             encoder: str | None = None, width: float | None = None, prefix: str | None = None,
             keep_fc: bool = False, average_splits: bool = False, stem_relu: bool | None = None,
             export_momentum: bool = False,
-            export_extras: bool = False, mean: tuple[float, ...] = IMAGENET_MEAN,
-            std: tuple[float, ...] = IMAGENET_STD, trust_pickle: bool = False,
+            export_extras: bool = False, mean: tuple[float, ...] = augment.IMAGENET_MEAN,
+            std: tuple[float, ...] = augment.IMAGENET_STD, trust_pickle: bool = False,
             overwrite: bool = False) -> dict[str, Any]:
   """Converts a PyTorch ResNet checkpoint into a jaxattr variables checkpoint.
 
@@ -516,76 +498,3 @@ def convert(src_path: str, dst_path: str,
   checkpoint.save_variables(dst_path, variables, meta, overwrite=overwrite)
   logging.info("converted %s (%s) -> %s: encoder %s %s", src_path, fmt, dst_path, name, kwargs)
   return meta
-
-
-# ------------------------------------------------------------------------------------------
-# Inference-time BatchNorm folding.
-
-# BN module name -> the conv it follows, inside the same parent module (both ResNet families).
-_BN_AFTER = {"bn1": "conv1", "bn2": "conv2", "bn3": "conv3", "shortcut_bn": "shortcut_conv",
-             "downsample_bn": "downsample_conv"}
-
-
-def fold_batchnorm(variables: Any, epsilon: float = 1e-5) -> tuple[Any, Any]:
-  """Folds eval-mode BatchNorms into the convs before them (an exact inference rewrite).
-
-  conv(x, W) * s + t == conv(x, W * s) + t with s = scale / sqrt(var + eps) and
-  t = bias - mean * s per output channel (SplitBatchNorm statistics averaged over splits first,
-  as at eval). This removes one multiply-add pass over every activation.
-
-  Args:
-    variables: {'params', 'batch_stats'} of a CifarResNet or ResNet.
-    epsilon: the BatchNorm epsilon (torch's 1e-5, as in `layers.BatchNorm`).
-
-  Returns:
-    (params with folded conv kernels, {conv module path tuple: bias [C]}), for `apply_folded`.
-  """
-  params = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables["params"]))
-  stats = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables["batch_stats"]))
-  folded, biases = dict(params), {}
-  for path in stats:
-    if path[-1] != "mean":
-      continue
-    bn = path[:-1]
-    conv = bn[:-1] + (_BN_AFTER[bn[-1]],)
-    scale, shift = params[bn + ("scale",)], params[bn + ("bias",)]
-    c = scale.shape[0]
-    mean = jnp.reshape(stats[path], (-1, c)).mean(0)
-    var = jnp.reshape(stats[bn + ("var",)], (-1, c)).mean(0)
-    inv = scale * jax.lax.rsqrt(var + epsilon)
-    folded[conv + ("kernel",)] = params[conv + ("kernel",)] * inv
-    biases[conv] = shift - mean * inv
-    del folded[bn + ("scale",)], folded[bn + ("bias",)]
-  return flax.traverse_util.unflatten_dict(folded), biases
-
-
-def apply_folded(model: Any, params: Any, biases: Any, images: jax.Array) -> dict[str, jax.Array]:
-  """Eval-mode `model.apply` with the BatchNorms folded by `fold_batchnorm`.
-
-  The model's own code runs unchanged: a method interceptor turns each folded BatchNorm into the
-  identity and adds its shift after the conv before it.
-
-  Args:
-    model: the CifarResNet / ResNet whose variables were folded.
-    params, biases: `fold_batchnorm`'s outputs.
-    images: normalised images [B, H, W, 3].
-
-  Returns:
-    The model's outputs ({'feature': [B, D], ...}).
-  """
-  from jaxattr.models.layers import BatchNorm  # pylint: disable=g-import-not-at-top
-
-  def intercept(next_fun, args, kwargs, context):
-    module = context.module
-    if context.method_name == "__call__" and module.scope is not None:
-      path = tuple(module.scope.path)
-      if isinstance(module, BatchNorm) and path[-1] in _BN_AFTER:
-        if path[:-1] + (_BN_AFTER[path[-1]],) in biases:
-          return args[0]
-      elif isinstance(module, flax.linen.Conv) and path in biases:
-        y = next_fun(*args, **kwargs)
-        return y + biases[path].astype(y.dtype)
-    return next_fun(*args, **kwargs)
-
-  with flax.linen.intercept_methods(intercept):
-    return model.apply({"params": params}, images, train=False)

@@ -1,4 +1,4 @@
-"""launch/benchmark_esvm.py end to end on small synthetic features, and its flag checks."""
+"""benchmarks/benchmark_esvm.py end to end on small synthetic features, and its flag checks."""
 
 import json
 import os
@@ -13,7 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _run(*args, timeout=300):
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   env["JAX_PLATFORMS"] = "cpu"
-  return subprocess.run([sys.executable, "launch/benchmark_esvm.py", *args], env=env, cwd=REPO,
+  return subprocess.run([sys.executable, "-m", "benchmarks.benchmark_esvm", *args], env=env, cwd=REPO,
                         capture_output=True, text=True, timeout=timeout)
 
 

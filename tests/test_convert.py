@@ -320,7 +320,7 @@ def test_launcher_smoke(tmp_path, tiny_lightly_state):
 
 @pytest.mark.slow
 def test_benchmark_smoke(tmp_path):
-  """launch/benchmark_features.py runs end to end on a tiny batch and writes its JSON."""
+  """benchmarks/benchmark_features.py runs end to end on a tiny batch and writes its JSON."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
 
@@ -328,9 +328,9 @@ def test_benchmark_smoke(tmp_path):
   out = tmp_path / "features.json"
   env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
   run = subprocess.run(
-      [sys.executable, os.path.join(root, "launch", "benchmark_features.py"),
+      [sys.executable, "-m", "benchmarks.benchmark_features",
        "--nets=cifar_resnet18", "--batch_size=8", "--repeats=1", "--warmup=0", "--threads=1",
-       f"--out={out}"], env=env, capture_output=True, text=True, timeout=300)
+       f"--out={out}"], env=env, cwd=root, capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stderr[-3000:]
   result = json.loads(out.read_text())
   rows = {r["framework"]: r for r in result["rows"]}

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks import folding
 from jaxattr.models import resnet
 from jaxattr.models.layers import count_params
 
@@ -87,13 +88,13 @@ def test_fold_batchnorm_is_exact():
 
     @jax.jit
     def both(variables, x, model=model):
-      params, biases = convert.fold_batchnorm(variables)
-      return model.apply(variables, x, train=False), convert.apply_folded(model, params, biases, x)
+      params, biases = folding.fold_batchnorm(variables)
+      return model.apply(variables, x, train=False), folding.apply_folded(model, params, biases, x)
 
     ref, out = both(variables, x)
     assert set(ref) == set(out)
     for k in ref:
       err = float(jnp.abs(ref[k] - out[k]).max() / jnp.abs(ref[k]).max())
       assert err < 1e-5, (k, err)
-    params, _ = convert.fold_batchnorm(variables)
+    params, _ = folding.fold_batchnorm(variables)
     assert "bn1" not in params and "scale" not in str(jax.tree_util.tree_structure(params))

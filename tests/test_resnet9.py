@@ -9,7 +9,7 @@ from jaxattr.models.layers import count_params
 from jaxattr.models.mobilenetv2 import MobileNetV2
 from jaxattr.models.resnet9 import (ResNet9, max_pool_2x2, resnet9_macs, resnet9_train_flops,
                                     strided_conv)
-from jaxattr.torch_reference import torch_resnet9
+from benchmarks.torch_reference import torch_resnet9
 
 
 def _variables(model, size=32):

@@ -8,12 +8,12 @@ included, and blocks until the features are ready. Warm-up (and compilation) fir
 median of `--repeats` calls, interleaving the frameworks so that load from other processes hits
 both alike.
 
-  python launch/benchmark_features.py                       # CPU, float32, both networks
-  python launch/benchmark_features.py --dtype=bfloat16      # bf16 compute (GPU: autocast)
-  python launch/benchmark_features.py --nets=cifar_resnet18 --batch_size=512
+  python3 -m benchmarks.benchmark_features                       # CPU, float32, both networks
+  python3 -m benchmarks.benchmark_features --dtype=bfloat16      # bf16 compute (GPU: autocast)
+  python3 -m benchmarks.benchmark_features --nets=cifar_resnet18 --batch_size=512
 
 Rows: 'jaxattr' (the converted model as is), 'jaxattr+fold' (BatchNorm folded into the convs,
-`jaxattr.convert.fold_batchnorm`), 'torch' (nn.Module.eval() under torch.inference_mode; on a GPU
+`jaxattr.folding.fold_batchnorm`), 'torch' (nn.Module.eval() under torch.inference_mode; on a GPU
 channels_last and, for bf16, autocast). Threads: torch gets `--threads` (default: the CPUs this
 process may run on); XLA's CPU client sizes its pool from the same CPU set.
 """
@@ -117,7 +117,8 @@ def _bench_net(net: str, batch: int, dtype_name: str, threads: int, workdir: str
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
 
-  from jaxattr import bench, checkpoint, convert  # pylint: disable=g-import-not-at-top
+  from jaxattr import checkpoint  # pylint: disable=g-import-not-at-top
+  from benchmarks import bench, folding  # pylint: disable=g-import-not-at-top
 
   size = SIZES[net]
   tmodel, state = _torch_model(net, torch, seed=0)
@@ -142,12 +143,12 @@ def _bench_net(net: str, batch: int, dtype_name: str, threads: int, workdir: str
   def embed(variables, x):
     return model.apply(variables, (x.astype(jnp.float32) - mean) / std, train=False)["feature"]
 
-  fparams, fbiases = jax.jit(convert.fold_batchnorm)(variables)
+  fparams, fbiases = jax.jit(folding.fold_batchnorm)(variables)
 
   @jax.jit
   def embed_folded(params, biases, x):
     x = (x.astype(jnp.float32) - mean) / std
-    return convert.apply_folded(model, params, biases, x)["feature"]
+    return folding.apply_folded(model, params, biases, x)["feature"]
 
   # PyTorch: uint8 NCHW on its device, same normalisation inside the timed call.
   device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -217,7 +218,7 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
 
-  from jaxattr import bench  # pylint: disable=g-import-not-at-top
+  from benchmarks import bench  # pylint: disable=g-import-not-at-top
 
   threads = _THREADS.value or len(os.sched_getaffinity(0))
   torch.set_num_threads(threads)

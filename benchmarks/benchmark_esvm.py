@@ -23,14 +23,14 @@ Modes (--mode):
     through `jaxattr.attribute.topk` (chunks, top-k, host transfer), timed once after a warm-up.
   both (default).
 
-  python launch/benchmark_esvm.py                       # CPU, ~5 min the first time (features)
-  python launch/benchmark_esvm.py --features_dir=runs/cifar10/features --mode=all
+  python3 -m benchmarks.benchmark_esvm                       # CPU, ~5 min the first time (features)
+  python3 -m benchmarks.benchmark_esvm --features_dir=runs/cifar10/features --mode=all
 
 Measured (2-core CPU, load 1.0-2.1, random-init features, class 0, 5,000 candidates x 512; five
 runs): decision values 627-687 targets/s, topk 589-651, vs sklearn primal 11.1-11.8 (55.5-59.8x
 and 51.8-55.2x), dual=True 1.81-1.96; overlap@100/@1280 1.0; max |diff| 7e-6; all 10,000 test
 targets in 15.0-15.9 s (5.6 mean Newton iterations). Run as
-`python3 launch/benchmark_esvm.py --mode=both`.
+`python3 -m benchmarks.benchmark_esvm --mode=both`.
 
 Runs unchanged on a GPU (the solver is float32; sklearn stays on the host CPU).
 """
@@ -38,7 +38,6 @@ Runs unchanged on a GPU (the solver is float32; sklearn stays on the host CPU).
 from __future__ import annotations
 
 import os
-import sys
 import time
 import warnings
 
@@ -48,20 +47,14 @@ import jax.numpy as jnp
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# This checkout's jaxattr, not whichever copy happens to be importable (python puts launch/,
-# not the repository root, on the path).
-sys.path.insert(0, REPO)
-
-from jaxattr import attribute, bench, utils  # noqa: E402  pylint: disable=wrong-import-position
-from jaxattr.attribute import esvm  # noqa: E402  pylint: disable=wrong-import-position
-
-DEFAULT_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10-jpeg.tar.gz")
+from benchmarks import bench
+from jaxattr import attribute, config, utils
+from jaxattr.attribute import esvm
 
 _MODE = flags.DEFINE_enum("mode", "both", ["compare", "all", "both"], "What to measure.")
 _FEATURES_DIR = flags.DEFINE_string("features_dir", None,
                                     "WORKDIR/features with train.npz/test.npz (else extract).")
-_DATA = flags.DEFINE_string("data", f"folder:{DEFAULT_DATA}", "jaxattr.data source to extract.")
+_DATA = flags.DEFINE_string("data", config.CIFAR10_JPEG, "jaxattr.data source to extract.")
 _WIDTH = flags.DEFINE_float("encoder_width", 1.0, "Width of the random-init ResNet-18.",
                             lower_bound=0.0)
 _CACHE = flags.DEFINE_string("cache", None, "Feature cache (default bench_results/...npz).")

@@ -13,20 +13,20 @@ Modes:
 CPU (this project's 2-core dev box; s_per_model_epoch counts training epochs only on both
 sides (augmentation included on both); jaxattr's total_s_per_model adds model init and
 predicting 500 eval images, which the torch loop does not do):
-  python launch/benchmark_train.py --width=0.25 --train_examples=5120 --epochs=2 \
+  python3 -m benchmarks.benchmark_train --width=0.25 --train_examples=5120 --epochs=2 \
     --num_models=2 --repeats=2                                          # ~2 min
-  python launch/benchmark_train.py --width=0.5 --train_examples=2560 --epochs=2 \
+  python3 -m benchmarks.benchmark_train --width=0.5 --train_examples=2560 --epochs=2 \
     --num_models=2 --repeats=1                                          # ~2 min
-  python launch/benchmark_train.py --width=1 --train_examples=1024 --epochs=2 \
+  python3 -m benchmarks.benchmark_train --width=1 --train_examples=1024 --epochs=2 \
     --num_models=2 --repeats=1                                          # ~3 min
 Measured (load ~2): torch / jaxattr per model-epoch 0.81 at width 0.25, 1.15 at 0.5, 1.13 at 1.
 On CPU the launcher sets XLA_FLAGS to jaxattr.xla_flags.FAST_CPU_FLAGS unless XLA_FLAGS is
 already set or --nofast_cpu_flags is given (pass XLA_FLAGS= to measure XLA's defaults).
 H200, (1) which formulation wins, 2 epochs of 32 full-width models each (~2-3 min):
-  python launch/benchmark_train.py --mode=gpu --num_models=32 --epochs=2 \
+  python3 -m benchmarks.benchmark_train --mode=gpu --num_models=32 --epochs=2 \
     --formulations=vmap,map --data=folder:../shared/data/cifar10-jpeg.tar.gz
 (2) the 24-epoch accuracy and s/model with the winner (~5 min at the 8 s/model goal):
-  python launch/benchmark_train.py --mode=gpu --num_models=32 --formulations=map \
+  python3 -m benchmarks.benchmark_train --mode=gpu --num_models=32 --formulations=map \
     --data=folder:../shared/data/cifar10-jpeg.tar.gz
 In gpu mode s_per_model is the steady-state cost (epochs 2..E; the first compiles);
 total_s_per_model includes compilation and evaluation.
@@ -37,20 +37,18 @@ Only jax, flax, numpy, absl and torch are needed (no ml_collections / tensorflow
 from __future__ import annotations
 
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from absl import app, flags, logging  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from jaxattr import bench, xla_flags  # noqa: E402
-from jaxattr.torch_reference import torch_resnet9  # noqa: E402
-from jaxattr.counterfactual import ensemble  # noqa: E402
-from jaxattr.models.resnet9 import resnet9_train_flops  # noqa: E402
+from benchmarks import bench
+from benchmarks.torch_reference import torch_resnet9
+from jaxattr import xla_flags
+from jaxattr.counterfactual import ensemble
+from jaxattr.models.resnet9 import resnet9_train_flops
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("mode", "speed", ["speed", "gpu"], "What to measure (see the module doc).")

@@ -8,7 +8,7 @@ that no free thread can run, the process deadlocks (gdb: every `tf_XLAEigen` thr
 `BlockingCounter::Wait` under `ParallelBatchMap`). It is timing-dependent: a run hangs in some
 tries only. `jaxattr.attribute.esvm.Solver` therefore avoids LAPACK on multi-device CPU meshes.
 
-  JAX_NUM_CPU_DEVICES=4 python launch/repro_lapack_deadlock.py   # exit 0: no hang in --tries
+  JAX_NUM_CPU_DEVICES=4 python3 -m benchmarks.repro_lapack_deadlock   # exit 0: no hang in --tries
 
 Exits with status 1 (and a Python stack dump) if one try does not finish within --timeout_s.
 """

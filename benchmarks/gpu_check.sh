@@ -1,27 +1,32 @@
 #!/usr/bin/env bash
 # The prepared accelerator check: one run of every benchmark at GPU sizes (about 5-8 minutes on
-# one H200), tables in $OUT/*.log and JSON in $OUT/*.json. Needs the CIFAR-10 JPEG archive inside
-# the checkout at data/cifar10-jpeg.tar.gz (git-ignored; copy it from ../shared/data first).
+# one H200), tables in $OUT/*.log and JSON in $OUT/*.json. The CIFAR-10 archive is the one of
+# jaxattr/config.py's CIFAR10_JPEG; ../shared does not travel to a lent accelerator machine, so
+# a copy at data/cifar10-jpeg.tar.gz in the checkout (git-ignored) stands in for it there. The
+# accelerator image lacks ml-collections: wheels in .whl/ (pip download -d .whl ml-collections)
+# are installed first when present.
 #
-#   OUT=/tmp/out bash launch/gpu_check.sh
+#   OUT=/tmp/out bash benchmarks/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-bench_results}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-DATA=folder:data/cifar10-jpeg.tar.gz
+DATA=$(sed -n 's/^CIFAR10_JPEG = "\(.*\)"/\1/p' jaxattr/config.py)
+[ -e "${DATA#folder:}" ] || DATA=folder:data/cifar10-jpeg.tar.gz
+[ -d .whl ] && python3 -m pip install -q --no-index --find-links .whl ml-collections
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.log"
 python3 -c "import jax; print(jax.__version__, jax.devices())" | tee -a "$OUT/gpu.log"
 # Issue 3: ResNet-18/32px and ResNet-50/224px inference, jaxattr vs PyTorch, float32 and bf16.
 for dtype in float32 bfloat16; do
-  timeout 150 python3 launch/benchmark_features.py --dtype=$dtype --batch_size=1024 \
+  timeout 150 python3 -m benchmarks.benchmark_features --dtype=$dtype --batch_size=1024 \
     --imagenet_batch_size=256 --xla_flags= --out="$OUT/features_$dtype.json" \
     2>&1 | tee "$OUT/features_$dtype.log" | tail -n 12
 done
 # Issue 4: ESVM vs sklearn on random-init CIFAR-10 features; all 10,000 test targets.
-timeout 240 python3 launch/benchmark_esvm.py --data=$DATA --num_targets_jax=5000 \
+timeout 240 python3 -m benchmarks.benchmark_esvm --data=$DATA --num_targets_jax=5000 \
   --num_targets_sklearn=20 --num_targets_dual=2 --cache="$OUT/esvm_features.npz" \
   --out="$OUT/esvm.json" 2>&1 | tee "$OUT/esvm.log" | tail -n 20
 # Issue 5: which formulation wins, then s/model for 32 full-width ResNet-9s (2 epochs).
-timeout 240 python3 launch/benchmark_train.py --mode=gpu --num_models=32 --epochs=2 \
+timeout 240 python3 -m benchmarks.benchmark_train --mode=gpu --num_models=32 --epochs=2 \
   --formulations=vmap,map --data=$DATA --out="$OUT/train.json" \
   2>&1 | tee "$OUT/train.log" | tail -n 20
