@@ -132,6 +132,21 @@ def load(source: str, split: str, **options: Any) -> Dataset:
   return ds
 
 
+def load_splits(data_config: Any) -> tuple[Dataset, Dataset]:
+  """(train, test) of a config's `data` section: `source` plus the `options` given (not None).
+
+  Args:
+    data_config: `config.data` (`jaxattr.config.data_section()`): `source` and `options`
+      (`size`, `limit_per_class`, ...), applied to both splits.
+
+  Returns:
+    (train, test) `Dataset`s.
+  """
+  options = {k: v for k, v in dict(data_config.options).items() if v is not None}
+  return (load(data_config.source, "train", **options),
+          load(data_config.source, "test", **options))
+
+
 def _require_arg(source: str, arg: str) -> str:
   if not arg:
     raise DataError(f"data source {source!r} needs an argument after the colon")
