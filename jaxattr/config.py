@@ -14,6 +14,13 @@ from ml_collections import config_dict
 CIFAR10_JPEG = "folder:../shared/data/cifar10-jpeg.tar.gz"
 
 
+def names(value) -> tuple[str, ...]:
+  """The entries of a list field: 'a,b' (as `--config.support.methods=esvm,trak=PATH` gives it)
+  or a sequence of such strings, split at commas, stripped, empty entries dropped."""
+  parts = [value] if isinstance(value, str) else list(value)
+  return tuple(s.strip() for part in parts for s in str(part).split(",") if s.strip())
+
+
 def data_section() -> ml_collections.ConfigDict:
   """`config.data`: the source and the options every source takes (`jaxattr.data.load`)."""
   c = ml_collections.ConfigDict()
@@ -68,7 +75,7 @@ def features_section() -> ml_collections.ConfigDict:
 def attribution_section() -> ml_collections.ConfigDict:
   """`config.attribution`: which targets, which methods, and the ESVM solver's options."""
   c = ml_collections.ConfigDict()
-  c.methods = ("esvm", "l2")  # any of 'esvm', 'l2', 'cosine'
+  c.methods = "esvm,l2"  # comma-separated, any of 'esvm', 'l2', 'cosine'
   c.k = 1280  # training examples kept per target
   c.same_class = True  # candidates = training examples with the target's label
   c.targets = "random"  # 'all' test examples, a seeded 'random' sample, or a 'list'
@@ -117,11 +124,11 @@ def trainer_section() -> ml_collections.ConfigDict:
 def support_section() -> ml_collections.ConfigDict:
   """`config.support`: removal / mislabel support by counterfactual retraining."""
   c = ml_collections.ConfigDict()
-  c.metrics = ("removal", "mislabel")
-  # Methods read from WORKDIR/attribution/<name>/; 'name=PATH' instead reads a reference-layout
-  # top-k matrix, int64 [n_test, >= k] of train `index` values, one row per test `index`
-  # (its targets must then come from `targets`).
-  c.methods = ("esvm", "l2")
+  c.metrics = "removal,mislabel"  # comma-separated ('' = no support stage)
+  # Comma-separated methods read from WORKDIR/attribution/<name>/; 'name=PATH' instead reads a
+  # reference-layout top-k matrix, int64 [n_test, >= k] of train `index` values, one row per
+  # test `index` (its targets must then come from `targets`).
+  c.methods = "esvm,l2"
   # Targets as test `index` values: '' (those of each method's attribution), a .npy or text
   # file of integers, or a comma-separated list ('3,17,42').
   c.targets = ""

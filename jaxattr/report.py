@@ -19,13 +19,15 @@ import io
 import json
 import os
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
+import ml_collections
 import numpy as np
 from absl import logging
 
 from jaxattr import utils
-from jaxattr.counterfactual import search
+from jaxattr.counterfactual import bisection, summaries, support
 
 TOP = 16        # attributed images shown per target
 MAX_PREFIX = 48  # flipping-prefix images shown per target (the rest are counted)
@@ -40,8 +42,8 @@ def write_report(workdir: str, config: Any = None, train: Any = None, test: Any 
   Args:
     workdir: WORKDIR of a run.
     config: the run's ConfigDict or dict (default: WORKDIR/config.json when present). Its
-      `data.source` (plus `size`, `limit_per_class`) is used to load images when `train` /
-      `test` are not given.
+      `data` section (`source` and `options`) loads the images when `train` / `test` are not
+      given.
     train: the training `jaxattr.data.Dataset` (images of attributed training examples).
     test: the test `Dataset` (target images).
     num_examples: targets shown per attribution method.
@@ -54,17 +56,16 @@ def write_report(workdir: str, config: Any = None, train: Any = None, test: Any 
   cfg = _config_dict(workdir, config)
   train, test, data_note = _datasets(cfg, train, test)
   parts = [
-      f"<h1>jaxattr report</h1><p class='muted'>{html.escape(os.path.abspath(workdir))} &middot; "
-      f"generated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}</p>",
+      (f"<h1>jaxattr report</h1><p class='muted'>{html.escape(os.path.abspath(workdir))} "
+       f"&middot; generated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}</p>"),
       _timings(workdir),
       _support(workdir),
       _examples(workdir, train, test, data_note, num_examples),
       _config_section(cfg),
   ]
   page = _PAGE.format(body="\n".join(parts))
-  with utils.atomic_path(out) as tmp:
-    with open(tmp, "w") as f:
-      f.write(page)
+  with utils.atomic_path(out) as tmp, open(tmp, "w") as f:
+    f.write(page)
   logging.info("report: %s", out)
   return out
 
@@ -95,14 +96,14 @@ def _timings(workdir: str) -> str:
 def _support(workdir: str) -> str:
   root = os.path.join(workdir, "support")
   head = "<h2>Counterfactual support</h2>"
-  metrics = [m for m in search.METRICS if os.path.isdir(os.path.join(root, m))]
+  metrics = [m for m in bisection.METRICS if os.path.isdir(os.path.join(root, m))]
   if not metrics:
     return head + _note("No support results yet (WORKDIR/support/ is empty): run the support "
                         "stage (launch/support.py).")
-  parts = [head, "<p>Support = the smallest number of top-attributed training images whose "
-           "removal (or relabelling to the flip class) makes most retrained models misclassify "
-           "the target; smaller is better. Targets not flipped within k count as never flipped "
-           "(infinite support) in the median and curves.</p>"]
+  parts = [head, ("<p>Support = the smallest number of top-attributed training images whose "
+                  "removal (or relabelling to the flip class) makes most retrained models "
+                  "misclassify the target; smaller is better. Targets not flipped within k count "
+                  "as never flipped (infinite support) in the median and curves.</p>")]
   for metric in metrics:
     parts.append(f"<h3>{metric} support</h3>")
     rows, thresholds, settings = [], [], set()
@@ -143,8 +144,8 @@ def _support(workdir: str) -> str:
     curves = os.path.join(root, metric, "curves.png")
     if not os.path.exists(curves) or _stale(curves, os.path.join(root, metric)):
       try:
-        search.plot_curves(workdir, metric)
-      except Exception as e:  # pylint: disable=broad-except
+        summaries.plot_curves(workdir, metric)
+      except Exception as e:  # any failure: the table above stands alone
         logging.warning("curves for %s: %s", metric, e)
     if os.path.exists(curves):
       with open(curves, "rb") as f:
@@ -163,9 +164,9 @@ def _examples(workdir: str, train: Any, test: Any, data_note: str, num_examples:
     return head + _note("No attribution results yet (WORKDIR/attribution/ is empty).")
   if train is None or test is None:
     return head + _note(f"Images unavailable: {data_note}")
-  parts = [head, f"<p>For {num_examples} targets per method: the target (left), its top-{TOP} "
-           "attributed training images with their scores, and the training images whose removal "
-           "flipped it (the top-<i>support</i> prefix of the ranking).</p>"]
+  parts = [head, (f"<p>For {num_examples} targets per method: the target (left), its top-{TOP} "
+                  "attributed training images with their scores, and the training images whose "
+                  "removal flipped it (the top-<i>support</i> prefix of the ranking).</p>")]
   for method in methods:
     parts.append(f"<h3>{html.escape(method)}</h3>")
     base = os.path.join(root, method)
@@ -176,12 +177,12 @@ def _examples(workdir: str, train: Any, test: Any, data_note: str, num_examples:
       targets = np.load(os.path.join(base, ids))
       scores = (np.load(os.path.join(base, "scores.npy"))
                 if os.path.exists(os.path.join(base, "scores.npy")) else None)
-      t_pos = search.positions_of(test.index, targets[:num_examples], "targets")
-      rows = search.positions_of(train.index, topk[:num_examples], "top-k")
+      t_pos = support.positions_of(test.index, targets[:num_examples], "targets")
+      rows = support.positions_of(train.index, topk[:num_examples], "top-k")
     except (OSError, ValueError) as e:
       parts.append(_note(f"Cannot show {method}: {e}"))
       continue
-    support = _support_by_target(workdir, "removal", method)
+    removal = _support_by_target(workdir, "removal", method)
     mislabel = _support_by_target(workdir, "mislabel", method, "flip_class")
     names = list(getattr(test, "class_names", []))
     for i, target in enumerate(targets[:num_examples]):
@@ -195,7 +196,7 @@ def _examples(workdir: str, train: Any, test: Any, data_note: str, num_examples:
         cells.append(_figure(train.images[rows[i, j]],
                              f"#{j + 1} {score}<br>{html.escape(_name(names, lab))}", cls))
       parts.append(f"<div class='row'>{''.join(cells)}</div>")
-      s = support.get(int(target))
+      s = removal.get(int(target))
       if s is None:
         parts.append(_note("removal support: not measured for this target."))
       elif s < 0:
@@ -203,7 +204,7 @@ def _examples(workdir: str, train: Any, test: Any, data_note: str, num_examples:
                            "listed images removed)."))
       else:
         shown = min(s, MAX_PREFIX, rows.shape[1])
-        prefix_rows = search.positions_of(train.index, topk[i, :shown], "top-k")
+        prefix_rows = support.positions_of(train.index, topk[i, :shown], "top-k")
         more = f" (first {shown} shown)" if shown < s else ""
         cells = [_figure(train.images[r], "", "small") for r in prefix_rows]
         parts.append(f"<p class='sub'>removal support {s}: removing these {s} images flipped "
@@ -220,7 +221,7 @@ def _examples(workdir: str, train: Any, test: Any, data_note: str, num_examples:
 def _config_section(cfg: dict[str, Any] | None) -> str:
   try:
     prov = utils.provenance()
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:  # any failure (no git, ...): the report still renders
     prov = {"error": str(e)}
   parts = ["<h2>Config and versions</h2>"]
   if cfg is None:
@@ -249,16 +250,21 @@ def _config_dict(workdir: str, config: Any) -> dict[str, Any] | None:
 def _datasets(cfg: dict[str, Any] | None, train: Any, test: Any) -> tuple[Any, Any, str]:
   if train is not None and test is not None:
     return train, test, ""
-  source = ((cfg or {}).get("data") or {}).get("source")
+  section = (cfg or {}).get("data") or {}
+  source = section.get("source")
   if not source:
     return None, None, "no train/test datasets given and the config has no data.source."
   from jaxattr import data  # pylint: disable=g-import-not-at-top
-  options = {k: cfg["data"][k] for k in ("size", "limit_per_class") if cfg["data"].get(k)}
+  # `options` too (size, limit_per_class): without them the images and their `index` values
+  # would not be those the run attributed.
+  data_config = ml_collections.ConfigDict(
+      {"source": source, "options": section.get("options") or {}})
   try:
-    train = train if train is not None else data.load(source, "train", **options)
-    test = test if test is not None else data.load(source, "test", **options)
-  except Exception as e:  # pylint: disable=broad-except
+    loaded = data.load_splits(data_config)
+  except Exception as e:  # any failure: the report says so instead of images
     return None, None, f"loading {source!r} failed: {e}"
+  train = train if train is not None else loaded[0]
+  test = test if test is not None else loaded[1]
   return train, test, ""
 
 

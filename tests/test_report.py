@@ -1,18 +1,19 @@
 """The HTML report on a synthetic workdir, and on an empty one."""
 
+import base64
+import io
 import json
 import os
 import re
 
-import ml_collections
 import numpy as np
+from PIL import Image
 
-from jaxattr import data
-from jaxattr import report
-from jaxattr import utils
-from jaxattr.counterfactual import search
+from jaxattr import config as config_lib, data, report, utils
+from jaxattr.counterfactual import bisection, support
 
 NUM_CLASSES = 4
+TOP_K = 16
 
 
 def _dataset(n, split, seed, labels):
@@ -24,10 +25,15 @@ def _dataset(n, split, seed, labels):
       source="synthetic", split=split)
 
 
+def read(path):
+  with open(path) as f:
+    return f.read()
+
+
 def make_workdir(wd, k=32):
   """Attribution files of two methods, their support via the search, and timings."""
-  # Train labels 0, target labels 1..3 and flip classes label % 3 + 1 (never 0): relabelling
-  # changes every prefix image, so the fake trainer below can count them.
+  # Target labels 1..3 and flip classes label % 3 + 1: the predictor below flips a target once
+  # sizes[m] >= its theta, removal and mislabel alike.
   train = _dataset(300, "train", 0, np.zeros(300))
   test = _dataset(40, "test", 1, np.random.default_rng(1).integers(1, NUM_CLASSES, 40))
   targets = test.index[[1, 5, 9, 20, 33]]
@@ -42,19 +48,18 @@ def make_workdir(wd, k=32):
     np.save(os.path.join(base, "targets.npy"), targets)
   theta = dict(zip(targets.tolist(), [3, 9, 20, 1000, 30]))  # 1000 > k: never flips
 
-  def predictor(seeds, keep, labels, eval_positions):
+  def predictor(seeds, prefixes, sizes, flip, eval_positions):
     out = []
     for m, pos in enumerate(eval_positions):
-      changed = int((~keep[m]).sum() + (labels[m] != train.labels).sum())
       true = test.labels[pos]
-      out.append(true if changed < theta[int(test.index[pos])] else (true + 1) % NUM_CLASSES)
+      out.append(true if sizes[m] < theta[int(test.index[pos])] else (true + 1) % NUM_CLASSES)
     return np.array(out)
 
-  support = search.default_config()
-  support.update(dict(k=k, search_budget=3, num_tests=3, methods=("esvm", "l2")))
-  config = ml_collections.ConfigDict({"data": {"source": "synthetic"}, "support": support})
-  search.run(config, wd, train=train, test=test, predictor=predictor,
-             flip_fn=lambda images, labels: labels % 3 + 1)
+  config = config_lib.base_config()
+  config.data.source = "synthetic"
+  config.support.update({"k": k, "search_budget": 3, "num_tests": 3, "methods": "esvm,l2"})
+  support.run(config, wd, train=train, test=test, predictor=predictor,
+              flip_fn=lambda images, labels: labels % 3 + 1)
   utils.save_json(os.path.join(wd, "timings.json"),
                   {"features": 12.5, "attribution": 3.25, "support": 400.0})
   return config, train, test, targets
@@ -65,15 +70,16 @@ def test_report_contains_tables_images_curves_and_timings(tmp_path):
   config, train, test, targets = make_workdir(wd)
   path = report.write_report(wd, config, train=train, test=test, num_examples=3)
   assert path == os.path.join(wd, "report.html")
-  page = open(path).read()
+  page = read(path)
   # Timings table with every stage and the total.
   for stage in ("features", "attribution", "support", "total"):
     assert f"<td>{stage}</td>" in page or f"<b>{stage}</b>" in page
   assert "6.7 min" in page and "12.5 s" in page
   # One summary table per metric with both methods, their medians and flip fractions.
-  for metric in search.METRICS:
+  for metric in bisection.METRICS:
     assert f"<h3>{metric} support</h3>" in page
-    summary = json.load(open(f"{wd}/support/{metric}/esvm/summary.json"))
+    with open(f"{wd}/support/{metric}/esvm/summary.json") as f:
+      summary = json.load(f)
     assert summary["median_support"] == 20
   assert page.count("<td>esvm</td>") == 2 and page.count("<td>l2</td>") == 2
   assert "<td>20</td>" in page and "&le;10" in page
@@ -102,7 +108,7 @@ def test_report_contains_tables_images_curves_and_timings(tmp_path):
 
 def test_report_without_results_says_what_is_missing(tmp_path):
   path = report.write_report(str(tmp_path))
-  page = open(path).read()
+  page = read(path)
   assert "No timings.json yet" in page
   assert "No support results yet" in page
   assert "No attribution results yet" in page
@@ -115,7 +121,26 @@ def test_report_with_support_in_progress_and_no_images(tmp_path):
   # Another method is still running: only its state exists.
   os.makedirs(f"{wd}/support/removal/trak")
   utils.save_json(f"{wd}/support/removal/trak/state.json", {"next_round": 2})
-  page = open(report.write_report(wd, {"data": {"source": ""}})).read()
+  page = read(report.write_report(wd, {"data": {"source": ""}}))
   assert "<td>trak</td><td><i>in progress</i></td>" in page
   assert "Images unavailable" in page
   assert "<td>esvm</td>" in page
+
+
+def test_report_from_config_json_loads_images_with_the_data_options(tmp_path):
+  """A report rendered from WORKDIR/config.json loads the data as the run did, options included.
+  """
+  train, test = data.load("digits", "train", size=8), data.load("digits", "test", size=8)
+  base = tmp_path / "attribution" / "l2"
+  os.makedirs(base)
+  np.save(base / "topk.npy", np.tile(train.index[:TOP_K], (2, 1)))
+  np.save(base / "targets.npy", test.index[:2])
+  config = config_lib.base_config()
+  config.data.options.size = 8
+  utils.save_json(str(tmp_path / "config.json"), config.to_dict())
+  page = read(report.write_report(str(tmp_path), num_examples=2))
+  assert "Images unavailable" not in page
+  uris = re.findall(r"<figure class='target'><img src='data:image/png;base64,([^']+)'", page)
+  # 8x8 digits are upscaled 7x to 56 pixels; without data.options (32x32 digits) they were 64.
+  sizes = [Image.open(io.BytesIO(base64.b64decode(u))).size for u in uris]
+  assert sizes == [(56, 56)] * 2
