@@ -6,8 +6,8 @@
 
 Variants (comma-separated):
   (none)  data from a prepared `tfds:cifar10` (original CIFAR-10 order, = torchvision's).
-  jpeg    data from the JPEG re-encoding `folder:../shared/data/cifar10-jpeg.tar.gz` (its own
-          canonical order; not torchvision's indices).
+  jpeg    data from the JPEG re-encoding of ../shared/data (`config.CIFAR10_JPEG`; its own
+          canonical order, not torchvision's indices).
   cpu     shrunk to run on a CPU (implies jpeg): 500 training images per class, width-0.25
           encoder for 2 epochs, top-320 for 16 targets, support of 4 targets with 1/8-width
           ResNet-9s for 4 epochs (budget 3, 3 models); only a smoke test of the protocol.
@@ -19,8 +19,6 @@ kNN accuracy 0.90 after 800 epochs at batch 512, about 13 h on one RTX A6000).
 """
 
 from jaxattr import config as config_lib
-
-JPEG = "folder:../shared/data/cifar10-jpeg.tar.gz"
 
 
 def get_config(arg=None):
@@ -40,7 +38,7 @@ def get_config(arg=None):
   c.pretrain.checkpoint_every_steps = 1000
   c.features.batch_size = 1024
   if "jpeg" in variants or "cpu" in variants:
-    c.data.source = JPEG
+    c.data.source = config_lib.CIFAR10_JPEG
   if "cpu" in variants:
     c.data.options.limit_per_class = 500
     c.encoder.width = 0.25

@@ -22,14 +22,6 @@ from jaxattr import augment, checkpoint, data as data_lib, utils
 from jaxattr.models import get_encoder
 
 
-def default_config() -> ml_collections.ConfigDict:
-  """The `config.features` section."""
-  c = ml_collections.ConfigDict()
-  c.batch_size = 512  # images per device step, rounded up to a multiple of the device count
-  c.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16' (features are returned as float32)
-  return c
-
-
 def data_mesh() -> Mesh:
   """A 1-D mesh over all devices with axis 'data'."""
   return Mesh(np.asarray(jax.devices()), ("data",))
@@ -91,8 +83,17 @@ def load_encoder(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, 
   return model, variables, meta
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Extracts features of both splits of `config.data` into WORKDIR/features/."""
+def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Dataset | None = None,
+        test: data_lib.Dataset | None = None) -> dict[str, Any]:
+  """Extracts features of both splits of `config.data` into WORKDIR/features/.
+
+  Args:
+    config: the experiment config (`data`, `encoder`, `features`).
+    workdir: WORKDIR (the encoder is WORKDIR/pretrain/encoder unless encoder.checkpoint is set).
+    train, test: the splits of `config.data` (loaded when None).
+  """
+  if train is None or test is None:
+    train, test = data_lib.load_splits(config.data)
   model, variables, meta = load_encoder(config, workdir)
   mean = meta.get("mean", augment.IMAGENET_MEAN)
   std = meta.get("std", augment.IMAGENET_STD)
@@ -100,8 +101,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   out_dir = os.path.join(workdir, "features")
   summary: dict[str, Any] = {"encoder": meta, "batch_size": batch,
                              "devices": jax.device_count()}
-  for split in ("train", "test"):
-    ds = data_lib.load(config.data.source, split, **dict(config.data.options))
+  for split, ds in (("train", train), ("test", test)):
     t0 = time.perf_counter()
     feats = extract(ds.images, split)
     sec = time.perf_counter() - t0
@@ -115,12 +115,3 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                  len(ds), feats.shape[1], sec, len(ds) / max(sec, 1e-9))
   utils.save_json(os.path.join(out_dir, "summary.json"), summary)
   return summary
-
-
-def load_features(workdir: str, split: str) -> dict[str, np.ndarray]:
-  """Reads WORKDIR/features/<split>.npz as a dict (features, labels, index, class_names)."""
-  path = os.path.join(workdir, "features", f"{split}.npz")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"feature file not found: {path} (run launch/extract_features.py)")
-  with np.load(path) as z:
-    return {k: z[k] for k in z.files}

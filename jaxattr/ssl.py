@@ -17,8 +17,6 @@ images live on the device as uint8 and views are made inside jit (`jaxattr.augme
 from __future__ import annotations
 
 import functools
-import os
-import time
 from typing import Any
 
 import flax
@@ -28,34 +26,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
-from absl import logging
 
-from jaxattr import augment, checkpoint, data as data_lib, utils
+from jaxattr import augment
 from jaxattr.models import get_encoder
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """The `config.pretrain` section: the reference's MoCo recipe at batch 512 for 800 epochs."""
-  c = ml_collections.ConfigDict()
-  c.epochs = 800
-  c.batch_size = 512  # examples per step (must be divisible by encoder.num_splits)
-  c.base_lr = 0.06  # lr per 128 examples; the actual lr is base_lr * batch_size / 128
-  c.momentum = 0.9
-  c.weight_decay = 5e-4
-  c.ema_momentum = 0.99  # key encoder: k = m * k + (1 - m) * q
-  c.temperature = 0.1
-  c.memory_bank_size = 4096  # negatives (keys of past batches)
-  c.proj_hidden_dim = 512
-  c.proj_out_dim = 128
-  c.min_scale = 0.08  # RandomResizedCrop scale lower bound
-  c.knn_k = 200
-  c.knn_temperature = 0.1
-  c.knn_every_epochs = 50  # 0 = only at the end
-  c.checkpoint_every_steps = 500
-  c.log_every_steps = 50
-  c.max_steps = -1  # stop early after this many steps (debugging / tests); -1 = all
-  return c
 
 
 class ProjectionHead(nn.Module):
@@ -92,7 +65,8 @@ class MoCoState:
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
 
-def build_model(config: ml_collections.ConfigDict) -> MoCoNet:
+def moco_model(config: ml_collections.ConfigDict) -> MoCoNet:
+  """The query encoder of `config`: the encoder backbone plus the projection head."""
   backbone = get_encoder(config.encoder.name, **encoder_kwargs(config))
   head = ProjectionHead(config.pretrain.proj_hidden_dim, config.pretrain.proj_out_dim)
   return MoCoNet(backbone=backbone, head=head)
@@ -130,7 +104,7 @@ def make_optimizer(config: ml_collections.ConfigDict, num_examples: int):
 def init_state(config: ml_collections.ConfigDict, key: jax.Array, image_shape: tuple[int, ...],
                num_examples: int) -> MoCoState:
   """Fresh state: query and key encoders equal, a random normalised memory bank (as lightly)."""
-  model = build_model(config)
+  model = moco_model(config)
   k_init, k_bank = jax.random.split(key)
   dummy = jnp.zeros((config.encoder.num_splits,) + tuple(image_shape), jnp.float32)
   variables = model.init(k_init, dummy, train=False)
@@ -266,136 +240,3 @@ def knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes
   for s in range(0, len(test_feats), chunk):
     preds.append(np.asarray(fn(tf_, tl, jnp.asarray(test_feats[s:s + chunk]))))
   return float(np.mean(np.concatenate(preds) == np.asarray(test_labels)))
-
-
-# ----------------------------------------------------------------------------------------------
-# Driver
-
-
-def _state_dict(state: MoCoState) -> dict[str, Any]:
-  return flax.serialization.to_state_dict(state)
-
-
-def export_encoder(state: MoCoState, config: ml_collections.ConfigDict, path: str,
-                   extra_meta: dict[str, Any] | None = None) -> None:
-  """Writes the query backbone as a variables checkpoint that feature extraction loads."""
-  variables = {"params": state.params["backbone"],
-               "batch_stats": state.batch_stats.get("backbone", {})}
-  meta = {"encoder": config.encoder.name, "encoder_kwargs": encoder_kwargs(config),
-          "mean": list(augment.IMAGENET_MEAN), "std": list(augment.IMAGENET_STD),
-          "format": "jaxattr-moco", "step": int(state.step)}
-  meta.update(extra_meta or {})
-  checkpoint.save_variables(path, variables, meta, overwrite=True)
-
-
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Pretrains MoCo on `config.data` train split; resumes from WORKDIR/pretrain/checkpoints.
-
-  Writes WORKDIR/pretrain/{checkpoints/, encoder/ (variables checkpoint), summary.json}.
-
-  Returns:
-    The summary dict (steps, final loss, kNN accuracy, images/s).
-  """
-  p = config.pretrain
-  if p.batch_size % config.encoder.num_splits:
-    raise ValueError(f"pretrain.batch_size={p.batch_size} must be divisible by "
-                     f"encoder.num_splits={config.encoder.num_splits}")
-  train = data_lib.load(config.data.source, "train", **dict(config.data.options))
-  test = data_lib.load(config.data.source, "test", **dict(config.data.options))
-  n = len(train)
-  if n < p.batch_size:
-    raise ValueError(f"pretrain.batch_size={p.batch_size} exceeds the {n} training images of "
-                     f"{config.data.source}")
-  spe = steps_per_epoch(n, p.batch_size)
-  total = spe * p.epochs if p.max_steps < 0 else min(spe * p.epochs, p.max_steps)
-  out_dir = os.path.join(workdir, "pretrain")
-  os.makedirs(out_dir, exist_ok=True)
-
-  model = build_model(config)
-  root = jax.random.key(config.seed)
-  k_init, k_train = jax.random.split(root)
-  state = init_state(config, k_init, train.images.shape[1:], n)
-  mngr = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(out_dir, "checkpoints")),
-      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
-  latest = mngr.latest_step()
-  if latest is not None:
-    restored = mngr.restore(latest, args=ocp.args.StandardRestore(_state_dict(state)))
-    state = flax.serialization.from_state_dict(state, restored)
-    logging.info("pretrain: resumed from step %d", latest)
-
-  images = jax.device_put(train.images)  # uint8, stays on device
-  step_fn = make_train_fn(config, model, n)
-  eval_fn = make_feature_fn(model)
-  meter = utils.Throughput("pretrain", total * p.batch_size, "images", every_s=1e9)
-  knn_history = []
-  loss = float("nan")
-  start_step = int(state.step)
-  t0 = time.perf_counter()
-  for step in range(start_step, total):
-    state, metrics = step_fn(state, images, k_train)
-    done = step + 1
-    meter.done = (done - start_step) * p.batch_size
-    if done % p.log_every_steps == 0 or done == total:
-      loss = float(metrics["loss"])
-      epoch = done / spe
-      lr = float(lr_schedule(config, n)(done - 1))
-      logging.info("pretrain: step %d/%d epoch %.2f loss %.4f lr %.4f | %s", done, total, epoch,
-                   loss, lr, meter.message())
-    if p.knn_every_epochs and done % (spe * p.knn_every_epochs) == 0 and done != total:
-      acc = _knn(eval_fn, state, train, test, config)
-      knn_history.append({"step": done, "knn_accuracy": acc})
-      logging.info("pretrain: step %d kNN accuracy %.4f", done, acc)
-    if done % p.checkpoint_every_steps == 0 or done == total:
-      mngr.save(done, args=ocp.args.StandardSave(_state_dict(state)))
-  mngr.wait_until_finished()
-  seconds = time.perf_counter() - t0
-  loss = float(metrics["loss"]) if total > start_step else loss
-  acc = _knn(eval_fn, state, train, test, config)
-  logging.info("pretrain: done at step %d, kNN accuracy %.4f", int(state.step), acc)
-  export_encoder(state, config, os.path.join(out_dir, "encoder"), {"knn_accuracy": acc})
-  summary = {"steps": int(state.step), "epochs": int(state.step) / spe, "final_loss": loss,
-             "knn_accuracy": acc, "knn_history": knn_history,
-             "images_per_s": (int(state.step) - start_step) * p.batch_size / max(seconds, 1e-9),
-             "seconds": seconds, "resumed_from": start_step, "config": config.to_dict(),
-             "provenance": utils.provenance()}
-  utils.save_json(os.path.join(out_dir, "summary.json"), summary)
-  mngr.close()
-  return summary
-
-
-def make_feature_fn(model: MoCoNet):
-  @jax.jit
-  def fn(params, batch_stats, images):
-    x = augment.normalize(images)
-    return model.backbone.apply({"params": params["backbone"],
-                                 "batch_stats": batch_stats["backbone"]}, x,
-                                train=False)["feature"]
-
-  return fn
-
-
-def _features(fn, state: MoCoState, images: np.ndarray, batch: int = 512) -> np.ndarray:
-  out = []
-  for s in range(0, len(images), batch):
-    chunk = images[s:s + batch]
-    pad = batch - len(chunk)
-    if pad:
-      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-    f = np.asarray(fn(state.params, state.batch_stats, chunk))
-    out.append(f[: batch - pad])
-  return np.concatenate(out)
-
-
-def _knn(fn, state, train, test, config) -> float:
-  tr = _features(fn, state, train.images)
-  te = _features(fn, state, test.images)
-  return knn_accuracy(tr, train.labels, te, test.labels, train.num_classes,
-                      k=config.pretrain.knn_k, temperature=config.pretrain.knn_temperature)
-
-
-def total_steps(config: ml_collections.ConfigDict, num_examples: int) -> int:
-  spe = steps_per_epoch(num_examples, config.pretrain.batch_size)
-  return spe * config.pretrain.epochs if config.pretrain.max_steps < 0 else min(
-      spe * config.pretrain.epochs, config.pretrain.max_steps)
-

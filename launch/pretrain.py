@@ -3,7 +3,7 @@
   python launch/pretrain.py --config configs/digits.py --workdir workdir/digits
 """
 
-from jaxattr import cli, ssl
+from jaxattr import cli, pretrain
 
 if __name__ == "__main__":
-  cli.launch(ssl.run, __doc__)
+  cli.launch(pretrain.run, __doc__)

@@ -1,11 +1,15 @@
-"""Shared test fixtures: repository paths and the optional real CIFAR-10 archive."""
+"""Shared test fixtures: repository paths, config files and the optional real CIFAR-10 archive."""
 
+import importlib.util
 import os
 
 import pytest
 
+from jaxattr import config as config_lib
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CIFAR_TAR = os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10-jpeg.tar.gz")
+# The archive of config.CIFAR10_JPEG, whose path is relative to the checkout root.
+CIFAR_TAR = os.path.normpath(os.path.join(REPO, config_lib.CIFAR10_JPEG.partition(":")[2]))
 
 
 @pytest.fixture(scope="session")
@@ -14,6 +18,15 @@ def cifar_tar() -> str:
     pytest.skip(f"real CIFAR-10 archive not found at {CIFAR_TAR} (it ships in ../shared/data of "
                 "the development machines only)")
   return CIFAR_TAR
+
+
+def load_config(name: str, variant: str | None = None):
+  """`get_config(variant)` of configs/<name>.py, loaded as the launchers' --config does."""
+  spec = importlib.util.spec_from_file_location(f"configs_{name}",
+                                                os.path.join(REPO, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
 
 
 def repo_env() -> dict:

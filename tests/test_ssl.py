@@ -1,11 +1,13 @@
 """MoCo pieces against NumPy, augmentation properties, kNN, and checkpoint-resume equality."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxattr import augment, ssl
+from jaxattr import augment, data, pretrain, ssl
+from tests.conftest import load_config
 
 
 def _np_info_nce(q, k, bank, t):
@@ -94,10 +96,7 @@ def test_knn_predict_simple():
 
 
 def _tiny_config():
-  import sys, os  # pylint: disable=import-outside-toplevel,multiple-imports
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs"))
-  import digits  # pylint: disable=import-outside-toplevel
-  c = digits.get_config("quick")
+  c = load_config("digits", "quick")
   c.data.options.limit_per_class = 8
   c.pretrain.batch_size = 16
   c.encoder.width = 0.0625
@@ -118,13 +117,13 @@ def _read_state(workdir):
 
 def test_resume_after_kill_equals_uninterrupted(tmp_path):
   c = _tiny_config()
-  full = ssl.run(c, str(tmp_path / "a"))
+  full = pretrain.run(c, str(tmp_path / "a"))
   assert full["steps"] == 4 and np.isfinite(full["final_loss"])
   # "Killed" after step 2: run to 2 steps, then resume to 4 in the same workdir.
   c2 = _tiny_config()
   c2.pretrain.max_steps = 2
-  ssl.run(c2, str(tmp_path / "b"))
-  resumed = ssl.run(_tiny_config(), str(tmp_path / "b"))
+  pretrain.run(c2, str(tmp_path / "b"))
+  resumed = pretrain.run(_tiny_config(), str(tmp_path / "b"))
   assert resumed["resumed_from"] == 2 and resumed["steps"] == 4
   va, _ = _read_state(tmp_path / "a")
   vb, meta = _read_state(tmp_path / "b")
@@ -137,4 +136,35 @@ def test_batch_size_must_divide_splits(tmp_path):
   c = _tiny_config()
   c.pretrain.batch_size = 15
   with pytest.raises(ValueError, match="divisible by encoder.num_splits"):
-    ssl.run(c, str(tmp_path))
+    pretrain.run(c, str(tmp_path))
+
+
+def _step_setup():
+  c = _tiny_config()
+  train, _ = data.load_splits(c.data)
+  model = ssl.moco_model(c)
+  state = ssl.init_state(c, jax.random.key(0), train.images.shape[1:], len(train))
+  return c, train, model, state
+
+
+def test_train_step_compiles_once(monkeypatch):
+  """Steps 1..3 reuse one program: the step counter and the key are arrays, not constants."""
+  monkeypatch.setattr(ssl, "train_step", chex.assert_max_traces(ssl.train_step, n=1))
+  c, train, model, state = _step_setup()
+  step_fn = ssl.make_train_fn(c, model, len(train))
+  images, key = jax.device_put(train.images), jax.random.key(1)
+  for _ in range(3):
+    state, metrics = step_fn(state, images, key)
+  assert int(state.step) == 3 and np.isfinite(float(metrics["loss"]))
+
+
+def test_train_step_moves_no_data_between_host_and_device():
+  """Once state, images and key are on the device, a step transfers nothing implicitly."""
+  c, train, model, state = _step_setup()
+  step_fn = ssl.make_train_fn(c, model, len(train))
+  images, key = jax.device_put(train.images), jax.random.key(1)
+  state, _ = step_fn(state, images, key)  # compile outside the guard
+  with jax.transfer_guard("disallow"):
+    state, metrics = step_fn(state, images, key)
+    state, metrics = step_fn(state, images, key)
+  assert int(state.step) == 3 and np.isfinite(float(metrics["loss"]))

@@ -4,7 +4,7 @@ The encoder is `--config.encoder.checkpoint=PATH` (e.g. written by launch/conver
 empty, the one pretrained into WORKDIR/pretrain/encoder.
 On the CPU backend XLA_FLAGS defaults to jaxattr.xla_flags.INFERENCE_CPU_FLAGS unless set.
 
-  python launch/extract_features.py --config configs/digits.py --workdir workdir/digits
+  python launch/features.py --config configs/digits.py --workdir workdir/digits
 """
 
 from jaxattr import cli, features, xla_flags

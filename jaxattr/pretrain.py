@@ -1,0 +1,142 @@
+"""The pretrain stage: MoCo (`jaxattr.ssl`) on the training split, resumable, then the encoder.
+
+Writes WORKDIR/pretrain/checkpoints/ (orbax, the whole MoCo state: a killed run resumes from the
+last one and ends in the same state), WORKDIR/pretrain/encoder/ (the query backbone as a
+variables checkpoint that the features stage loads) and WORKDIR/pretrain/summary.json (steps,
+loss, kNN accuracy, images/s).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from jaxattr import augment, checkpoint, data as data_lib, ssl, utils
+
+
+def export_encoder(state: ssl.MoCoState, config: ml_collections.ConfigDict, path: str,
+                   extra_meta: dict[str, Any] | None = None) -> None:
+  """Writes the query backbone as a variables checkpoint that feature extraction loads."""
+  variables = {"params": state.params["backbone"],
+               "batch_stats": state.batch_stats.get("backbone", {})}
+  meta = {"encoder": config.encoder.name, "encoder_kwargs": ssl.encoder_kwargs(config),
+          "mean": list(augment.IMAGENET_MEAN), "std": list(augment.IMAGENET_STD),
+          "format": "jaxattr-moco", "step": int(state.step)}
+  meta.update(extra_meta or {})
+  checkpoint.save_variables(path, variables, meta, overwrite=True)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Dataset | None = None,
+        test: data_lib.Dataset | None = None) -> dict[str, Any]:
+  """Pretrains MoCo on the training split; resumes from WORKDIR/pretrain/checkpoints.
+
+  Args:
+    config: the experiment config (`seed`, `data`, `encoder`, `pretrain`).
+    workdir: WORKDIR.
+    train, test: the splits of `config.data` (loaded when None); test is for the kNN monitor.
+
+  Returns:
+    The summary dict (steps, final loss, kNN accuracy, images/s).
+  """
+  p = config.pretrain
+  if p.batch_size % config.encoder.num_splits:
+    raise ValueError(f"pretrain.batch_size={p.batch_size} must be divisible by "
+                     f"encoder.num_splits={config.encoder.num_splits}")
+  if train is None or test is None:
+    train, test = data_lib.load_splits(config.data)
+  n = len(train)
+  if n < p.batch_size:
+    raise ValueError(f"pretrain.batch_size={p.batch_size} exceeds the {n} training images of "
+                     f"{config.data.source}")
+  spe = ssl.steps_per_epoch(n, p.batch_size)
+  total = spe * p.epochs if p.max_steps < 0 else min(spe * p.epochs, p.max_steps)
+  out_dir = os.path.join(workdir, "pretrain")
+  os.makedirs(out_dir, exist_ok=True)
+
+  model = ssl.moco_model(config)
+  k_init, k_train = jax.random.split(jax.random.key(config.seed))
+  state = ssl.init_state(config, k_init, train.images.shape[1:], n)
+  mngr = ocp.CheckpointManager(
+      os.path.abspath(os.path.join(out_dir, "checkpoints")),
+      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+  latest = mngr.latest_step()
+  if latest is not None:
+    restored = mngr.restore(latest, args=ocp.args.StandardRestore(
+        flax.serialization.to_state_dict(state)))
+    state = flax.serialization.from_state_dict(state, restored)
+    logging.info("pretrain: resumed from step %d", latest)
+
+  images = jax.device_put(train.images)  # uint8, stays on device
+  step_fn = ssl.make_train_fn(config, model, n)
+  embed = _embed_fn(model)
+  meter = utils.Throughput("pretrain", total * p.batch_size, "images", every_s=1e9)
+  knn_history = []
+  loss = float("nan")
+  start_step = int(state.step)
+  t0 = time.perf_counter()
+  for step in range(start_step, total):
+    state, metrics = step_fn(state, images, k_train)
+    done = step + 1
+    meter.done = (done - start_step) * p.batch_size
+    if done % p.log_every_steps == 0 or done == total:
+      loss = float(metrics["loss"])
+      lr = float(ssl.lr_schedule(config, n)(done - 1))
+      logging.info("pretrain: step %d/%d epoch %.2f loss %.4f lr %.4f | %s", done, total,
+                   done / spe, loss, lr, meter.message())
+    if p.knn_every_epochs and done % (spe * p.knn_every_epochs) == 0 and done != total:
+      acc = _knn(embed, state, train, test, config)
+      knn_history.append({"step": done, "knn_accuracy": acc})
+      logging.info("pretrain: step %d kNN accuracy %.4f", done, acc)
+    if done % p.checkpoint_every_steps == 0 or done == total:
+      mngr.save(done, args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)))
+  mngr.wait_until_finished()
+  seconds = time.perf_counter() - t0
+  loss = float(metrics["loss"]) if total > start_step else loss
+  acc = _knn(embed, state, train, test, config)
+  logging.info("pretrain: done at step %d, kNN accuracy %.4f", int(state.step), acc)
+  export_encoder(state, config, os.path.join(out_dir, "encoder"), {"knn_accuracy": acc})
+  summary = {"steps": int(state.step), "epochs": int(state.step) / spe, "final_loss": loss,
+             "knn_accuracy": acc, "knn_history": knn_history,
+             "images_per_s": (int(state.step) - start_step) * p.batch_size / max(seconds, 1e-9),
+             "seconds": seconds, "resumed_from": start_step, "config": config.to_dict(),
+             "provenance": utils.provenance()}
+  utils.save_json(os.path.join(out_dir, "summary.json"), summary)
+  mngr.close()
+  return summary
+
+
+def _embed_fn(model: ssl.MoCoNet):
+  """jit of (params, batch_stats, uint8 images [B, H, W, 3]) -> backbone features [B, D]."""
+
+  @jax.jit
+  def fn(params, batch_stats, images):
+    return model.backbone.apply({"params": params["backbone"],
+                                 "batch_stats": batch_stats["backbone"]},
+                                augment.normalize(images), train=False)["feature"]
+
+  return fn
+
+
+def _features(fn, state: ssl.MoCoState, images: np.ndarray, batch: int = 512) -> np.ndarray:
+  out = []
+  for s in range(0, len(images), batch):
+    chunk = images[s:s + batch]
+    pad = batch - len(chunk)  # one shape for every call: no recompiles for the last batch
+    if pad:
+      chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
+    out.append(np.asarray(fn(state.params, state.batch_stats, chunk))[: batch - pad])
+  return np.concatenate(out)
+
+
+def _knn(fn, state, train, test, config) -> float:
+  return ssl.knn_accuracy(_features(fn, state, train.images), train.labels,
+                          _features(fn, state, test.images), test.labels, train.num_classes,
+                          k=config.pretrain.knn_k, temperature=config.pretrain.knn_temperature)
