@@ -6,7 +6,7 @@ pool thread until the pieces are done. With JAX_NUM_CPU_DEVICES=N, the N per-dev
 at once on that same pool; when all of its threads are inside such a kernel, waiting for pieces
 that no free thread can run, the process deadlocks (gdb: every `tf_XLAEigen` thread in
 `BlockingCounter::Wait` under `ParallelBatchMap`). It is timing-dependent: a run hangs in some
-tries only. `jaxattr.attribute.esvm.Solver` therefore avoids LAPACK on multi-device CPU meshes.
+tries only. `jaxattr.attribute.solver.Solver` therefore avoids LAPACK on multi-device CPU meshes.
 
   JAX_NUM_CPU_DEVICES=4 python3 -m benchmarks.repro_lapack_deadlock   # exit 0: no hang in --tries
 

@@ -16,8 +16,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from jaxattr import attribute, data as data_lib, features, report, ssl, utils, viz
-from jaxattr.counterfactual import search
+from jaxattr import config as config_lib, data as data_lib, features, pretrain, report, utils
+from jaxattr.attribute import METHODS, attribution
+from jaxattr.counterfactual import support
 
 
 def _stage_keys(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -68,51 +69,13 @@ class Stages:
     return True
 
 
-def attribution(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Top-k attribution for every method (jaxattr.attribute), plus a PNG grid per method.
-
-  Writes WORKDIR/attribution/<method>/{topk,scores,targets,...}.npy (see jaxattr.attribute.run)
-  and grid.png: the first `viz.num_targets` targets (left) and their top `viz.top` images.
-  """
-  results = attribute.run(config, workdir)
-  train, test = _splits(config)
-  pos_tr = {int(i): p for p, i in enumerate(train.index)}
-  summary = {}
-  for method, res in results.items():
-    n, top = min(config.viz.num_targets, len(res.targets)), config.viz.top
-    viz.save_grid(os.path.join(workdir, "attribution", method, "grid.png"),
-                  [test.images[t] for t in res.targets[:n]],
-                  [[train.images[pos_tr[int(i)]] for i in row[:top]] for row in res.indices[:n]],
-                  title=f"{method}: targets (left) and their top-{top} training images")
-    summary[method] = [{"target": int(test.index[t]), "label": int(test.labels[t]),
-                        "top": [int(i) for i in row[:top]],
-                        "scores": [float(v) for v in sc[:top]]}
-                       for t, row, sc in zip(res.targets[:n], res.indices[:n], res.scores[:n])]
-  return summary
-
-
-
-def _splits(config: ml_collections.ConfigDict):
-  """(train, test) Datasets of config.data."""
-  opts = dict(config.data.options)
-  return (data_lib.load(config.data.source, "train", **opts),
-          data_lib.load(config.data.source, "test", **opts))
-
-
-def support(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Removal and mislabel support of every attribution method (jaxattr.counterfactual.search)."""
-  train, test = _splits(config)
-  return search.run(config, workdir, train=train, test=test)
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
+def check_config(config: ml_collections.ConfigDict, train: data_lib.Dataset) -> None:
   """Checks settings that later stages need against the data, before any long work starts."""
-  train = data_lib.load(config.data.source, "train", **dict(config.data.options))
   n = len(train)
   a = config.attribution
-  unknown = [m for m in a.methods if m not in attribute.METHODS]
+  unknown = [m for m in config_lib.names(a.methods) if m not in METHODS]
   if unknown:
-    raise ValueError(f"attribution.methods: unknown {unknown}; known: {list(attribute.METHODS)}")
+    raise ValueError(f"attribution.methods: unknown {unknown}; known: {list(METHODS)}")
   smallest = int(np.bincount(train.labels).min()) if a.same_class else n
   if a.k > smallest:
     raise ValueError(f"attribution.k={a.k} exceeds the {smallest} training images of the "
@@ -122,37 +85,38 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if p.batch_size % config.encoder.num_splits or p.batch_size > n:
       raise ValueError(f"pretrain.batch_size={p.batch_size} must divide by encoder.num_splits="
                        f"{config.encoder.num_splits} and not exceed the {n} training images")
-  if config.support.metrics:
+  if config_lib.names(config.support.metrics):
     if config.support.k > a.k:
       raise ValueError(f"support.k={config.support.k} exceeds attribution.k={a.k}")
-    own = [m for m in config.support.methods if "=" not in m and m not in a.methods]
+    own = [m for m in config_lib.names(config.support.methods) if "=" not in m and m not in config_lib.names(a.methods)]
     if own:
       raise ValueError(f"support.methods {own} are not computed by attribution.methods "
-                       f"{list(a.methods)}")
+                       f"{list(config_lib.names(a.methods))}")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs every stage that is not up to date; returns WORKDIR/summary.json's content."""
-  validate(config)
+  train, test = data_lib.load_splits(config.data)
+  check_config(config, train)
   os.makedirs(workdir, exist_ok=True)
   utils.save_json(os.path.join(workdir, "config.json"), config.to_dict())
   stages = Stages(workdir, _stage_keys(config))
   if not config.encoder.checkpoint:
-    stages.run("pretrain", lambda: ssl.run(config, workdir),
+    stages.run("pretrain", lambda: pretrain.run(config, workdir, train=train, test=test),
                ["pretrain/encoder/meta.json", "pretrain/summary.json"])
-  stages.run("features", lambda: features.run(config, workdir),
+  stages.run("features", lambda: features.run(config, workdir, train=train, test=test),
              ["features/train.npz", "features/test.npz"])
-  methods = list(config.attribution.methods)
-  stages.run("attribution", lambda: attribution(config, workdir),
+  methods = list(config_lib.names(config.attribution.methods))
+  stages.run("attribution",
+             lambda: attribution.run(config, workdir, train=train, test=test),
              [f"attribution/{m}/{f}" for m in methods for f in ("topk.npy", "grid.png")])
 
-  if config.support.metrics:
-    stages.run("support", lambda: support(config, workdir),
-               [f"support/{m}/{n}/summary.json" for m in config.support.metrics
-                for n in config.support.methods])
+  if config_lib.names(config.support.metrics):
+    stages.run("support", lambda: support.run(config, workdir, train=train, test=test),
+               [f"support/{m}/{n}/summary.json" for m in config_lib.names(config.support.metrics)
+                for n in config_lib.names(config.support.methods)])
   # The report is cheap and reads everything above: always rendered anew.
   t0 = time.perf_counter()
-  train, test = _splits(config)
   report_path = report.write_report(workdir, config=config, train=train, test=test)
   stages.timings["report"] = time.perf_counter() - t0
   utils.save_json(os.path.join(workdir, "timings.json"), stages.timings)
@@ -175,8 +139,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     summary["attribution"][m] = {k: a.get(k) for k in ("k", "num_targets", "targets_per_second",
                                                        "solver")}
   summary["support"] = {}
-  for metric in config.support.metrics:
-    for m in config.support.methods:
+  for metric in config_lib.names(config.support.metrics):
+    for m in config_lib.names(config.support.methods):
       path = os.path.join(workdir, "support", metric, m, "summary.json")
       if os.path.exists(path):
         with open(path) as f:

@@ -1,5 +1,6 @@
 """Tests of jaxattr.attribute: the ESVM solver against sklearn's LinearSVC itself, l2/cosine
-against NumPy, chunking, fake multi-device sharding, resume after a kill, bad inputs, the launcher.
+against NumPy, chunking, fake multi-device sharding, resume after a kill, bad inputs, the stage
+and its launcher, retracing.
 """
 
 import json
@@ -7,12 +8,17 @@ import os
 import subprocess
 import sys
 
+import chex
 import numpy as np
 import pytest
 from sklearn.svm import LinearSVC
 
-from jaxattr import attribute
-from jaxattr.attribute import pipeline
+from jaxattr import attribute, config as config_lib, data as data_lib, viz
+from jaxattr.attribute import attribution, esvm
+from jaxattr.attribute.options import SolverOptions
+
+# The module, which the package's `topk` (the function) hides from `from ... import`.
+from jaxattr.attribute import ranking as topk_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL = 1e-4  # the issue's bound on decision values relative to sklearn
@@ -57,7 +63,7 @@ def test_esvm_matches_sklearn(name):
   # Targets: two candidates themselves (a target identical to a candidate) and two new points.
   new = rng.normal(size=(2, x.shape[1])) * x.std() + x.mean()
   targets = np.concatenate([x[:2], new]).astype(np.float32)
-  scores, stats = attribute.esvm_scores(targets, x, C=0.1, return_stats=True)
+  scores, stats = attribute.esvm_scores(targets, x, return_stats=True)  # C = 0.1
   scores = np.asarray(scores)
   assert np.asarray(stats.converged).all(), stats
   for i, t in enumerate(targets):
@@ -73,14 +79,14 @@ def test_esvm_other_C_and_stats():
   rng = np.random.default_rng(1)
   x = rng.normal(size=(150, 12)).astype(np.float32)
   t = rng.normal(size=(3, 12)).astype(np.float32)
-  scores, stats = attribute.esvm_scores(t, x, C=1.0, return_stats=True)
+  scores, stats = attribute.esvm_scores(t, x, SolverOptions(C=1.0), return_stats=True)
   for i in range(3):
     np.testing.assert_allclose(np.asarray(scores[i]), sklearn_decision(t[i], x, C=1.0),
                                rtol=RTOL, atol=1e-6)
   assert (np.asarray(stats.iterations) >= 1).all()
   assert (np.asarray(stats.newton_step) <= 1e-5).all()
   # Too few iterations: reported as not converged rather than passed off as a ranking.
-  _, stats = attribute.esvm_scores(t, x, C=1.0, max_iter=1, return_stats=True)
+  _, stats = attribute.esvm_scores(t, x, SolverOptions(C=1.0, max_iter=1), return_stats=True)
   assert not np.asarray(stats.converged).any()
 
 
@@ -160,12 +166,12 @@ def test_sliced_scoring_program_equals_whole(monkeypatch):
   # On CPU the ESVM scoring program runs a chunk in slices of CPU_FINISH_SLICE targets.
   train, labels, test, test_labels, index = toy_features(seed=5)
   kw = dict(method="esvm", k=25, train_index=index, chunk_size=8)
-  pipeline._sharded_fn.cache_clear()
+  topk_lib._sharded_fn.cache_clear()
   whole = attribute.topk(train, labels, test, test_labels, **kw)  # 8 % 128: one slice
-  monkeypatch.setattr(pipeline, "CPU_FINISH_SLICE", 4)
-  pipeline._sharded_fn.cache_clear()
+  monkeypatch.setattr(topk_lib, "CPU_FINISH_SLICE", 4)
+  topk_lib._sharded_fn.cache_clear()
   sliced = attribute.topk(train, labels, test, test_labels, **kw)
-  pipeline._sharded_fn.cache_clear()
+  topk_lib._sharded_fn.cache_clear()
   # The same computation per target; only the products' blocking may round differently.
   np.testing.assert_allclose(sliced.scores, whole.scores, rtol=1e-6, atol=1e-7)
   assert (sliced.indices != whole.indices).mean() < 0.02
@@ -189,7 +195,7 @@ def test_resume_after_kill(tmp_path, monkeypatch):
   kw = dict(method="esvm", k=20, train_index=index, chunk_size=4)
   full = attribute.topk(train, labels, test, test_labels, **kw)
   chunk_dir = str(tmp_path / "chunks")
-  real_call = pipeline._ChunkRunner.__call__
+  real_call = topk_lib._ChunkRunner.__call__
   calls = {"n": 0}
 
   def dying(self, *args):
@@ -198,13 +204,13 @@ def test_resume_after_kill(tmp_path, monkeypatch):
     calls["n"] += 1
     return real_call(self, *args)
 
-  monkeypatch.setattr(pipeline._ChunkRunner, "__call__", dying)
+  monkeypatch.setattr(topk_lib._ChunkRunner, "__call__", dying)
   with pytest.raises(KeyboardInterrupt):
     attribute.topk(train, labels, test, test_labels, chunk_dir=chunk_dir, **kw)
   assert len([f for f in os.listdir(chunk_dir) if f.startswith("chunk_")]) == 2
-  monkeypatch.setattr(pipeline._ChunkRunner, "__call__", real_call)
+  monkeypatch.setattr(topk_lib._ChunkRunner, "__call__", real_call)
   resumed = attribute.topk(train, labels, test, test_labels, chunk_dir=chunk_dir, **kw)
-  n_chunks = len(pipeline.plan_chunks(test_labels, np.arange(len(test)), True, 4))
+  n_chunks = len(attribute.plan_chunks(test_labels, np.arange(len(test)), True, 4))
   assert len([f for f in os.listdir(chunk_dir) if f.startswith("chunk_")]) == n_chunks
   assert resumed.computed_targets < len(test)  # the first two chunks came from disk
   np.testing.assert_array_equal(resumed.indices, full.indices)
@@ -234,7 +240,6 @@ def _bad_inputs():
       "no_class": (dict(test_labels=no_class, targets=[0]), "no training candidates"),
       "method": (dict(method="svm"), "unknown attribution method"),
       "chunk_size": (dict(chunk_size=0), "chunk_size must be positive"),
-      "tol": (dict(tol=-1e-5), "tol must be positive"),
       "negative_label": (dict(train_labels=np.where(np.arange(len(labels)) == 5, -1, labels)),
                          "non-negative"),
       "float_labels": (dict(test_labels=test_labels + 0.5), "integer class ids"),
@@ -242,8 +247,8 @@ def _bad_inputs():
 
 
 @pytest.mark.parametrize("case", ["labels", "nan", "inf", "dims", "k", "k_all", "target",
-                                  "no_class", "method", "chunk_size", "tol",
-                                  "negative_label", "float_labels"])
+                                  "no_class", "method", "chunk_size", "negative_label",
+                                  "float_labels"])
 def test_bad_input_is_a_clear_error(case, monkeypatch):
   cases, (train, labels, test, test_labels) = _bad_inputs()
   overrides, message = cases[case]
@@ -254,26 +259,47 @@ def test_bad_input_is_a_clear_error(case, monkeypatch):
   def no_solve(*a, **kw):
     raise AssertionError("solver started on bad input")
 
-  monkeypatch.setattr(pipeline, "_ChunkRunner", no_solve)
+  monkeypatch.setattr(topk_lib, "_ChunkRunner", no_solve)
   with pytest.raises(attribute.AttributionError, match=message):
     attribute.topk(**args)
 
 
-def _write_features(workdir, train, labels, test, test_labels, index):
+def test_solver_options_one_default_each_and_checked():
+  # The config's defaults are the options' defaults (one source of truth each side).
+  assert SolverOptions.from_config(config_lib.attribution_section()) == SolverOptions()
+  assert hash(SolverOptions(C=1.0)) == hash(SolverOptions(C=1.0))  # a static jit argument
+  for field, value in (("tol", -1e-5), ("C", 0.0), ("max_rows", 0), ("max_iter", float("nan")),
+                       ("max_batch", 0)):
+    with pytest.raises(ValueError, match=f"{field} must be positive"):
+      SolverOptions(**{field: value})
+
+
+def _write_features(workdir, train, labels, test, test_labels, index, test_offset=100):
   os.makedirs(os.path.join(workdir, "features"), exist_ok=True)
   np.savez(os.path.join(workdir, "features", "train.npz"), features=train, labels=labels,
            index=index, class_names=np.array(["a", "b", "c"]))
   np.savez(os.path.join(workdir, "features", "test.npz"), features=test, labels=test_labels,
-           index=np.arange(len(test), dtype=np.int64) + 100,
+           index=np.arange(len(test), dtype=np.int64) + test_offset,
            class_names=np.array(["a", "b", "c"]))
+
+
+def _datasets(labels, test_labels, train_index, size=4):
+  # The images the features stand for (what the grids show), with the features' index values.
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (len(labels) + len(test_labels), size, size, 3), np.uint8)
+  return (data_lib.Dataset(images[:len(labels)], labels, ["a", "b", "c"], train_index),
+          data_lib.Dataset(images[len(labels):], test_labels, ["a", "b", "c"],
+                           np.arange(len(test_labels), dtype=np.int64) + 100))
 
 
 def test_run_writes_outputs_and_reports_nonconvergence(tmp_path):
   train, labels, test, test_labels, index = toy_features(seed=7)
   workdir = str(tmp_path)
   _write_features(workdir, train, labels, test, test_labels, index)
-  config = _config(methods=("esvm", "l2"), k=16, targets="random", num_targets=10)
-  results = attribute.run(config, workdir)
+  train_ds, test_ds = _datasets(labels, test_labels, index)
+  config = _config(methods="esvm,l2", k=16, targets="random", num_targets=10)
+  config.viz.num_targets, config.viz.top = 3, 5
+  results = attribution.run(config, workdir, train=train_ds, test=test_ds)
   out = os.path.join(workdir, "attribution", "esvm")
   topk = np.load(os.path.join(out, "topk.npy"))
   targets = np.load(os.path.join(out, "targets.npy"))
@@ -290,36 +316,67 @@ def test_run_writes_outputs_and_reports_nonconvergence(tmp_path):
   assert summary["solver"]["nonconverged_count"] == 0
   assert os.path.exists(os.path.join(workdir, "attribution", "l2", "topk.npy"))
   assert not os.path.exists(os.path.join(out, "chunks"))
+  # grid.png: the first 3 targets and their top 5 training images, upscaled 3x.
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  pos = {int(i): p for p, i in enumerate(index)}
+  expected = viz.grid_array([test_ds.images[t] for t in targets[:3]],
+                            [[train_ds.images[pos[int(i)]] for i in row[:5]] for row in topk[:3]])
+  with Image.open(os.path.join(out, "grid.png")) as im:
+    np.testing.assert_array_equal(np.asarray(im), expected.repeat(3, 0).repeat(3, 1))
+  # Features of other images than the config's data: a clear error before any solve.
+  with pytest.raises(attribute.AttributionError, match="another data config"):
+    attribution.run(config, workdir, train=train_ds, test=_datasets(labels[:5], test_labels[:5],
+                                                                    index[:5])[1])
   # One Newton iteration cannot converge: the run says which targets failed.
-  config = _config(methods=("esvm",), k=16, targets="list", target_list=(1, 2), max_iter=1)
+  config = _config(k=16, targets="list", target_list=(1, 2), max_iter=1)
   with pytest.raises(RuntimeError, match="did not converge"):
-    attribute.run(config, workdir)
+    attribution.run(config, workdir, train=train_ds, test=test_ds)
   summary = json.load(open(os.path.join(out, "attribution.json")))
   assert summary["solver"]["nonconverged_targets"] == [1, 2]
 
 
 def _config(**overrides):
-  import ml_collections
-
-  config = ml_collections.ConfigDict({"seed": 0})
-  config.attribution = attribute.default_config()
-  config.attribution.update(overrides)
+  config = config_lib.base_config()
+  # The defaults these tests assume: every target, ESVM only.
+  config.attribution.update({"methods": "esvm", "targets": "all", **overrides})
   return config
 
 
+CONFIG_FILE = """
+from jaxattr import config as config_lib
+
+
+def get_config():
+  c = config_lib.base_config()
+  c.data.source = "npz:{data}"
+  c.attribution.methods = "esvm"
+  c.attribution.targets = "all"
+  return c
+"""
+
+
 def test_launcher_on_four_fake_devices_equals_one_device(tmp_path):
-  train, labels, test, test_labels, index = toy_features(seed=8)
-  workdir = str(tmp_path)
-  _write_features(workdir, train, labels, test, test_labels, index)
+  train, labels, test, test_labels, _ = toy_features(seed=8)
+  index = np.arange(len(labels), dtype=np.int64)  # the npz data source's index
+  workdir = str(tmp_path / "run")
+  _write_features(workdir, train, labels, test, test_labels, index, test_offset=0)
+  rng = np.random.default_rng(0)
+  np.savez(tmp_path / "data.npz", x_train=rng.integers(0, 256, (len(labels), 4, 4, 3), np.uint8),
+           y_train=labels, x_test=rng.integers(0, 256, (len(test), 4, 4, 3), np.uint8),
+           y_test=test_labels)
+  (tmp_path / "config.py").write_text(CONFIG_FILE.format(data=tmp_path / "data.npz"))
   env = dict(os.environ, JAX_NUM_CPU_DEVICES="4", JAX_PLATFORMS="cpu",
              PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   code = ("import jax; assert jax.device_count() == 4, jax.devices(); import runpy, sys; "
           "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
   proc = subprocess.run(
       [sys.executable, "-c", code, os.path.join(REPO, "launch", "attribute.py"),
-       f"--workdir={workdir}", "--methods=esvm", "--k=20", "--chunk_size=6"],
+       f"--config={tmp_path / 'config.py'}", f"--workdir={workdir}",
+       "--config.attribution.k=20", "--config.attribution.chunk_size=6"],
       env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert os.path.exists(os.path.join(workdir, "attribution", "esvm", "grid.png"))
   four = np.load(os.path.join(workdir, "attribution", "esvm", "topk.npy"))
   four_scores = np.load(os.path.join(workdir, "attribution", "esvm", "scores.npy"))
   one = attribute.topk(train, labels, test, test_labels, k=20, train_index=index, chunk_size=8)
@@ -331,47 +388,40 @@ def test_esvm_gram_paths_agree_and_few_rows_still_converge():
   rng = np.random.default_rng(9)
   x = np.abs(rng.normal(size=(260, 20)) + 1.0).astype(np.float32)
   t = (x[:3] + 0.1 * rng.normal(size=(3, 20))).astype(np.float32)
-  from jaxattr.attribute import esvm  # pylint: disable=g-import-not-at-top
-
   # The Gram of row blocks (large candidate sets): its upper triangle is x x^T's.
   upper = np.asarray(esvm._upper_gram(x[:50], block=8))  # 7 blocks, the last one ragged
   np.testing.assert_allclose(np.triu(upper), np.triu(x[:50] @ x[:50].T), rtol=1e-5)
-  _, shared, st1 = attribute.solve(t, x, 0.1, shared_gram_max=10_000)
-  _, rows, st2 = attribute.solve(t, x, 0.1, shared_gram_max=0)
+  _, shared, st1 = attribute.solve(t, x, SolverOptions(shared_gram_max=10_000))
+  _, rows, st2 = attribute.solve(t, x, SolverOptions(shared_gram_max=0))
   np.testing.assert_allclose(np.asarray(shared), np.asarray(rows), rtol=1e-5, atol=1e-6)
   # Fewer exact-Newton rows than violators: approximate steps, but the same optimum.
-  _, few, st3 = attribute.solve(t, x, 0.1, num_rows=8, max_iter=200)
+  _, few, st3 = attribute.solve(t, x, SolverOptions(max_rows=8, max_iter=200))
   assert np.asarray(st3.converged).all() and (np.asarray(st3.num_violators) > 8).all()
   np.testing.assert_allclose(np.asarray(few), np.asarray(rows), rtol=1e-4, atol=1e-5)
 
 
 def test_solver_batch_caps_split_groups_without_changing_results():
-  from jaxattr.attribute import esvm  # pylint: disable=g-import-not-at-top
-
-  solver = esvm.Solver()
+  solver = attribute.Solver()
   assert solver.on_cpu
   # CPU default: B r <= 2^14 and B n <= 2^20, rounded down to a power of two.
   assert solver._batch_cap(64, 5000) == 128 and solver._batch_cap(224, 5000) == 64
   assert solver._batch_cap(128, 1300) == 128 and solver._batch_cap(512, 100_000) == 16
   assert [len(p) for p in solver._split(np.arange(300), 128)] == [128, 128, 32, 12]
-  assert esvm.Solver(max_batch=100)._batch_cap(64, 5000) == 64
-  with pytest.raises(ValueError, match="max_batch"):
-    esvm.Solver(max_batch=0)
+  assert attribute.Solver(SolverOptions(max_batch=100))._batch_cap(64, 5000) == 64
   # The same targets in batches of 16 and in one batch: the same optimum.
   rng = np.random.default_rng(4)
   x = np.abs(rng.normal(size=(300, 20)) + 1.0).astype(np.float32)
   t = (x[:40] + 0.3 * rng.normal(size=(40, 20))).astype(np.float32)
   results = []
   for cap in (16, 1024):
-    s = esvm.Solver(max_batch=cap, min_batch=16)
-    prob = s.prepare(x)
-    w, it, step = s(t, prob)
-    assert (step <= s.tol).all()
+    s = attribute.Solver(SolverOptions(max_batch=cap, min_batch=16))
+    w, it, step = s(t, s.prepare(x))
+    assert (step <= s.options.tol).all()
     results.append(w)
   np.testing.assert_allclose(results[0], results[1], rtol=1e-4, atol=1e-5)
   # The device-resident state (weights, decision values carried from step to step, padded
   # batches writing nowhere) gives the optimum of the one-program solve, target by target.
-  w_ref, _, st = attribute.solve(t, x, 0.1, tol=1e-6)
+  w_ref, _, st = attribute.solve(t, x, SolverOptions(tol=1e-6))
   assert np.asarray(st.converged).all()
   x_aug = np.c_[x, np.ones(len(x), np.float32)]
   np.testing.assert_allclose(results[0] @ x_aug.T, np.asarray(w_ref) @ x_aug.T, rtol=1e-4,
@@ -381,7 +431,6 @@ def test_solver_batch_caps_split_groups_without_changing_results():
 def test_pure_spd_solve_matches_lapack():
   # The LAPACK-free solve of multi-device CPU meshes (esvm._spd_solve_pure) against the LAPACK
   # one, on Woodbury-like systems I + c G G^T with identity rows where the active set is padded.
-  from jaxattr.attribute import esvm  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(3)
   g = rng.normal(size=(5, 12, 30)).astype(np.float32)
@@ -407,22 +456,21 @@ def test_host_topk_matches_lax_top_k_with_ties():
   ranked[4, :40:2] = -0.0  # ties with 0.0
   scores = rng.normal(size=ranked.shape).astype(np.float32)
   for k in (1, 7, 50):
-    pos, top = pipeline.host_topk(ranked, scores, k)
+    pos, top = attribute.host_topk(ranked, scores, k)
     ref = np.asarray(jax.lax.top_k(ranked, k)[1])
     np.testing.assert_array_equal(pos, ref)
     np.testing.assert_array_equal(top, np.take_along_axis(scores, ref, 1))
   # Enough rows for the thread pool's row blocks: the same as one block.
   many = np.concatenate([ranked] * 60)
   many_scores = np.concatenate([scores] * 60)
-  pos, top = pipeline.host_topk(many, many_scores, 7)
+  pos, top = attribute.host_topk(many, many_scores, 7)
   np.testing.assert_array_equal(pos, np.asarray(jax.lax.top_k(many, 7)[1]))
-  np.testing.assert_array_equal(pos, pipeline._host_topk_rows(many, many_scores, 7)[0])
+  np.testing.assert_array_equal(pos, topk_lib._host_topk_rows(many, many_scores, 7)[0])
 
 
 def test_esvm_first_violators_match_nonzero():
   # esvm._first_violators gives what jnp.nonzero(size=r) gives, and every violator's slot.
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jaxattr.attribute import esvm  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(5)
   flags = rng.random((5, 40)) < np.array([0.0, 0.1, 0.5, 0.9, 1.0])[:, None]
@@ -437,7 +485,24 @@ def test_esvm_first_violators_match_nonzero():
 
 def test_padded_sizes_share_buckets_without_padding_past_the_largest_set():
   sizes = [5000, 5000, 1300, 1290, 1281, 1280, 1279, 732, 7]
-  got = pipeline.padded_sizes(sizes)
+  got = attribute.padded_sizes(sizes)
   assert got[5000] == 5000  # CIFAR-10 classes: no padding
   assert got[1300] == got[1290] == got[1281] == 1300  # one bucket (1281..1408), one shape
   assert got[1280] == got[1279] == 1280 and got[732] == 732 and got[7] == 7
+
+
+def test_solver_traces_its_newton_step_once_per_shape(monkeypatch):
+  # One active-set size (max_rows = approx_rows = 64) and min_batch above the 40 targets: every
+  # step of both solves has one shape, so one trace in all; a retrace (a new jitted function per
+  # call, a changing argument structure) would fail here.
+  rng = np.random.default_rng(7)
+  x = np.abs(rng.normal(size=(300, 20)) + 1.0).astype(np.float32)
+  t = (x[:40] + 0.3 * rng.normal(size=(40, 20))).astype(np.float32)
+  chex.clear_trace_counter()
+  monkeypatch.setattr(esvm, "newton_step", chex.assert_max_traces(esvm.newton_step, n=1))
+  solver = attribute.Solver(SolverOptions(max_rows=64, approx_rows=64, min_batch=64))
+  first = solver(t, solver.prepare(x))
+  second = solver(t, solver.prepare(x))
+  assert list(solver._steps) == [64] and (first[2] <= solver.options.tol).all()
+  for a, b in zip(first, second):
+    np.testing.assert_array_equal(a, b)

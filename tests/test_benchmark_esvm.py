@@ -13,8 +13,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _run(*args, timeout=300):
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   env["JAX_PLATFORMS"] = "cpu"
-  return subprocess.run([sys.executable, "-m", "benchmarks.benchmark_esvm", *args], env=env, cwd=REPO,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run([sys.executable, "-m", "benchmarks.benchmark_esvm", *args], env=env,
+                        cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 def _features(path, rng, per_class, classes=2, dim=16):
@@ -49,6 +49,7 @@ def test_benchmark_esvm_compare_and_all(tmp_path):
   assert settings["vs_primal"]["max_abs_diff"] < 1e-4
   assert settings["sklearn_primal_unconverged"] == 0
   assert settings["all_nonconverged"] == 0 and len(settings["sklearn_primal_s"]) == 4
+  assert settings["flags"]["max_rows"] == 224  # SolverOptions' default
 
 
 def test_benchmark_esvm_rejects_bad_flags(tmp_path):

@@ -74,7 +74,8 @@ def test_bad_compilation_cache_is_a_clear_error(tmp_path):
   """A --compilation_cache that cannot be a directory stops the launcher before any work."""
   (tmp_path / "file").write_text("x")
   bad = tmp_path / "file" / "cache"
-  out = subprocess.run([sys.executable, "launch/attribute.py", f"--workdir={tmp_path / 'w'}",
+  out = subprocess.run([sys.executable, "launch/attribute.py", "--config=configs/digits.py",
+                        f"--workdir={tmp_path / 'w'}",
                         f"--compilation_cache={bad}"], cwd=REPO, capture_output=True, text=True,
                        timeout=300)
   assert out.returncode != 0 and f"--compilation_cache={bad}: cannot use it" in out.stderr, (

@@ -1,18 +1,36 @@
 """Attribution by retrieval in feature space: batched Exemplar-SVMs, l2 and cosine top-k.
 
-Public API:
-  esvm_scores(targets, candidates, C=0.1) -> decision values [targets, candidates]
-  solve(...)                                -> weights, decision values, SolverStats
-  topk(train_features, train_labels, test_features, test_labels, method=..., k=...) -> TopK
-  run(config, workdir)                      -> writes WORKDIR/attribution/<method>/
-  default_config()                          -> the config.attribution section
+Modules:
+  options      `SolverOptions`, the ESVM solver's options (one default each).
+  esvm         the math: `esvm_scores`, `solve`, `prepare`, `newton_step`, `finish`.
+  solver       `Solver`, the host-driven scheduler of Newton steps for many targets.
+  topk         `topk`: chunked, sharded, resumable top-k of any method, and its input checks.
+  attribution  the stage: `attribution.run(config, workdir)` -> WORKDIR/attribution/<method>/.
 """
 
-from jaxattr.attribute.esvm import SolverStats, class_weights, esvm_scores, solve
-from jaxattr.attribute.pipeline import (METHODS, AttributionError, TopK, default_config,
-                                        load_features, plan_chunks, run, select_targets, topk,
-                                        validate)
+from jaxattr.attribute import attribution
+from jaxattr.attribute.esvm import (
+  CandidateSet,
+  NewtonStep,
+  SolverStats,
+  class_weights,
+  esvm_scores,
+  solve,
+)
+from jaxattr.attribute.options import SolverOptions
+from jaxattr.attribute.solver import Solver
+from jaxattr.attribute.ranking import (
+  METHODS,
+  AttributionError,
+  TopK,
+  check_inputs,
+  host_topk,
+  padded_sizes,
+  plan_chunks,
+  topk,
+)
 
-__all__ = ["METHODS", "AttributionError", "SolverStats", "TopK", "class_weights",
-           "default_config", "esvm_scores", "load_features", "plan_chunks", "run",
-           "select_targets", "solve", "topk", "validate"]
+__all__ = ["METHODS", "AttributionError", "CandidateSet", "NewtonStep", "Solver",
+           "SolverOptions", "SolverStats", "TopK", "attribution", "check_inputs",
+           "class_weights", "esvm_scores", "host_topk", "padded_sizes", "plan_chunks", "solve",
+           "topk"]

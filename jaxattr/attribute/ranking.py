@@ -1,25 +1,17 @@
 """Top-k attribution for many targets: chunked, sharded over devices, streamed and resumable.
 
-`topk` ranks training candidates for each target with one of three scores:
-
-* ``esvm``: the Exemplar-SVM decision value (`esvm.solve`), descending;
-* ``l2``: the Euclidean distance between features, ascending;
-* ``cosine``: the cosine similarity of features, descending.
-
-With `same_class` the candidates of a target are the training examples of its label (the
-paper's default); targets of one class share one candidate matrix. Targets are processed in
-chunks of `chunk_size` (a fixed shape, padded, so nothing recompiles; the ESVM solver itself
-solves only a chunk's real targets, in its own power-of-two batches), each chunk sharded over all
-devices along the targets axis; candidate sets are padded (`padded_sizes`: sizes that fall in
-one `CANDIDATE_BUCKET`-row bucket are padded to the largest of them) and masked, so classes of
-slightly different sizes share one compiled program. The top k are selected on the device, or
-on the host for CPU devices (`host_topk`, same order). With an `out_dir`, every finished chunk
-is written to disk at once and a restarted run skips it.
+`topk` ranks training candidates for each target by the Exemplar-SVM decision value (``esvm``,
+descending), the Euclidean distance (``l2``, ascending) or the cosine similarity (``cosine``).
+With `same_class`, a target's candidates are the training examples of its label (the paper's
+default) and targets of one class share one candidate matrix. Targets go in chunks of a fixed,
+padded shape, sharded over all devices; candidate sets are padded (`padded_sizes`) and masked,
+so classes of slightly different sizes share one compiled program. The top k are selected on
+the device, or on the host for CPU devices (`host_topk`, same order). With a `chunk_dir`, every
+finished chunk is written to disk at once and a restarted run skips it.
 """
 
 from __future__ import annotations
 
-from concurrent import futures
 import dataclasses
 import functools
 import glob
@@ -27,6 +19,7 @@ import json
 import os
 import shutil
 import time
+from concurrent import futures
 from typing import Any, Sequence
 
 import jax
@@ -37,6 +30,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxattr import utils
 from jaxattr.attribute import esvm
+from jaxattr.attribute.options import SolverOptions
+from jaxattr.attribute.solver import Solver
 
 METHODS = ("esvm", "l2", "cosine")
 CANDIDATE_BUCKET = 128  # candidate set sizes in one bucket of this width share a padded size
@@ -47,26 +42,6 @@ class AttributionError(ValueError):
   """Bad attribution input: the message names the array, shape, flag or index at fault."""
 
 
-def default_config():
-  """The `config.attribution` section (an ml_collections.ConfigDict)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-
-  c = ml_collections.ConfigDict()
-  c.methods = ("esvm",)  # any of 'esvm', 'l2', 'cosine'
-  c.k = 1280  # training examples kept per target
-  c.same_class = True  # candidates = training examples with the target's label
-  c.targets = "all"  # 'all' test examples, 'random' sample of num_targets, or 'list'
-  c.num_targets = 100  # targets for targets='random' (seeded by config.seed)
-  c.target_list = ()  # test positions (rows of test.npz) for targets='list'
-  c.C = 0.1  # sklearn LinearSVC C (the reference's value)
-  c.tol = 1e-5  # ESVM convergence: largest remaining Newton step, in decision-value units
-  c.max_iter = 50  # ESVM Newton iterations per target
-  c.num_rows = 224  # ESVM: most margin violators handled by the exact Newton step
-  c.chunk_size = 1024  # targets per step (bounds device memory; padded to the devices)
-  c.allow_nonconverged = False  # False: finish, write everything, then raise if any failed
-  return c
-
-
 @dataclasses.dataclass
 class TopK:
   """Result of `topk`.
@@ -75,8 +50,7 @@ class TopK:
     indices: int64 [targets, k], train `index` values, best first.
     scores: float32 [targets, k], the method's score of each (decision value, distance, cosine).
     targets: int64 [targets], test positions (rows of the test features) of the targets.
-    stats: per-target solver diagnostics, arrays [targets] (empty for l2/cosine):
-      iterations, num_violators, grad_norm, scaled_grad_norm, newton_step, converged.
+    stats: the `esvm.SolverStats` fields as arrays [targets] (empty for l2/cosine).
     seconds: wall-clock seconds of the solve (excluding chunks loaded from disk).
     computed_targets: targets solved in this call (not loaded from a previous run).
   """
@@ -94,10 +68,6 @@ class TopK:
     if "converged" not in self.stats:
       return np.zeros((0,), np.int64)
     return self.targets[~self.stats["converged"]]
-
-
-# ------------------------------------------------------------------------------------------
-# validation
 
 
 def _class_ids(name: str, labels) -> np.ndarray:
@@ -118,8 +88,6 @@ def _check_features(name: str, features: np.ndarray, labels: np.ndarray) -> None
         f"{name}: {len(features)} feature rows but labels of shape {labels.shape}")
   if not np.issubdtype(features.dtype, np.floating):
     raise AttributionError(f"{name} features must be floating point, got {features.dtype}")
-  if not np.issubdtype(labels.dtype, np.integer):
-    raise AttributionError(f"{name} labels must be integer class ids, got {labels.dtype}")
   if len(labels) and labels.min() < 0:
     raise AttributionError(f"{name} labels must be non-negative class ids, got {labels.min()}")
   bad = ~np.isfinite(features).all(axis=1)
@@ -129,12 +97,17 @@ def _check_features(name: str, features: np.ndarray, labels: np.ndarray) -> None
         f"{name} features contain NaN/inf in {len(rows)} rows (first: {rows[:5].tolist()})")
 
 
-def validate(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
-             test_labels: np.ndarray, targets: np.ndarray, method: str, k: int,
-             same_class: bool, train_index: np.ndarray | None = None) -> None:
-  """Raises AttributionError for any input that would make the attribution meaningless."""
+def check_inputs(train_features: np.ndarray, train_labels: np.ndarray,
+                 test_features: np.ndarray, test_labels: np.ndarray, targets: np.ndarray,
+                 method: str, k: int, same_class: bool,
+                 train_index: np.ndarray | None = None) -> None:
+  """Raises AttributionError for any input that would make the attribution meaningless.
+
+  The arguments are `topk`'s, with targets an int64 array [targets] of test positions.
+  """
   if method not in METHODS:
     raise AttributionError(f"unknown attribution method {method!r}; expected one of {METHODS}")
+  train_labels, test_labels = _class_ids("train", train_labels), _class_ids("test", test_labels)
   _check_features("train", train_features, train_labels)
   _check_features("test", test_features, test_labels)
   if train_features.shape[1] != test_features.shape[1]:
@@ -167,16 +140,11 @@ def validate(train_features: np.ndarray, train_labels: np.ndarray, test_features
     raise AttributionError(f"k={k} is larger than the {len(train_features)} training examples")
 
 
-# ------------------------------------------------------------------------------------------
-# one chunk
-
-
 def _ranked_topk(scores, ranked, valid, k, on_host):
   """(positions, scores) of the k largest `ranked` per row; ties: lower position first.
 
-  With `on_host` nothing is selected here: (ranked with padding at -inf, scores) come back whole
-  for `host_topk`, scores as None when they are the ranked values themselves (esvm, cosine), so
-  that one [B, n] array rather than two crosses to the host.
+  With `on_host` nothing is selected: (ranked with padding at -inf, scores) come back whole for
+  `host_topk`, scores None when they are `ranked` (esvm, cosine): one [B, n] array to the host.
   """
   same = ranked is scores
   ranked = jnp.where(valid[None, :], ranked, -jnp.inf)
@@ -188,8 +156,6 @@ def _ranked_topk(scores, ranked, valid, k, on_host):
 
 # Rows per task of `host_topk`'s thread pool (NumPy's partition and sort release the GIL).
 HOST_TOPK_ROWS = 128
-
-
 HOST_TOPK_WORKERS = max(1, os.cpu_count() or 1)
 
 
@@ -199,19 +165,11 @@ def _host_pool() -> futures.ThreadPoolExecutor:
 
 
 def host_topk(ranked: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-  """`jax.lax.top_k` on the host: positions of the k largest `ranked` per row, best first.
+  """`jax.lax.top_k` on the host: (positions [B, k], scores [B, k]) of the k <= n largest of
+  `ranked` [B, n] (no NaN) per row, best first, and `scores` [B, n] there.
 
-  Ties are broken as top_k does (lower position first), boundary ties included. On XLA:CPU,
-  top_k over [1024, 5120] with k = 1280 takes ~0.2 s; a partition plus a sort of the k kept
-  entries takes ~0.09 s on one core, and row blocks run on all cores.
-
-  Args:
-    ranked: float [B, n], no NaN.
-    scores: float [B, n], returned at the kept positions.
-    k: entries kept per row (<= n).
-
-  Returns:
-    (positions int [B, k], scores [B, k]).
+  Ties are broken as top_k does (lower position first), boundary ties included. On XLA:CPU a
+  partition plus a sort of the k kept entries beats top_k, and row blocks run on all cores.
   """
   if HOST_TOPK_WORKERS > 1 and len(ranked) >= 2 * HOST_TOPK_ROWS:
     step = max(HOST_TOPK_ROWS, -(-len(ranked) // HOST_TOPK_WORKERS))
@@ -235,7 +193,7 @@ def _host_topk_rows(ranked: np.ndarray, scores: np.ndarray,
     part[row] = np.concatenate([above, tied])
   # Order the kept entries by (value descending, position ascending) with one sort of int64 keys:
   # the float32 bits mapped to an order-preserving unsigned integer (inverted for descending),
-  # the position in the low 32 bits. ~6x faster than np.lexsort.
+  # the position in the low 32 bits: much faster than np.lexsort.
   bits = (np.take_along_axis(ranked, part, 1).astype(np.float32) + np.float32(0.0)).view(
       np.uint32).astype(np.uint64)  # + 0.0: -0.0 ties with 0.0, as in top_k
   ordered = np.where(bits >> 31 == 1, ~bits & 0xFFFFFFFF, bits | 0x80000000)
@@ -264,38 +222,37 @@ def _score_fn(method: str, k: int, on_host: bool):
 
 
 # On CPU devices the scoring program runs over a chunk in slices of this many targets, whose
-# [slice, n] arrays stay in cache (~30% faster for 1,024 x 5,000 in an ad hoc timing).
+# [slice, n] arrays stay in cache.
 CPU_FINISH_SLICE = 128
 
 
 def _esvm_finish_fn(tol: float, k: int, on_host: bool, on_cpu: bool):
-  """(targets, weights, iterations, step, problem) -> (positions, scores, stats), per device."""
+  """(targets, weights, iterations, step, cset) -> (positions, scores, stats), per device."""
 
-  def fn(targets, w, iterations, step, prob):
-    scores, st = esvm.finish(targets, w, prob, iterations, step, tol)
-    pos, top = _ranked_topk(scores, scores, prob.caller_order(prob.valid), k, on_host)
+  def fn(targets, w, iterations, step, cset):
+    scores, st = esvm.finish(targets, w, cset, iterations, step, tol)
+    pos, top = _ranked_topk(scores, scores, cset.caller_order(cset.valid), k, on_host)
     return pos, top, st._asdict()
 
-  def sliced(targets, w, iterations, step, prob):
+  def sliced(targets, w, iterations, step, cset):
     b, size = targets.shape[0], CPU_FINISH_SLICE
     if not on_cpu or b % size or b == size:
-      return fn(targets, w, iterations, step, prob)
-    split = lambda a: a.reshape((b // size, size) + a.shape[1:])
-    out = jax.lax.map(lambda args: fn(*args, prob), tuple(map(split, (targets, w, iterations,
-                                                                      step))))
+      return fn(targets, w, iterations, step, cset)
+    parts = tuple(a.reshape((b // size, size) + a.shape[1:]) for a in (targets, w, iterations,
+                                                                         step))
+    out = jax.lax.map(lambda args: fn(*args, cset), parts)
     return jax.tree.map(lambda a: a.reshape((b,) + a.shape[2:]), out)
 
   return sliced
 
 
 @functools.lru_cache(maxsize=16)
-def _sharded_fn(method: str, C: float, tol: float, max_iter: int, num_rows: int, k: int,
-                mesh: Mesh, on_host: bool):
+def _sharded_fn(method: str, options: SolverOptions, k: int, mesh: Mesh, on_host: bool):
   # Cached so that repeated `topk` calls with the same settings reuse the compiled programs.
   if method == "esvm":
-    solver = esvm.Solver(C, tol, max_iter, max_rows=num_rows, mesh=mesh)
-    finish = jax.jit(jax.shard_map(_esvm_finish_fn(tol, k, on_host, solver.on_cpu), mesh=mesh,
-                                   in_specs=(P(TARGET_AXIS),) * 4 + (P(),),
+    solver = Solver(options, mesh=mesh)
+    finish = jax.jit(jax.shard_map(_esvm_finish_fn(options.tol, k, on_host, solver.on_cpu),
+                                   mesh=mesh, in_specs=(P(TARGET_AXIS),) * 4 + (P(),),
                                    out_specs=P(TARGET_AXIS), check_vma=False))
     return solver, finish
   fn = _score_fn(method, k, on_host)
@@ -306,13 +263,11 @@ def _sharded_fn(method: str, C: float, tol: float, max_iter: int, num_rows: int,
 class _ChunkRunner:
   """Compiles (once per candidate bucket) and runs one chunk sharded over the targets axis.
 
-  ESVM chunks are solved by `esvm.Solver` (host-driven Newton steps, converged targets dropped
-  between steps), then scored by one compiled program; l2/cosine by one program. The top k are
-  selected by that program (`jax.lax.top_k`) on accelerators and by `host_topk` on CPU devices,
-  where it is the faster of the two.
+  ESVM chunks are solved by `Solver`, then scored by one compiled program; l2/cosine by one
+  program. The top k are picked by that program on accelerators, by `host_topk` on CPU devices.
   """
 
-  def __init__(self, method: str, C: float, tol: float, max_iter: int, num_rows: int, k: int,
+  def __init__(self, method: str, options: SolverOptions, k: int,
                devices: Sequence[jax.Device] | None = None, select_on_host: bool | None = None):
     devices = list(devices or jax.devices())
     self.mesh = Mesh(np.array(devices), (TARGET_AXIS,))
@@ -322,14 +277,12 @@ class _ChunkRunner:
     self.k = int(k)
     self.on_host = (devices[0].platform == "cpu" if select_on_host is None
                     else bool(select_on_host))
-    self.solver, self.fn = _sharded_fn(method, float(C), float(tol), int(max_iter),
-                                       int(num_rows), self.k, self.mesh, self.on_host)
+    self.solver, self.fn = _sharded_fn(method, options, self.k, self.mesh, self.on_host)
 
-  def put_candidates(self, candidates: np.ndarray, padded: int | None = None):
-    """Pads (to `padded` rows; default: the next multiple of CANDIDATE_BUCKET) and places a
-    candidate set: (x, valid) or, for ESVM, the solver's problem."""
+  def put_candidates(self, candidates: np.ndarray, padded: int):
+    """Pads a candidate set [n, d] to `padded` rows and places it on the devices: (x, valid), or
+    for ESVM the solver's `esvm.CandidateSet`."""
     n = len(candidates)
-    padded = -(-n // CANDIDATE_BUCKET) * CANDIDATE_BUCKET if padded is None else int(padded)
     x = np.zeros((padded, candidates.shape[1]), np.float32)
     x[:n] = candidates
     valid = np.zeros((padded,), bool)
@@ -338,40 +291,35 @@ class _ChunkRunner:
       return (self.solver.prepare(x, valid),)
     return jax.device_put(x, self.replicated), jax.device_put(valid, self.replicated)
 
-  def __call__(self, targets: np.ndarray, candidates, num_real: int | None = None):
+  def __call__(self, targets: np.ndarray, candidates, num_real: int):
     """(positions [B, k], scores [B, k], stats) of a padded chunk of targets [B, d].
 
-    Only the first `num_real` rows (default: all) are solved by the ESVM solver; the others
-    (padding) take the first row's solution.
+    The ESVM solver solves the first `num_real` rows only; the padding takes the first's result.
     """
     targets = targets.astype(np.float32)
     if self.solver is None:
       t = jax.device_put(targets, self.targets_sharding)
       out = jax.device_get(self.fn(t, *candidates)) + ({},)
     else:
-      (prob,) = candidates
-      m = len(targets) if num_real is None else int(num_real)
-      solved = self.solver(targets[:m], prob)
+      (cset,) = candidates
+      m = int(num_real)
+      solved = self.solver(targets[:m], cset)
       fill = np.r_[np.arange(m), np.zeros((len(targets) - m,), np.int64)]
-      put = lambda a: jax.device_put(a[fill], self.targets_sharding)
-      out = jax.device_get(self.fn(put(targets), *(put(a) for a in solved), prob))
+      t, w, iterations, step = (jax.device_put(a[fill], self.targets_sharding)
+                                for a in (targets, *solved))
+      out = jax.device_get(self.fn(t, w, iterations, step, cset))
     if self.on_host:
       ranked, scores = out[0], out[1]
       return host_topk(ranked, ranked if scores is None else scores, self.k) + (out[2],)
     return out
 
 
-# ------------------------------------------------------------------------------------------
-# many chunks
-
-
 def padded_sizes(sizes: Sequence[int]) -> dict[int, int]:
   """The padded row count of each candidate set size: the largest of `sizes` in its bucket.
 
-  Sizes that round up to the same multiple of CANDIDATE_BUCKET share one padded size, and so
-  one compiled program per step shape, as padding to that multiple would; but no set is padded
-  beyond the largest real one (CIFAR-10's classes, all 5,000, are not padded to 5,120: every
-  product with the candidates is ~2% cheaper).
+  Sizes that round up to the same multiple of CANDIDATE_BUCKET share one padded size (one
+  compiled program per step shape), but none is padded beyond the largest real one (CIFAR-10's
+  classes, all 5,000, are not padded to 5,120).
   """
   top: dict[int, int] = {}
   for n in sizes:
@@ -395,39 +343,35 @@ def plan_chunks(test_labels: np.ndarray, targets: np.ndarray, same_class: bool,
 def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
          test_labels: np.ndarray, *, method: str = "esvm", k: int = 1280,
          same_class: bool = True, targets: Sequence[int] | np.ndarray | None = None,
-         train_index: np.ndarray | None = None, C: float = 0.1, tol: float = 1e-5,
-         max_iter: int = 50, num_rows: int = 224, chunk_size: int = 1024,
-         devices: Sequence[jax.Device] | None = None, chunk_dir: str | None = None,
-         log_every_s: float = 10.0, select_on_host: bool | None = None) -> TopK:
+         train_index: np.ndarray | None = None, options: SolverOptions = SolverOptions(),
+         chunk_size: int = 1024, devices: Sequence[jax.Device] | None = None,
+         chunk_dir: str | None = None, log_every_s: float = 10.0,
+         select_on_host: bool | None = None) -> TopK:
   """Ranks training examples for each target and keeps the best k.
 
   Args:
-    train_features: float [n_train, d] candidate features.
-    train_labels: int [n_train].
-    test_features: float [n_test, d] target features.
-    test_labels: int [n_test].
+    train_features, train_labels: float [n_train, d] candidate features, int [n_train] labels.
+    test_features, test_labels: float [n_test, d] target features, int [n_test] labels.
     method: 'esvm', 'l2' or 'cosine'.
     k: examples kept per target.
     same_class: restrict a target's candidates to training examples of its label.
     targets: test positions to attribute (default: all).
-    train_index: int64 [n_train] canonical train indices returned in `indices` (default:
-      positions).
-    C, tol, max_iter, num_rows: ESVM solver options (see `esvm.Solver`; num_rows = max_rows).
-    chunk_size: targets per step; rounded up to a multiple of the device count. Device memory
-      grows with chunk_size x candidates (the scores; the ESVM solver's decision values and
-      t x^T, on every device).
+    train_index: int64 [n_train] train indices returned in `indices` (default: positions).
+    options: the ESVM solver's options.
+    chunk_size: targets per step, rounded up to a multiple of the devices. Device memory grows
+      with chunk_size x candidates (scores; the solver's decision values, on every device).
     devices: devices of the targets mesh (default: all).
     chunk_dir: if set, each finished chunk is saved there and reused by a rerun with the same
       arguments (resume after a kill).
     log_every_s: seconds between progress logs.
-    select_on_host: pick the top k on the host (`host_topk`) rather than on the devices
-      (`jax.lax.top_k`); same result. None: on the host for CPU devices, where it is faster.
+    select_on_host: pick the top k on the host (`host_topk`), not the devices (same result).
+      None: on the host for CPU devices, where it is faster.
 
   Returns:
     A `TopK` with rows in the order of `targets`.
 
   Raises:
-    AttributionError: bad input (see `validate`), before any solve.
+    AttributionError: bad input (see `check_inputs`), before any solve.
   """
   train_features = np.asarray(train_features)
   test_features = np.asarray(test_features)
@@ -435,29 +379,25 @@ def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np
   test_labels = _class_ids("test", test_labels)
   targets = (np.arange(len(test_features)) if targets is None
              else np.asarray(targets).astype(np.int64).reshape(-1))
-  validate(train_features, train_labels, test_features, test_labels, targets, method, k,
-           same_class, train_index)
-  for name, value in (("chunk_size", chunk_size), ("num_rows", num_rows),
-                      ("max_iter", max_iter), ("C", C), ("tol", tol)):
-    if not value > 0:
-      raise AttributionError(f"{name} must be positive, got {value!r}")
+  check_inputs(train_features, train_labels, test_features, test_labels, targets, method, k,
+               same_class, train_index)
+  if not chunk_size > 0:
+    raise AttributionError(f"chunk_size must be positive, got {chunk_size!r}")
   train_index = (np.arange(len(train_features)) if train_index is None
                  else np.asarray(train_index)).astype(np.int64)
 
-  runner = _ChunkRunner(method, C, tol, max_iter, num_rows, k, devices, select_on_host)
+  runner = _ChunkRunner(method, options, k, devices, select_on_host)
   chunk_size = -(-chunk_size // runner.num_devices) * runner.num_devices
   plan = plan_chunks(test_labels, targets, same_class, chunk_size)
   # Candidate set sizes of the classes this run visits, and their padded sizes.
-  if same_class:
-    counts = np.bincount(train_labels)  # non-negative integers (`validate`)
-    set_size = {int(c): int(counts[c]) for c in {c for c, _ in plan}}
-  else:
-    set_size = {-1: len(train_features)}
+  counts = np.bincount(train_labels)  # non-negative integers (`check_inputs`)
+  set_size = ({int(c): int(counts[c]) for c, _ in plan} if same_class
+              else {-1: len(train_features)})
   padded = padded_sizes(list(set_size.values()))
   if chunk_dir is not None:
     _prepare_chunk_dir(chunk_dir, dict(
-        method=method, k=k, same_class=same_class, C=C, tol=tol, max_iter=max_iter,
-        num_rows=num_rows, chunk_size=chunk_size, targets=utils.config_hash(targets.tolist()),
+        method=method, k=k, same_class=same_class, options=dataclasses.asdict(options),
+        chunk_size=chunk_size, targets=utils.config_hash(targets.tolist()),
         train=_fingerprint(train_features, train_labels, train_index),
         test=_fingerprint(test_features, test_labels, None)))
 
@@ -477,8 +417,7 @@ def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np
       if c != current_class or cand is None:
         cand_pos = np.flatnonzero(train_labels == c) if same_class else np.arange(
             len(train_features))
-        cand = (cand_pos, runner.put_candidates(train_features[cand_pos],
-                                                padded[set_size[int(c) if same_class else -1]]))
+        cand = (cand_pos, runner.put_candidates(train_features[cand_pos], padded[set_size[c]]))
         current_class = c
       start = time.perf_counter()
       rows = np.zeros((chunk_size, test_features.shape[1]), np.float32)
@@ -527,116 +466,3 @@ def _prepare_chunk_dir(chunk_dir: str, key: dict[str, Any]) -> None:
   done = len(glob.glob(os.path.join(chunk_dir, "chunk_*.npz")))
   if done:
     logging.info("resuming: %d finished chunks in %s", done, chunk_dir)
-
-
-# ------------------------------------------------------------------------------------------
-# run(config, workdir)
-
-
-def load_features(workdir: str, split: str) -> dict[str, np.ndarray]:
-  """WORKDIR/features/<split>.npz as a dict; a clear error when missing or incomplete."""
-  path = os.path.join(workdir, "features", f"{split}.npz")
-  if not os.path.exists(path):
-    raise AttributionError(f"feature file not found: {path} (run launch/extract_features.py)")
-  with np.load(path, allow_pickle=False) as z:
-    missing = {"features", "labels"} - set(z.files)
-    if missing:
-      raise AttributionError(f"{path} lacks arrays {sorted(missing)}; has {z.files}")
-    out = {name: z[name] for name in z.files}
-  out.setdefault("index", np.arange(len(out["features"]), dtype=np.int64))
-  if len(out["index"]) != len(out["features"]):
-    raise AttributionError(
-        f"{path}: {len(out['features'])} feature rows but {len(out['index'])} index entries")
-  return out
-
-
-def select_targets(spec: str, n_test: int, num_targets: int, target_list: Sequence[int],
-                   seed: int) -> np.ndarray:
-  """Test positions for targets='all' | 'random' (seeded, sorted) | 'list'."""
-  if spec == "all":
-    return np.arange(n_test, dtype=np.int64)
-  if spec == "random":
-    if not 0 < num_targets <= n_test:
-      raise AttributionError(f"num_targets={num_targets} must lie in [1, {n_test}]")
-    rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(n_test, size=num_targets, replace=False)).astype(np.int64)
-  if spec == "list":
-    return np.asarray(list(target_list), dtype=np.int64)
-  raise AttributionError(f"unknown targets spec {spec!r}; expected 'all', 'random' or 'list'")
-
-
-def run(config, workdir: str) -> dict[str, TopK]:
-  """Runs every method of `config.attribution` on WORKDIR/features; writes
-  WORKDIR/attribution/<method>/{topk,scores,targets,topk_reference,converged}.npy,
-  stats.npz and attribution.json.
-
-  Reads `config.attribution` (see `default_config`) and `config.seed` (random targets).
-  """
-  cfg = config.attribution
-  train = load_features(workdir, "train")
-  test = load_features(workdir, "test")
-  targets = select_targets(cfg.targets, len(test["features"]), cfg.num_targets,
-                           cfg.target_list, int(config.seed))
-  # Validate all methods before any long work.
-  for method in cfg.methods:
-    validate(train["features"], train["labels"], test["features"], test["labels"], targets,
-             method, cfg.k, cfg.same_class, train["index"])
-  results = {}
-  for method in cfg.methods:
-    out_dir = os.path.join(workdir, "attribution", method)
-    res = topk(train["features"], train["labels"], test["features"], test["labels"],
-               method=method, k=cfg.k, same_class=cfg.same_class, targets=targets,
-               train_index=train["index"], C=cfg.C, tol=cfg.tol, max_iter=cfg.max_iter,
-               num_rows=cfg.num_rows, chunk_size=cfg.chunk_size,
-               chunk_dir=os.path.join(out_dir, "chunks"))
-    _write(out_dir, res, test["index"], method, cfg, config)
-    results[method] = res
-  bad = {m: r.nonconverged for m, r in results.items() if len(r.nonconverged)}
-  if bad and not cfg.allow_nonconverged:
-    raise RuntimeError(
-        "ESVM did not converge for "
-        + "; ".join(f"{m}: {len(v)} targets (test positions {v[:20].tolist()})"
-                    for m, v in bad.items())
-        + " (see attribution.json; raise max_iter/num_rows, or allow_nonconverged=True)")
-  return results
-
-
-def _write(out_dir: str, res: TopK, test_index: np.ndarray, method: str, cfg, config) -> None:
-  k = res.indices.shape[1]
-  n_rows = int(max(len(test_index), int(test_index.max()) + 1))
-  reference = np.zeros((n_rows, k), np.int64)
-  reference[test_index[res.targets]] = res.indices
-  utils.save_npy(os.path.join(out_dir, "topk.npy"), res.indices)
-  utils.save_npy(os.path.join(out_dir, "scores.npy"), res.scores)
-  utils.save_npy(os.path.join(out_dir, "targets.npy"), res.targets)
-  utils.save_npy(os.path.join(out_dir, "target_index.npy"), test_index[res.targets])
-  utils.save_npy(os.path.join(out_dir, "topk_reference.npy"), reference)
-  summary: dict[str, Any] = {
-      "method": method, "k": k, "num_targets": len(res.targets),
-      "targets_computed": res.computed_targets, "solve_seconds": res.seconds,
-      "targets_per_second": res.computed_targets / res.seconds if res.seconds else None,
-      "config": cfg.to_dict(), "seed": int(config.seed), "provenance": utils.provenance(),
-      "files": {"topk.npy": "int64 [targets, k] train index values, best first",
-                "scores.npy": "float32 [targets, k]",
-                "targets.npy": "int64 [targets] test positions",
-                "target_index.npy": "int64 [targets] test index values",
-                "topk_reference.npy": "int64 [n_test, k], reference layout, other rows zero"},
-  }
-  if res.stats:
-    utils.save_npz(os.path.join(out_dir, "stats.npz"), targets=res.targets, **res.stats)
-    nc = res.nonconverged
-    summary["solver"] = {
-        "iterations_mean": float(res.stats["iterations"].mean()),
-        "iterations_max": int(res.stats["iterations"].max()),
-        "grad_norm_max": float(res.stats["grad_norm"].max()),
-        "scaled_grad_norm_max": float(res.stats["scaled_grad_norm"].max()),
-        "newton_step_max": float(res.stats["newton_step"].max()),
-        "num_violators_max": int(res.stats["num_violators"].max()),
-        "nonconverged_count": int(len(nc)),
-        "nonconverged_targets": nc.tolist(),
-    }
-    if len(nc):
-      logging.warning("%s: %d targets did not converge: %s", method, len(nc), nc[:20].tolist())
-  utils.save_json(os.path.join(out_dir, "attribution.json"), summary)
-  shutil.rmtree(os.path.join(out_dir, "chunks"), ignore_errors=True)
-  logging.info("wrote %s (%d targets)", out_dir, len(res.targets))

@@ -1,0 +1,176 @@
+"""The attribution stage: every method of `config.attribution` on WORKDIR/features.
+
+`run(config, workdir)` writes WORKDIR/attribution/<method>/: topk.npy, scores.npy, targets.npy,
+target_index.npy, topk_reference.npy, stats.npz (ESVM), attribution.json and grid.png. A killed
+run restarts at its first unfinished chunk (`topk.topk`'s `chunk_dir`).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any, Sequence
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from jaxattr import config as config_lib, data as data_lib, utils, viz
+from jaxattr.attribute.options import SolverOptions
+from jaxattr.attribute.ranking import AttributionError, TopK, check_inputs, topk
+
+
+def load_features(workdir: str, split: str) -> dict[str, np.ndarray]:
+  """WORKDIR/features/<split>.npz as a dict; a clear error when missing or incomplete.
+
+  Returns:
+    'features' float [N, d], 'labels' [N], 'index' int64 [N] (positions when the file has none)
+    and whatever else the file holds.
+  """
+  path = os.path.join(workdir, "features", f"{split}.npz")
+  if not os.path.exists(path):
+    raise AttributionError(f"feature file not found: {path} (run launch/features.py)")
+  with np.load(path, allow_pickle=False) as z:
+    missing = {"features", "labels"} - set(z.files)
+    if missing:
+      raise AttributionError(f"{path} lacks arrays {sorted(missing)}; has {z.files}")
+    out = {name: z[name] for name in z.files}
+  out.setdefault("index", np.arange(len(out["features"]), dtype=np.int64))
+  if len(out["index"]) != len(out["features"]):
+    raise AttributionError(
+        f"{path}: {len(out['features'])} feature rows but {len(out['index'])} index entries")
+  return out
+
+
+def select_targets(spec: str, n_test: int, num_targets: int, target_list: Sequence[int],
+                   seed: int) -> np.ndarray:
+  """int64 [targets] test positions for targets='all' | 'random' (seeded, sorted) | 'list'."""
+  if spec == "all":
+    return np.arange(n_test, dtype=np.int64)
+  if spec == "random":
+    if not 0 < num_targets <= n_test:
+      raise AttributionError(f"num_targets={num_targets} must lie in [1, {n_test}]")
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n_test, size=num_targets, replace=False)).astype(np.int64)
+  if spec == "list":
+    return np.asarray(list(target_list), dtype=np.int64)
+  raise AttributionError(f"unknown targets spec {spec!r}; expected 'all', 'random' or 'list'")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Dataset | None = None,
+        test: data_lib.Dataset | None = None) -> dict[str, TopK]:
+  """Top-k attribution of every method of `config.attribution`, with files and a grid each.
+
+  Reads `config.attribution` (`jaxattr.config.attribution_section()`), `config.seed` (random
+  targets) and `config.viz` (the grid), and writes WORKDIR/attribution/<method>/ (module
+  docstring). Everything is checked before any solve.
+
+  Args:
+    config: the experiment config.
+    workdir: the run directory holding features/{train,test}.npz.
+    train, test: the `Dataset`s the features were extracted from, for the grids' images;
+      None: `jaxattr.data.load_splits(config.data)`.
+
+  Returns:
+    {method: TopK}.
+
+  Raises:
+    AttributionError: bad settings or inputs (ValueError: bad solver options), before any solve.
+    RuntimeError: some ESVM did not converge (and not `allow_nonconverged`), after every file
+      has been written.
+  """
+  cfg = config.attribution
+  methods = config_lib.names(cfg.methods)
+  options = SolverOptions.from_config(cfg)
+  feats = {split: load_features(workdir, split) for split in ("train", "test")}
+  targets = select_targets(cfg.targets, len(feats["test"]["features"]), cfg.num_targets,
+                           cfg.target_list, int(config.seed))
+  for method in methods:
+    check_inputs(feats["train"]["features"], feats["train"]["labels"],
+                 feats["test"]["features"], feats["test"]["labels"], targets, method, cfg.k,
+                 cfg.same_class, feats["train"]["index"])
+  if train is None or test is None:
+    train, test = data_lib.load_splits(config.data)
+  for split, ds in (("train", train), ("test", test)):
+    _check_images(split, feats[split]["index"], ds)
+
+  results = {}
+  for method in methods:
+    out_dir = os.path.join(workdir, "attribution", method)
+    res = topk(feats["train"]["features"], feats["train"]["labels"], feats["test"]["features"],
+               feats["test"]["labels"], method=method, k=cfg.k, same_class=cfg.same_class,
+               targets=targets, train_index=feats["train"]["index"], options=options,
+               chunk_size=cfg.chunk_size, chunk_dir=os.path.join(out_dir, "chunks"))
+    _write(out_dir, res, feats["test"]["index"], method, config)
+    _write_grid(os.path.join(out_dir, "grid.png"), res, method, train, test, config.viz)
+    results[method] = res
+  bad = {m: r.nonconverged for m, r in results.items() if len(r.nonconverged)}
+  if bad and not cfg.allow_nonconverged:
+    raise RuntimeError(
+        "ESVM did not converge for "
+        + "; ".join(f"{m}: {len(v)} targets (test positions {v[:20].tolist()})"
+                    for m, v in bad.items())
+        + " (see attribution.json; raise max_iter/max_rows, or allow_nonconverged=True)")
+  return results
+
+
+def _check_images(split: str, index: np.ndarray, ds: data_lib.Dataset) -> None:
+  # The grids look images up by `index`: features of other data would show the wrong images.
+  if len(index) != len(ds) or not np.array_equal(index, ds.index):
+    raise AttributionError(
+        f"WORKDIR/features/{split}.npz does not match the {len(ds)} {split} images of "
+        f"config.data ({ds.source}): were the features extracted with another data config?")
+
+
+def _write(out_dir: str, res: TopK, test_index: np.ndarray, method: str,
+           config: ml_collections.ConfigDict) -> None:
+  k = res.indices.shape[1]
+  n_rows = int(max(len(test_index), int(test_index.max()) + 1))
+  reference = np.zeros((n_rows, k), np.int64)
+  reference[test_index[res.targets]] = res.indices
+  utils.save_npy(os.path.join(out_dir, "topk.npy"), res.indices)
+  utils.save_npy(os.path.join(out_dir, "scores.npy"), res.scores)
+  utils.save_npy(os.path.join(out_dir, "targets.npy"), res.targets)
+  utils.save_npy(os.path.join(out_dir, "target_index.npy"), test_index[res.targets])
+  utils.save_npy(os.path.join(out_dir, "topk_reference.npy"), reference)
+  summary: dict[str, Any] = {
+      "method": method, "k": k, "num_targets": len(res.targets),
+      "targets_computed": res.computed_targets, "solve_seconds": res.seconds,
+      "targets_per_second": res.computed_targets / res.seconds if res.seconds else None,
+      "config": config.attribution.to_dict(), "seed": int(config.seed),
+      "provenance": utils.provenance(),
+      "files": {"topk.npy": "int64 [targets, k] train index values, best first",
+                "scores.npy": "float32 [targets, k]",
+                "targets.npy": "int64 [targets] test positions",
+                "target_index.npy": "int64 [targets] test index values",
+                "topk_reference.npy": "int64 [n_test, k], reference layout, other rows zero",
+                "grid.png": "the first viz.num_targets targets and their top viz.top images"},
+  }
+  if res.stats:
+    utils.save_npz(os.path.join(out_dir, "stats.npz"), targets=res.targets, **res.stats)
+    nc = res.nonconverged
+    summary["solver"] = {
+        "iterations_mean": float(res.stats["iterations"].mean()),
+        "iterations_max": int(res.stats["iterations"].max()),
+        "grad_norm_max": float(res.stats["grad_norm"].max()),
+        "scaled_grad_norm_max": float(res.stats["scaled_grad_norm"].max()),
+        "newton_step_max": float(res.stats["newton_step"].max()),
+        "num_violators_max": int(res.stats["num_violators"].max()),
+        "nonconverged_count": int(len(nc)),
+        "nonconverged_targets": nc.tolist(),
+    }
+    if len(nc):
+      logging.warning("%s: %d targets did not converge: %s", method, len(nc), nc[:20].tolist())
+  utils.save_json(os.path.join(out_dir, "attribution.json"), summary)
+  shutil.rmtree(os.path.join(out_dir, "chunks"), ignore_errors=True)
+  logging.info("wrote %s (%d targets)", out_dir, len(res.targets))
+
+
+def _write_grid(path: str, res: TopK, method: str, train: data_lib.Dataset,
+                test: data_lib.Dataset, viz_config: ml_collections.ConfigDict) -> None:
+  # The first viz.num_targets targets (left) and their top viz.top training images.
+  n, top = min(viz_config.num_targets, len(res.targets)), viz_config.top
+  train_pos = {int(i): p for p, i in enumerate(train.index)}
+  viz.save_grid(path, [test.images[t] for t in res.targets[:n]],
+                [[train.images[train_pos[int(i)]] for i in row[:top]] for row in res.indices[:n]],
+                title=f"{method}: targets (left) and their top-{top} training images")

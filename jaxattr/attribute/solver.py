@@ -1,0 +1,220 @@
+"""`Solver`: the host-driven scheduler of batched ESVM Newton steps, the fast path for many targets.
+
+`esvm.solve` runs one fixed-shape program: every target takes as many iterations as the slowest
+in its batch, each with an active set big enough for the target with the most violators. Here
+each Newton iteration is one compiled step, and between steps the host drops converged targets and
+groups the rest by their number of margin violators: each group steps with the smallest
+active-set size r in `ROW_BUCKETS` that holds its violators, in batches padded to powers of two.
+Cost then follows the mean iteration count and the typical active set rather than the maxima.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxattr.attribute import esvm
+from jaxattr.attribute.options import SolverOptions
+
+# Active-set sizes: a step costs an [r, r] Gram gather and Cholesky per target (cubic in r), so
+# each target uses the smallest size that holds its violators.
+ROW_BUCKETS = (64, 128, 160, 192, 224, 256, 320, 384, 512)
+
+# Batch caps on CPU devices, per device (`SolverOptions.max_batch` None): a step's [B, r, r]
+# systems and [B, n] arrays are reread by several passes, fastest while they stay in the
+# last-level cache: B r <= CPU_BATCH_ROWS and B n <= CPU_BATCH_VALUES. Accelerators take whole
+# groups.
+CPU_BATCH_ROWS = 1 << 14
+CPU_BATCH_VALUES = 1 << 20
+
+
+class Solver:
+  """Solves many targets' Exemplar-SVMs against one candidate set, scheduling steps on the host.
+
+  The iterates are those of `esvm.solve` wherever a target's violators fit in `max_rows` (exact
+  Newton steps); with more, the steps are approximate here too, with fewer rows at first
+  (`SolverOptions.approx_rows`). The per-target state (weights, decision values) stays on the
+  device(s); only batch indices and a few [targets] counters cross between host and device per
+  step. The grouping is deterministic.
+  """
+
+  def __init__(self, options: SolverOptions = SolverOptions(),
+               mesh: jax.sharding.Mesh | None = None):
+    """Compiles nothing yet: a step is compiled per (active-set size, batch size) on first use.
+
+    Args:
+      options: the solver's options.
+      mesh: optional 1-axis mesh; batches are sharded over its axis (padded to a multiple of its
+        size) and the targets' state is replicated. None: the default device.
+    """
+    self.options = o = options
+    self.rows = tuple(r for r in ROW_BUCKETS if r < o.max_rows) + (o.max_rows,)
+    self.approx_rows = _bucket(min(o.approx_rows, o.max_rows), self.rows)
+    self.mesh = mesh
+    self.num_devices = 1 if mesh is None else mesh.size
+    self.min_batch = -(-o.min_batch // self.num_devices) * self.num_devices
+    devices = jax.devices() if mesh is None else list(mesh.devices.flat)
+    self.on_cpu = devices[0].platform == "cpu"
+    self._steps: dict[int, Any] = {}
+    self._replicated = (None if mesh is None else
+                        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    # Several XLA:CPU devices running LAPACK kernels at once can deadlock
+    # (`esvm._spd_solve_pure`): such meshes solve without LAPACK, and prepare the candidate set
+    # (a Cholesky) on one device, then copy it to all. Accelerators keep LAPACK/cuSOLVER.
+    self.pure_solve = self.num_devices > 1 and self.on_cpu
+    self._prepare = jax.jit(functools.partial(esvm.prepare, options=o))
+    self._init = self._sharded(self._initial, (True, False), (False,) * 5)
+
+  def _sharded(self, fn, in_specs, out_specs, donate_argnums=()):
+    # fn sees the whole batch (mesh None) or its device's share of it (shard_map); state arrays
+    # are replicated (PartitionSpec()), batch arrays split over the mesh axis (True).
+    if self.mesh is None:
+      return jax.jit(fn, donate_argnums=donate_argnums)
+    def specs(splits):
+      return tuple(jax.sharding.PartitionSpec(*self.mesh.axis_names[:int(s)]) for s in splits)
+
+    return jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=specs(in_specs),
+                                 out_specs=specs(out_specs), check_vma=False),
+                   donate_argnums=donate_argnums)
+
+  def _all(self, a: jax.Array) -> jax.Array:
+    # Inside `_sharded`: every device's rows of a batch array, in order.
+    if self.mesh is None:
+      return a
+    return jax.lax.all_gather(a, self.mesh.axis_names[0], tiled=True)
+
+  def _initial(self, targets, cset):
+    # The per-target state, replicated: augmented targets t, t x^T (fixed; only the Gram path
+    # reads it), starting weights w, their decision values v = w x^T, and their violators.
+    t = esvm._augment(targets.astype(cset.x.dtype))
+    w = esvm.initial_weights(targets, cset)
+    v = w @ cset.x.T
+    tx = t @ cset.x.T if cset.gram is not None else jnp.zeros((t.shape[0], 0), t.dtype)
+    count = jnp.sum((v > -1.0) & cset.valid, -1)
+    return tuple(self._all(a) for a in (t, tx, w, v, count))
+
+  def _step(self, rows: int):
+    if rows not in self._steps:
+      def fn(t_all, tx_all, w_all, v_all, read, write, cset):
+        # One Newton step of the targets `read`; their new weights and decision values are
+        # written back to rows `write` of the state (out-of-range rows: padding, dropped).
+        new = esvm.newton_step(
+            t_all[read], w_all[read], cset, min(rows, cset.x.shape[0]), self.options.line_steps,
+            self.pure_solve, v=v_all[read], tx=tx_all[read] if cset.gram is not None else None)
+        write = self._all(write)
+        w_all = w_all.at[write].set(self._all(new.w), mode="drop")
+        v_all = v_all.at[write].set(self._all(new.v), mode="drop")
+        return w_all, v_all, new.step, new.next_count
+      self._steps[rows] = self._sharded(
+          fn, (False,) * 4 + (True, True, False), (False, False, True, True),
+          donate_argnums=(2, 3))
+    return self._steps[rows]
+
+  def prepare(self, candidates: jax.Array, valid: jax.Array | None = None) -> esvm.CandidateSet:
+    """The device-side candidate set [n, d], shared by every call (replicated over the mesh)."""
+    if self.mesh is None:
+      return self._prepare(candidates, valid=valid)
+    first = self.mesh.devices.flat[0]
+    valid = None if valid is None else jax.device_put(valid, first)
+    cset = self._prepare(jax.device_put(candidates, first), valid=valid)
+    return jax.device_put(cset, self._replicated)
+
+  def _padded(self, sel: np.ndarray) -> np.ndarray:
+    # A batch padded to a power of two (few compiled shapes); padding repeats a real target,
+    # whose duplicate result is dropped.
+    b = max(self.min_batch, 1 << int(np.ceil(np.log2(len(sel)))))
+    b = -(-b // self.num_devices) * self.num_devices
+    return np.concatenate([sel, np.full((b - len(sel),), sel[0])])
+
+  def __call__(self, targets: np.ndarray,
+               cset: esvm.CandidateSet) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Solves every target against `cset`.
+
+    Args:
+      targets: [targets, d] host array.
+      cset: from `prepare`.
+
+    Returns:
+      Host arrays: weights [targets, d + 1], iterations [targets], last Newton step [targets]
+      (`esvm.NewtonStep.step`).
+    """
+    o = self.options
+    targets = np.asarray(targets, np.float32)
+    n = len(targets)
+    pad = self._padded(np.arange(n))
+    t_all, tx_all, w_all, v_all, count = self._init(targets[pad], cset)
+    count = np.array(count[:n])
+    it = np.zeros((n,), np.int32)
+    step = np.full((n,), np.inf, np.float32)
+    while True:
+      active = np.flatnonzero((step > o.tol) & (it < o.max_iter))
+      if not len(active):
+        break
+      # The counts are exact: they come from the decision values the next step starts from.
+      rows = np.asarray(self.rows)
+      sizes = rows[np.minimum(np.searchsorted(rows, count[active]), len(rows) - 1)]
+      # More violators than max_rows: approximate steps, with few rows while the active set is
+      # still far from the optimum's, then with max_rows (such a target converges only
+      # linearly, faster with more rows).
+      big = count[active] > self.rows[-1]
+      sizes[big] = np.where(it[active][big] < o.approx_iters, self.approx_rows, self.rows[-1])
+      # Groups smaller than a minimal batch join the next larger size (a bigger active set is
+      # still exact): fewer small calls and fewer compiled shapes.
+      present = np.unique(sizes)
+      for small, larger in zip(present[:-1], present[1:]):
+        if np.sum(sizes == small) < self.min_batch:
+          sizes[sizes == small] = larger
+      # Every batch of this round is dispatched before any result is read, so that the host's
+      # bookkeeping overlaps the device's work.
+      pending = []
+      for r in np.unique(sizes):
+        for sel in self._split(active[sizes == r], self._batch_cap(int(r), cset.x.shape[0])):
+          read = self._padded(sel).astype(np.int32)
+          write = np.where(np.arange(len(read)) < len(sel), read, len(pad)).astype(np.int32)
+          w_all, v_all, out_step, out_count = self._step(int(r))(
+              t_all, tx_all, w_all, v_all, read, write, cset)
+          pending.append((sel, out_step, out_count))
+      for sel, out_step, out_count in pending:
+        step[sel], count[sel] = np.asarray(out_step)[:len(sel)], np.asarray(out_count)[:len(sel)]
+      it[active] += 1
+    return np.array(w_all)[:n], it, step
+
+  def _batch_cap(self, rows: int, num_candidates: int) -> int | None:
+    """The most targets of one step with r = rows (`SolverOptions.max_batch`); None: no cap."""
+    if self.options.max_batch is not None:
+      per_device = max(1, self.options.max_batch // self.num_devices)
+    elif self.on_cpu:
+      per_device = min(CPU_BATCH_ROWS // rows, CPU_BATCH_VALUES // num_candidates)
+    else:
+      return None
+    per_device = 1 << int(np.floor(np.log2(max(1, per_device))))
+    return max(self.min_batch, per_device * self.num_devices)
+
+  def _split(self, sel: np.ndarray, cap: int | None = None) -> list[np.ndarray]:
+    # Batches of at most `cap` targets. Power-of-two batches (few compiled shapes) without much
+    # padding: a group that would waste more than a quarter of its padded batch is cut into the
+    # largest power of two that fits and the rest (e.g. 140 -> 128 + 16 rather than 256).
+    if cap is not None and len(sel) > cap:
+      return [part for i in range(0, len(sel), cap) for part in self._split(sel[i:i + cap])]
+    parts = []
+    while len(sel):
+      b = len(self._padded(sel))
+      if len(sel) < 0.75 * b and len(sel) > self.min_batch:
+        b //= 2
+        parts.append(sel[:b])
+        sel = sel[b:]
+      else:
+        parts.append(sel)
+        break
+    return parts
+
+
+def _bucket(value: int, sizes: tuple[int, ...]) -> int:
+  for size in sizes:
+    if size >= value:
+      return size
+  return sizes[-1]
