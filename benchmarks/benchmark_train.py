@@ -29,9 +29,25 @@ H200, (1) which formulation wins, 2 epochs of 32 full-width models each (~2-3 mi
   python3 -m benchmarks.benchmark_train --mode=gpu --num_models=32 --formulations=map \
     --data=folder:../shared/data/cifar10-jpeg.tar.gz
 In gpu mode s_per_model is the steady-state cost (epochs 2..E; the first compiles);
-total_s_per_model includes compilation and evaluation.
+total_s_per_model includes compilation and evaluation. The timings come from the
+`ensemble.RunStats` that `Trainer.train_and_predict` returns.
 
-Only jax, flax, numpy, absl and torch are needed (no ml_collections / tensorflow).
+Measurements behind the trainer's design (2-core CPU, jax 0.10.2, float32):
+* formulation (`ensemble.FORMULATION_BY_BACKEND`): width 0.25, 4 models, jaxattr.xla_flags set:
+  'map' 1.64 s per model-epoch of 4 steps vs 'vmap' 3.42 (2.1x; 3-5.6x with XLA's default
+  flags), vmap's batched convolutions being grouped convolutions that XLA:CPU runs slowly.
+  GPU/TPU: not measured yet ('map' assumed; --mode=gpu --formulations=vmap,map decides).
+* a training step inside a while loop (lax.scan over steps or models) ran ~50x slower on XLA:CPU
+  than the same step jitted alone, a length-1 scan included: hence one jitted step per host
+  iteration, the CPU model loop unrolled, and no scan for a single local model.
+* a training step inside lax.cond (a nested computation) ran many times slower on XLA:CPU than
+  computing it and selecting, so skipped steps are computed and discarded.
+* wave size on XLA:CPU, configs/digits.py's support shapes (width 0.125, 16x16, batch 128, 6
+  epochs on 1,438 images, 'map'), one Trainer for a 3-model flip ensemble then a 96-model round:
+  models_per_wave 8: 11.2 + 84.2 s and 10.2 + 85.9 s (~28 s of it compiling: the unrolled
+  8-model step alone ~18 s); models_per_wave 1: 7.2 + 51.1 s and 7.0 + 47.9 s (5.4 s compiling,
+  one program for both calls); the same models bit for bit. A model-step costs 8-11 ms either
+  way (0.89 GFLOP: ~100 GFLOP/s, a fifth of a float32 matmul's rate here; fwd+bwd is 95% of it).
 """
 
 from __future__ import annotations
@@ -39,14 +55,14 @@ from __future__ import annotations
 import os
 import time
 
-from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags, logging
 
 from benchmarks import bench
 from benchmarks.torch_reference import torch_resnet9
-from jaxattr import xla_flags
+from jaxattr import augment, config, xla_flags
 from jaxattr.counterfactual import ensemble
 from jaxattr.models.resnet9 import resnet9_train_flops
 
@@ -119,8 +135,8 @@ def torch_train(images: np.ndarray, labels: np.ndarray, cfg, seed: int, device: 
                     [0, cfg.peak_lr, 0])
   lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: sched[it])
   loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=float(cfg.label_smoothing))
-  mean = torch.tensor(ensemble.CIFAR_MEAN, device=device).view(1, 3, 1, 1)
-  std = torch.tensor(ensemble.CIFAR_STD, device=device).view(1, 3, 1, 1)
+  mean = torch.tensor(augment.CIFAR_MEAN, device=device).view(1, 3, 1, 1)
+  std = torch.tensor(augment.CIFAR_STD, device=device).view(1, 3, 1, 1)
   ar = torch.arange(32, device=device)
   amp = device == "cuda"
   for _ in range(epochs):
@@ -186,7 +202,7 @@ def main(argv):
                          ".tar.gz")
   train, test_images, test_labels = load_data(FLAGS.data, FLAGS.train_examples)
   n = len(train)
-  cfg = ensemble.default_config()
+  cfg = config.trainer_section()
   cfg.width, cfg.epochs, cfg.batch_size = width, epochs, FLAGS.batch_size
   cfg.compute_dtype = FLAGS.compute_dtype
   cfg.cpu_ops = FLAGS.cpu_ops
@@ -220,22 +236,20 @@ def main(argv):
   eval_labels = test_labels if gpu_mode else test_labels[:500]
   for form in FLAGS.formulations:
     cfg.formulation = form
+    trainer = ensemble.Trainer(cfg, train)  # compiles once per wave size, reused by repeats
     for models in ([m] if gpu_mode else sorted({1, m})):
-      keep = np.ones((models, n), bool)
-      labels = np.broadcast_to(train.labels, (models, n))
 
-      def run(models=models, keep=keep, labels=labels):
-        return ensemble.train_and_predict(cfg, train, eval_images, seeds[:models], keep, labels)
+      def run(models=models, trainer=trainer):
+        return trainer.train_and_predict(eval_images, seeds[:models])
 
       if gpu_mode:
         # One run (device time is scarce): per-model cost from the steady epochs (2..E, the
         # first compiles), the whole run's wall time reported next to it.
-        logits = run()
-        stats = dict(ensemble.LAST_RUN)
+        logits, stats = run()
         acc = (logits.argmax(-1) == eval_labels[None]).mean(1)
-        add_row(f"jaxattr {form}", models, stats["steady_seconds_per_model"] * models,
-                {"total_s_per_model": stats["total_seconds"] / models,
-                 "first_epoch_s": stats["first_epoch_seconds"],
+        add_row(f"jaxattr {form}", models, stats.steady_seconds_per_model * models,
+                {"total_s_per_model": stats.total_seconds / models,
+                 "first_epoch_s": stats.first_epoch_seconds,
                  "test_acc_mean": float(acc.mean()), "test_acc_min": float(acc.min()),
                  "test_acc_max": float(acc.max())})
       else:
@@ -244,8 +258,7 @@ def main(argv):
         train_s = []
 
         def timed(run=run):
-          run()
-          train_s.append(ensemble.LAST_RUN["train_seconds"])
+          train_s.append(run()[1].train_seconds)
 
         t = bench.time_fn(timed, repeats=FLAGS.repeats, warmup=1)
         train_s = train_s[1:]  # the warm-up call compiled
@@ -292,7 +305,7 @@ def main(argv):
               "torch_models": torch_models, "formulations": FLAGS.formulations,
               "xla_flags": os.environ.get("XLA_FLAGS", ""), "torch_threads": torch_threads_used,
               "loadavg": os.getloadavg(),
-              "trainer": dict(cfg.items()) if hasattr(cfg, "items") else str(cfg)}
+              "trainer": cfg.to_dict()}
   bench.write_result(FLAGS.out, "train", rows, settings)
   print(f"wrote {FLAGS.out}")
 

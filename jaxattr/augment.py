@@ -5,6 +5,10 @@ RandomResizedCrop(scale 0.08..1, ratio 3/4..4/3) -> horizontal flip (p 0.5) -> C
 0.4, 0.4, 0.1) with p 0.8 (the four ops in a random order) -> grayscale (p 0.2) -> normalise.
 No blur. The crop is a separable bilinear resampling, i.e. two small matrix products per image,
 which maps well onto accelerators.
+
+`cifar_train_views` is the counterfactual models' recipe (REFERENCE.md section 3): random
+horizontal flip, random translation with zero padding, Cutout filled with the mean, then
+`cifar_normalize` on the 0..255 scale (not `normalize`'s ImageNet statistics on 0..1).
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ import numpy as np
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The counterfactual recipe's normalisation, on the 0..255 scale.
+CIFAR_MEAN = (125.307, 122.961, 113.8575)
+CIFAR_STD = (51.5865, 50.847, 51.255)
 # NumPy, not jnp: a module-level jax array would start the backend at import, before a launcher
 # can set XLA_FLAGS (jaxattr.xla_flags).
 _GRAY = np.array([0.299, 0.587, 0.114], np.float32)
@@ -173,3 +180,46 @@ def denormalize_to_uint8(x: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) ->
   """Inverse of `normalize`, for looking at views."""
   y = np.asarray(x) * np.asarray(std) + np.asarray(mean)
   return np.clip(np.round(y * 255), 0, 255).astype(np.uint8)
+
+
+def cifar_normalize(images: jax.Array) -> jax.Array:
+  """uint8 or float images [..., 3] on the 0..255 scale -> float32 with CIFAR_MEAN/STD."""
+  return (images.astype(jnp.float32) - jnp.asarray(CIFAR_MEAN)) / jnp.asarray(CIFAR_STD)
+
+
+def cifar_train_views(key: jax.Array, images: jax.Array, flip: bool = True, translate: int = 2,
+                      cutout: int = 8) -> jax.Array:
+  """The reference's training augmentation, then `cifar_normalize`, on one batch.
+
+  Args:
+    key: PRNG key for this batch.
+    images: uint8 [B, H, W, 3].
+    flip: random horizontal flip with probability 1/2.
+    translate: shift by an integer in [-translate, translate] per axis, zero padding.
+    cutout: side of a square placed uniformly inside the image and filled with the mean (0: off).
+
+  Returns:
+    float32 [B, H, W, 3], normalised.
+  """
+  b, h, w, _ = images.shape
+  kf, kt, kc = jax.random.split(key, 3)
+  x = images.astype(jnp.float32)
+  if flip:
+    do = jax.random.bernoulli(kf, 0.5, (b,))
+    x = jnp.where(do[:, None, None, None], x[:, :, ::-1], x)
+  if translate:
+    t = translate
+    xp = jnp.pad(x, ((0, 0), (t, t), (t, t), (0, 0)))
+    off = jax.random.randint(kt, (b, 2), 0, 2 * t + 1)
+    x = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, 3)))(xp, off)
+  if cutout:
+    c = cutout
+    ky, kx = jax.random.split(kc)
+    y0 = jax.random.randint(ky, (b, 1), 0, h - c + 1)
+    x0 = jax.random.randint(kx, (b, 1), 0, w - c + 1)
+    rows = jnp.arange(h)[None]
+    cols = jnp.arange(w)[None]
+    inside = (((rows >= y0) & (rows < y0 + c))[:, :, None]
+              & ((cols >= x0) & (cols < x0 + c))[:, None, :])
+    x = jnp.where(inside[..., None], jnp.asarray(CIFAR_MEAN), x)
+  return cifar_normalize(x)

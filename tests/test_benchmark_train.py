@@ -54,9 +54,9 @@ def test_benchmark_train_smoke(tmp_path):
   """Tiny speed-mode run: jaxattr (M=1 and M=2) and the torch loop, ratio and JSON written."""
   pytest.importorskip("torch")
   out = tmp_path / "train.json"
-  cmd = [sys.executable, "-m", "benchmarks.benchmark_train", "--width=0.0625", "--train_examples=128",
-         "--batch_size=64", "--epochs=1", "--num_models=2", "--repeats=1", "--peak_tflops=1",
-         f"--out={out}"]
+  cmd = [sys.executable, "-m", "benchmarks.benchmark_train", "--width=0.0625",
+         "--train_examples=128", "--batch_size=64", "--epochs=1", "--num_models=2", "--repeats=1",
+         "--peak_tflops=1", f"--out={out}"]
   res = subprocess.run(cmd, env=_env(JAX_PLATFORMS="cpu"), cwd=REPO, capture_output=True,
                        text=True, timeout=300)
   assert res.returncode == 0, res.stderr[-3000:]

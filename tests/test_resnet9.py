@@ -5,11 +5,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.torch_reference import torch_resnet9
+from jaxattr import config
+from jaxattr.counterfactual import ensemble
 from jaxattr.models.layers import count_params
 from jaxattr.models.mobilenetv2 import MobileNetV2
-from jaxattr.models.resnet9 import (ResNet9, max_pool_2x2, resnet9_macs, resnet9_train_flops,
-                                    strided_conv)
-from benchmarks.torch_reference import torch_resnet9
+from jaxattr.models.resnet9 import (
+  ResNet9,
+  max_pool_2x2,
+  resnet9_macs,
+  resnet9_train_flops,
+  strided_conv,
+)
 
 
 def _variables(model, size=32):
@@ -148,3 +155,18 @@ def test_cpu_formulations_match_plain_model():
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-3, atol=1e-5)
   np.testing.assert_allclose(np.asarray(fast.apply(v, x)["logits"]),
                              np.asarray(plain.apply(v, x)["logits"]), rtol=1e-5, atol=1e-6)
+
+
+def test_ensemble_classifier_resolves_model_and_cpu_ops():
+  """The trainer's `classifier`: config.model, width and the cpu_ops switch of ResNet-9."""
+  cfg = config.trainer_section()
+  cfg.update({"width": 0.125, "cpu_ops": "on"})
+  model = ensemble.classifier(cfg, 7)
+  assert isinstance(model, ResNet9) and model.s2d_grad and model.num_classes == 7
+  cfg.cpu_ops = "off"
+  assert not ensemble.classifier(cfg, 7).s2d_grad
+  cfg.model = "mobilenetv2"
+  assert isinstance(ensemble.classifier(cfg, 7), MobileNetV2)
+  cfg.model, cfg.cpu_ops = "resnet9", "fast"
+  with pytest.raises(ValueError, match="cpu_ops"):
+    ensemble.classifier(cfg, 7)
