@@ -24,8 +24,8 @@ import os
 import tempfile
 import time
 
-from absl import app, flags, logging
 import numpy as np
+from absl import app, flags, logging
 
 _NETS = flags.DEFINE_list("nets", ["cifar_resnet18", "resnet50"],
                           "cifar_resnet18 (lightly MoCo backbone, 32x32), resnet50 (224x224).")
@@ -117,8 +117,8 @@ def _bench_net(net: str, batch: int, dtype_name: str, threads: int, workdir: str
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
 
-  from jaxattr import checkpoint  # pylint: disable=g-import-not-at-top
   from benchmarks import bench, folding  # pylint: disable=g-import-not-at-top
+  from jaxattr import checkpoint, convert, models  # pylint: disable=g-import-not-at-top
 
   size = SIZES[net]
   tmodel, state = _torch_model(net, torch, seed=0)
@@ -130,7 +130,7 @@ def _bench_net(net: str, batch: int, dtype_name: str, threads: int, workdir: str
 
   bf16 = dtype_name == "bfloat16"
   jdtype = jnp.bfloat16 if bf16 else jnp.float32
-  model = convert.ENCODERS[meta["encoder"]](**meta["encoder_kwargs"], dtype=jdtype)
+  model = models.ENCODERS[meta["encoder"]](**meta["encoder_kwargs"], dtype=jdtype)
   mean = jnp.asarray(meta["mean"], jnp.float32) * 255
   std = jnp.asarray(meta["std"], jnp.float32) * 255
   images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)

@@ -17,10 +17,10 @@ import faulthandler
 import os
 import sys
 
-from absl import app, flags
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from jax.sharding import PartitionSpec as P
 
 _TRIES = flags.DEFINE_integer("tries", 50, "Calls of the sharded program.")

@@ -14,11 +14,10 @@ import pytest
 from sklearn.svm import LinearSVC
 
 from jaxattr import attribute, config as config_lib, data as data_lib, viz
-from jaxattr.attribute import attribution, esvm
-from jaxattr.attribute.options import SolverOptions
 
 # The module, which the package's `topk` (the function) hides from `from ... import`.
-from jaxattr.attribute import ranking as topk_lib
+from jaxattr.attribute import attribution, esvm, host_topk, linalg, ranking as topk_lib
+from jaxattr.attribute.options import SolverOptions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL = 1e-4  # the bound on decision values relative to sklearn
@@ -429,7 +428,7 @@ def test_solver_batch_caps_split_groups_without_changing_results():
 
 
 def test_pure_spd_solve_matches_lapack():
-  # The LAPACK-free solve of multi-device CPU meshes (esvm._spd_solve_pure) against the LAPACK
+  # The LAPACK-free solve of multi-device CPU meshes (linalg.spd_solve_pure) against the LAPACK
   # one, on Woodbury-like systems I + c G G^T with identity rows where the active set is padded.
 
   rng = np.random.default_rng(3)
@@ -439,9 +438,9 @@ def test_pure_spd_solve_matches_lapack():
       mask[:, :, None] * mask[:, None, :])
   b = rng.normal(size=(5, 12)).astype(np.float32) * mask
   ref = np.linalg.solve(m.astype(np.float64), b.astype(np.float64)[..., None])[..., 0]
-  np.testing.assert_allclose(np.asarray(esvm._spd_solve(m, b, pure=True)), ref, rtol=1e-4,
+  np.testing.assert_allclose(np.asarray(linalg.spd_solve(m, b, pure=True)), ref, rtol=1e-4,
                              atol=1e-5)
-  np.testing.assert_allclose(np.asarray(esvm._spd_solve(m, b)), ref, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(linalg.spd_solve(m, b)), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_host_topk_matches_lax_top_k_with_ties():
@@ -465,7 +464,7 @@ def test_host_topk_matches_lax_top_k_with_ties():
   many_scores = np.concatenate([scores] * 60)
   pos, top = attribute.host_topk(many, many_scores, 7)
   np.testing.assert_array_equal(pos, np.asarray(jax.lax.top_k(many, 7)[1]))
-  np.testing.assert_array_equal(pos, topk_lib._host_topk_rows(many, many_scores, 7)[0])
+  np.testing.assert_array_equal(pos, host_topk._host_topk_rows(many, many_scores, 7)[0])
 
 
 def test_esvm_first_violators_match_nonzero():

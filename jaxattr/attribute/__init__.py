@@ -3,32 +3,34 @@
 Modules:
   options      `SolverOptions`, the ESVM solver's options (one default each).
   esvm         the math: `esvm_scores`, `solve`, `prepare`, `newton_step`, `finish`.
+  linalg       the batched SPD solves of the Newton steps (LAPACK and LAPACK-free).
   solver       `Solver`, the host-driven scheduler of Newton steps for many targets.
-  topk         `topk`: chunked, sharded, resumable top-k of any method, and its input checks.
+  ranking      `topk`: chunked, sharded, resumable top-k of any method, and its input checks.
+  host_topk    top_k's selection on the host (CPU devices).
   attribution  the stage: `attribution.run(config, workdir)` -> WORKDIR/attribution/<method>/.
 """
 
 from jaxattr.attribute import attribution
 from jaxattr.attribute.esvm import (
-  CandidateSet,
-  NewtonStep,
-  SolverStats,
-  class_weights,
-  esvm_scores,
-  solve,
+                                    CandidateSet,
+                                    NewtonStep,
+                                    SolverStats,
+                                    class_weights,
+                                    esvm_scores,
+                                    solve,
 )
+from jaxattr.attribute.host_topk import host_topk
 from jaxattr.attribute.options import SolverOptions
-from jaxattr.attribute.solver import Solver
 from jaxattr.attribute.ranking import (
-  METHODS,
-  AttributionError,
-  TopK,
-  check_inputs,
-  host_topk,
-  padded_sizes,
-  plan_chunks,
-  topk,
+                                    METHODS,
+                                    AttributionError,
+                                    TopK,
+                                    check_inputs,
+                                    padded_sizes,
+                                    plan_chunks,
+                                    topk,
 )
+from jaxattr.attribute.solver import Solver
 
 __all__ = ["METHODS", "AttributionError", "CandidateSet", "NewtonStep", "Solver",
            "SolverOptions", "SolverStats", "TopK", "attribution", "check_inputs",

@@ -25,6 +25,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxattr.attribute import linalg
 from jaxattr.attribute.options import SolverOptions
 
 
@@ -163,52 +164,6 @@ CERT_FACTOR = 10.0
 CERT_SLACK = 1e-3
 
 
-def _spd_solve(m: jax.Array, b: jax.Array, pure: bool = False) -> jax.Array:
-  """m^-1 b for SPD m [B, r, r] and b [B, r], by Cholesky; only m's lower triangle is read.
-
-  With `pure`, `_spd_solve_pure` (no LAPACK call) instead. The triangular solves take b as a row
-  ([B, 1, r]): XLA:CPU runs that form faster than the column form of jax.scipy's cho_solve.
-  """
-  if pure:
-    return _spd_solve_pure(m, b)
-  chol = jax.lax.linalg.cholesky(m, symmetrize_input=False)
-  y = jax.lax.linalg.triangular_solve(chol, b[:, None, :], left_side=False, lower=True,
-                                      transpose_a=True)  # y^T = b^T L^-T, i.e. L y = b
-  return jax.lax.linalg.triangular_solve(chol, y, left_side=False, lower=True)[:, 0]  # L^T c = y
-
-
-def _spd_solve_pure(m: jax.Array, b: jax.Array) -> jax.Array:
-  """m^-1 b as `_spd_solve`, from XLA loops and products only (no LAPACK custom call).
-
-  Several XLA:CPU devices running jaxlib's batched LAPACK kernels at once can deadlock its thread
-  pool (benchmarks/repro_lapack_deadlock.py); this left-looking Cholesky, slower than LAPACK, is
-  for such multi-device CPU meshes only.
-  """
-  m, b = jnp.asarray(m), jnp.asarray(b)
-  bsz, r, _ = m.shape
-  rows = jnp.arange(r)
-
-  def column(j, chol):
-    # Column j of L from rows j.. of m[:, j] - L L[j, :]^T (entries right of j are still zero).
-    col = m[:, :, j] - jnp.einsum("bik,bk->bi", chol, chol[:, j, :])
-    col = jnp.where(rows[None, :] >= j, col, 0.0)
-    return chol.at[:, :, j].set(col * jax.lax.rsqrt(col[:, j])[:, None])
-
-  chol = jax.lax.fori_loop(0, r, column, jnp.zeros_like(m))
-
-  def forward(j, y):  # L y = b; y is still zero from j on, so the sum runs over i < j
-    row = chol[:, j, :]
-    return y.at[:, j].set((b[:, j] - jnp.sum(row * y, -1)) / row[:, j])
-
-  def backward(k, c):  # L^T c = y; c is still zero up to r - 1 - k
-    j = r - 1 - k
-    col = chol[:, :, j]
-    return c.at[:, j].set((y[:, j] - jnp.sum(col * c, -1)) / col[:, j])
-
-  y = jax.lax.fori_loop(0, r, forward, jnp.zeros((bsz, r), b.dtype))
-  return jax.lax.fori_loop(0, r, backward, jnp.zeros((bsz, r), b.dtype))
-
-
 def _first_violators(violators: jax.Array, rows: int) -> tuple[jax.Array, jax.Array]:
   """Positions of each row's first r = `rows` violators (bool [B, n]), and their ranks.
 
@@ -303,7 +258,7 @@ def newton_step(t: jax.Array, w: jax.Array, cset: CandidateSet, rows: int, line_
     cset: the prepared candidate set.
     rows: r, the active-set size of the exact Newton step (static).
     line_steps: most safeguarded Newton steps of the exact line search.
-    pure_solve: solve the [r, r] systems without LAPACK (`_spd_solve_pure`).
+    pure_solve: solve the [r, r] systems without LAPACK (`linalg.spd_solve_pure`).
     v: optional decision values w x^T [B, n], the previous step's `NewtonStep.v`.
     tx: optional t x^T [B, n], fixed per target (read with the Gram only).
   """
@@ -333,7 +288,7 @@ def newton_step(t: jax.Array, w: jax.Array, cset: CandidateSet, rows: int, line_
     rows_p = b_rows - proj[..., None] * t[:, None]
     m = eye + 2.0 * c_neg * jnp.einsum("brd,bsd->brs", rows_p, rows_p)
     rhs = jnp.einsum("brd,bd->br", rows_p, gh)
-    coef = _spd_solve(m, rhs, pure_solve)
+    coef = linalg.spd_solve(m, rhs, pure_solve)
     s = -_half_precondition(gh - 2.0 * c_neg * jnp.einsum("br,brd->bd", coef, rows_p), t,
                             gamma)
   else:
@@ -349,7 +304,7 @@ def newton_step(t: jax.Array, w: jax.Array, cset: CandidateSet, rows: int, line_
     m_t = eye + 2.0 * c_neg * (_gram_block(gram, idx, mask) - (
         (2.0 * gamma - gamma * gamma * tt)[:, None, None]
         * (bt[:, :, None] * bt[:, None, :])))  # I + 2 c_neg B P^-1 B^T, lower triangle
-    coef = _spd_solve(m_t, bh, pure_solve)
+    coef = linalg.spd_solve(m_t, bh, pure_solve)
     # coef spread over the candidates (zero off the active set) by a gather, not a scatter.
     spread = jnp.where(violators & (pos < rows),
                        jnp.take_along_axis(coef, jnp.minimum(pos, rows - 1), 1), 0.0)

@@ -1,0 +1,55 @@
+"""Batched solves with symmetric positive definite matrices, with and without LAPACK.
+
+The ESVM's exact Newton step solves one small SPD system per target (`esvm.newton_step`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def spd_solve(m: jax.Array, b: jax.Array, pure: bool = False) -> jax.Array:
+  """m^-1 b for SPD m [B, r, r] and b [B, r], by Cholesky; only m's lower triangle is read.
+
+  With `pure`, `spd_solve_pure` (no LAPACK call) instead. The triangular solves take b as a row
+  ([B, 1, r]): XLA:CPU runs that form faster than the column form of jax.scipy's cho_solve.
+  """
+  if pure:
+    return spd_solve_pure(m, b)
+  chol = jax.lax.linalg.cholesky(m, symmetrize_input=False)
+  y = jax.lax.linalg.triangular_solve(chol, b[:, None, :], left_side=False, lower=True,
+                                      transpose_a=True)  # y^T = b^T L^-T, i.e. L y = b
+  return jax.lax.linalg.triangular_solve(chol, y, left_side=False, lower=True)[:, 0]  # L^T c = y
+
+
+def spd_solve_pure(m: jax.Array, b: jax.Array) -> jax.Array:
+  """m^-1 b as `spd_solve`, from XLA loops and products only (no LAPACK custom call).
+
+  Several XLA:CPU devices running jaxlib's batched LAPACK kernels at once can deadlock its thread
+  pool (benchmarks/repro_lapack_deadlock.py); this left-looking Cholesky, slower than LAPACK, is
+  for such multi-device CPU meshes only.
+  """
+  m, b = jnp.asarray(m), jnp.asarray(b)
+  bsz, r, _ = m.shape
+  rows = jnp.arange(r)
+
+  def column(j, chol):
+    # Column j of L from rows j.. of m[:, j] - L L[j, :]^T (entries right of j are still zero).
+    col = m[:, :, j] - jnp.einsum("bik,bk->bi", chol, chol[:, j, :])
+    col = jnp.where(rows[None, :] >= j, col, 0.0)
+    return chol.at[:, :, j].set(col * jax.lax.rsqrt(col[:, j])[:, None])
+
+  chol = jax.lax.fori_loop(0, r, column, jnp.zeros_like(m))
+
+  def forward(j, y):  # L y = b; y is still zero from j on, so the sum runs over i < j
+    row = chol[:, j, :]
+    return y.at[:, j].set((b[:, j] - jnp.sum(row * y, -1)) / row[:, j])
+
+  def backward(k, c):  # L^T c = y; c is still zero up to r - 1 - k
+    j = r - 1 - k
+    col = chol[:, :, j]
+    return c.at[:, j].set((y[:, j] - jnp.sum(col * c, -1)) / col[:, j])
+
+  y = jax.lax.fori_loop(0, r, forward, jnp.zeros((bsz, r), b.dtype))
+  return jax.lax.fori_loop(0, r, backward, jnp.zeros((bsz, r), b.dtype))
