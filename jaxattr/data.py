@@ -4,9 +4,9 @@
 
 * ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes), scaled from
   0..16 to 0..255, resized (bilinear) to ``size`` x ``size`` (default 32) and replicated to RGB.
-  Split: a permutation of the 1,797 images by ``np.random.default_rng(0)``; its first 1,438 (80%, rounded)
-  are ``train``, the remaining 359 ``test``. Within a split images keep scikit-learn's order, and
-  ``index`` is the position in that split.
+  Split: a permutation of the 1,797 images by ``np.random.default_rng(0)``; its first 1,438
+  (80%, rounded) are ``train``, the remaining 359 ``test``. Within a split images keep
+  scikit-learn's order, and ``index`` is the position in that split.
 * ``folder:PATH``: a class-per-subfolder tree ``PATH/{train,test}/<class>/<image>``, where PATH is a
   directory or a ``.tar``/``.tar.gz``/``.tgz`` archive of one (optionally below one top folder).
   Canonical order: sorted class folder, then sorted file name (as torchvision's ImageFolder).
@@ -175,8 +175,8 @@ def resize(images: np.ndarray, size: int) -> np.ndarray:
 
 
 def _load_digits(split: str, size: int = 32) -> Dataset:
-  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
 
   digits = load_digits()
   perm = np.random.default_rng(0).permutation(len(digits.images))

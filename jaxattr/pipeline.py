@@ -88,7 +88,9 @@ def check_config(config: ml_collections.ConfigDict, train: data_lib.Dataset) -> 
   if config_lib.names(config.support.metrics):
     if config.support.k > a.k:
       raise ValueError(f"support.k={config.support.k} exceeds attribution.k={a.k}")
-    own = [m for m in config_lib.names(config.support.methods) if "=" not in m and m not in config_lib.names(a.methods)]
+    computed = config_lib.names(a.methods)
+    own = [m for m in config_lib.names(config.support.methods)
+           if "=" not in m and m not in computed]
     if own:
       raise ValueError(f"support.methods {own} are not computed by attribution.methods "
                        f"{list(config_lib.names(a.methods))}")

@@ -116,8 +116,9 @@ def init_state(config: ml_collections.ConfigDict, key: jax.Array, image_shape: t
   # Distinct buffers for the key encoder: the step donates the whole state.
   copy = functools.partial(jax.tree_util.tree_map, jnp.copy)
   return MoCoState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
-                   ema_params=copy(params), ema_batch_stats=copy(batch_stats), opt_state=tx.init(params),
-                   bank=bank, bank_ptr=jnp.zeros((), jnp.int32), tx=tx)
+                   ema_params=copy(params), ema_batch_stats=copy(batch_stats),
+                   opt_state=tx.init(params), bank=bank, bank_ptr=jnp.zeros((), jnp.int32),
+                   tx=tx)
 
 
 def info_nce(query: jax.Array, key: jax.Array, bank: jax.Array, temperature: float) -> jax.Array:

@@ -1,4 +1,5 @@
-"""Runs the whole jaxattr job for a config: pretrain (or load) the encoder -> features -> attribution.
+"""The main job of a config: pretrain (or load) the encoder -> features -> attribution ->
+support -> report (`jaxattr.pipeline`).
 
   python launch/pipeline.py --config configs/digits.py --workdir workdir/digits
 """

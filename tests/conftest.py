@@ -34,3 +34,21 @@ def repo_env() -> dict:
   env = dict(os.environ)
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   return env
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """One persistent JAX compilation cache for the whole run, tests and launcher subprocesses.
+
+  Many tests compile the same programs again (a stage run twice for resume checks, a launcher in
+  a subprocess after the library in-process); from the cache they load instead. The cache is
+  fresh per run, so a test never depends on what an earlier run left behind.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+
+  path = str(tmp_path_factory.mktemp("jax_cache"))
+  os.environ["JAXATTR_COMPILATION_CACHE"] = path
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  yield path

@@ -15,8 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxattr import checkpoint
-from jaxattr import convert
+from jaxattr import checkpoint, convert
 
 torch = pytest.importorskip("torch", reason="golden conversion tests need PyTorch")
 pytestmark = pytest.mark.torch

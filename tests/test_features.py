@@ -1,7 +1,6 @@
 """Feature extraction: padding of the last batch, and 4 fake CPU devices == 1 device."""
 
 import json
-
 import subprocess
 import sys
 

@@ -72,7 +72,6 @@ def test_v15_stride_on_3x3_conv():
 
 def test_fold_batchnorm_is_exact():
   """Inference with BN folded into the convs == the model's own eval apply (both families)."""
-  from jaxattr import convert  # pylint: disable=g-import-not-at-top
   from jaxattr.models import cifar_resnet  # pylint: disable=g-import-not-at-top
 
   models = [cifar_resnet.LightlyResNet18(width=0.125, num_splits=8),

@@ -6,7 +6,8 @@ inverted-residual blocks (1x1 expand -> BN -> ReLU -> 3x3 depthwise -> BN -> ReL
 for 32x32 inputs), a 1x1 conv to 1280 channels, BN, ReLU, global average pool and a linear layer
 with bias (initialised at zero; torch draws it uniformly). Convs and the linear weight use
 torch's default init. A residual connection is used in every stride-1 block; when its channel
-count changes the shortcut is a 1x1 conv + BN. At width 1 and 10 classes it has 2,296,922 parameters.
+count changes the shortcut is a 1x1 conv + BN. At width 1 and 10 classes it has 2,296,922
+parameters.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxattr.models.layers import BatchNorm
-from jaxattr.models.resnet9 import TORCH_INIT, scaled
-from jaxattr.models.resnet9 import torch_conv as conv
+from jaxattr.models.resnet9 import TORCH_INIT, scaled, torch_conv as conv
 
 Dtype = Any
 
