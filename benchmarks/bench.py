@@ -31,8 +31,13 @@ def time_fn(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> dict[st
 
 def summarize(times: Sequence[float]) -> dict[str, Any]:
   """{'median_s', 'min_s', 'max_s', 'repeats', 'times_s'} of timed calls' seconds."""
-  return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-          "repeats": len(times), "times_s": [float(t) for t in times]}
+  return {
+      "median_s": statistics.median(times),
+      "min_s": min(times),
+      "max_s": max(times),
+      "repeats": len(times),
+      "times_s": [float(t) for t in times]
+  }
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
@@ -54,8 +59,12 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None =
   return "\n".join([line, sep, *body])
 
 
-def write_result(path: str, name: str, rows: Sequence[dict[str, Any]],
-                 settings: dict[str, Any]) -> None:
+def write_result(path: str, name: str, rows: Sequence[dict[str, Any]], settings: dict[str,
+                                                                                      Any]) -> None:
   """Writes {'benchmark', 'rows', 'settings', 'provenance'} atomically to `path`."""
-  utils.save_json(path, {"benchmark": name, "rows": list(rows), "settings": settings,
-                         "provenance": utils.provenance()})
+  utils.save_json(path, {
+      "benchmark": name,
+      "rows": list(rows),
+      "settings": settings,
+      "provenance": utils.provenance()
+  })

@@ -92,8 +92,7 @@ _N_DUAL = flags.DEFINE_integer("num_targets_dual", 3, "Targets fitted by sklearn
 _N_JAX = flags.DEFINE_integer("num_targets_jax", 1000, "Targets solved by jaxattr (compare).",
                               lower_bound=1)
 _CHUNK = flags.DEFINE_integer("chunk_size", 1024, "jaxattr targets per step.", lower_bound=1)
-_TOL = flags.DEFINE_float("tol", 1e-5, "jaxattr tolerance (decision-value units).",
-                          lower_bound=0.0)
+_TOL = flags.DEFINE_float("tol", 1e-5, "jaxattr tolerance (decision-value units).", lower_bound=0.0)
 _MAX_ROWS = flags.DEFINE_integer("max_rows", SolverOptions.max_rows,
                                  "jaxattr: largest exact-Newton active set.", lower_bound=1)
 _REPEATS = flags.DEFINE_integer(
@@ -118,8 +117,11 @@ def load_or_extract() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dic
     return out[0], out[1], {"features": _FEATURES_DIR.value}
   cache = _CACHE.value or os.path.join(
       "bench_results", f"cifar10_random_resnet18_w{_WIDTH.value:g}_seed{_SEED.value}.npz")
-  info = {"features": f"random-init LightlyResNet18(width={_WIDTH.value}) seed {_SEED.value} "
-                      f"on {_DATA.value}", "cache": cache}
+  info = {
+      "features": f"random-init LightlyResNet18(width={_WIDTH.value}) seed {_SEED.value} "
+                  f"on {_DATA.value}",
+      "cache": cache
+  }
   if os.path.exists(cache):
     with np.load(cache) as z:
       parts = {k: z[k] for k in z.files}
@@ -128,8 +130,9 @@ def load_or_extract() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dic
     parts, seconds = _extract()
     utils.save_npz(cache, extract_seconds=np.float64(seconds), **parts)
     info["extract_seconds"] = seconds
-  train, test = ({k: parts[f"{s}_{k}"] for k in ("features", "labels", "index")}
-                 for s in ("train", "test"))
+  train, test = ({
+      k: parts[f"{s}_{k}"] for k in ("features", "labels", "index")
+  } for s in ("train", "test"))
   return train, test, info
 
 
@@ -158,8 +161,11 @@ def _extract() -> tuple[dict[str, np.ndarray], float]:
       batch[:min(b, n - i)] = ds.images[i:i + b]
       out[i:i + b] = np.asarray(features(batch))[:min(b, n - i)]
       meter.update(min(b, n - i))
-    parts.update({f"{split}_features": out, f"{split}_labels": ds.labels,
-                  f"{split}_index": ds.index})
+    parts.update({
+        f"{split}_features": out,
+        f"{split}_labels": ds.labels,
+        f"{split}_index": ds.index
+    })
   return parts, time.perf_counter() - start
 
 
@@ -172,8 +178,7 @@ def sklearn_fit(target: np.ndarray, candidates: np.ndarray, dual) -> tuple[np.nd
 
   x = np.vstack([target[None], candidates])
   y = np.r_[1, np.zeros(len(candidates))]
-  clf = LinearSVC(C=0.1, class_weight="balanced", tol=1e-6, max_iter=SKLEARN_MAX_ITER,
-                  dual=dual)
+  clf = LinearSVC(C=0.1, class_weight="balanced", tol=1e-6, max_iter=SKLEARN_MAX_ITER, dual=dual)
   with warnings.catch_warnings():
     # Counted instead (`n_iter_`): the dual solver, randomly ordered (the reference sets no
     # random_state), sometimes runs out of iterations and stops ~1e-3 short.
@@ -194,8 +199,9 @@ def compare(train, test) -> tuple[list[dict], dict]:
   n_dual = min(_N_DUAL.value, n_sk)
   targets = test["features"][tpos]
   options = SolverOptions(tol=_TOL.value, max_rows=_MAX_ROWS.value)
-  logging.info("compare: class %d, %d candidates x %d-d; jaxattr %d, sklearn %d, dual %d "
-               "targets", c, len(cand), cand.shape[1], n_jax, n_sk, n_dual)
+  logging.info(
+      "compare: class %d, %d candidates x %d-d; jaxattr %d, sklearn %d, dual %d "
+      "targets", c, len(cand), cand.shape[1], n_jax, n_sk, n_dual)
 
   # jaxattr, end to end through topk (chunks, top-k, host transfer); compiled by the warm-up.
   def run_jax():
@@ -249,8 +255,8 @@ def compare(train, test) -> tuple[list[dict], dict]:
     timings["primal"] += times
     sk_values += vals
     loads["primal"].append(os.getloadavg()[0])
-    logging.info("round %d/%d: topk %.3f s, values %.3f s (%d targets); sklearn primal %s",
-                 r + 1, _REPEATS.value, timings["topk"][-1], timings["values"][-1], n_jax,
+    logging.info("round %d/%d: topk %.3f s, values %.3f s (%d targets); sklearn primal %s", r + 1,
+                 _REPEATS.value, timings["topk"][-1], timings["values"][-1], n_jax,
                  f"{np.mean(times):.3f} s/target" if times else "none (more rounds than fits)")
   sk_times, sk_values = np.asarray(timings["primal"]), np.stack(sk_values)
   dual_times, dual_values = run_sklearn(range(n_dual), True)
@@ -263,8 +269,10 @@ def compare(train, test) -> tuple[list[dict], dict]:
   def agreement(ref: np.ndarray) -> dict:
     m = len(ref)
     diff = np.abs(ours[:m] - ref)
-    out = {"max_abs_diff": float(diff.max()),
-           "max_rel_diff": float((diff / np.maximum(np.abs(ref), 1e-12)).max())}
+    out = {
+        "max_abs_diff": float(diff.max()),
+        "max_rel_diff": float((diff / np.maximum(np.abs(ref), 1e-12)).max())
+    }
     for k in (100, 1280):
       ref_top = np.argsort(-ref, axis=1, kind="stable")[:, :k]
       our_top = res.indices[:m, :k]  # train index values
@@ -273,12 +281,13 @@ def compare(train, test) -> tuple[list[dict], dict]:
       out[f"overlap@{k}"] = float(np.mean(overlap))
       out[f"min_overlap@{k}"] = float(np.min(overlap))
       if k == 100:
-        out["identical_top100_frac"] = float(np.mean(
-            [np.array_equal(cand_index[r], o) for r, o in zip(ref_top, our_top)]))
+        out["identical_top100_frac"] = float(
+            np.mean([np.array_equal(cand_index[r], o) for r, o in zip(ref_top, our_top)]))
         # Identical up to ties: our list's reference scores equal the reference's, to 1e-6.
         pos = np.searchsorted(cand_index, our_top)
-        tie_ok = [np.allclose(rv[p], rv[r], rtol=0, atol=1e-6)
-                  for rv, p, r in zip(ref, pos, ref_top)]
+        tie_ok = [
+            np.allclose(rv[p], rv[r], rtol=0, atol=1e-6) for rv, p, r in zip(ref, pos, ref_top)
+        ]
         out["identical_top100_up_to_ties_frac"] = float(np.mean(tie_ok))
     return out
 
@@ -287,39 +296,67 @@ def compare(train, test) -> tuple[list[dict], dict]:
   rate_sk = 1.0 / float(np.median(sk_times))
   rate_dual = 1.0 / float(np.median(dual_times))
   rows = [
-      {"solver": "jaxattr ESVM (topk, k=1280)", "targets": n_jax, "targets/s": rate_jax,
-       "s/target": 1.0 / rate_jax, "vs primal": rate_jax / rate_sk,
-       "vs dual": rate_jax / rate_dual, "load1": load_jax},
-      {"solver": "jaxattr ESVM decision values", "targets": n_jax, "targets/s": rate_values,
-       "s/target": 1.0 / rate_values, "vs primal": rate_values / rate_sk,
-       "vs dual": rate_values / rate_dual, "load1": load_values},
-      {"solver": "sklearn LinearSVC primal", "targets": n_sk, "targets/s": rate_sk,
-       "s/target": 1.0 / rate_sk, "vs primal": 1.0, "vs dual": rate_sk / rate_dual,
-       "load1": load_sk},
-      {"solver": "sklearn LinearSVC dual=True", "targets": n_dual, "targets/s": rate_dual,
-       "s/target": 1.0 / rate_dual, "vs primal": rate_dual / rate_sk, "vs dual": 1.0,
-       "load1": load_dual},
+      {
+          "solver": "jaxattr ESVM (topk, k=1280)",
+          "targets": n_jax,
+          "targets/s": rate_jax,
+          "s/target": 1.0 / rate_jax,
+          "vs primal": rate_jax / rate_sk,
+          "vs dual": rate_jax / rate_dual,
+          "load1": load_jax
+      },
+      {
+          "solver": "jaxattr ESVM decision values",
+          "targets": n_jax,
+          "targets/s": rate_values,
+          "s/target": 1.0 / rate_values,
+          "vs primal": rate_values / rate_sk,
+          "vs dual": rate_values / rate_dual,
+          "load1": load_values
+      },
+      {
+          "solver": "sklearn LinearSVC primal",
+          "targets": n_sk,
+          "targets/s": rate_sk,
+          "s/target": 1.0 / rate_sk,
+          "vs primal": 1.0,
+          "vs dual": rate_sk / rate_dual,
+          "load1": load_sk
+      },
+      {
+          "solver": "sklearn LinearSVC dual=True",
+          "targets": n_dual,
+          "targets/s": rate_dual,
+          "s/target": 1.0 / rate_dual,
+          "vs primal": rate_dual / rate_sk,
+          "vs dual": 1.0,
+          "load1": load_dual
+      },
   ]
-  agree = {"vs_primal": agreement(sk_values), "vs_dual": agreement(dual_values),
-           "jax_timing": t_jax, "values_timing": t_values,
-           # The decision-value run against the topk run's solve (same solver, same targets).
-           "values_vs_esvm_scores_max_abs_diff": float(np.abs(values[:n_sk] - ours).max()),
-           # Fits that reached max_iter (liblinear's ConvergenceWarning); their decision values
-           # are off by up to ~1e-3, which shows in the agreement figures.
-           "sklearn_primal_unconverged": int(np.sum(~np.asarray(converged["auto"]))),
-           "sklearn_dual_unconverged": int(np.sum(~np.asarray(converged[True]))),
-           "sklearn_primal_s": sk_times.tolist(),
-           "sklearn_dual_s": dual_times.tolist(),
-           "solver_iterations_mean": float(np.mean(stats.iterations)),
-           "solver_iterations_max": int(np.max(stats.iterations)),
-           "num_violators_max": int(np.max(stats.num_violators)),
-           "compare_nonconverged": int(len(res.nonconverged))}
+  agree = {
+      "vs_primal": agreement(sk_values),
+      "vs_dual": agreement(dual_values),
+      "jax_timing": t_jax,
+      "values_timing": t_values,
+      # The decision-value run against the topk run's solve (same solver, same targets).
+      "values_vs_esvm_scores_max_abs_diff": float(np.abs(values[:n_sk] - ours).max()),
+      # Fits that reached max_iter (liblinear's ConvergenceWarning); their decision values
+      # are off by up to ~1e-3, which shows in the agreement figures.
+      "sklearn_primal_unconverged": int(np.sum(~np.asarray(converged["auto"]))),
+      "sklearn_dual_unconverged": int(np.sum(~np.asarray(converged[True]))),
+      "sklearn_primal_s": sk_times.tolist(),
+      "sklearn_dual_s": dual_times.tolist(),
+      "solver_iterations_mean": float(np.mean(stats.iterations)),
+      "solver_iterations_max": int(np.max(stats.iterations)),
+      "num_violators_max": int(np.max(stats.num_violators)),
+      "compare_nonconverged": int(len(res.nonconverged))
+  }
   return rows, agree
 
 
 def all_targets(train, test) -> tuple[list[dict], dict]:
-  kw = dict(method="esvm", k=1280, same_class=True, chunk_size=_CHUNK.value,
-            options=SolverOptions(tol=_TOL.value, max_rows=_MAX_ROWS.value))
+  kw = dict(method="esvm", k=1280, same_class=True, chunk_size=_CHUNK.value, options=SolverOptions(
+      tol=_TOL.value, max_rows=_MAX_ROWS.value))
   # Warm-up: compiles the program for the (shared) candidate bucket on one chunk.
   first = np.flatnonzero(test["labels"] == test["labels"][0])[:_CHUNK.value]
   attribute.topk(train["features"], train["labels"], test["features"], test["labels"],
@@ -329,13 +366,21 @@ def all_targets(train, test) -> tuple[list[dict], dict]:
                        train_index=train["index"], log_every_s=10.0, **kw)
   seconds = time.perf_counter() - t0
   n = len(res.targets)
-  rows = [{"solver": f"jaxattr ESVM, all {n} test targets (k=1280)", "targets": n,
-           "targets/s": n / seconds, "s/target": seconds / n, "seconds": seconds,
-           "load1": os.getloadavg()[0]}]
-  return rows, {"all_seconds": seconds, "all_nonconverged": int(len(res.nonconverged)),
-                "all_iterations_mean": float(res.stats["iterations"].mean()),
-                "all_iterations_max": int(res.stats["iterations"].max()),
-                "all_num_violators_max": int(res.stats["num_violators"].max())}
+  rows = [{
+      "solver": f"jaxattr ESVM, all {n} test targets (k=1280)",
+      "targets": n,
+      "targets/s": n / seconds,
+      "s/target": seconds / n,
+      "seconds": seconds,
+      "load1": os.getloadavg()[0]
+  }]
+  return rows, {
+      "all_seconds": seconds,
+      "all_nonconverged": int(len(res.nonconverged)),
+      "all_iterations_mean": float(res.stats["iterations"].mean()),
+      "all_iterations_max": int(res.stats["iterations"].max()),
+      "all_num_violators_max": int(res.stats["num_violators"].max())
+  }
 
 
 def main(argv):
@@ -356,8 +401,10 @@ def main(argv):
     r, e = all_targets(train, test)
     rows += r
     extra.update(e)
-  print(bench.format_table(rows, ["solver", "targets", "targets/s", "s/target", "vs primal",
-                                  "vs dual", "seconds", "load1"]))
+  print(
+      bench.format_table(rows, [
+          "solver", "targets", "targets/s", "s/target", "vs primal", "vs dual", "seconds", "load1"
+      ]))
   print("load1: 1-minute load average of this 2-core machine right after each measurement "
         "(other processes compete for the cores while it is above ~2).")
   for key in ("vs_primal", "vs_dual"):
@@ -369,9 +416,16 @@ def main(argv):
   names = ("mode", "features_dir", "data", "encoder_width", "seed", "class_id",
            "num_targets_sklearn", "num_targets_dual", "num_targets_jax", "chunk_size", "tol",
            "max_rows", "repeats")
-  settings = {"flags": {name: flags.FLAGS[name].value for name in names},
-              "features": info, "loadavg_before": load, "loadavg_after": os.getloadavg(),
-              "cpu_count": os.cpu_count(), **extra}
+  settings = {
+      "flags": {
+          name: flags.FLAGS[name].value for name in names
+      },
+      "features": info,
+      "loadavg_before": load,
+      "loadavg_after": os.getloadavg(),
+      "cpu_count": os.cpu_count(),
+      **extra
+  }
   bench.write_result(_OUT.value, "esvm", rows, settings)
   logging.info("wrote %s", _OUT.value)
 

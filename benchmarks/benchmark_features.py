@@ -53,8 +53,7 @@ def _torch_model(net: str, torch, seed: int):
       from lightly.models import ResNetGenerator  # pylint: disable=g-import-not-at-top
 
       resnet = ResNetGenerator("resnet-18", num_splits=8)
-      backbone = torch.nn.Sequential(*list(resnet.children())[:-1],
-                                     torch.nn.AdaptiveAvgPool2d(1))
+      backbone = torch.nn.Sequential(*list(resnet.children())[:-1], torch.nn.AdaptiveAvgPool2d(1))
     except ImportError:  # e.g. on the GPU machine; same modules and keys, plain BatchNorm
       logging.warning("lightly is not installed: timing an equivalent plain PyTorch backbone")
       backbone = _torch_cifar_resnet18(torch)
@@ -195,9 +194,16 @@ def _bench_net(net: str, batch: int, dtype_name: str, threads: int, workdir: str
   for name, ts in times.items():
     med = float(np.median(ts))
     rows.append({
-        "net": net, "framework": name, "dtype": dtype_name, "batch": batch,
-        "image_size": size, "images_per_s": batch / med, "vs_torch": batch / med / torch_rate,
-        "median_ms": med * 1e3, "min_ms": min(ts) * 1e3, "max_ms": max(ts) * 1e3,
+        "net": net,
+        "framework": name,
+        "dtype": dtype_name,
+        "batch": batch,
+        "image_size": size,
+        "images_per_s": batch / med,
+        "vs_torch": batch / med / torch_rate,
+        "median_ms": med * 1e3,
+        "min_ms": min(ts) * 1e3,
+        "max_ms": max(ts) * 1e3,
         "max_rel_diff": diffs[name],
         "device": str(jax.devices()[0]) if name != "torch" else str(device),
         "threads": threads if name == "torch" else len(os.sched_getaffinity(0)),
@@ -230,15 +236,26 @@ def main(argv):
     for net in _NETS.value:
       batch = _BATCH.value if net == "cifar_resnet18" else _BATCH_IMAGENET.value
       rows += _bench_net(net, batch, _DTYPE.value, threads, workdir)
-  columns = ["net", "framework", "dtype", "batch", "images_per_s", "vs_torch", "median_ms",
-             "min_ms", "max_ms", "max_rel_diff", "device", "threads"]
+  columns = [
+      "net", "framework", "dtype", "batch", "images_per_s", "vs_torch", "median_ms", "min_ms",
+      "max_ms", "max_rel_diff", "device", "threads"
+  ]
   print(bench.format_table(rows, columns))
-  settings = {"nets": _NETS.value, "batch_size": _BATCH.value,
-              "imagenet_batch_size": _BATCH_IMAGENET.value, "dtype": _DTYPE.value,
-              "repeats": _REPEATS.value, "warmup": _WARMUP.value, "torch_threads": threads,
-              "xla_flags": os.environ.get("XLA_FLAGS", ""), "fold_bn": _FOLD.value,
-              "cpus": os.cpu_count(), "load_average_start": load,
-              "load_average_end": os.getloadavg(), "torch": torch.__version__}
+  settings = {
+      "nets": _NETS.value,
+      "batch_size": _BATCH.value,
+      "imagenet_batch_size": _BATCH_IMAGENET.value,
+      "dtype": _DTYPE.value,
+      "repeats": _REPEATS.value,
+      "warmup": _WARMUP.value,
+      "torch_threads": threads,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "fold_bn": _FOLD.value,
+      "cpus": os.cpu_count(),
+      "load_average_start": load,
+      "load_average_end": os.getloadavg(),
+      "torch": torch.__version__
+  }
   bench.write_result(_OUT.value, "features", rows, settings)
   logging.info("wrote %s (load average at end %s)", _OUT.value, os.getloadavg())
 

@@ -68,8 +68,9 @@ from jaxattr.models.resnet9 import resnet9_train_flops
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("mode", "speed", ["speed", "gpu"], "What to measure (see the module doc).")
-flags.DEFINE_string("data", "synthetic", "'synthetic' (random uint8 images) or a jaxattr.data "
-                    "source such as folder:../shared/data/cifar10-jpeg.tar.gz.")
+flags.DEFINE_string(
+    "data", "synthetic", "'synthetic' (random uint8 images) or a jaxattr.data "
+    "source such as folder:../shared/data/cifar10-jpeg.tar.gz.")
 flags.DEFINE_integer("train_examples", 0, "Use the first n training images (0 = all; "
                      "synthetic: 0 means 50,000).")
 flags.DEFINE_integer("num_models", 0, "M models trained at once (0: 4 in speed mode, 32 in gpu).")
@@ -80,11 +81,13 @@ flags.DEFINE_list("formulations", ["auto"], "jaxattr formulations to time (auto,
 flags.DEFINE_enum("compute_dtype", "auto", ["auto", "float32", "bfloat16"], "jaxattr compute.")
 flags.DEFINE_integer("torch_models", -1, "Reference models to train (-1: M in speed mode, 0 in "
                      "gpu mode).")
-flags.DEFINE_float("peak_tflops", 0.0, "Backend peak for MFU (0: 790 on GPU = the project's "
-                   "H200 bf16 dense figure; on CPU a float32 matmul measured here).")
+flags.DEFINE_float(
+    "peak_tflops", 0.0, "Backend peak for MFU (0: 790 on GPU = the project's "
+    "H200 bf16 dense figure; on CPU a float32 matmul measured here).")
 flags.DEFINE_integer("repeats", 2, "Timed repeats (median) in speed mode.")
-flags.DEFINE_bool("fast_cpu_flags", True, "On the CPU backend, set jaxattr.xla_flags."
-                  "FAST_CPU_FLAGS in XLA_FLAGS when XLA_FLAGS is unset.")
+flags.DEFINE_bool(
+    "fast_cpu_flags", True, "On the CPU backend, set jaxattr.xla_flags."
+    "FAST_CPU_FLAGS in XLA_FLAGS when XLA_FLAGS is unset.")
 flags.DEFINE_enum("cpu_ops", "auto", ["auto", "on", "off"], "The trainer's cpu_ops setting.")
 flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads on CPU (0 = all cores, the "
                      "threads XLA:CPU uses).")
@@ -99,9 +102,9 @@ def load_data(source: str, limit: int):
     rng = np.random.default_rng(0)
     n = limit or 50_000
     train = data.Dataset(images=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
-                         labels=rng.integers(0, 10, n).astype(np.int32),
-                         class_names=[str(i) for i in range(10)], index=np.arange(n),
-                         source="synthetic", split="train")
+                         labels=rng.integers(0, 10, n).astype(np.int32), class_names=[
+                             str(i) for i in range(10)
+                         ], index=np.arange(n), source="synthetic", split="train")
     return train, train.images[:500], train.labels[:500]
   train = data.load(source, "train")
   if limit:
@@ -114,8 +117,7 @@ def load_data(source: str, limit: int):
 # The PyTorch reference loop (FFCV's ResNet-9 recipe), data in memory.
 
 
-def torch_train(images: np.ndarray, labels: np.ndarray, cfg, seed: int, device: str,
-                epochs: int):
+def torch_train(images: np.ndarray, labels: np.ndarray, cfg, seed: int, device: str, epochs: int):
   """Trains one reference ResNet-9; returns the model. Images uint8 [N, H, W, 3]."""
   import torch  # pylint: disable=g-import-not-at-top
 
@@ -157,8 +159,8 @@ def torch_train(images: np.ndarray, labels: np.ndarray, cfg, seed: int, device: 
       x = xp[bidx, cidx, rows, cols]
       cy = torch.randint(0, 25, (bs, 1), generator=gen, device=device)
       cx = torch.randint(0, 25, (bs, 1), generator=gen, device=device)
-      inside = (((ar[None] >= cy) & (ar[None] < cy + 8))[:, :, None]
-                & ((ar[None] >= cx) & (ar[None] < cx + 8))[:, None, :])
+      inside = (((ar[None] >= cy) & (ar[None] < cy + 8))[:, :, None] &
+                ((ar[None] >= cx) & (ar[None] < cx + 8))[:, None, :])
       x = torch.where(inside[:, None], mean, x)
       x = (x - mean) / std
       if device == "cuda":
@@ -182,7 +184,7 @@ def cpu_peak_tflops() -> float:
   a = jnp.ones((2048, 2048), jnp.float32)
   f = jax.jit(lambda a: a @ a)
   t = bench.time_fn(lambda: f(a).block_until_ready(), repeats=5, warmup=2)
-  return 2 * 2048 ** 3 / t["min_s"] / 1e12
+  return 2 * 2048**3 / t["min_s"] / 1e12
 
 
 def main(argv):
@@ -222,10 +224,14 @@ def main(argv):
 
   def add_row(name, models, seconds, extra=None):
     per = seconds / (models * epochs)
-    row = {"run": name, "models": models, "s_per_model_epoch": per,
-           "s_per_model": seconds / models,
-           "tflops": flops_per_model_epoch / per / 1e12,
-           "mfu_pct": 100 * flops_per_model_epoch / per / 1e12 / peak}
+    row = {
+        "run": name,
+        "models": models,
+        "s_per_model_epoch": per,
+        "s_per_model": seconds / models,
+        "tflops": flops_per_model_epoch / per / 1e12,
+        "mfu_pct": 100 * flops_per_model_epoch / per / 1e12 / peak
+    }
     row.update(extra or {})
     rows.append(row)
     logging.info("%s", row)
@@ -247,11 +253,14 @@ def main(argv):
         # first compiles), the whole run's wall time reported next to it.
         logits, stats = run()
         acc = (logits.argmax(-1) == eval_labels[None]).mean(1)
-        add_row(f"jaxattr {form}", models, stats.steady_seconds_per_model * models,
-                {"total_s_per_model": stats.total_seconds / models,
-                 "first_epoch_s": stats.first_epoch_seconds,
-                 "test_acc_mean": float(acc.mean()), "test_acc_min": float(acc.min()),
-                 "test_acc_max": float(acc.max())})
+        add_row(
+            f"jaxattr {form}", models, stats.steady_seconds_per_model * models, {
+                "total_s_per_model": stats.total_seconds / models,
+                "first_epoch_s": stats.first_epoch_seconds,
+                "test_acc_mean": float(acc.mean()),
+                "test_acc_min": float(acc.min()),
+                "test_acc_max": float(acc.max())
+            })
       else:
         # Training epochs only (the torch loop's work), from the trainer's own epoch timers;
         # the whole call (init + training + evaluation) as total_s_per_model.
@@ -262,9 +271,11 @@ def main(argv):
 
         t = bench.time_fn(timed, repeats=FLAGS.repeats, warmup=1)
         train_s = train_s[1:]  # the warm-up call compiled
-        add_row(f"jaxattr {form}", models, float(np.median(train_s)),
-                {"min_s_per_model_epoch": min(train_s) / (models * epochs),
-                 "total_s_per_model": t["median_s"] / models})
+        add_row(
+            f"jaxattr {form}", models, float(np.median(train_s)), {
+                "min_s_per_model_epoch": min(train_s) / (models * epochs),
+                "total_s_per_model": t["median_s"] / models
+            })
 
   torch_threads_used = 0
   if torch_models:
@@ -273,8 +284,8 @@ def main(argv):
     if device == "cpu":
       torch.set_num_threads(FLAGS.torch_threads or os.cpu_count() or 1)
     # Warm-up (allocator, kernels) on a few steps' worth of images.
-    torch_train(train.images[:2 * FLAGS.batch_size], train.labels[:2 * FLAGS.batch_size], cfg,
-                0, device, 1)
+    torch_train(train.images[:2 * FLAGS.batch_size], train.labels[:2 * FLAGS.batch_size], cfg, 0,
+                device, 1)
     times = []
     for _ in range(1 if gpu_mode else FLAGS.repeats):
       t0 = time.perf_counter()
@@ -288,24 +299,35 @@ def main(argv):
     for row in rows[:-1]:
       row["torch_over_jaxattr"] = ref / row["s_per_model_epoch"]
 
-  columns = ["run", "models", "s_per_model_epoch", "s_per_model", "tflops", "mfu_pct",
-             "torch_over_jaxattr", "total_s_per_model"]
+  columns = [
+      "run", "models", "s_per_model_epoch", "s_per_model", "tflops", "mfu_pct",
+      "torch_over_jaxattr", "total_s_per_model"
+  ]
   if gpu_mode:
-    columns += ["first_epoch_s", "test_acc_mean", "test_acc_min",
-                "test_acc_max"]
+    columns += ["first_epoch_s", "test_acc_mean", "test_acc_min", "test_acc_max"]
   print(f"backend {backend}, width {width}, {n} training images ({FLAGS.data}), epochs {epochs}, "
         f"batch {FLAGS.batch_size}, compute {jnp.dtype(ensemble.compute_dtype(cfg)).name}, "
         f"peak {peak:.3f} TFLOP/s, {resnet9_train_flops(width) / 1e9:.3f} GFLOP/image/step, "
         f"cpu_ops {FLAGS.cpu_ops}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
         f"torch threads {torch_threads_used}, load {os.getloadavg()[0]:.2f}")
   print(bench.format_table(rows, columns))
-  settings = {"mode": FLAGS.mode, "data": FLAGS.data, "train_examples": n, "num_models": m,
-              "width": width, "epochs": epochs, "batch_size": FLAGS.batch_size,
-              "compute_dtype": FLAGS.compute_dtype, "peak_tflops": peak,
-              "torch_models": torch_models, "formulations": FLAGS.formulations,
-              "xla_flags": os.environ.get("XLA_FLAGS", ""), "torch_threads": torch_threads_used,
-              "loadavg": os.getloadavg(),
-              "trainer": cfg.to_dict()}
+  settings = {
+      "mode": FLAGS.mode,
+      "data": FLAGS.data,
+      "train_examples": n,
+      "num_models": m,
+      "width": width,
+      "epochs": epochs,
+      "batch_size": FLAGS.batch_size,
+      "compute_dtype": FLAGS.compute_dtype,
+      "peak_tflops": peak,
+      "torch_models": torch_models,
+      "formulations": FLAGS.formulations,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "torch_threads": torch_threads_used,
+      "loadavg": os.getloadavg(),
+      "trainer": cfg.to_dict()
+  }
   bench.write_result(FLAGS.out, "train", rows, settings)
   print(f"wrote {FLAGS.out}")
 

@@ -13,8 +13,13 @@ import jax
 import jax.numpy as jnp
 
 # BN module name -> the conv it follows, inside the same parent module (both ResNet families).
-_BN_AFTER = {"bn1": "conv1", "bn2": "conv2", "bn3": "conv3", "shortcut_bn": "shortcut_conv",
-             "downsample_bn": "downsample_conv"}
+_BN_AFTER = {
+    "bn1": "conv1",
+    "bn2": "conv2",
+    "bn3": "conv3",
+    "shortcut_bn": "shortcut_conv",
+    "downsample_bn": "downsample_conv"
+}
 
 
 def fold_batchnorm(variables: Any, epsilon: float = 1e-5) -> tuple[Any, Any]:

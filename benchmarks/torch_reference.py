@@ -18,6 +18,7 @@ def torch_resnet9(width: float, num_classes: int = 10):
                           tnn.ReLU(inplace=True))
 
   class Residual(tnn.Module):
+
     def __init__(self, module):
       super().__init__()
       self.module = module
@@ -26,6 +27,7 @@ def torch_resnet9(width: float, num_classes: int = 10):
       return x + self.module(x)
 
   class Mul(tnn.Module):
+
     def __init__(self, weight):
       super().__init__()
       self.weight = weight

@@ -37,8 +37,8 @@ def normalize(images: jax.Array, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> jax.Ar
   return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
-def _sample_crop(key: jax.Array, height: int, width: int, scale=(0.08, 1.0),
-                 ratio=(3 / 4, 4 / 3), tries: int = 10) -> jax.Array:
+def _sample_crop(key: jax.Array, height: int, width: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                 tries: int = 10) -> jax.Array:
   """torchvision's RandomResizedCrop.get_params: returns float32 [4] = (top, left, h, w).
 
   Up to `tries` (area, aspect) draws; the first that fits is used, else the central crop of the
@@ -71,8 +71,7 @@ def _sample_crop(key: jax.Array, height: int, width: int, scale=(0.08, 1.0),
   return jnp.stack([top, left, h, w]).astype(jnp.float32)
 
 
-def _interp_matrix(start: jax.Array, length: jax.Array, in_size: int, out_size: int
-                   ) -> jax.Array:
+def _interp_matrix(start: jax.Array, length: jax.Array, in_size: int, out_size: int) -> jax.Array:
   """[out_size, in_size] bilinear weights resampling [start, start+length) to out_size pixels.
 
   Pixel centres are aligned as in torch's interpolate(align_corners=False).
@@ -84,8 +83,8 @@ def _interp_matrix(start: jax.Array, length: jax.Array, in_size: int, out_size: 
   frac = src - lo
   hi = jnp.minimum(lo + 1, in_size - 1)
   cols = jnp.arange(in_size, dtype=jnp.float32)
-  return ((cols[None, :] == lo[:, None]) * (1 - frac)[:, None]
-          + (cols[None, :] == hi[:, None]) * frac[:, None])
+  return ((cols[None, :] == lo[:, None]) * (1 - frac)[:, None] +
+          (cols[None, :] == hi[:, None]) * frac[:, None])
 
 
 def _rgb_to_hsv(rgb: jax.Array) -> jax.Array:
@@ -219,7 +218,7 @@ def cifar_train_views(key: jax.Array, images: jax.Array, flip: bool = True, tran
     x0 = jax.random.randint(kx, (b, 1), 0, w - c + 1)
     rows = jnp.arange(h)[None]
     cols = jnp.arange(w)[None]
-    inside = (((rows >= y0) & (rows < y0 + c))[:, :, None]
-              & ((cols >= x0) & (cols < x0 + c))[:, None, :])
+    inside = (((rows >= y0) & (rows < y0 + c))[:, :, None] & ((cols >= x0) &
+                                                              (cols < x0 + c))[:, None, :])
     x = jnp.where(inside[..., None], jnp.asarray(CIFAR_MEAN), x)
   return cifar_normalize(x)

@@ -24,8 +24,8 @@ import orbax.checkpoint as ocp
 META = "meta.json"
 
 
-def save_variables(path: str, variables: Any, meta: dict[str, Any], overwrite: bool = False
-                   ) -> None:
+def save_variables(path: str, variables: Any, meta: dict[str, Any],
+                   overwrite: bool = False) -> None:
   """Writes `variables` (a pytree of arrays) and `meta` to directory `path` atomically."""
   path = os.path.abspath(path)
   if os.path.exists(path) and not overwrite:
@@ -49,8 +49,7 @@ def save_variables(path: str, variables: Any, meta: dict[str, Any], overwrite: b
 
 
 def is_checkpoint(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, META)) and os.path.isdir(
-      os.path.join(path, "variables"))
+  return os.path.isfile(os.path.join(path, META)) and os.path.isdir(os.path.join(path, "variables"))
 
 
 def load_variables(path: str) -> tuple[Any, dict[str, Any]]:

@@ -21,8 +21,9 @@ def launch(run: Callable[[Any, str], Any], doc: str = "",
   convolution training on XLA:CPU) unless the user has set XLA_FLAGS, in which case those stand;
   other backends are untouched. Compiled programs are kept in --compilation_cache.
   """
-  config = config_flags.DEFINE_config_file("config", None, "Experiment config file "
-                                           "(path/to/config.py[:variant]).", lock_config=True)
+  config = config_flags.DEFINE_config_file(
+      "config", None, "Experiment config file "
+      "(path/to/config.py[:variant]).", lock_config=True)
   workdir = flags.DEFINE_string("workdir", None, "Output directory (created; reused to resume).")
   cache = define_compilation_cache_flag()
   flags.mark_flags_as_required(["config", "workdir"])

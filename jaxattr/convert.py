@@ -111,8 +111,11 @@ class _Layout:
 
 def _lightly_prefix(keys: list[str], state: dict[str, np.ndarray]) -> str | None:
   """The prefix of a lightly nn.Sequential backbone ('backbone.'), None if there is none."""
-  cands = [k[: -len("0.weight")] for k in keys
-           if k.endswith("backbone.0.weight") and np.ndim(state[k]) == 4]
+  cands = [
+      k[:-len("0.weight")]
+      for k in keys
+      if k.endswith("backbone.0.weight") and np.ndim(state[k]) == 4
+  ]
   if "backbone." in cands:
     return "backbone."
   cands = [c for c in cands if "momentum" not in c and "teacher" not in c]
@@ -134,8 +137,8 @@ def detect_format(state: dict[str, np.ndarray]) -> str:
   plain = _strip_ddp(state)
   if "conv1.weight" in plain:
     w = plain["conv1.weight"]
-    if (any(".shortcut." in k for k in plain) or "linear.weight" in plain
-        or (np.ndim(w) == 4 and w.shape[-1] == 3)):
+    if (any(".shortcut." in k for k in plain) or "linear.weight" in plain or
+        (np.ndim(w) == 4 and w.shape[-1] == 3)):
       return "lightly_resnet"
     return "torchvision"
   raise ConversionError(
@@ -268,10 +271,9 @@ def _num_splits(names: dict[str, np.ndarray]) -> int:
   return mean.shape[0] // weight.shape[0]
 
 
-def _convert_scope(state: dict[str, np.ndarray], layout: _Layout, src: str,
-                   encoder: str | None, width: float | None, keep_fc: bool,
-                   average_splits: bool, stem_relu: bool | None
-                   ) -> tuple[dict[str, Any], str, dict[str, Any], list[str]]:
+def _convert_scope(state: dict[str, np.ndarray], layout: _Layout, src: str, encoder: str | None,
+                   width: float | None, keep_fc: bool, average_splits: bool,
+                   stem_relu: bool | None) -> tuple[dict[str, Any], str, dict[str, Any], list[str]]:
   """Converts the encoder under `layout.prefix`. Returns (variables, name, kwargs, dropped)."""
   names: dict[str, np.ndarray] = {}
   for k, v in state.items():
@@ -304,8 +306,8 @@ def _convert_scope(state: dict[str, np.ndarray], layout: _Layout, src: str,
     kwargs["num_splits"] = 1 if average_splits else splits
     # lightly's ResNetGenerator.forward applies a ReLU after the stem BN; the nn.Sequential
     # backbone built from its children (the reference's MoCo) never does.
-    kwargs["stem_relu"] = bool(layout.format == "lightly_resnet" if stem_relu is None
-                               else stem_relu)
+    kwargs["stem_relu"] = bool(layout.format == "lightly_resnet" if stem_relu is
+                               None else stem_relu)
   elif stem_relu is not None:
     raise ConversionError(f"stem_relu applies to lightly CIFAR ResNets only, not {encoder}")
   if keep_fc and "fc.weight" in names and not is_cifar:
@@ -313,28 +315,39 @@ def _convert_scope(state: dict[str, np.ndarray], layout: _Layout, src: str,
   model = ENCODERS[encoder](**kwargs)
   variables, missing, unused, mismatched = _fill(model, names, layout, splits, average_splits)
   if missing or unused or mismatched:
-    lines = [f"cannot convert {src} (format {layout.format}) into encoder {encoder} {kwargs}: "
-             f"{len(missing)} missing, {len(unused)} unexpected, {len(mismatched)} shape "
-             "mismatches; nothing was written"]
+    lines = [
+        f"cannot convert {src} (format {layout.format}) into encoder {encoder} {kwargs}: "
+        f"{len(missing)} missing, {len(unused)} unexpected, {len(mismatched)} shape "
+        "mismatches; nothing was written"
+    ]
     if missing:
       lines.append(f"  missing ({len(missing)}): {_preview(missing)}")
     if unused:
       lines.append(f"  unexpected ({len(unused)}): {_preview(unused)}")
     if mismatched:
-      lines.append(f"  shape mismatch ({len(mismatched)}): " + "; ".join(mismatched[:4])
-                   + (f"; ... (+{len(mismatched) - 4} more)" if len(mismatched) > 4 else ""))
+      lines.append(f"  shape mismatch ({len(mismatched)}): " + "; ".join(mismatched[:4]) +
+                   (f"; ... (+{len(mismatched) - 4} more)" if len(mismatched) > 4 else ""))
     raise ConversionError("\n".join(lines))
   return variables, encoder, kwargs, dropped
 
 
-def convert(src_path: str, dst_path: str,
-            format: str = "auto", *,  # pylint: disable=redefined-builtin
-            encoder: str | None = None, width: float | None = None, prefix: str | None = None,
-            keep_fc: bool = False, average_splits: bool = False, stem_relu: bool | None = None,
-            export_momentum: bool = False,
-            export_extras: bool = False, mean: tuple[float, ...] = augment.IMAGENET_MEAN,
-            std: tuple[float, ...] = augment.IMAGENET_STD, trust_pickle: bool = False,
-            overwrite: bool = False) -> dict[str, Any]:
+def convert(
+    src_path: str,
+    dst_path: str,
+    format: str = "auto",
+    *,  # pylint: disable=redefined-builtin
+    encoder: str | None = None,
+    width: float | None = None,
+    prefix: str | None = None,
+    keep_fc: bool = False,
+    average_splits: bool = False,
+    stem_relu: bool | None = None,
+    export_momentum: bool = False,
+    export_extras: bool = False,
+    mean: tuple[float, ...] = augment.IMAGENET_MEAN,
+    std: tuple[float, ...] = augment.IMAGENET_STD,
+    trust_pickle: bool = False,
+    overwrite: bool = False) -> dict[str, Any]:
   """Converts a PyTorch ResNet checkpoint into a jaxattr variables checkpoint.
 
   Args:
@@ -367,8 +380,8 @@ def convert(src_path: str, dst_path: str,
     ConversionError: unknown format, missing/extra keys, shape mismatch, another architecture.
   """
   dst_path = os.path.abspath(dst_path)
-  outputs = [dst_path] + ([dst_path + "_momentum"] if export_momentum else []) + (
-      [dst_path + "_extras.npz"] if export_extras else [])
+  outputs = [dst_path] + ([dst_path + "_momentum"] if export_momentum else
+                          []) + ([dst_path + "_extras.npz"] if export_extras else [])
   for out in outputs:
     if os.path.exists(out) and not overwrite:
       raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
@@ -403,8 +416,8 @@ def convert(src_path: str, dst_path: str,
     mlayout = dataclasses.replace(layout, prefix=mprefix)
     if not any(k.startswith(mprefix) for k in state):
       raise ConversionError(f"{src_path}: no momentum encoder keys '{mprefix}*' to export")
-    momentum, _, _, _ = _convert_scope(state, mlayout, src_path, name, kwargs.get("width"),
-                                       False, average_splits, kwargs.get("stem_relu"))
+    momentum, _, _, _ = _convert_scope(state, mlayout, src_path, name, kwargs.get("width"), False,
+                                       average_splits, kwargs.get("stem_relu"))
     converted |= {k for k in state if k.startswith(mprefix)}
   meta = {
       "encoder": name,
@@ -421,8 +434,9 @@ def convert(src_path: str, dst_path: str,
       "converted_by": "jaxattr.convert",
   }
   if momentum is not None:
-    checkpoint.save_variables(dst_path + "_momentum", momentum,
-                              {**meta, "momentum_of": dst_path}, overwrite=overwrite)
+    checkpoint.save_variables(dst_path + "_momentum", momentum, {
+        **meta, "momentum_of": dst_path
+    }, overwrite=overwrite)
   if export_extras:
     extras = {k: v for k, v in state.items() if k not in converted or k in dropped}
     utils.save_npz(dst_path + "_extras.npz", **extras)

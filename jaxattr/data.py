@@ -65,13 +65,11 @@ class Dataset:
   def __post_init__(self):
     n = len(self.images)
     if self.images.ndim != 4 or self.images.shape[-1] != 3 or self.images.dtype != np.uint8:
-      raise DataError(
-          f"{self.source}:{self.split}: images must be uint8 [N, H, W, 3], got "
-          f"{self.images.dtype} {self.images.shape}")
+      raise DataError(f"{self.source}:{self.split}: images must be uint8 [N, H, W, 3], got "
+                      f"{self.images.dtype} {self.images.shape}")
     if len(self.labels) != n or len(self.index) != n:
-      raise DataError(
-          f"{self.source}:{self.split}: {n} images but {len(self.labels)} labels and "
-          f"{len(self.index)} indices")
+      raise DataError(f"{self.source}:{self.split}: {n} images but {len(self.labels)} labels and "
+                      f"{len(self.index)} indices")
     if n and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
       raise DataError(
           f"{self.source}:{self.split}: labels must lie in [0, {len(self.class_names)}), got "
@@ -87,8 +85,8 @@ class Dataset:
   def subset(self, positions: np.ndarray) -> "Dataset":
     """The examples at `positions` (positions in this record, not `index` values)."""
     positions = np.asarray(positions)
-    return dataclasses.replace(self, images=self.images[positions],
-                               labels=self.labels[positions], index=self.index[positions])
+    return dataclasses.replace(self, images=self.images[positions], labels=self.labels[positions],
+                               index=self.index[positions])
 
 
 def load(source: str, split: str, **options: Any) -> Dataset:
@@ -143,8 +141,7 @@ def load_splits(data_config: Any) -> tuple[Dataset, Dataset]:
     (train, test) `Dataset`s.
   """
   options = {k: v for k, v in dict(data_config.options).items() if v is not None}
-  return (load(data_config.source, "train", **options),
-          load(data_config.source, "test", **options))
+  return (load(data_config.source, "train", **options), load(data_config.source, "test", **options))
 
 
 def _require_arg(source: str, arg: str) -> str:
@@ -186,9 +183,9 @@ def _load_digits(split: str, size: int = 32) -> Dataset:
   images = np.empty((len(chosen), size, size, 3), np.uint8)
   for i, g in enumerate(gray):
     images[i] = np.asarray(Image.fromarray(g).resize((size, size), Image.BILINEAR))[..., None]
-  return Dataset(images=images, labels=digits.target[chosen].astype(np.int32),
-                 class_names=[str(c) for c in range(10)],
-                 index=np.arange(len(chosen), dtype=np.int64))
+  return Dataset(images=images, labels=digits.target[chosen].astype(np.int32), class_names=[
+      str(c) for c in range(10)
+  ], index=np.arange(len(chosen), dtype=np.int64))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -210,8 +207,8 @@ def _load_folder(path: str, split: str, size: int | None = None, workers: int = 
     raise DataError(f"folder source: {path} is neither a directory nor a .tar/.tar.gz/.tgz file")
   files, labels, class_names = _layout(entries, split, path)
   images = _decode_all(reader, files, size, workers)
-  return Dataset(images=images, labels=labels, class_names=class_names,
-                 index=np.arange(len(files), dtype=np.int64))
+  return Dataset(images=images, labels=labels, class_names=class_names, index=np.arange(
+      len(files), dtype=np.int64))
 
 
 def _scan_directory(root: str) -> list[str]:
@@ -225,8 +222,8 @@ def _scan_directory(root: str) -> list[str]:
   return out
 
 
-def _layout(entries: Sequence[str], split: str, where: str) -> tuple[list[str], np.ndarray,
-                                                                       list[str]]:
+def _layout(entries: Sequence[str], split: str,
+            where: str) -> tuple[list[str], np.ndarray, list[str]]:
   """Splits archive/directory entries into (files of `split`, labels, class names).
 
   Classes are the sorted class folders of the train split, so both splits share label ids.
@@ -317,6 +314,7 @@ def _stack(arrays: list[np.ndarray], names: Sequence[str]) -> np.ndarray:
 
 def _decode_all(reader: _DirReader, files: Sequence[str], size: int | None,
                 workers: int) -> np.ndarray:
+
   def one(name):
     return _decode(reader.read(name), reader.where(name), size)
 
@@ -352,8 +350,8 @@ def _load_tar_cached(path: str, mtime_ns: int, nbytes: int, split: str,
     arrays = list(pool.map(lambda e: _decode(blobs[e], f"{path}:{e}", size), files))
   images = _stack(arrays, [f"{path}:{e}" for e in files])
   images.setflags(write=False)  # shared by the cache
-  return Dataset(images=images, labels=labels, class_names=class_names,
-                 index=np.arange(len(files), dtype=np.int64))
+  return Dataset(images=images, labels=labels, class_names=class_names, index=np.arange(
+      len(files), dtype=np.int64))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -449,5 +447,4 @@ def _load_tfds(name: str, split: str, data_dir: str | None = None) -> Dataset:
     images = np.repeat(images, 3, axis=-1)
   labels = np.asarray([records[i]["label"] for i in inv], np.int32)
   names = list(features["label"].names)
-  return Dataset(images=images.astype(np.uint8), labels=labels, class_names=names,
-                 index=order[inv])
+  return Dataset(images=images.astype(np.uint8), labels=labels, class_names=names, index=order[inv])

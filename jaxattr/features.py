@@ -54,16 +54,17 @@ def make_extractor(model: Any, variables: Any, mean, std, batch_size: int,
       chunk = images[s:s + batch_size]
       real = len(chunk)
       if real < batch_size:
-        chunk = np.concatenate([chunk, np.zeros((batch_size - real,) + chunk.shape[1:],
-                                                chunk.dtype)])
+        chunk = np.concatenate([
+            chunk, np.zeros((batch_size - real,) + chunk.shape[1:], chunk.dtype)
+        ])
       feats = fn(variables, jax.device_put(chunk, batch_sharding))
       # Copy the previous batch back while this one runs.
       if pending is not None:
-        out.append(np.asarray(pending[0])[: pending[1]])
+        out.append(np.asarray(pending[0])[:pending[1]])
         meter.update(pending[1])
       pending = (feats, real)
     if pending is not None:
-      out.append(np.asarray(pending[0])[: pending[1]])
+      out.append(np.asarray(pending[0])[:pending[1]])
       meter.update(pending[1], force=True)
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
@@ -99,8 +100,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
   std = meta.get("std", augment.IMAGENET_STD)
   extract, batch = make_extractor(model, variables, mean, std, config.features.batch_size)
   out_dir = os.path.join(workdir, "features")
-  summary: dict[str, Any] = {"encoder": meta, "batch_size": batch,
-                             "devices": jax.device_count()}
+  summary: dict[str, Any] = {"encoder": meta, "batch_size": batch, "devices": jax.device_count()}
   for split, ds in (("train", train), ("test", test)):
     t0 = time.perf_counter()
     feats = extract(ds.images, split)
@@ -109,9 +109,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
       raise FloatingPointError(f"non-finite features for split {split}")
     utils.save_npz(os.path.join(out_dir, f"{split}.npz"), features=feats, labels=ds.labels,
                    index=ds.index, class_names=np.asarray(ds.class_names))
-    summary[split] = {"n": len(ds), "dim": int(feats.shape[1]), "seconds": sec,
-                      "images_per_s": len(ds) / max(sec, 1e-9)}
-    logging.info("features %s: %d x %d in %.1fs (%.0f images/s, includes compile)", split,
-                 len(ds), feats.shape[1], sec, len(ds) / max(sec, 1e-9))
+    summary[split] = {
+        "n": len(ds),
+        "dim": int(feats.shape[1]),
+        "seconds": sec,
+        "images_per_s": len(ds) / max(sec, 1e-9)
+    }
+    logging.info("features %s: %d x %d in %.1fs (%.0f images/s, includes compile)", split, len(ds),
+                 feats.shape[1], sec,
+                 len(ds) / max(sec, 1e-9))
   utils.save_json(os.path.join(out_dir, "summary.json"), summary)
   return summary

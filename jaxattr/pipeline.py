@@ -24,12 +24,23 @@ from jaxattr.counterfactual import support
 def _stage_keys(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config fields each stage's output depends on (a stage also depends on earlier ones)."""
   data = config.data.to_dict()
-  pre = {"seed": config.seed, "data": data, "encoder": config.encoder.to_dict(),
-         "pretrain": config.pretrain.to_dict()}
-  feat = {"pre": pre if not config.encoder.checkpoint else config.encoder.to_dict(),
-          "features": config.features.to_dict(), "data": data}
-  attr = {"feat": feat, "attribution": config.attribution.to_dict(), "seed": config.seed,
-          "viz": config.viz.to_dict()}
+  pre = {
+      "seed": config.seed,
+      "data": data,
+      "encoder": config.encoder.to_dict(),
+      "pretrain": config.pretrain.to_dict()
+  }
+  feat = {
+      "pre": pre if not config.encoder.checkpoint else config.encoder.to_dict(),
+      "features": config.features.to_dict(),
+      "data": data
+  }
+  attr = {
+      "feat": feat,
+      "attribution": config.attribution.to_dict(),
+      "seed": config.seed,
+      "viz": config.viz.to_dict()
+  }
   sup = {"attr": attr, "ensemble": config.ensemble.to_dict(), "support": config.support.to_dict()}
   return {"pretrain": pre, "features": feat, "attribution": attr, "support": sup}
 
@@ -89,8 +100,9 @@ def check_config(config: ml_collections.ConfigDict, train: data_lib.Dataset) -> 
     if config.support.k > a.k:
       raise ValueError(f"support.k={config.support.k} exceeds attribution.k={a.k}")
     computed = config_lib.names(a.methods)
-    own = [m for m in config_lib.names(config.support.methods)
-           if "=" not in m and m not in computed]
+    own = [
+        m for m in config_lib.names(config.support.methods) if "=" not in m and m not in computed
+    ]
     if own:
       raise ValueError(f"support.methods {own} are not computed by attribution.methods "
                        f"{list(config_lib.names(a.methods))}")
@@ -109,14 +121,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   stages.run("features", lambda: features.run(config, workdir, train=train, test=test),
              ["features/train.npz", "features/test.npz"])
   methods = list(config_lib.names(config.attribution.methods))
-  stages.run("attribution",
-             lambda: attribution.run(config, workdir, train=train, test=test),
+  stages.run("attribution", lambda: attribution.run(config, workdir, train=train, test=test),
              [f"attribution/{m}/{f}" for m in methods for f in ("topk.npy", "grid.png")])
 
   if config_lib.names(config.support.metrics):
-    stages.run("support", lambda: support.run(config, workdir, train=train, test=test),
-               [f"support/{m}/{n}/summary.json" for m in config_lib.names(config.support.metrics)
-                for n in config_lib.names(config.support.methods)])
+    stages.run("support", lambda: support.run(config, workdir, train=train, test=test), [
+        f"support/{m}/{n}/summary.json" for m in config_lib.names(config.support.metrics)
+        for n in config_lib.names(config.support.methods)
+    ])
   # The report is cheap and reads everything above: always rendered anew.
   t0 = time.perf_counter()
   report_path = report.write_report(workdir, config=config, train=train, test=test)
@@ -124,22 +136,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   utils.save_json(os.path.join(workdir, "timings.json"), stages.timings)
   logging.info("pipeline: report in %s", report_path)
 
-  summary: dict[str, Any] = {"workdir": os.path.abspath(workdir), "timings": stages.timings,
-                             "provenance": utils.provenance()}
+  summary: dict[str, Any] = {
+      "workdir": os.path.abspath(workdir),
+      "timings": stages.timings,
+      "provenance": utils.provenance()
+  }
   pre = os.path.join(workdir, "pretrain", "summary.json")
   if os.path.exists(pre):
     with open(pre) as f:
       p = json.load(f)
-    summary["pretrain"] = {k: p[k] for k in ("steps", "epochs", "final_loss", "knn_accuracy",
-                                             "images_per_s", "seconds")}
+    keys = ("steps", "epochs", "final_loss", "knn_accuracy", "images_per_s", "seconds")
+    summary["pretrain"] = {k: p[k] for k in keys}
   with open(os.path.join(workdir, "features", "summary.json")) as f:
     summary["features"] = json.load(f)
   summary["attribution"] = {}
   for m in methods:
     with open(os.path.join(workdir, "attribution", m, "attribution.json")) as f:
       a = json.load(f)
-    summary["attribution"][m] = {k: a.get(k) for k in ("k", "num_targets", "targets_per_second",
-                                                       "solver")}
+    summary["attribution"][m] = {
+        k: a.get(k) for k in ("k", "num_targets", "targets_per_second", "solver")
+    }
   summary["support"] = {}
   for metric in config_lib.names(config.support.metrics):
     for m in config_lib.names(config.support.methods):
@@ -148,9 +164,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         with open(path) as f:
           s = json.load(f)
         summary["support"].setdefault(metric, {})[m] = {
-            k: s.get(k) for k in ("median_support", "median_support_flipped_only", "targets",
-                                  "not_flipped", "fraction_flipped", "trainings",
-                                  "trainings_per_target_max")}
+            k: s.get(k)
+            for k in ("median_support", "median_support_flipped_only", "targets", "not_flipped",
+                      "fraction_flipped", "trainings", "trainings_per_target_max")
+        }
   summary["report"] = os.path.abspath(report_path)
   utils.save_json(os.path.join(workdir, "summary.json"), summary)
   logging.info("pipeline: done; summary in %s", os.path.join(workdir, "summary.json"))

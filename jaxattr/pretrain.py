@@ -25,11 +25,18 @@ from jaxattr import augment, checkpoint, data as data_lib, ssl, utils
 def export_encoder(state: ssl.MoCoState, config: ml_collections.ConfigDict, path: str,
                    extra_meta: dict[str, Any] | None = None) -> None:
   """Writes the query backbone as a variables checkpoint that feature extraction loads."""
-  variables = {"params": state.params["backbone"],
-               "batch_stats": state.batch_stats.get("backbone", {})}
-  meta = {"encoder": config.encoder.name, "encoder_kwargs": ssl.encoder_kwargs(config),
-          "mean": list(augment.IMAGENET_MEAN), "std": list(augment.IMAGENET_STD),
-          "format": "jaxattr-moco", "step": int(state.step)}
+  variables = {
+      "params": state.params["backbone"],
+      "batch_stats": state.batch_stats.get("backbone", {})
+  }
+  meta = {
+      "encoder": config.encoder.name,
+      "encoder_kwargs": ssl.encoder_kwargs(config),
+      "mean": list(augment.IMAGENET_MEAN),
+      "std": list(augment.IMAGENET_STD),
+      "format": "jaxattr-moco",
+      "step": int(state.step)
+  }
   meta.update(extra_meta or {})
   checkpoint.save_variables(path, variables, meta, overwrite=True)
 
@@ -64,9 +71,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
   model = ssl.moco_model(config)
   k_init, k_train = jax.random.split(jax.random.key(config.seed))
   state = ssl.init_state(config, k_init, train.images.shape[1:], n)
-  mngr = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(out_dir, "checkpoints")),
-      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+  mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(out_dir, "checkpoints")),
+                               options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
   latest = mngr.latest_step()
   if latest is not None:
     restored = mngr.restore(latest, args=ocp.args.StandardRestore(
@@ -103,11 +109,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
   acc = _knn(embed, state, train, test, config)
   logging.info("pretrain: done at step %d, kNN accuracy %.4f", int(state.step), acc)
   export_encoder(state, config, os.path.join(out_dir, "encoder"), {"knn_accuracy": acc})
-  summary = {"steps": int(state.step), "epochs": int(state.step) / spe, "final_loss": loss,
-             "knn_accuracy": acc, "knn_history": knn_history,
-             "images_per_s": (int(state.step) - start_step) * p.batch_size / max(seconds, 1e-9),
-             "seconds": seconds, "resumed_from": start_step, "config": config.to_dict(),
-             "provenance": utils.provenance()}
+  summary = {
+      "steps": int(state.step),
+      "epochs": int(state.step) / spe,
+      "final_loss": loss,
+      "knn_accuracy": acc,
+      "knn_history": knn_history,
+      "images_per_s": (int(state.step) - start_step) * p.batch_size / max(seconds, 1e-9),
+      "seconds": seconds,
+      "resumed_from": start_step,
+      "config": config.to_dict(),
+      "provenance": utils.provenance()
+  }
   utils.save_json(os.path.join(out_dir, "summary.json"), summary)
   mngr.close()
   return summary
@@ -118,9 +131,11 @@ def _embed_fn(model: ssl.MoCoNet):
 
   @jax.jit
   def fn(params, batch_stats, images):
-    return model.backbone.apply({"params": params["backbone"],
-                                 "batch_stats": batch_stats["backbone"]},
-                                augment.normalize(images), train=False)["feature"]
+    return model.backbone.apply(
+        {
+            "params": params["backbone"],
+            "batch_stats": batch_stats["backbone"]
+        }, augment.normalize(images), train=False)["feature"]
 
   return fn
 
@@ -132,7 +147,7 @@ def _features(fn, state: ssl.MoCoState, images: np.ndarray, batch: int = 512) ->
     pad = batch - len(chunk)  # one shape for every call: no recompiles for the last batch
     if pad:
       chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-    out.append(np.asarray(fn(state.params, state.batch_stats, chunk))[: batch - pad])
+    out.append(np.asarray(fn(state.params, state.batch_stats, chunk))[:batch - pad])
   return np.concatenate(out)
 
 

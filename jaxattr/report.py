@@ -29,7 +29,7 @@ from absl import logging
 from jaxattr import utils
 from jaxattr.counterfactual import bisection, summaries, support
 
-TOP = 16        # attributed images shown per target
+TOP = 16  # attributed images shown per target
 MAX_PREFIX = 48  # flipping-prefix images shown per target (the rest are counted)
 # Pipeline stages in run order (others follow alphabetically).
 STAGES = ("pretrain", "encoder", "features", "attribution", "flip_classes", "support", "report")
@@ -100,10 +100,13 @@ def _support(workdir: str) -> str:
   if not metrics:
     return head + _note("No support results yet (WORKDIR/support/ is empty): run the support "
                         "stage (launch/support.py).")
-  parts = [head, ("<p>Support = the smallest number of top-attributed training images whose "
-                  "removal (or relabelling to the flip class) makes most retrained models "
-                  "misclassify the target; smaller is better. Targets not flipped within k count "
-                  "as never flipped (infinite support) in the median and curves.</p>")]
+  parts = [
+      head,
+      ("<p>Support = the smallest number of top-attributed training images whose "
+       "removal (or relabelling to the flip class) makes most retrained models "
+       "misclassify the target; smaller is better. Targets not flipped within k count "
+       "as never flipped (infinite support) in the median and curves.</p>")
+  ]
   for metric in metrics:
     parts.append(f"<h3>{metric} support</h3>")
     rows, thresholds, settings = [], [], set()
@@ -120,24 +123,26 @@ def _support(workdir: str) -> str:
       med = s["median_support"]
       rounds = s.get("rounds", [])
       rows.append([
-          html.escape(method), str(s["targets"]),
+          html.escape(method),
+          str(s["targets"]),
           f"&gt;{s['k']}" if med is None else f"{med:g}",
-          "-" if s.get("median_support_flipped_only") is None
-          else f"{s['median_support_flipped_only']:g}",
+          "-" if s.get("median_support_flipped_only") is None else
+          f"{s['median_support_flipped_only']:g}",
           str(s["not_flipped"]),
           *[f"{100 * s['fraction_flipped'].get(t, 0):.0f}%" for t in thresholds],
-          str(s["trainings"]), str(s.get("trainings_per_target_max", "")),
+          str(s["trainings"]),
+          str(s.get("trainings_per_target_max", "")),
           f"{len(rounds)} / " + _fmt_seconds(sum(r["seconds"] for r in rounds)),
       ])
-      settings.add(f"k = {s['k']}, {s['num_tests']} models per evaluation, "
-                   + ("exhaustive grid" if s.get("exhaustive")
-                      else f"search budget {s['search_budget']}"))
+      settings.add(f"k = {s['k']}, {s['num_tests']} models per evaluation, " + (
+          "exhaustive grid" if s.get("exhaustive") else f"search budget {s['search_budget']}"))
     if not rows:
       parts.append(_note("No finished method yet."))
       continue
-    columns = ["method", "targets", "median", "median (flipped)", "not flipped",
-               *[f"&le;{t}" for t in thresholds], "trainings", "max / target",
-               "rounds / time"]
+    columns = [
+        "method", "targets", "median", "median (flipped)", "not flipped",
+        *[f"&le;{t}" for t in thresholds], "trainings", "max / target", "rounds / time"
+    ]
     parts.append(_table(columns, rows))
     parts.append(f"<p class='sub'>Search: {html.escape('; '.join(sorted(settings)))}. Columns "
                  "&le;k: fraction of all targets flipped with at most k images.</p>")
@@ -157,16 +162,19 @@ def _support(workdir: str) -> str:
 def _examples(workdir: str, train: Any, test: Any, data_note: str, num_examples: int) -> str:
   root = os.path.join(workdir, "attribution")
   head = "<h2>Attributions</h2>"
-  methods = sorted(m for m in os.listdir(root)
-                   if os.path.exists(os.path.join(root, m, "topk.npy"))) if os.path.isdir(
-                       root) else []
+  methods = sorted(
+      m for m in os.listdir(root)
+      if os.path.exists(os.path.join(root, m, "topk.npy"))) if os.path.isdir(root) else []
   if not methods:
     return head + _note("No attribution results yet (WORKDIR/attribution/ is empty).")
   if train is None or test is None:
     return head + _note(f"Images unavailable: {data_note}")
-  parts = [head, (f"<p>For {num_examples} targets per method: the target (left), its top-{TOP} "
-                  "attributed training images with their scores, and the training images whose "
-                  "removal flipped it (the top-<i>support</i> prefix of the ranking).</p>")]
+  parts = [
+      head,
+      (f"<p>For {num_examples} targets per method: the target (left), its top-{TOP} "
+       "attributed training images with their scores, and the training images whose "
+       "removal flipped it (the top-<i>support</i> prefix of the ranking).</p>")
+  ]
   for method in methods:
     parts.append(f"<h3>{html.escape(method)}</h3>")
     base = os.path.join(root, method)
@@ -175,8 +183,8 @@ def _examples(workdir: str, train: Any, test: Any, data_note: str, num_examples:
       ids = "target_index.npy" if os.path.exists(os.path.join(base, "target_index.npy")) else (
           "targets.npy")  # test `index` values (attribute writes positions in targets.npy)
       targets = np.load(os.path.join(base, ids))
-      scores = (np.load(os.path.join(base, "scores.npy"))
-                if os.path.exists(os.path.join(base, "scores.npy")) else None)
+      scores = (np.load(os.path.join(base, "scores.npy")) if os.path.exists(
+          os.path.join(base, "scores.npy")) else None)
       t_pos = support.positions_of(test.index, targets[:num_examples], "targets")
       rows = support.positions_of(train.index, topk[:num_examples], "top-k")
     except (OSError, ValueError) as e:
@@ -187,21 +195,25 @@ def _examples(workdir: str, train: Any, test: Any, data_note: str, num_examples:
     names = list(getattr(test, "class_names", []))
     for i, target in enumerate(targets[:num_examples]):
       label = int(test.labels[t_pos[i]])
-      cells = [_figure(test.images[t_pos[i]],
-                       f"target {int(target)}<br>{html.escape(_name(names, label))}", "target")]
+      cells = [
+          _figure(test.images[t_pos[i]],
+                  f"target {int(target)}<br>{html.escape(_name(names, label))}", "target")
+      ]
       for j in range(min(TOP, rows.shape[1])):
         lab = int(train.labels[rows[i, j]])
         score = "" if scores is None else f"{scores[i, j]:.3g}"
         cls = "same" if lab == label else "other"
-        cells.append(_figure(train.images[rows[i, j]],
-                             f"#{j + 1} {score}<br>{html.escape(_name(names, lab))}", cls))
+        cells.append(
+            _figure(train.images[rows[i, j]],
+                    f"#{j + 1} {score}<br>{html.escape(_name(names, lab))}", cls))
       parts.append(f"<div class='row'>{''.join(cells)}</div>")
       s = removal.get(int(target))
       if s is None:
         parts.append(_note("removal support: not measured for this target."))
       elif s < 0:
-        parts.append(_note(f"removal support: not flipped within k (all {topk.shape[1]} "
-                           "listed images removed)."))
+        parts.append(
+            _note(f"removal support: not flipped within k (all {topk.shape[1]} "
+                  "listed images removed)."))
       else:
         shown = min(s, MAX_PREFIX, rows.shape[1])
         prefix_rows = support.positions_of(train.index, topk[i, :shown], "top-k")
@@ -211,8 +223,8 @@ def _examples(workdir: str, train: Any, test: Any, data_note: str, num_examples:
                      f"target {int(target)}{more}</p><div class='row'>{''.join(cells)}</div>")
       if int(target) in mislabel:
         ms, flip = mislabel[int(target)]
-        text = (f"not flipped within k by relabelling to class {_name(names, flip)}" if ms < 0 else
-                f"relabelling its top {ms} to class {_name(names, flip)} flipped it")
+        text = (f"not flipped within k by relabelling to class {_name(names, flip)}"
+                if ms < 0 else f"relabelling its top {ms} to class {_name(names, flip)} flipped it")
         parts.append(f"<p class='sub'>mislabel support {'-1' if ms < 0 else ms}: "
                      f"{html.escape(text)}</p>")
   return "\n".join(parts)
@@ -227,8 +239,8 @@ def _config_section(cfg: dict[str, Any] | None) -> str:
   if cfg is None:
     parts.append(_note("No config given and no WORKDIR/config.json."))
   else:
-    parts.append("<pre>" + html.escape(json.dumps(cfg, indent=2, sort_keys=True, default=str))
-                 + "</pre>")
+    parts.append("<pre>" + html.escape(json.dumps(cfg, indent=2, sort_keys=True, default=str)) +
+                 "</pre>")
   parts.append(_table(["", ""], [[html.escape(k), html.escape(str(v))] for k, v in prov.items()]))
   return "\n".join(parts)
 
@@ -257,8 +269,10 @@ def _datasets(cfg: dict[str, Any] | None, train: Any, test: Any) -> tuple[Any, A
   from jaxattr import data  # pylint: disable=g-import-not-at-top
   # `options` too (size, limit_per_class): without them the images and their `index` values
   # would not be those the run attributed.
-  data_config = ml_collections.ConfigDict(
-      {"source": source, "options": section.get("options") or {}})
+  data_config = ml_collections.ConfigDict({
+      "source": source,
+      "options": section.get("options") or {}
+  })
   try:
     loaded = data.load_splits(data_config)
   except Exception as e:  # any failure: the report says so instead of images

@@ -117,8 +117,7 @@ def init_state(config: ml_collections.ConfigDict, key: jax.Array, image_shape: t
   copy = functools.partial(jax.tree_util.tree_map, jnp.copy)
   return MoCoState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
                    ema_params=copy(params), ema_batch_stats=copy(batch_stats),
-                   opt_state=tx.init(params), bank=bank, bank_ptr=jnp.zeros((), jnp.int32),
-                   tx=tx)
+                   opt_state=tx.init(params), bank=bank, bank_ptr=jnp.zeros((), jnp.int32), tx=tx)
 
 
 def info_nce(query: jax.Array, key: jax.Array, bank: jax.Array, temperature: float) -> jax.Array:
@@ -158,8 +157,10 @@ def train_step(state: MoCoState, images: jax.Array, key: jax.Array, *, model: Mo
 
   def keys_of(x, ema_stats, k_shuffle):
     perm = jax.random.permutation(k_shuffle, x.shape[0])
-    (proj, _), upd = model.apply({"params": ema_params, "batch_stats": ema_stats}, x[perm],
-                                 train=True, mutable=["batch_stats"])
+    (proj, _), upd = model.apply({
+        "params": ema_params,
+        "batch_stats": ema_stats
+    }, x[perm], train=True, mutable=["batch_stats"])
     unperm = jnp.zeros_like(perm).at[perm].set(jnp.arange(x.shape[0]))
     return jax.lax.stop_gradient(proj[unperm]), upd["batch_stats"]
 
@@ -170,12 +171,16 @@ def train_step(state: MoCoState, images: jax.Array, key: jax.Array, *, model: Mo
   bank3, ptr3 = bank_enqueue(bank2, ptr2, key0)
 
   def loss_fn(params):
-    (q0, _), upd = model.apply({"params": params, "batch_stats": state.batch_stats}, x0,
-                               train=True, mutable=["batch_stats"])
-    (q1, _), upd = model.apply({"params": params, "batch_stats": upd["batch_stats"]}, x1,
-                               train=True, mutable=["batch_stats"])
-    loss = 0.5 * (info_nce(q0, key1, bank1, p.temperature)
-                  + info_nce(q1, key0, bank2, p.temperature))
+    (q0, _), upd = model.apply({
+        "params": params,
+        "batch_stats": state.batch_stats
+    }, x0, train=True, mutable=["batch_stats"])
+    (q1, _), upd = model.apply({
+        "params": params,
+        "batch_stats": upd["batch_stats"]
+    }, x1, train=True, mutable=["batch_stats"])
+    loss = 0.5 * (info_nce(q0, key1, bank1, p.temperature) +
+                  info_nce(q1, key0, bank2, p.temperature))
     return loss, upd["batch_stats"]
 
   (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

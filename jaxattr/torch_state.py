@@ -45,8 +45,8 @@ def load_torch_state(path: str, trust_pickle: bool = False) -> dict[str, np.ndar
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError("converting PyTorch checkpoints needs torch: pip install 'jaxattr[torch]'"
-                      ) from e
+    raise ImportError(
+        "converting PyTorch checkpoints needs torch: pip install 'jaxattr[torch]'") from e
   if not os.path.isfile(path):
     raise FileNotFoundError(f"PyTorch checkpoint not found: {path}")
   try:
@@ -65,9 +65,8 @@ def load_torch_state(path: str, trust_pickle: bool = False) -> dict[str, np.ndar
         state = obj[key]
         break
   if not isinstance(state, dict) or not state:
-    raise ConversionError(f"{path}: no state_dict found (top-level type {type(obj).__name__}"
-                          + (f", keys {preview([str(k) for k in obj])}" if isinstance(obj, dict)
-                             else "") + ")")
+    raise ConversionError(f"{path}: no state_dict found (top-level type {type(obj).__name__}" + (
+        f", keys {preview([str(k) for k in obj])}" if isinstance(obj, dict) else "") + ")")
   out, skipped = {}, []
   for k, v in state.items():
     if not isinstance(v, torch.Tensor):

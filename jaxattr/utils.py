@@ -32,7 +32,7 @@ def atomic_path(path: str) -> Iterator[str]:
   root, ext = os.path.splitext(base)
   if ext:
     os.remove(tmp)
-    tmp = tmp[: -len(".tmp")] + ".tmp" + ext
+    tmp = tmp[:-len(".tmp")] + ".tmp" + ext
   try:
     yield tmp
     os.replace(tmp, path)
@@ -77,13 +77,15 @@ def git_revision() -> str:
   """The git revision of the jaxattr checkout, or 'unknown'."""
   here = os.path.dirname(os.path.abspath(__file__))
   try:
-    out = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
-    )
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                         timeout=5)
     rev = out.stdout.strip()
     dirty = subprocess.run(
         ["git", "status", "--porcelain", "--untracked-files=no"],
-        cwd=here, capture_output=True, text=True, timeout=5,
+        cwd=here,
+        capture_output=True,
+        text=True,
+        timeout=5,
     ).stdout.strip()
     return (rev + ("-dirty" if dirty else "")) if rev else "unknown"
   except Exception:  # pylint: disable=broad-except

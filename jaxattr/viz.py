@@ -9,8 +9,8 @@ import numpy as np
 from jaxattr import utils
 
 
-def grid_array(targets: Sequence[np.ndarray], rows: Sequence[Sequence[np.ndarray]],
-               pad: int = 2, gap: int = 6) -> np.ndarray:
+def grid_array(targets: Sequence[np.ndarray], rows: Sequence[Sequence[np.ndarray]], pad: int = 2,
+               gap: int = 6) -> np.ndarray:
   """One row per target: the target, a gap, then its images. uint8 [H, W, 3] (white background)."""
   h, w = np.asarray(targets[0]).shape[:2]
   ncol = max(len(r) for r in rows)

@@ -20,15 +20,15 @@ _FORMAT = flags.DEFINE_enum("format", "auto", ("auto",) + convert.FORMATS,
 _ENCODER = flags.DEFINE_enum("encoder", None, sorted(convert.ENCODERS),
                              "Force the architecture (default: detected from the keys).")
 _WIDTH = flags.DEFINE_float("width", None, "lightly width multiplier (default: from the stem).")
-_PREFIX = flags.DEFINE_string("prefix", None,
-                              "Key prefix of the encoder, e.g. 'teacher_backbone.' (default: "
-                              "the format's own).")
+_PREFIX = flags.DEFINE_string(
+    "prefix", None, "Key prefix of the encoder, e.g. 'teacher_backbone.' (default: "
+    "the format's own).")
 _KEEP_FC = flags.DEFINE_bool("keep_fc", False, "torchvision: keep fc as the 'logits' head.")
 _AVERAGE_SPLITS = flags.DEFINE_bool("average_splits", False,
                                     "Store SplitBatchNorm statistics averaged (num_splits=1).")
-_STEM_RELU = flags.DEFINE_bool("stem_relu", None,
-                               "lightly: ReLU after the stem BN (default: only for plain "
-                               "ResNetGenerator state_dicts).")
+_STEM_RELU = flags.DEFINE_bool(
+    "stem_relu", None, "lightly: ReLU after the stem BN (default: only for plain "
+    "ResNetGenerator state_dicts).")
 _EXPORT_MOMENTUM = flags.DEFINE_bool("export_momentum", False,
                                      "Also convert the momentum encoder to DST_momentum.")
 _EXPORT_EXTRAS = flags.DEFINE_bool("export_extras", False,
@@ -43,12 +43,12 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
   try:
-    meta = convert.convert(
-        _SRC.value, _DST.value, _FORMAT.value, encoder=_ENCODER.value, width=_WIDTH.value,
-        prefix=_PREFIX.value, keep_fc=_KEEP_FC.value, average_splits=_AVERAGE_SPLITS.value,
-        stem_relu=_STEM_RELU.value, export_momentum=_EXPORT_MOMENTUM.value,
-        export_extras=_EXPORT_EXTRAS.value, trust_pickle=_TRUST_PICKLE.value,
-        overwrite=_OVERWRITE.value)
+    meta = convert.convert(_SRC.value, _DST.value, _FORMAT.value, encoder=_ENCODER.value,
+                           width=_WIDTH.value, prefix=_PREFIX.value, keep_fc=_KEEP_FC.value,
+                           average_splits=_AVERAGE_SPLITS.value, stem_relu=_STEM_RELU.value,
+                           export_momentum=_EXPORT_MOMENTUM.value,
+                           export_extras=_EXPORT_EXTRAS.value, trust_pickle=_TRUST_PICKLE.value,
+                           overwrite=_OVERWRITE.value)
   except (convert.ConversionError, FileExistsError, FileNotFoundError) as e:
     # The message already names the file and the offending keys; a traceback adds nothing.
     raise SystemExit(f"convert: {e}") from None

@@ -45,13 +45,18 @@ def assert_same_ranking(ours: np.ndarray, ref_scores: np.ndarray, k: int, descen
 def feature_sets(rng: np.random.Generator, n: int = 240, d: int = 24) -> dict[str, np.ndarray]:
   base = rng.normal(size=(n // 3, d))
   return {
-      "gaussian": rng.normal(size=(n, d)),
+      "gaussian":
+          rng.normal(size=(n, d)),
       # Post-ReLU average-pooled features: non-negative with a large shared component.
-      "nonnegative": np.abs(rng.normal(size=(n, d)) + 1.5),
-      "near_duplicates": np.concatenate(
-          [base, base + 1e-4 * rng.normal(size=base.shape), base + 1e-3 * rng.normal(
-              size=base.shape)]),
-      "scaled_offset": rng.normal(size=(n, d)) * 30.0 + 5.0,
+      "nonnegative":
+          np.abs(rng.normal(size=(n, d)) + 1.5),
+      "near_duplicates":
+          np.concatenate([
+              base, base + 1e-4 * rng.normal(size=base.shape),
+              base + 1e-3 * rng.normal(size=base.shape)
+          ]),
+      "scaled_offset":
+          rng.normal(size=(n, d)) * 30.0 + 5.0,
   }
 
 
@@ -80,8 +85,8 @@ def test_esvm_other_C_and_stats():
   t = rng.normal(size=(3, 12)).astype(np.float32)
   scores, stats = attribute.esvm_scores(t, x, SolverOptions(C=1.0), return_stats=True)
   for i in range(3):
-    np.testing.assert_allclose(np.asarray(scores[i]), sklearn_decision(t[i], x, C=1.0),
-                               rtol=RTOL, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(scores[i]), sklearn_decision(t[i], x, C=1.0), rtol=RTOL,
+                               atol=1e-6)
   assert (np.asarray(stats.iterations) >= 1).all()
   assert (np.asarray(stats.newton_step) <= 1e-5).all()
   # Too few iterations: reported as not converged rather than passed off as a ranking.
@@ -115,8 +120,7 @@ def test_topk_esvm_same_class_and_all_candidates_match_sklearn():
   targets = np.array([0, 5, 11])
   for same_class in (True, False):
     res = attribute.topk(train, labels, test, test_labels, method="esvm", k=40,
-                         same_class=same_class, targets=targets, train_index=index,
-                         chunk_size=2)
+                         same_class=same_class, targets=targets, train_index=index, chunk_size=2)
     assert res.indices.shape == (3, 40) and res.indices.dtype == np.int64
     assert res.stats["converged"].all()
     for row, j in enumerate(targets):
@@ -215,8 +219,7 @@ def test_resume_after_kill(tmp_path, monkeypatch):
   np.testing.assert_array_equal(resumed.indices, full.indices)
   np.testing.assert_array_equal(resumed.scores, full.scores)
   # Different settings do not reuse those chunks.
-  other = attribute.topk(train, labels, test, test_labels, chunk_dir=chunk_dir,
-                         **{**kw, "k": 10})
+  other = attribute.topk(train, labels, test, test_labels, chunk_dir=chunk_dir, **{**kw, "k": 10})
   assert other.computed_targets == len(test)
 
 
@@ -239,15 +242,16 @@ def _bad_inputs():
       "no_class": (dict(test_labels=no_class, targets=[0]), "no training candidates"),
       "method": (dict(method="svm"), "unknown attribution method"),
       "chunk_size": (dict(chunk_size=0), "chunk_size must be positive"),
-      "negative_label": (dict(train_labels=np.where(np.arange(len(labels)) == 5, -1, labels)),
-                         "non-negative"),
+      "negative_label":
+          (dict(train_labels=np.where(np.arange(len(labels)) == 5, -1, labels)), "non-negative"),
       "float_labels": (dict(test_labels=test_labels + 0.5), "integer class ids"),
   }, (train, labels, test, test_labels)
 
 
-@pytest.mark.parametrize("case", ["labels", "nan", "inf", "dims", "k", "k_all", "target",
-                                  "no_class", "method", "chunk_size", "negative_label",
-                                  "float_labels"])
+@pytest.mark.parametrize("case", [
+    "labels", "nan", "inf", "dims", "k", "k_all", "target", "no_class", "method", "chunk_size",
+    "negative_label", "float_labels"
+])
 def test_bad_input_is_a_clear_error(case, monkeypatch):
   cases, (train, labels, test, test_labels) = _bad_inputs()
   overrides, message = cases[case]
@@ -278,8 +282,9 @@ def _write_features(workdir, train, labels, test, test_labels, index, test_offse
   np.savez(os.path.join(workdir, "features", "train.npz"), features=train, labels=labels,
            index=index, class_names=np.array(["a", "b", "c"]))
   np.savez(os.path.join(workdir, "features", "test.npz"), features=test, labels=test_labels,
-           index=np.arange(len(test), dtype=np.int64) + test_offset,
-           class_names=np.array(["a", "b", "c"]))
+           index=np.arange(len(test), dtype=np.int64) + test_offset, class_names=np.array([
+               "a", "b", "c"
+           ]))
 
 
 def _datasets(labels, test_labels, train_index, size=4):
@@ -305,8 +310,8 @@ def test_run_writes_outputs_and_reports_nonconvergence(tmp_path):
   ref = np.load(os.path.join(out, "topk_reference.npy"))
   assert topk.shape == (10, 16) and topk.dtype == np.int64
   assert np.load(os.path.join(out, "scores.npy")).dtype == np.float32
-  np.testing.assert_array_equal(targets, np.sort(np.random.default_rng(0).choice(
-      len(test), 10, replace=False)))
+  np.testing.assert_array_equal(
+      targets, np.sort(np.random.default_rng(0).choice(len(test), 10, replace=False)))
   assert ref.shape == (100 + len(test), 16)
   np.testing.assert_array_equal(ref[targets + 100], topk)
   assert (np.delete(ref, targets + 100, axis=0) == 0).all()
@@ -362,18 +367,18 @@ def test_launcher_on_four_fake_devices_equals_one_device(tmp_path):
   _write_features(workdir, train, labels, test, test_labels, index, test_offset=0)
   rng = np.random.default_rng(0)
   np.savez(tmp_path / "data.npz", x_train=rng.integers(0, 256, (len(labels), 4, 4, 3), np.uint8),
-           y_train=labels, x_test=rng.integers(0, 256, (len(test), 4, 4, 3), np.uint8),
-           y_test=test_labels)
+           y_train=labels, x_test=rng.integers(0, 256, (len(test), 4, 4, 3),
+                                               np.uint8), y_test=test_labels)
   (tmp_path / "config.py").write_text(CONFIG_FILE.format(data=tmp_path / "data.npz"))
   env = dict(os.environ, JAX_NUM_CPU_DEVICES="4", JAX_PLATFORMS="cpu",
              PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   code = ("import jax; assert jax.device_count() == 4, jax.devices(); import runpy, sys; "
           "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
-  proc = subprocess.run(
-      [sys.executable, "-c", code, os.path.join(REPO, "launch", "attribute.py"),
-       f"--config={tmp_path / 'config.py'}", f"--workdir={workdir}",
-       "--config.attribution.k=20", "--config.attribution.chunk_size=6"],
-      env=env, capture_output=True, text=True, timeout=300)
+  proc = subprocess.run([
+      sys.executable, "-c", code,
+      os.path.join(REPO, "launch", "attribute.py"), f"--config={tmp_path / 'config.py'}",
+      f"--workdir={workdir}", "--config.attribution.k=20", "--config.attribution.chunk_size=6"
+  ], env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert os.path.exists(os.path.join(workdir, "attribution", "esvm", "grid.png"))
   four = np.load(os.path.join(workdir, "attribution", "esvm", "topk.npy"))
@@ -423,8 +428,8 @@ def test_solver_batch_caps_split_groups_without_changing_results():
   w_ref, _, st = attribute.solve(t, x, SolverOptions(tol=1e-6))
   assert np.asarray(st.converged).all()
   x_aug = np.c_[x, np.ones(len(x), np.float32)]
-  np.testing.assert_allclose(results[0] @ x_aug.T, np.asarray(w_ref) @ x_aug.T, rtol=1e-4,
-                             atol=2e-5)
+  np.testing.assert_allclose(results[0] @ x_aug.T,
+                             np.asarray(w_ref) @ x_aug.T, rtol=1e-4, atol=2e-5)
 
 
 def test_pure_spd_solve_matches_lapack():
@@ -434,8 +439,8 @@ def test_pure_spd_solve_matches_lapack():
   rng = np.random.default_rng(3)
   g = rng.normal(size=(5, 12, 30)).astype(np.float32)
   mask = (np.arange(12)[None, :] < np.array([12, 9, 5, 1, 12])[:, None]).astype(np.float32)
-  m = np.eye(12, dtype=np.float32) + 0.3 * np.einsum("brd,bsd->brs", g, g) * (
-      mask[:, :, None] * mask[:, None, :])
+  m = np.eye(12, dtype=np.float32) + 0.3 * np.einsum("brd,bsd->brs", g,
+                                                     g) * (mask[:, :, None] * mask[:, None, :])
   b = rng.normal(size=(5, 12)).astype(np.float32) * mask
   ref = np.linalg.solve(m.astype(np.float64), b.astype(np.float64)[..., None])[..., 0]
   np.testing.assert_allclose(np.asarray(linalg.spd_solve(m, b, pure=True)), ref, rtol=1e-4,

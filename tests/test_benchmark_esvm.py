@@ -22,8 +22,8 @@ def _features(path, rng, per_class, classes=2, dim=16):
   labels = np.repeat(np.arange(classes), per_class)
   centers = np.abs(rng.normal(size=(classes, dim))) + 1.0
   feats = np.abs(centers[labels] + 0.5 * rng.normal(size=(len(labels), dim)))
-  np.savez(path, features=feats.astype(np.float32), labels=labels,
-           index=np.arange(len(labels), dtype=np.int64))
+  np.savez(path, features=feats.astype(np.float32), labels=labels, index=np.arange(
+      len(labels), dtype=np.int64))
 
 
 def test_benchmark_esvm_compare_and_all(tmp_path):

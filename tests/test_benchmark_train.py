@@ -40,8 +40,12 @@ def test_fast_cpu_flags_only_when_safe():
         assert xla_flags.use_fast_cpu_flags() is None and "XLA_FLAGS" not in os.environ
       print("ok")
       """)
-  cases = {"fresh": _env(JAX_PLATFORMS="cpu"), "user": _env(XLA_FLAGS="", JAX_PLATFORMS="cpu"),
-           "gpu": _env(JAX_PLATFORMS="cuda"), "started": _env(JAX_PLATFORMS="cpu")}
+  cases = {
+      "fresh": _env(JAX_PLATFORMS="cpu"),
+      "user": _env(XLA_FLAGS="", JAX_PLATFORMS="cpu"),
+      "gpu": _env(JAX_PLATFORMS="cuda"),
+      "started": _env(JAX_PLATFORMS="cpu")
+  }
   for mode, env in cases.items():
     env["MODE"] = mode
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
@@ -54,11 +58,13 @@ def test_benchmark_train_smoke(tmp_path):
   """Tiny speed-mode run: jaxattr (M=1 and M=2) and the torch loop, ratio and JSON written."""
   pytest.importorskip("torch")
   out = tmp_path / "train.json"
-  cmd = [sys.executable, "-m", "benchmarks.benchmark_train", "--width=0.0625",
-         "--train_examples=128", "--batch_size=64", "--epochs=1", "--num_models=2", "--repeats=1",
-         "--peak_tflops=1", f"--out={out}"]
-  res = subprocess.run(cmd, env=_env(JAX_PLATFORMS="cpu"), cwd=REPO, capture_output=True,
-                       text=True, timeout=300)
+  cmd = [
+      sys.executable, "-m", "benchmarks.benchmark_train", "--width=0.0625", "--train_examples=128",
+      "--batch_size=64", "--epochs=1", "--num_models=2", "--repeats=1", "--peak_tflops=1",
+      f"--out={out}"
+  ]
+  res = subprocess.run(cmd, env=_env(JAX_PLATFORMS="cpu"), cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
   assert res.returncode == 0, res.stderr[-3000:]
   assert "--xla_cpu_experimental_ynn_fusion_type" in res.stdout  # the launcher set the flags
   result = json.loads(out.read_text())

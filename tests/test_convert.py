@@ -74,16 +74,21 @@ def _moco_backbone(num_splits: int = 8, width: float = 1.0):
 
 def _lightning_ckpt(backbone) -> dict:
   """A Lightning-style checkpoint of the reference's MocoModel (backbone, head, momentum)."""
-  head = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(),
-                             torch.nn.Linear(512, 128))
+  head = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.ReLU(), torch.nn.Linear(512, 128))
   state = {}
   for prefix, module in (("backbone", backbone), ("projection_head.layers", head),
-                         ("backbone_momentum", copy.deepcopy(backbone)),
-                         ("projection_head_momentum.layers", head)):
+                         ("backbone_momentum",
+                          copy.deepcopy(backbone)), ("projection_head_momentum.layers", head)):
     state.update({f"{prefix}.{k}": v.clone() for k, v in module.state_dict().items()})
   state["criterion.memory_bank.bank"] = torch.randn(128, 64)
-  return {"epoch": 799, "global_step": 78000, "pytorch-lightning_version": "1.7.7",
-          "state_dict": state, "optimizer_states": [], "lr_schedulers": []}
+  return {
+      "epoch": 799,
+      "global_step": 78000,
+      "pytorch-lightning_version": "1.7.7",
+      "state_dict": state,
+      "optimizer_states": [],
+      "lr_schedulers": []
+  }
 
 
 @pytest.fixture(scope="module")
@@ -168,8 +173,9 @@ def test_torchvision_resnet18_matches_with_logits(tmp_path):
   model.fc = torch.nn.Identity()
   feature = _torch_apply(model, images)
   meta = convert.convert(src, str(tmp_path / "enc"), keep_fc=True)
-  assert (meta["format"], meta["encoder"], meta["encoder_kwargs"]) == (
-      "torchvision", "resnet18", {"num_classes": 7})
+  assert (meta["format"], meta["encoder"], meta["encoder_kwargs"]) == ("torchvision", "resnet18", {
+      "num_classes": 7
+  })
   out, _ = _jax_apply(str(tmp_path / "enc"), images)
   _assert_close(out["feature"], feature)
   _assert_close(out["logits"], logits)
@@ -183,8 +189,8 @@ def test_resnet50_torchvision_and_official_moco_match(tmp_path):
   model.eval()
   tv_path = str(tmp_path / "resnet50.pth")
   torch.save(model.state_dict(), tv_path)
-  mlp = torch.nn.Sequential(torch.nn.Linear(2048, 2048), torch.nn.ReLU(),
-                            torch.nn.Linear(2048, 128))
+  mlp = torch.nn.Sequential(torch.nn.Linear(2048, 2048), torch.nn.ReLU(), torch.nn.Linear(
+      2048, 128))
   model.fc = mlp  # MoCo v2's projection head replaces fc
   state = {}
   for enc in ("encoder_q", "encoder_k"):
@@ -192,8 +198,18 @@ def test_resnet50_torchvision_and_official_moco_match(tmp_path):
   state["module.queue"] = torch.randn(128, 4096)
   state["module.queue_ptr"] = torch.zeros(1, dtype=torch.long)
   moco_path = str(tmp_path / "moco_v2_800ep_pretrain.pth.tar")
-  torch.save({"epoch": 800, "arch": "resnet50", "state_dict": state,
-              "optimizer": {"state": {}, "param_groups": [{"lr": 0.0}]}}, moco_path)
+  torch.save(
+      {
+          "epoch": 800,
+          "arch": "resnet50",
+          "state_dict": state,
+          "optimizer": {
+              "state": {},
+              "param_groups": [{
+                  "lr": 0.0
+              }]
+          }
+      }, moco_path)
   images = _images(3, 2, 225)
   model.fc = torch.nn.Identity()
   ref = _torch_apply(model, images)
@@ -326,10 +342,10 @@ def test_benchmark_smoke(tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out = tmp_path / "features.json"
   env = {**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"}
-  run = subprocess.run(
-      [sys.executable, "-m", "benchmarks.benchmark_features",
-       "--nets=cifar_resnet18", "--batch_size=8", "--repeats=1", "--warmup=0", "--threads=1",
-       f"--out={out}"], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+  run = subprocess.run([
+      sys.executable, "-m", "benchmarks.benchmark_features", "--nets=cifar_resnet18",
+      "--batch_size=8", "--repeats=1", "--warmup=0", "--threads=1", f"--out={out}"
+  ], env=env, cwd=root, capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stderr[-3000:]
   result = json.loads(out.read_text())
   rows = {r["framework"]: r for r in result["rows"]}

@@ -90,9 +90,9 @@ def test_folder_errors(tmp_path):
 def test_npz_source_and_errors(tmp_path):
   rng = np.random.default_rng(1)
   p = tmp_path / "d.npz"
-  np.savez(p, x_train=rng.integers(0, 256, (5, 4, 4, 3), dtype=np.uint8),
-           y_train=np.array([0, 1, 2, 1, 0]), x_test=rng.random((2, 4, 4)),
-           y_test=np.array([2, 0]), class_names=np.array(["a", "b", "c"]))
+  np.savez(p, x_train=rng.integers(0, 256, (5, 4, 4, 3), dtype=np.uint8), y_train=np.array([
+      0, 1, 2, 1, 0
+  ]), x_test=rng.random((2, 4, 4)), y_test=np.array([2, 0]), class_names=np.array(["a", "b", "c"]))
   tr = data.load(f"npz:{p}", "train")
   te = data.load(f"npz:{p}", "test")
   assert tr.images.shape == (5, 4, 4, 3) and te.images.shape == (2, 4, 4, 3)
@@ -129,12 +129,17 @@ def test_tfds_recovers_original_order(monkeypatch):
   images = rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8)
   labels = rng.integers(0, 3, n)
   stored = rng.permutation(n)  # storage order != original order
-  records = [{"image": images[i], "label": labels[i], "id": f"train_{i:05d}".encode()}
-             for i in stored]
+  records = [{
+      "image": images[i],
+      "label": labels[i],
+      "id": f"train_{i:05d}".encode()
+  } for i in stored]
   label_feature = types.SimpleNamespace(names=["x", "y", "z"])
-  info = types.SimpleNamespace(splits={"train": None}, features={"image": None,
-                                                                 "label": label_feature,
-                                                                 "id": None})
+  info = types.SimpleNamespace(splits={"train": None}, features={
+      "image": None,
+      "label": label_feature,
+      "id": None
+  })
 
   class Builder:
 

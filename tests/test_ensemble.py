@@ -23,8 +23,13 @@ from tests.conftest import REPO, repo_env
 
 def tiny_config(**overrides):
   cfg = config.trainer_section()
-  cfg.update({"width": 0.0625, "epochs": 2, "batch_size": 32, "eval_batch_size": 16,
-              "log_every_s": 1e9})
+  cfg.update({
+      "width": 0.0625,
+      "epochs": 2,
+      "batch_size": 32,
+      "eval_batch_size": 16,
+      "log_every_s": 1e9
+  })
   cfg.update(overrides)
   return cfg
 
@@ -65,10 +70,14 @@ def test_schedule_matches_hand_computation():
   cfg = config.trainer_section()  # 24 epochs, peak 0.5 at epoch 5, batch 512
   n = 50_000
   assert ensemble.iterations_per_epoch(cfg, n) == 97
-  steps = np.array([0, 1, 97 * 5 // 2, 97 * 5, 97 * 5 + 1, int(97 * 14.5), 97 * 24 - 1, 97 * 24,
-                    97 * 30])
-  want = [0.0, 0.5 / 485, 0.5 * 242 / 485, 0.5, 0.5 * (1843 - 1) / 1843, 0.5 * 922 / 1843,
-          0.5 / 1843, 0.0, 0.0]
+  steps = np.array([
+      0, 1, 97 * 5 // 2, 97 * 5, 97 * 5 + 1,
+      int(97 * 14.5), 97 * 24 - 1, 97 * 24, 97 * 30
+  ])
+  want = [
+      0.0, 0.5 / 485, 0.5 * 242 / 485, 0.5, 0.5 * (1843 - 1) / 1843, 0.5 * 922 / 1843, 0.5 / 1843,
+      0.0, 0.0
+  ]
   got = np.asarray(ensemble.learning_rate(steps, cfg, n))
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
   # Removing images does not change the schedule: it follows the FULL set (or the override).
@@ -104,7 +113,7 @@ def test_epoch_batches_never_draws_removed_images():
     idx, valid = ensemble.epoch_batches(jax.random.key(epoch), jnp.asarray(keep), bs,
                                         num_steps=n // bs)
     idx, valid = np.asarray(idx), np.asarray(valid)
-    assert valid.sum() == kept // bs and valid[: kept // bs].all()
+    assert valid.sum() == kept // bs and valid[:kept // bs].all()
     used = idx[valid].ravel()
     assert keep[used].all(), "a removed image was drawn"
     assert len(np.unique(used)) == len(used), "an image was drawn twice in one epoch"
@@ -148,23 +157,23 @@ def test_trainer_plan_uses_each_models_own_subset(trainers):
 
 def test_cifar_train_views_translate_cutout_flip():
   img = np.full((64, 16, 16, 3), 200, np.uint8)
-  x = np.asarray(augment.cifar_train_views(jax.random.key(0), img, flip=False, translate=0,
-                                           cutout=4))
+  x = np.asarray(
+      augment.cifar_train_views(jax.random.key(0), img, flip=False, translate=0, cutout=4))
   mean_px = np.isclose(x, 0.0, atol=1e-5).all(-1)  # cutout pixels are the mean -> 0
   assert (mean_px.sum((1, 2)) == 16).all()  # exactly one 4x4 square per image
-  x = np.asarray(augment.cifar_train_views(jax.random.key(1), img, flip=False, translate=2,
-                                           cutout=0))
+  x = np.asarray(
+      augment.cifar_train_views(jax.random.key(1), img, flip=False, translate=2, cutout=0))
   zero_px = np.isclose(x, -np.asarray(augment.CIFAR_MEAN) / np.asarray(augment.CIFAR_STD),
                        atol=1e-5).all(-1)
   assert zero_px.any() and not zero_px.all()  # zero padding shows at some borders
   ramp = np.broadcast_to(np.arange(16, dtype=np.uint8)[None, None, :, None], (64, 16, 16, 3))
-  x = np.asarray(augment.cifar_train_views(jax.random.key(2), ramp, flip=True, translate=0,
-                                           cutout=0))
+  x = np.asarray(
+      augment.cifar_train_views(jax.random.key(2), ramp, flip=True, translate=0, cutout=0))
   flipped = x[:, 0, 0, 0] > x[:, 0, -1, 0]
   assert 10 < flipped.sum() < 54  # about half are flipped
-  np.testing.assert_allclose(augment.cifar_normalize(np.full((1, 3), 255, np.uint8))[0],
-                             (255 - np.asarray(augment.CIFAR_MEAN)) / augment.CIFAR_STD,
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      augment.cifar_normalize(np.full((1, 3), 255, np.uint8))[0],
+      (255 - np.asarray(augment.CIFAR_MEAN)) / augment.CIFAR_STD, rtol=1e-6)
 
 
 def test_flip_from_probs():
@@ -177,17 +186,42 @@ def test_bad_inputs_fail_early(tiny, trainers):
   trainer = trainers["map"]
   full = np.arange(128)[None].repeat(2, 0)
   cases = [
-      ({"seeds": [0.5]}, "seeds must be a non-empty int"),
-      ({"eval_images": ev[:, :8]}, r"eval_images must be uint8 \[E, 16, 16, 3\]"),
-      ({"prefixes": full[:, None]}, r"prefixes must be int \[M=2, K\]"),
-      ({"prefixes": full, "sizes": [0, 129]}, r"sizes must be int \[M=2\] in \[0, K=128\]"),
-      ({"prefixes": full + 1, "sizes": [128, 5]},
-       r"positions in \[0, N=128\), got prefixes\[0, 127\] = 128"),
-      ({"prefixes": np.zeros((2, 3), int), "sizes": [1, 2]}, "got row 1 repeats 0"),
-      ({"prefixes": full, "flip": [0, 10]}, r"flip must be int \[M=2\] in \[-1, 10\)"),
-      ({"prefixes": full, "flip": [-2, 0]}, r"flip must be int \[M=2\] in \[-1, 10\)"),
-      ({"prefixes": full, "sizes": [0, 100]}, r"models \[1\] keep fewer images than one batch"),
-      ({"sizes": [1, 0]}, "sizes without prefixes"),
+      ({
+          "seeds": [0.5]
+      }, "seeds must be a non-empty int"),
+      ({
+          "eval_images": ev[:, :8]
+      }, r"eval_images must be uint8 \[E, 16, 16, 3\]"),
+      ({
+          "prefixes": full[:, None]
+      }, r"prefixes must be int \[M=2, K\]"),
+      ({
+          "prefixes": full,
+          "sizes": [0, 129]
+      }, r"sizes must be int \[M=2\] in \[0, K=128\]"),
+      ({
+          "prefixes": full + 1,
+          "sizes": [128, 5]
+      }, r"positions in \[0, N=128\), got prefixes\[0, 127\] = 128"),
+      ({
+          "prefixes": np.zeros((2, 3), int),
+          "sizes": [1, 2]
+      }, "got row 1 repeats 0"),
+      ({
+          "prefixes": full,
+          "flip": [0, 10]
+      }, r"flip must be int \[M=2\] in \[-1, 10\)"),
+      ({
+          "prefixes": full,
+          "flip": [-2, 0]
+      }, r"flip must be int \[M=2\] in \[-1, 10\)"),
+      ({
+          "prefixes": full,
+          "sizes": [0, 100]
+      }, r"models \[1\] keep fewer images than one batch"),
+      ({
+          "sizes": [1, 0]
+      }, "sizes without prefixes"),
   ]
   for kwargs, message in cases:
     args = {"eval_images": ev, "seeds": [0, 1], **kwargs}
@@ -343,8 +377,14 @@ def test_cifar10_small_resnet9_learns(cifar_tar):
   train = data.load(f"folder:{cifar_tar}", "train", limit_per_class=500)
   test = data.load(f"folder:{cifar_tar}", "test", limit_per_class=100)
   cfg = config.trainer_section()
-  cfg.update({"width": 0.25, "epochs": 6, "batch_size": 128, "peak_epoch": 1.5, "peak_lr": 0.2,
-              "eval_batch_size": 500})
+  cfg.update({
+      "width": 0.25,
+      "epochs": 6,
+      "batch_size": 128,
+      "peak_epoch": 1.5,
+      "peak_lr": 0.2,
+      "eval_batch_size": 500
+  })
   logits, _ = ensemble.Trainer(cfg, train).train_and_predict(test.images, [0])
   acc = float((logits[0].argmax(-1) == test.labels).mean())
   print(f"CIFAR-10 test accuracy of the small ResNet-9: {acc:.4f}")
@@ -353,14 +393,23 @@ def test_cifar10_small_resnet9_learns(cifar_tar):
 
 def test_flip_launcher_smoke(tmp_path):
   """launch/flip.py with configs/flip.py:digits, shrunk, writes the flip classes."""
-  cmd = [sys.executable, os.path.join(REPO, "launch", "flip.py"),
-         "--config", os.path.join(REPO, "configs", "flip.py") + ":digits",
-         "--workdir", str(tmp_path), "--compilation_cache=",
-         "--config.data.options.limit_per_class=13",  # 130 images a split: 4 steps of 32
-         "--config.num_models=2", "--config.ensemble.width=0.0625", "--config.ensemble.epochs=1",
-         "--config.ensemble.batch_size=32", "--config.ensemble.eval_batch_size=130"]
-  res = subprocess.run(cmd, env=repo_env(), cwd=REPO, capture_output=True, text=True,
-                       timeout=600, check=False)
+  cmd = [
+      sys.executable,
+      os.path.join(REPO, "launch", "flip.py"),
+      "--config",
+      os.path.join(REPO, "configs", "flip.py") + ":digits",
+      "--workdir",
+      str(tmp_path),
+      "--compilation_cache=",
+      "--config.data.options.limit_per_class=13",  # 130 images a split: 4 steps of 32
+      "--config.num_models=2",
+      "--config.ensemble.width=0.0625",
+      "--config.ensemble.epochs=1",
+      "--config.ensemble.batch_size=32",
+      "--config.ensemble.eval_batch_size=130"
+  ]
+  res = subprocess.run(cmd, env=repo_env(), cwd=REPO, capture_output=True, text=True, timeout=600,
+                       check=False)
   assert res.returncode == 0, res.stderr[-3000:]
   out = np.load(tmp_path / "flip_classes.npz")
   assert out["mean_softmax"].shape == (130, 10) and out["flip_class"].shape == (130,)

@@ -56,4 +56,3 @@ def test_padded_last_batch_matches_direct_apply():
   x = (images / 255.0 - 0.5) / 0.25
   want = np.asarray(model.apply(v, x.astype(np.float32), train=False)["feature"])
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-

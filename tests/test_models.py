@@ -65,14 +65,19 @@ def test_split_batchnorm_train_and_eval_against_numpy():
   v = bn.init(jax.random.key(0), jnp.asarray(x), train=False)
   scale = rng.normal(size=c).astype(np.float32)
   bias = rng.normal(size=c).astype(np.float32)
-  v = {"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)},
-       "batch_stats": v["batch_stats"]}
+  v = {
+      "params": {
+          "scale": jnp.asarray(scale),
+          "bias": jnp.asarray(bias)
+      },
+      "batch_stats": v["batch_stats"]
+  }
   y, upd = bn.apply(v, jnp.asarray(x), train=True, mutable=["batch_stats"])
   ref, means, vars_u = _np_split_bn(x, scale, bias, splits)
   np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-4, atol=1e-4)
   # Running stats: torch momentum 0.1 from (0, 1), unbiased variance, layout [splits * C].
-  np.testing.assert_allclose(np.asarray(upd["batch_stats"]["mean"]),
-                             (0.1 * means).reshape(-1), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(upd["batch_stats"]["mean"]), (0.1 * means).reshape(-1),
+                             rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(upd["batch_stats"]["var"]),
                              (0.9 + 0.1 * vars_u).reshape(-1), rtol=1e-5)
   # Eval: statistics averaged over the groups.

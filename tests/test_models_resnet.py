@@ -12,11 +12,13 @@ from jaxattr.models import resnet
 from jaxattr.models.layers import count_params
 
 
-@pytest.mark.parametrize("ctor, expected", [
-    # torchvision's documented sizes with the 1000-class fc.
-    (resnet.ResNet18, 11_689_512),
-    (resnet.ResNet50, 25_557_032),
-])
+@pytest.mark.parametrize(
+    "ctor, expected",
+    [
+        # torchvision's documented sizes with the 1000-class fc.
+        (resnet.ResNet18, 11_689_512),
+        (resnet.ResNet50, 25_557_032),
+    ])
 def test_param_counts_match_torchvision(ctor, expected):
   model = ctor(num_classes=1000)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
@@ -34,10 +36,12 @@ def test_tiny_forward_and_train_step(ctor):
   shapes = jax.eval_shape(model.init, jax.random.key(0), x)
   rng = np.random.default_rng(0)
   variables = {
-      "params": jax.tree_util.tree_map(
-          lambda s: (rng.normal(size=s.shape) * 0.1).astype(np.float32), shapes["params"]),
-      "batch_stats": jax.tree_util.tree_map(
-          lambda s: np.full(s.shape, 0.5, np.float32), shapes["batch_stats"]),
+      "params":
+          jax.tree_util.tree_map(lambda s: (rng.normal(size=s.shape) * 0.1).astype(np.float32),
+                                 shapes["params"]),
+      "batch_stats":
+          jax.tree_util.tree_map(lambda s: np.full(s.shape, 0.5, np.float32),
+                                 shapes["batch_stats"]),
   }
 
   @jax.jit  # one compilation for all three applies
@@ -50,12 +54,12 @@ def test_tiny_forward_and_train_step(ctor):
   out, updates, bf16 = run(variables, x)
   assert out["feature"].shape == (2, model.feature_dim) and out["logits"].shape == (2, 5)
   assert out["feature"].dtype == jnp.float32
-  changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)),
-                                   variables["batch_stats"], updates["batch_stats"])
+  changed = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"],
+                                   updates["batch_stats"])
   assert all(jax.tree_util.tree_leaves(changed))
   assert bf16["feature"].dtype == jnp.float32 and "logits" not in bf16
-  assert float(jnp.abs(bf16["feature"] - out["feature"]).max()) < 0.1 * float(
-      jnp.abs(out["feature"]).max())
+  assert float(jnp.abs(bf16["feature"] -
+                       out["feature"]).max()) < 0.1 * float(jnp.abs(out["feature"]).max())
 
 
 def test_v15_stride_on_3x3_conv():
@@ -63,8 +67,8 @@ def test_v15_stride_on_3x3_conv():
   model = resnet.ResNet50(width=0.125)
   x = jnp.zeros((1, 64, 64, 3))
   variables = jax.eval_shape(model.init, jax.random.key(0), x)
-  _, state = jax.eval_shape(lambda v: model.apply(v, x, capture_intermediates=True,
-                                                  mutable=["intermediates"]), variables)
+  _, state = jax.eval_shape(
+      lambda v: model.apply(v, x, capture_intermediates=True, mutable=["intermediates"]), variables)
   inter = state["intermediates"]["layer2_0"]
   assert inter["conv1"]["__call__"][0].shape[1:3] == (16, 16)  # after stem + pool: 16x16
   assert inter["conv2"]["__call__"][0].shape[1:3] == (8, 8)
@@ -74,8 +78,10 @@ def test_fold_batchnorm_is_exact():
   """Inference with BN folded into the convs == the model's own eval apply (both families)."""
   from jaxattr.models import cifar_resnet  # pylint: disable=g-import-not-at-top
 
-  models = [cifar_resnet.LightlyResNet18(width=0.125, num_splits=8),
-            resnet.ResNet50(width=0.125, num_classes=3)]
+  models = [
+      cifar_resnet.LightlyResNet18(width=0.125, num_splits=8),
+      resnet.ResNet50(width=0.125, num_classes=3)
+  ]
   x = jax.random.normal(jax.random.key(1), (2, 35, 35, 3))
   rng = np.random.default_rng(0)
   for model in models:

@@ -9,11 +9,13 @@ from tests.conftest import REPO, repo_env
 
 
 def _pipeline(workdir, *extra):
-  cmd = [sys.executable, os.path.join(REPO, "launch", "pipeline.py"),
-         "--config", os.path.join(REPO, "configs", "digits.py") + ":quick",
-         "--workdir", str(workdir), *extra]
-  return subprocess.run(cmd, env=repo_env(), cwd=REPO, capture_output=True, text=True,
-                        timeout=600)
+  cmd = [
+      sys.executable,
+      os.path.join(REPO, "launch", "pipeline.py"), "--config",
+      os.path.join(REPO, "configs", "digits.py") + ":quick", "--workdir",
+      str(workdir), *extra
+  ]
+  return subprocess.run(cmd, env=repo_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
 def test_pipeline_quick_end_to_end_and_skips_on_rerun(tmp_path):

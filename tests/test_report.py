@@ -18,11 +18,9 @@ TOP_K = 16
 
 def _dataset(n, split, seed, labels):
   rng = np.random.default_rng(seed)
-  return data.Dataset(
-      images=rng.integers(0, 255, (n, 16, 16, 3), dtype=np.uint8),
-      labels=labels.astype(np.int32),
-      class_names=["cat", "dog", "ship", "frog"], index=np.arange(n, dtype=np.int64) * 2,
-      source="synthetic", split=split)
+  return data.Dataset(images=rng.integers(0, 255, (n, 16, 16, 3), dtype=np.uint8),
+                      labels=labels.astype(np.int32), class_names=["cat", "dog", "ship", "frog"],
+                      index=np.arange(n, dtype=np.int64) * 2, source="synthetic", split=split)
 
 
 def read(path):
@@ -60,8 +58,11 @@ def make_workdir(wd, k=32):
   config.support.update({"k": k, "search_budget": 3, "num_tests": 3, "methods": "esvm,l2"})
   support.run(config, wd, train=train, test=test, predictor=predictor,
               flip_fn=lambda images, labels: labels % 3 + 1)
-  utils.save_json(os.path.join(wd, "timings.json"),
-                  {"features": 12.5, "attribution": 3.25, "support": 400.0})
+  utils.save_json(os.path.join(wd, "timings.json"), {
+      "features": 12.5,
+      "attribution": 3.25,
+      "support": 400.0
+  })
   return config, train, test, targets
 
 

@@ -11,17 +11,17 @@ from jaxattr.counterfactual import ensemble
 from jaxattr.models.layers import count_params
 from jaxattr.models.mobilenetv2 import MobileNetV2
 from jaxattr.models.resnet9 import (
-  ResNet9,
-  max_pool_2x2,
-  resnet9_macs,
-  resnet9_train_flops,
-  strided_conv,
+    ResNet9,
+    max_pool_2x2,
+    resnet9_macs,
+    resnet9_train_flops,
+    strided_conv,
 )
 
 
 def _variables(model, size=32):
-  return jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(
+      (1, size, size, 3)), train=False))
 
 
 def test_resnet9_parameter_count():
@@ -81,11 +81,21 @@ def test_resnet9_matches_torch_reference():
   stats = {}
   for name, c, bn in zip(names, convs, bns):
     kernel = jnp.asarray(c.weight.detach().numpy().transpose(2, 3, 1, 0))
-    params[name] = {"conv": {"kernel": kernel},
-                    "bn": {"scale": jnp.asarray(bn.weight.detach().numpy()),
-                           "bias": jnp.asarray(bn.bias.detach().numpy())}}
-    stats[name] = {"bn": {"mean": jnp.asarray(bn.running_mean.numpy()),
-                          "var": jnp.asarray(bn.running_var.numpy())}}
+    params[name] = {
+        "conv": {
+            "kernel": kernel
+        },
+        "bn": {
+            "scale": jnp.asarray(bn.weight.detach().numpy()),
+            "bias": jnp.asarray(bn.bias.detach().numpy())
+        }
+    }
+    stats[name] = {
+        "bn": {
+            "mean": jnp.asarray(bn.running_mean.numpy()),
+            "var": jnp.asarray(bn.running_var.numpy())
+        }
+    }
   model = ResNet9(width=width)
   x = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
   xt = torch.from_numpy(x.transpose(0, 3, 1, 2))
@@ -95,15 +105,17 @@ def test_resnet9_matches_torch_reference():
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
   ref.train()
   want = ref(xt).detach().numpy()  # includes the 0.2 output scale
-  got, new = model.apply({"params": params, "batch_stats": stats}, jnp.asarray(x), train=True,
-                         mutable=["batch_stats"])
+  got, new = model.apply({
+      "params": params,
+      "batch_stats": stats
+  }, jnp.asarray(x), train=True, mutable=["batch_stats"])
   np.testing.assert_allclose(np.asarray(got["logits"]), want, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(np.asarray(new["batch_stats"]["conv1"]["bn"]["var"]),
                              bns[0].running_var.numpy(), rtol=1e-4)
 
 
-@pytest.mark.parametrize("size,kernel,stride,padding", [(16, 5, 2, 2), (15, 3, 2, 1),
-                                                       (17, 5, 2, 0), (12, 4, 3, 1)])
+@pytest.mark.parametrize("size,kernel,stride,padding", [(16, 5, 2, 2), (15, 3, 2, 1), (17, 5, 2, 0),
+                                                        (12, 4, 3, 1)])
 def test_strided_conv_space_to_depth_gradient_is_exact(size, kernel, stride, padding):
   """strided_conv's values and both gradients equal XLA's strided convolution's."""
   rng = np.random.default_rng(0)
@@ -119,8 +131,7 @@ def test_strided_conv_space_to_depth_gradient_is_exact(size, kernel, stride, pad
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))  # same forward op
   g = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
   want_grads = jax.grad(lambda x, w: jnp.sum(lax_conv(x, w) * g), (0, 1))(x, w)
-  got_grads = jax.grad(lambda x, w: jnp.sum(strided_conv(x, w, stride, padding) * g),
-                       (0, 1))(x, w)
+  got_grads = jax.grad(lambda x, w: jnp.sum(strided_conv(x, w, stride, padding) * g), (0, 1))(x, w)
   for a, b in zip(got_grads, want_grads):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
 
@@ -140,13 +151,16 @@ def test_cpu_formulations_match_plain_model():
   v = plain.init(jax.random.key(0), x, train=False)
   v2 = fast.init(jax.random.key(0), x, train=False)
   assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(v2)
-  assert all(bool((a == b).all()) for a, b in zip(jax.tree_util.tree_leaves(v),
-                                                   jax.tree_util.tree_leaves(v2)))
+  assert all(
+      bool((a == b).all())
+      for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(v2)))
 
   def loss(model, params):
-    out, new = model.apply({"params": params, "batch_stats": v["batch_stats"]}, x, train=True,
-                           mutable=["batch_stats"])
-    return jnp.sum(out["logits"] ** 2), new["batch_stats"]
+    out, new = model.apply({
+        "params": params,
+        "batch_stats": v["batch_stats"]
+    }, x, train=True, mutable=["batch_stats"])
+    return jnp.sum(out["logits"]**2), new["batch_stats"]
 
   (la, sa), ga = jax.value_and_grad(lambda p: loss(plain, p), has_aux=True)(v["params"])
   (lb, sb), gb = jax.value_and_grad(lambda p: loss(fast, p), has_aux=True)(v["params"])

@@ -72,8 +72,8 @@ def test_crop_of_full_image_is_identity():
 def test_hsv_roundtrip_and_zero_hue_jitter_is_identity():
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.random((5, 5, 3)), jnp.float32)
-  np.testing.assert_allclose(np.asarray(augment._hsv_to_rgb(augment._rgb_to_hsv(x))),
-                             np.asarray(x), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(augment._hsv_to_rgb(augment._rgb_to_hsv(x))), np.asarray(x),
+                             atol=1e-5)
   y = augment.color_jitter(jax.random.key(0), x, 0.0, 0.0, 0.0, 0.0)
   np.testing.assert_allclose(np.asarray(y), np.asarray(x), atol=1e-5)
 

@@ -46,8 +46,12 @@ class ThresholdPredictor:
     for a in (seeds, prefixes, sizes, eval_positions):
       assert a.dtype == np.int64 and len(a) == m
     assert flip is None or (flip.dtype == np.int64 and flip.shape == (m,))
-    self.calls.append({"seeds": seeds.copy(), "targets": eval_positions.copy(),
-                       "sizes": sizes.copy(), "flip": None if flip is None else flip.copy()})
+    self.calls.append({
+        "seeds": seeds.copy(),
+        "targets": eval_positions.copy(),
+        "sizes": sizes.copy(),
+        "flip": None if flip is None else flip.copy()
+    })
     seen = collections.Counter()
     preds = []
     for i, pos in enumerate(eval_positions):
@@ -217,8 +221,8 @@ def test_bad_inputs_are_clear_errors():
   with pytest.raises(bisection.SearchError, match="num_tests >= 1"):
     search(problem("removal", prefixes, positions, ids, true), c=config(k=16, num_tests=0))
   with pytest.raises(bisection.SearchError, match=r"predictor returned shape \(3,\)"):
-    bisection.support_search(lambda *a: np.zeros(3), problem("removal", prefixes, positions, ids,
-                                                             true), num_train, cfg)
+    bisection.support_search(lambda *a: np.zeros(3),
+                             problem("removal", prefixes, positions, ids, true), num_train, cfg)
 
 
 def test_seeds_differ_per_round_and_target_and_are_deterministic():
@@ -237,7 +241,8 @@ def test_seeds_differ_per_round_and_target_and_are_deterministic():
   assert runs[0].max() < 2**31
   # Pinned: a refactor must not change which models a search trains.
   assert bisection.model_seeds(0, 0, 1000, 3).tolist() == [
-      int(s) & 0x7FFFFFFF for s in np.random.SeedSequence([0, 0, 1000]).generate_state(3)]
+      int(s) & 0x7FFFFFFF for s in np.random.SeedSequence([0, 0, 1000]).generate_state(3)
+  ]
 
 
 def test_resume_after_kill_equals_uninterrupted(tmp_path):
@@ -248,8 +253,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
     return ThresholdPredictor("mislabel", prefixes, positions, true, theta, flip, fail_on=fail_on)
 
   def search(predict, path, fingerprint="x"):
-    p = problem("mislabel", prefixes, positions, ids, true, flip, str(tmp_path / path),
-                fingerprint)
+    p = problem("mislabel", prefixes, positions, ids, true, flip, str(tmp_path / path), fingerprint)
     return bisection.support_search(predict, p, num_train, config())
 
   full = search(fake(), "a.json")
@@ -282,8 +286,8 @@ def test_joint_searches_resumed_at_different_rounds_equal_separate_runs(tmp_path
     return ThresholdPredictor(metric, prefixes, positions, true, theta, flip)
 
   a_rows, b_rows = np.arange(5), np.arange(3, 8)
-  ref_a = bisection.support_search_many(fake("removal"), [make("removal", a_rows, "ra")],
-                                        num_train, config())[0]
+  ref_a = bisection.support_search_many(fake("removal"), [make("removal", a_rows, "ra")], num_train,
+                                        config())[0]
   ref_b = bisection.support_search_many(fake("mislabel"), [make("mislabel", b_rows, "rb")],
                                         num_train, config())[0]
   crashing = fake("removal")
@@ -298,15 +302,16 @@ def test_joint_searches_resumed_at_different_rounds_equal_separate_runs(tmp_path
     calls.append(len(seeds))
     assert flip_ is not None
     out = np.zeros(len(seeds), np.int64)
-    for mask, metric in ((flip_ == bisection.REMOVE, "removal"),
-                         (flip_ != bisection.REMOVE, "mislabel")):
+    for mask, metric in ((flip_ == bisection.REMOVE, "removal"), (flip_
+                                                                  != bisection.REMOVE, "mislabel")):
       if mask.any():
         out[mask] = fake(metric)(seeds[mask], prefixes_[mask], sizes[mask], flip_[mask],
                                  eval_positions[mask])
     return out
 
-  res_a, res_b = bisection.support_search_many(
-      both, [make("removal", a_rows, "a"), make("mislabel", b_rows, "b")], num_train, config())
+  res_a, res_b = bisection.support_search_many(both, [
+      make("removal", a_rows, "a"), make("mislabel", b_rows, "b")
+  ], num_train, config())
   assert len(calls) == 8  # rounds 0-1 for b alone, then 2-7 together
   assert calls[0] == len(b_rows) * 5  # round 0: every target of b, none of a
   np.testing.assert_array_equal(res_a.support, ref_a.support)
@@ -339,17 +344,17 @@ def test_support_stats_treat_minus_one_as_infinity():
   assert s["fraction_flipped"]["40"] == pytest.approx(0.6)
   assert s["fraction_flipped"]["1280"] == pytest.approx(0.6)
   assert summaries.support_stats(np.array([10, -1, -1]), 1280)["median_support"] is None
-  assert list(summaries.support_stats(np.array([5]), 100)["fraction_flipped"]) == [
-      "10", "20", "40", "80", "100"]
+  assert list(summaries.support_stats(np.array([5]),
+                                      100)["fraction_flipped"]) == ["10", "20", "40", "80", "100"]
   xs, ys = summaries.cumulative_curve(np.array([10, -1, 3, 100]), 100)
   assert ys[xs == 2][0] == 0 and ys[xs == 3][0] == 0.25 and ys[-1] == 0.75
 
 
 def _dataset(n, labels, index, split):
   images = np.random.default_rng(n).integers(0, 255, (n, 8, 8, 3), dtype=np.uint8)
-  return data.Dataset(images=images, labels=labels.astype(np.int32),
-                      class_names=[str(c) for c in range(NUM_CLASSES)],
-                      index=index.astype(np.int64), source="synthetic", split=split)
+  return data.Dataset(images=images, labels=labels.astype(np.int32), class_names=[
+      str(c) for c in range(NUM_CLASSES)
+  ], index=index.astype(np.int64), source="synthetic", split=split)
 
 
 def test_run_writes_outputs_resumes_skips_and_reads_reference_layout(tmp_path):
@@ -389,13 +394,16 @@ def test_run_writes_outputs_resumes_skips_and_reads_reference_layout(tmp_path):
 
   full = config_lib.base_config()
   cfg = full.support
-  cfg.update({"k": k, "search_budget": 3, "num_tests": 3,
-              "methods": f"esvm,ref={wd}/ref_topk.npy",
-              "targets": ",".join(map(str, targets))})
+  cfg.update({
+      "k": k,
+      "search_budget": 3,
+      "num_tests": 3,
+      "methods": f"esvm,ref={wd}/ref_topk.npy",
+      "targets": ",".join(map(str, targets))
+  })
 
   def run(workdir):
-    return support.run(full, workdir, train=train, test=test, predictor=predictor,
-                       flip_fn=flip_fn)
+    return support.run(full, workdir, train=train, test=test, predictor=predictor, flip_fn=flip_fn)
 
   out = run(wd)
   assert flip_calls == [len(targets)]  # flip classes once for all methods
@@ -407,11 +415,17 @@ def test_run_writes_outputs_resumes_skips_and_reads_reference_layout(tmp_path):
       assert [r["target"] for r in rows] == targets.tolist()
       # theta 5 -> smallest mid of a 64/8 grid; 100 > k -> -1; theta = k -> k.
       assert [r["support"] for r in rows] == [8, 32, -1, 64]
-      assert rows[0]["evaluated"][0] == {"k": 64, "correct": 0, "num_tests": 3,
-                                         "flipped": True, "round": 0}
+      assert rows[0]["evaluated"][0] == {
+          "k": 64,
+          "correct": 0,
+          "num_tests": 3,
+          "flipped": True,
+          "round": 0
+      }
       if metric == "mislabel":
         assert [r["flip_class"] for r in rows] == [
-            int((test.labels[t] + 3) % NUM_CLASSES) for t in targets]
+            int((test.labels[t] + 3) % NUM_CLASSES) for t in targets
+        ]
       summary = read_json(f"{d}/summary.json")
       assert summary == out[metric][method]
       assert summary["not_flipped"] == 1 and summary["median_support"] == 48
@@ -482,8 +496,13 @@ class FakeTrainer:
     return (a * a).sum(1)[:, None] - 2 * a @ b.T + (b * b).sum(1)[None]  # [E, N]
 
   def train_and_predict(self, eval_images, seeds, prefixes=None, sizes=None, flip=None):
-    self.calls.append({"eval_images": eval_images, "seeds": seeds, "prefixes": prefixes,
-                       "sizes": sizes, "flip": flip})
+    self.calls.append({
+        "eval_images": eval_images,
+        "seeds": seeds,
+        "prefixes": prefixes,
+        "sizes": sizes,
+        "flip": flip
+    })
     m = len(seeds)
     if prefixes is None:
       prefixes, sizes = np.zeros((m, 0), np.int64), np.zeros(m, np.int64)
@@ -499,8 +518,9 @@ class FakeTrainer:
 def _flip_classes(trainer, eval_images, eval_labels, num_models, seed):
   """Stand-in `flip.flip_classes`: class histogram of the 5 nearest images, top wrong class."""
   near = np.argsort(trainer.distances(eval_images), 1)[:, :5]
-  probs = np.stack([np.bincount(trainer.train.labels[r], minlength=trainer.train.num_classes) / 5
-                    for r in near])
+  probs = np.stack([
+      np.bincount(trainer.train.labels[r], minlength=trainer.train.num_classes) / 5 for r in near
+  ])
   masked = probs.copy()
   masked[np.arange(len(probs)), eval_labels] = -1
   return probs, masked.argmax(1).astype(np.int32)
@@ -509,8 +529,10 @@ def _flip_classes(trainer, eval_images, eval_labels, num_models, seed):
 def install_stand_in_trainer():
   """Replaces jaxattr.counterfactual.{ensemble, flip} by the stand-ins (before support.run)."""
   import jaxattr.counterfactual as cf
-  modules = {"ensemble": types.SimpleNamespace(Trainer=FakeTrainer),
-             "flip": types.SimpleNamespace(flip_classes=_flip_classes)}
+  modules = {
+      "ensemble": types.SimpleNamespace(Trainer=FakeTrainer),
+      "flip": types.SimpleNamespace(flip_classes=_flip_classes)
+  }
   for name, module in modules.items():
     sys.modules[f"jaxattr.counterfactual.{name}"] = module
     setattr(cf, name, module)
@@ -521,8 +543,12 @@ def test_trainer_predictor_picks_each_models_own_target():
   trainer = FakeTrainer(None, train)
 
   def train_and_predict(eval_images, seeds, prefixes=None, sizes=None, flip=None):
-    trainer.calls.append({"eval_images": eval_images, "prefixes": prefixes, "sizes": sizes,
-                          "flip": flip})
+    trainer.calls.append({
+        "eval_images": eval_images,
+        "prefixes": prefixes,
+        "sizes": sizes,
+        "flip": flip
+    })
     logits = np.zeros((len(seeds), len(eval_images), NUM_CLASSES), np.float32)
     for i in range(len(seeds)):
       for j in range(len(eval_images)):
@@ -547,8 +573,9 @@ def test_trainer_predictor_picks_each_models_own_target():
   predict(np.arange(4), prefixes, sizes, None, eval_pos)
   assert trainer.calls[-1]["flip"] is None
   # What the indices mean: removal drops the prefix, a flip class relabels it in place.
-  keep, labels = FakeTrainer(None, train).counterfactual(np.array([[4, 1, 2]] * 2),
-                                                         np.array([2, 2]), np.array([-1, 7]))
+  keep, labels = FakeTrainer(None, train).counterfactual(np.array([[4, 1, 2]] * 2), np.array([2,
+                                                                                              2]),
+                                                         np.array([-1, 7]))
   assert keep[0].tolist() == [True, False, True, True, False] and keep[1].all()
   assert labels[1].tolist() == [0, 7, 2, 3, 7] and labels[0].tolist() == [0, 1, 2, 3, 4]
 
@@ -562,7 +589,7 @@ def test_launcher_end_to_end_with_a_stand_in_trainer(tmp_path):
   # l2-in-pixel-space attribution restricted to the target's class, best first.
   a = test.images[:6].reshape(6, -1).astype(np.float32)
   b = train.images.reshape(len(train), -1).astype(np.float32)
-  d = ((a[:, None] - b[None]) ** 2).sum(-1)
+  d = ((a[:, None] - b[None])**2).sum(-1)
   d[test.labels[:6, None] != train.labels[None]] = np.inf
   topk = train.index[np.argsort(d, 1)[:, :64]]
   os.makedirs(tmp_path / "attribution" / "l2")
@@ -618,8 +645,7 @@ def test_parse_targets_positions_and_method_names(tmp_path):
   with pytest.raises(bisection.SearchError, match="neither a file"):
     support.parse_targets("nope.txt")
   index = np.array([10, 0, 7, 3])
-  assert support.positions_of(index, np.array([[0, 3], [10, 7]]), "x").tolist() == [[1, 3],
-                                                                                     [0, 2]]
+  assert support.positions_of(index, np.array([[0, 3], [10, 7]]), "x").tolist() == [[1, 3], [0, 2]]
   with pytest.raises(bisection.SearchError, match=r"train split: index values \[5\]"):
     support.positions_of(index, np.array([3, 5]), "train split")
   # `--config.support.methods=esvm,trak=PATH` is one string; sequences of such strings also work.

@@ -30,9 +30,10 @@ def test_pipeline_launcher_sets_cpu_flags(tmp_path):
   """launch/pipeline.py logs the flags it set (and a bad config fails before any work)."""
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
   env["JAX_PLATFORMS"] = "cpu"
-  out = subprocess.run([sys.executable, "launch/pipeline.py", "--config=configs/digits.py:quick",
-                        f"--workdir={tmp_path}", "--config.support.k=100000"],
-                       env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+  out = subprocess.run([
+      sys.executable, "launch/pipeline.py", "--config=configs/digits.py:quick",
+      f"--workdir={tmp_path}", "--config.support.k=100000"
+  ], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert "XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-individual_convolution" in out.stderr, (
       out.stderr[-3000:])
   assert out.returncode != 0 and "support.k=100000 exceeds attribution.k=32" in out.stderr
@@ -50,8 +51,10 @@ def test_compilation_cache_is_written_and_reused(tmp_path):
       print("entries", len(os.listdir({cache!r})), total)
       """)
   env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR",)}
-  runs = [subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
-                         text=True, timeout=300) for _ in range(2)]
+  runs = [
+      subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True,
+                     text=True, timeout=300) for _ in range(2)
+  ]
   for out in runs:
     assert out.returncode == 0, out.stderr[-3000:]
   first, second = (out.stdout.split() for out in runs)
@@ -74,10 +77,10 @@ def test_bad_compilation_cache_is_a_clear_error(tmp_path):
   """A --compilation_cache that cannot be a directory stops the launcher before any work."""
   (tmp_path / "file").write_text("x")
   bad = tmp_path / "file" / "cache"
-  out = subprocess.run([sys.executable, "launch/attribute.py", "--config=configs/digits.py",
-                        f"--workdir={tmp_path / 'w'}",
-                        f"--compilation_cache={bad}"], cwd=REPO, capture_output=True, text=True,
-                       timeout=300)
+  out = subprocess.run([
+      sys.executable, "launch/attribute.py", "--config=configs/digits.py",
+      f"--workdir={tmp_path / 'w'}", f"--compilation_cache={bad}"
+  ], cwd=REPO, capture_output=True, text=True, timeout=300)
   assert out.returncode != 0 and f"--compilation_cache={bad}: cannot use it" in out.stderr, (
       out.stderr[-2000:])
   assert not (tmp_path / "w").exists()

@@ -12,27 +12,28 @@ Modules:
 
 from jaxattr.attribute import attribution
 from jaxattr.attribute.esvm import (
-                                    CandidateSet,
-                                    NewtonStep,
-                                    SolverStats,
-                                    class_weights,
-                                    esvm_scores,
-                                    solve,
+    CandidateSet,
+    NewtonStep,
+    SolverStats,
+    class_weights,
+    esvm_scores,
+    solve,
 )
 from jaxattr.attribute.host_topk import host_topk
 from jaxattr.attribute.options import SolverOptions
 from jaxattr.attribute.ranking import (
-                                    METHODS,
-                                    AttributionError,
-                                    TopK,
-                                    check_inputs,
-                                    padded_sizes,
-                                    plan_chunks,
-                                    topk,
+    METHODS,
+    AttributionError,
+    TopK,
+    check_inputs,
+    padded_sizes,
+    plan_chunks,
+    topk,
 )
 from jaxattr.attribute.solver import Solver
 
-__all__ = ["METHODS", "AttributionError", "CandidateSet", "NewtonStep", "Solver",
-           "SolverOptions", "SolverStats", "TopK", "attribution", "check_inputs",
-           "class_weights", "esvm_scores", "host_topk", "padded_sizes", "plan_chunks", "solve",
-           "topk"]
+__all__ = [
+    "METHODS", "AttributionError", "CandidateSet", "NewtonStep", "Solver", "SolverOptions",
+    "SolverStats", "TopK", "attribution", "check_inputs", "class_weights", "esvm_scores",
+    "host_topk", "padded_sizes", "plan_chunks", "solve", "topk"
+]

@@ -86,9 +86,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
   targets = select_targets(cfg.targets, len(feats["test"]["features"]), cfg.num_targets,
                            cfg.target_list, int(config.seed))
   for method in methods:
-    check_inputs(feats["train"]["features"], feats["train"]["labels"],
-                 feats["test"]["features"], feats["test"]["labels"], targets, method, cfg.k,
-                 cfg.same_class, feats["train"]["index"])
+    check_inputs(feats["train"]["features"], feats["train"]["labels"], feats["test"]["features"],
+                 feats["test"]["labels"], targets, method, cfg.k, cfg.same_class,
+                 feats["train"]["index"])
   if train is None or test is None:
     train, test = data_lib.load_splits(config.data)
   for split, ds in (("train", train), ("test", test)):
@@ -107,10 +107,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
   bad = {m: r.nonconverged for m, r in results.items() if len(r.nonconverged)}
   if bad and not cfg.allow_nonconverged:
     raise RuntimeError(
-        "ESVM did not converge for "
-        + "; ".join(f"{m}: {len(v)} targets (test positions {v[:20].tolist()})"
-                    for m, v in bad.items())
-        + " (see attribution.json; raise max_iter/max_rows, or allow_nonconverged=True)")
+        "ESVM did not converge for " + "; ".join(
+            f"{m}: {len(v)} targets (test positions {v[:20].tolist()})" for m, v in bad.items()) +
+        " (see attribution.json; raise max_iter/max_rows, or allow_nonconverged=True)")
   return results
 
 
@@ -134,17 +133,23 @@ def _write(out_dir: str, res: TopK, test_index: np.ndarray, method: str,
   utils.save_npy(os.path.join(out_dir, "target_index.npy"), test_index[res.targets])
   utils.save_npy(os.path.join(out_dir, "topk_reference.npy"), reference)
   summary: dict[str, Any] = {
-      "method": method, "k": k, "num_targets": len(res.targets),
-      "targets_computed": res.computed_targets, "solve_seconds": res.seconds,
+      "method": method,
+      "k": k,
+      "num_targets": len(res.targets),
+      "targets_computed": res.computed_targets,
+      "solve_seconds": res.seconds,
       "targets_per_second": res.computed_targets / res.seconds if res.seconds else None,
-      "config": config.attribution.to_dict(), "seed": int(config.seed),
+      "config": config.attribution.to_dict(),
+      "seed": int(config.seed),
       "provenance": utils.provenance(),
-      "files": {"topk.npy": "int64 [targets, k] train index values, best first",
-                "scores.npy": "float32 [targets, k]",
-                "targets.npy": "int64 [targets] test positions",
-                "target_index.npy": "int64 [targets] test index values",
-                "topk_reference.npy": "int64 [n_test, k], reference layout, other rows zero",
-                "grid.png": "the first viz.num_targets targets and their top viz.top images"},
+      "files": {
+          "topk.npy": "int64 [targets, k] train index values, best first",
+          "scores.npy": "float32 [targets, k]",
+          "targets.npy": "int64 [targets] test positions",
+          "target_index.npy": "int64 [targets] test index values",
+          "topk_reference.npy": "int64 [n_test, k], reference layout, other rows zero",
+          "grid.png": "the first viz.num_targets targets and their top viz.top images"
+      },
   }
   if res.stats:
     utils.save_npz(os.path.join(out_dir, "stats.npz"), targets=res.targets, **res.stats)
@@ -166,8 +171,8 @@ def _write(out_dir: str, res: TopK, test_index: np.ndarray, method: str,
   logging.info("wrote %s (%d targets)", out_dir, len(res.targets))
 
 
-def _write_grid(path: str, res: TopK, method: str, train: data_lib.Dataset,
-                test: data_lib.Dataset, viz_config: ml_collections.ConfigDict) -> None:
+def _write_grid(path: str, res: TopK, method: str, train: data_lib.Dataset, test: data_lib.Dataset,
+                viz_config: ml_collections.ConfigDict) -> None:
   # The first viz.num_targets targets (left) and their top viz.top training images.
   n, top = min(viz_config.num_targets, len(res.targets)), viz_config.top
   train_pos = {int(i): p for p, i in enumerate(train.index)}

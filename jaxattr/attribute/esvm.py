@@ -103,14 +103,13 @@ def prepare(candidates: jax.Array, options: SolverOptions,
   """
   C = options.C
   n = candidates.shape[0]
-  candidates = candidates.astype(jnp.float32) if not jnp.issubdtype(
-      candidates.dtype, jnp.floating) else candidates
+  candidates = candidates.astype(
+      jnp.float32) if not jnp.issubdtype(candidates.dtype, jnp.floating) else candidates
   dtype = candidates.dtype
   if valid is None:
     valid = jnp.ones((n,), bool)
   # The solver's order (`CandidateSet.inverse`): valid candidates by norm, then the padding.
-  order = jnp.argsort(jnp.where(valid, jnp.sum(candidates * candidates, -1), jnp.inf),
-                      stable=True)
+  order = jnp.argsort(jnp.where(valid, jnp.sum(candidates * candidates, -1), jnp.inf), stable=True)
   candidates, valid = candidates[order], valid[order]
   inverse = jnp.argsort(order).astype(jnp.int32)
   count = jnp.sum(valid).astype(dtype)
@@ -136,8 +135,7 @@ def _upper_gram(x: jax.Array, block: int = 1024) -> jax.Array:
     return x @ x.T
   gram = jnp.zeros((n, n), x.dtype)
   for start in range(0, n, block):
-    gram = jax.lax.dynamic_update_slice(gram, x[start:start + block] @ x[start:].T,
-                                        (start, start))
+    gram = jax.lax.dynamic_update_slice(gram, x[start:start + block] @ x[start:].T, (start, start))
   return gram
 
 
@@ -192,8 +190,8 @@ def _half_precondition(r, t, gamma):
 
 def _gradient(w, v, u, t, x, c_pos, c_neg):
   # v = w x^T (decision values) [B, n], u = t.w [B]. Padding rows of x are zero: no effect.
-  return (w - (2.0 * c_pos * jnp.maximum(1.0 - u, 0.0))[:, None] * t
-          + 2.0 * c_neg * (jnp.maximum(1.0 + v, 0.0) @ x))
+  return (w - (2.0 * c_pos * jnp.maximum(1.0 - u, 0.0))[:, None] * t + 2.0 * c_neg *
+          (jnp.maximum(1.0 + v, 0.0) @ x))
 
 
 def _line_search(w, s, v, u, xs, ts, valid, c_pos, c_neg, line_steps):
@@ -227,9 +225,8 @@ def _line_search(w, s, v, u, xs, ts, valid, c_pos, c_neg, line_steps):
     return k + 1, a_new, lo, hi, done | (a_new == a)
 
   b = w.shape[0]
-  _, a, _, _, _ = jax.lax.while_loop(
-      cond, body, (0, jnp.ones((b,), dtype), jnp.zeros((b,), dtype),
-                   jnp.full((b,), jnp.inf, dtype), jnp.zeros((b,), bool)))
+  _, a, _, _, _ = jax.lax.while_loop(cond, body, (0, jnp.ones((b,), dtype), jnp.zeros(
+      (b,), dtype), jnp.full((b,), jnp.inf, dtype), jnp.zeros((b,), bool)))
   return a
 
 
@@ -289,8 +286,7 @@ def newton_step(t: jax.Array, w: jax.Array, cset: CandidateSet, rows: int, line_
     m = eye + 2.0 * c_neg * jnp.einsum("brd,bsd->brs", rows_p, rows_p)
     rhs = jnp.einsum("brd,bd->br", rows_p, gh)
     coef = linalg.spd_solve(m, rhs, pure_solve)
-    s = -_half_precondition(gh - 2.0 * c_neg * jnp.einsum("br,brd->bd", coef, rows_p), t,
-                            gamma)
+    s = -_half_precondition(gh - 2.0 * c_neg * jnp.einsum("br,brd->bd", coef, rows_p), t, gamma)
   else:
     # The same step from the shared Gram: products with B become products with x (B t from
     # t x^T) and a gather of [r, r] blocks, instead of gathering [r, D] candidate rows.
@@ -302,8 +298,8 @@ def newton_step(t: jax.Array, w: jax.Array, cset: CandidateSet, rows: int, line_
     bh = jnp.take_along_axis(xh, idx, 1) * mask  # B P^-1 g
     bt = jnp.take_along_axis(tx, idx, 1) * mask  # B t
     m_t = eye + 2.0 * c_neg * (_gram_block(gram, idx, mask) - (
-        (2.0 * gamma - gamma * gamma * tt)[:, None, None]
-        * (bt[:, :, None] * bt[:, None, :])))  # I + 2 c_neg B P^-1 B^T, lower triangle
+        (2.0 * gamma - gamma * gamma * tt)[:, None, None] *
+        (bt[:, :, None] * bt[:, None, :])))  # I + 2 c_neg B P^-1 B^T, lower triangle
     coef = linalg.spd_solve(m_t, bh, pure_solve)
     # coef spread over the candidates (zero off the active set) by a gather, not a scatter.
     spread = jnp.where(violators & (pos < rows),
@@ -322,8 +318,8 @@ def newton_step(t: jax.Array, w: jax.Array, cset: CandidateSet, rows: int, line_
   # the Newton step there is exactly (1 - a) s and the target skips a verifying iteration. The
   # float32 solve is itself off by a relative error (~1e-3 on ill-conditioned sets) that |1 - a|
   # shows only in part, hence the inflated bound.
-  same = (jnp.all(next_violators == violators, -1) & (count <= rows)
-          & ((u + a * ts < 1.0) == (u < 1.0)))
+  same = (jnp.all(next_violators == violators, -1) & (count <= rows) &
+          ((u + a * ts < 1.0) == (u < 1.0)))
   next_step = jnp.where(same, (CERT_FACTOR * jnp.abs(1.0 - a) + CERT_SLACK) * step, jnp.inf)
   return NewtonStep(w + a[:, None] * s, jnp.minimum(step, next_step), count, next_count, v_next)
 
@@ -389,8 +385,9 @@ def solve(targets: jax.Array, candidates: jax.Array, options: SolverOptions = So
     w, v, it, step = state
     live = (it < max_iter) & (step > tol)
     new = newton_step(t, w, cset, rows, options.line_steps, v=v, tx=tx)
-    return (jnp.where(live[:, None], new.w, w), jnp.where(live[:, None], new.v, v),
-            it + live.astype(it.dtype), jnp.where(live, new.step, step))
+    return (jnp.where(live[:, None], new.w, w), jnp.where(live[:, None], new.v,
+                                                          v), it + live.astype(it.dtype),
+            jnp.where(live, new.step, step))
 
   w0 = initial_weights(targets, cset)
   init = (w0, w0 @ cset.x.T, jnp.zeros((b,), jnp.int32), jnp.full((b,), jnp.inf, cset.x.dtype))
@@ -400,8 +397,8 @@ def solve(targets: jax.Array, candidates: jax.Array, options: SolverOptions = So
 
 
 @functools.partial(jax.jit, static_argnames=("options", "return_stats"))
-def esvm_scores(targets: jax.Array, candidates: jax.Array,
-                options: SolverOptions = SolverOptions(), *, return_stats: bool = False):
+def esvm_scores(targets: jax.Array, candidates: jax.Array, options: SolverOptions = SolverOptions(),
+                *, return_stats: bool = False):
   """Exemplar-SVM decision values of every candidate for every target, as sklearn computes them.
 
   Each target's SVM is `sklearn.svm.LinearSVC(C, class_weight='balanced')` fitted on the target

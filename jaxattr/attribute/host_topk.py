@@ -31,9 +31,9 @@ def host_topk(ranked: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarra
   """
   if HOST_TOPK_WORKERS > 1 and len(ranked) >= 2 * HOST_TOPK_ROWS:
     step = max(HOST_TOPK_ROWS, -(-len(ranked) // HOST_TOPK_WORKERS))
-    parts = list(_host_pool().map(lambda i: _host_topk_rows(ranked[i:i + step],
-                                                            scores[i:i + step], k),
-                                  range(0, len(ranked), step)))
+    parts = list(_host_pool().map(
+        lambda i: _host_topk_rows(ranked[i:i + step], scores[i:i + step], k),
+        range(0, len(ranked), step)))
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
   return _host_topk_rows(ranked, scores, k)
 

@@ -73,8 +73,8 @@ class TopK:
 def _class_ids(name: str, labels) -> np.ndarray:
   """int64 labels; whole-number floats (e.g. labels saved as float) are accepted as such."""
   labels = np.asarray(labels)
-  if not (np.issubdtype(labels.dtype, np.integer) or (
-      np.issubdtype(labels.dtype, np.floating) and np.all(np.mod(labels, 1) == 0))):
+  if not (np.issubdtype(labels.dtype, np.integer) or
+          (np.issubdtype(labels.dtype, np.floating) and np.all(np.mod(labels, 1) == 0))):
     raise AttributionError(f"{name} labels must be integer class ids, got {labels.dtype} "
                            f"(first values: {labels.reshape(-1)[:5].tolist()})")
   return labels.astype(np.int64)
@@ -97,10 +97,9 @@ def _check_features(name: str, features: np.ndarray, labels: np.ndarray) -> None
         f"{name} features contain NaN/inf in {len(rows)} rows (first: {rows[:5].tolist()})")
 
 
-def check_inputs(train_features: np.ndarray, train_labels: np.ndarray,
-                 test_features: np.ndarray, test_labels: np.ndarray, targets: np.ndarray,
-                 method: str, k: int, same_class: bool,
-                 train_index: np.ndarray | None = None) -> None:
+def check_inputs(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
+                 test_labels: np.ndarray, targets: np.ndarray, method: str, k: int,
+                 same_class: bool, train_index: np.ndarray | None = None) -> None:
   """Raises AttributionError for any input that would make the attribution meaningless.
 
   The arguments are `topk`'s, with targets an int64 array [targets] of test positions.
@@ -127,8 +126,8 @@ def check_inputs(train_features: np.ndarray, train_labels: np.ndarray,
   if k < 1:
     raise AttributionError(f"k must be positive, got {k}")
   if same_class:
-    counts = np.bincount(train_labels, minlength=int(max(train_labels.max(),
-                                                         test_labels.max())) + 1)
+    counts = np.bincount(train_labels,
+                         minlength=int(max(train_labels.max(), test_labels.max())) + 1)
     for c in np.unique(test_labels[targets]):
       if counts[c] == 0:
         raise AttributionError(f"class {c} has targets but no training candidates")
@@ -161,8 +160,8 @@ def _score_fn(method: str, k: int, on_host: bool):
     if method == "l2":
       # Squared distance by expansion keeps the work a matrix product; ties are broken by
       # position (top_k is stable) exactly as for the other scores.
-      sq = (jnp.sum(targets * targets, -1)[:, None] - 2.0 * targets @ candidates.T
-            + jnp.sum(candidates * candidates, -1)[None, :])
+      sq = (jnp.sum(targets * targets, -1)[:, None] - 2.0 * targets @ candidates.T +
+            jnp.sum(candidates * candidates, -1)[None, :])
       return _ranked_topk(jnp.sqrt(jnp.maximum(sq, 0.0)), -sq, valid, k, on_host)
     tn = targets / jnp.maximum(jnp.linalg.norm(targets, axis=-1, keepdims=True), 1e-12)
     cn = candidates / jnp.maximum(jnp.linalg.norm(candidates, axis=-1, keepdims=True), 1e-12)
@@ -189,8 +188,8 @@ def _esvm_finish_fn(tol: float, k: int, on_host: bool, on_cpu: bool):
     b, size = targets.shape[0], CPU_FINISH_SLICE
     if not on_cpu or b % size or b == size:
       return fn(targets, w, iterations, step, cset)
-    parts = tuple(a.reshape((b // size, size) + a.shape[1:]) for a in (targets, w, iterations,
-                                                                         step))
+    parts = tuple(
+        a.reshape((b // size, size) + a.shape[1:]) for a in (targets, w, iterations, step))
     out = jax.lax.map(lambda args: fn(*args, cset), parts)
     return jax.tree.map(lambda a: a.reshape((b,) + a.shape[2:]), out)
 
@@ -202,13 +201,15 @@ def _sharded_fn(method: str, options: SolverOptions, k: int, mesh: Mesh, on_host
   # Cached so that repeated `topk` calls with the same settings reuse the compiled programs.
   if method == "esvm":
     solver = Solver(options, mesh=mesh)
-    finish = jax.jit(jax.shard_map(_esvm_finish_fn(options.tol, k, on_host, solver.on_cpu),
-                                   mesh=mesh, in_specs=(P(TARGET_AXIS),) * 4 + (P(),),
-                                   out_specs=P(TARGET_AXIS), check_vma=False))
+    finish = jax.jit(
+        jax.shard_map(_esvm_finish_fn(options.tol, k, on_host, solver.on_cpu), mesh=mesh,
+                      in_specs=(P(TARGET_AXIS),) * 4 + (P(),), out_specs=P(TARGET_AXIS),
+                      check_vma=False))
     return solver, finish
   fn = _score_fn(method, k, on_host)
-  return None, jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(TARGET_AXIS), P(), P()),
-                                     out_specs=P(TARGET_AXIS), check_vma=False))
+  return None, jax.jit(
+      jax.shard_map(fn, mesh=mesh, in_specs=(P(TARGET_AXIS), P(), P()), out_specs=P(TARGET_AXIS),
+                    check_vma=False))
 
 
 class _ChunkRunner:
@@ -226,8 +227,8 @@ class _ChunkRunner:
     self.targets_sharding = NamedSharding(self.mesh, P(TARGET_AXIS))
     self.replicated = NamedSharding(self.mesh, P())
     self.k = int(k)
-    self.on_host = (devices[0].platform == "cpu" if select_on_host is None
-                    else bool(select_on_host))
+    self.on_host = (devices[0].platform == "cpu"
+                    if select_on_host is None else bool(select_on_host))
     self.solver, self.fn = _sharded_fn(method, options, self.k, self.mesh, self.on_host)
 
   def put_candidates(self, candidates: np.ndarray, padded: int):
@@ -256,8 +257,8 @@ class _ChunkRunner:
       m = int(num_real)
       solved = self.solver(targets[:m], cset)
       fill = np.r_[np.arange(m), np.zeros((len(targets) - m,), np.int64)]
-      t, w, iterations, step = (jax.device_put(a[fill], self.targets_sharding)
-                                for a in (targets, *solved))
+      t, w, iterations, step = (
+          jax.device_put(a[fill], self.targets_sharding) for a in (targets, *solved))
       out = jax.device_get(self.fn(t, w, iterations, step, cset))
     if self.on_host:
       ranked, scores = out[0], out[1]
@@ -283,21 +284,22 @@ def plan_chunks(test_labels: np.ndarray, targets: np.ndarray, same_class: bool,
                 chunk_size: int) -> list[tuple[int, np.ndarray]]:
   """[(class or -1, positions into `targets`)] in a fixed order: class, then target order."""
   if same_class:
-    groups = [(int(c), np.flatnonzero(test_labels[targets] == c))
-              for c in np.unique(test_labels[targets])]
+    groups = [
+        (int(c), np.flatnonzero(test_labels[targets] == c)) for c in np.unique(test_labels[targets])
+    ]
   else:
     groups = [(-1, np.arange(len(targets)))]
-  return [(c, members[i:i + chunk_size]) for c, members in groups
+  return [(c, members[i:i + chunk_size])
+          for c, members in groups
           for i in range(0, len(members), chunk_size)]
 
 
 def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
-         test_labels: np.ndarray, *, method: str = "esvm", k: int = 1280,
-         same_class: bool = True, targets: Sequence[int] | np.ndarray | None = None,
-         train_index: np.ndarray | None = None, options: SolverOptions = SolverOptions(),
-         chunk_size: int = 1024, devices: Sequence[jax.Device] | None = None,
-         chunk_dir: str | None = None, log_every_s: float = 10.0,
-         select_on_host: bool | None = None) -> TopK:
+         test_labels: np.ndarray, *, method: str = "esvm", k: int = 1280, same_class: bool = True,
+         targets: Sequence[int] | np.ndarray | None = None, train_index: np.ndarray | None = None,
+         options: SolverOptions = SolverOptions(), chunk_size: int = 1024,
+         devices: Sequence[jax.Device] | None = None, chunk_dir: str | None = None,
+         log_every_s: float = 10.0, select_on_host: bool | None = None) -> TopK:
   """Ranks training examples for each target and keeps the best k.
 
   Args:
@@ -328,29 +330,32 @@ def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np
   test_features = np.asarray(test_features)
   train_labels = _class_ids("train", train_labels)
   test_labels = _class_ids("test", test_labels)
-  targets = (np.arange(len(test_features)) if targets is None
-             else np.asarray(targets).astype(np.int64).reshape(-1))
+  targets = (np.arange(len(test_features))
+             if targets is None else np.asarray(targets).astype(np.int64).reshape(-1))
   check_inputs(train_features, train_labels, test_features, test_labels, targets, method, k,
                same_class, train_index)
   if not chunk_size > 0:
     raise AttributionError(f"chunk_size must be positive, got {chunk_size!r}")
-  train_index = (np.arange(len(train_features)) if train_index is None
-                 else np.asarray(train_index)).astype(np.int64)
+  train_index = (np.arange(len(train_features))
+                 if train_index is None else np.asarray(train_index)).astype(np.int64)
 
   runner = _ChunkRunner(method, options, k, devices, select_on_host)
   chunk_size = -(-chunk_size // runner.num_devices) * runner.num_devices
   plan = plan_chunks(test_labels, targets, same_class, chunk_size)
   # Candidate set sizes of the classes this run visits, and their padded sizes.
   counts = np.bincount(train_labels)  # non-negative integers (`check_inputs`)
-  set_size = ({int(c): int(counts[c]) for c, _ in plan} if same_class
-              else {-1: len(train_features)})
+  if same_class:
+    set_size = {int(c): int(counts[c]) for c, _ in plan}
+  else:
+    set_size = {-1: len(train_features)}
   padded = padded_sizes(list(set_size.values()))
   if chunk_dir is not None:
-    _prepare_chunk_dir(chunk_dir, dict(
-        method=method, k=k, same_class=same_class, options=dataclasses.asdict(options),
-        chunk_size=chunk_size, targets=utils.config_hash(targets.tolist()),
-        train=_fingerprint(train_features, train_labels, train_index),
-        test=_fingerprint(test_features, test_labels, None)))
+    _prepare_chunk_dir(
+        chunk_dir,
+        dict(method=method, k=k, same_class=same_class, options=dataclasses.asdict(options),
+             chunk_size=chunk_size, targets=utils.config_hash(targets.tolist()), train=_fingerprint(
+                 train_features, train_labels, train_index), test=_fingerprint(
+                     test_features, test_labels, None)))
 
   indices = np.zeros((len(targets), k), np.int64)
   scores = np.zeros((len(targets), k), np.float32)
@@ -366,8 +371,8 @@ def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np
       progress.done += len(members)
     else:
       if c != current_class or cand is None:
-        cand_pos = np.flatnonzero(train_labels == c) if same_class else np.arange(
-            len(train_features))
+        cand_pos = np.flatnonzero(
+            train_labels == c) if same_class else np.arange(len(train_features))
         cand = (cand_pos, runner.put_candidates(train_features[cand_pos], padded[set_size[c]]))
         current_class = c
       start = time.perf_counter()
@@ -396,9 +401,13 @@ def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np
 
 def _fingerprint(features: np.ndarray, labels: np.ndarray, index: np.ndarray | None) -> str:
   # A cheap content hash: shapes plus a strided sample, enough to notice other features.
-  sample = features[:: max(1, len(features) // 64)].astype(np.float32)
-  return utils.config_hash([list(features.shape), float(sample.sum()), float(np.abs(sample).sum()),
-                            int(labels.sum()), None if index is None else int(index.sum())])
+  sample = features[::max(1, len(features) // 64)].astype(np.float32)
+  return utils.config_hash([
+      list(features.shape),
+      float(sample.sum()),
+      float(np.abs(sample).sum()),
+      int(labels.sum()), None if index is None else int(index.sum())
+  ])
 
 
 def _prepare_chunk_dir(chunk_dir: str, key: dict[str, Any]) -> None:

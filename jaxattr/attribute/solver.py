@@ -60,8 +60,8 @@ class Solver:
     devices = jax.devices() if mesh is None else list(mesh.devices.flat)
     self.on_cpu = devices[0].platform == "cpu"
     self._steps: dict[int, Any] = {}
-    self._replicated = (None if mesh is None else
-                        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    self._replicated = (None if mesh is None else jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec()))
     # Several XLA:CPU devices running LAPACK kernels at once can deadlock
     # (`esvm._spd_solve_pure`): such meshes solve without LAPACK, and prepare the candidate set
     # (a Cholesky) on one device, then copy it to all. Accelerators keep LAPACK/cuSOLVER.
@@ -74,12 +74,13 @@ class Solver:
     # are replicated (PartitionSpec()), batch arrays split over the mesh axis (True).
     if self.mesh is None:
       return jax.jit(fn, donate_argnums=donate_argnums)
+
     def specs(splits):
       return tuple(jax.sharding.PartitionSpec(*self.mesh.axis_names[:int(s)]) for s in splits)
 
-    return jax.jit(jax.shard_map(fn, mesh=self.mesh, in_specs=specs(in_specs),
-                                 out_specs=specs(out_specs), check_vma=False),
-                   donate_argnums=donate_argnums)
+    return jax.jit(
+        jax.shard_map(fn, mesh=self.mesh, in_specs=specs(in_specs), out_specs=specs(out_specs),
+                      check_vma=False), donate_argnums=donate_argnums)
 
   def _all(self, a: jax.Array) -> jax.Array:
     # Inside `_sharded`: every device's rows of a batch array, in order.
@@ -99,19 +100,20 @@ class Solver:
 
   def _step(self, rows: int):
     if rows not in self._steps:
+
       def fn(t_all, tx_all, w_all, v_all, read, write, cset):
         # One Newton step of the targets `read`; their new weights and decision values are
         # written back to rows `write` of the state (out-of-range rows: padding, dropped).
-        new = esvm.newton_step(
-            t_all[read], w_all[read], cset, min(rows, cset.x.shape[0]), self.options.line_steps,
-            self.pure_solve, v=v_all[read], tx=tx_all[read] if cset.gram is not None else None)
+        new = esvm.newton_step(t_all[read], w_all[read], cset, min(rows, cset.x.shape[0]),
+                               self.options.line_steps, self.pure_solve, v=v_all[read],
+                               tx=tx_all[read] if cset.gram is not None else None)
         write = self._all(write)
         w_all = w_all.at[write].set(self._all(new.w), mode="drop")
         v_all = v_all.at[write].set(self._all(new.v), mode="drop")
         return w_all, v_all, new.step, new.next_count
-      self._steps[rows] = self._sharded(
-          fn, (False,) * 4 + (True, True, False), (False, False, True, True),
-          donate_argnums=(2, 3))
+
+      self._steps[rows] = self._sharded(fn, (False,) * 4 + (True, True, False),
+                                        (False, False, True, True), donate_argnums=(2, 3))
     return self._steps[rows]
 
   def prepare(self, candidates: jax.Array, valid: jax.Array | None = None) -> esvm.CandidateSet:
@@ -175,8 +177,8 @@ class Solver:
         for sel in self._split(active[sizes == r], self._batch_cap(int(r), cset.x.shape[0])):
           read = self._padded(sel).astype(np.int32)
           write = np.where(np.arange(len(read)) < len(sel), read, len(pad)).astype(np.int32)
-          w_all, v_all, out_step, out_count = self._step(int(r))(
-              t_all, tx_all, w_all, v_all, read, write, cset)
+          w_all, v_all, out_step, out_count = self._step(int(r))(t_all, tx_all, w_all, v_all, read,
+                                                                 write, cset)
           pending.append((sel, out_step, out_count))
       for sel, out_step, out_count in pending:
         step[sel], count[sel] = np.asarray(out_step)[:len(sel)], np.asarray(out_count)[:len(sel)]

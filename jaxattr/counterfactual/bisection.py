@@ -52,8 +52,8 @@ REMOVE = -1
 
 # predict(seeds int64 [M], prefixes int64 [M, k], sizes int64 [M], flip int64 [M] or None,
 #         eval_positions int64 [M]) -> predicted class [M].
-Predictor = Callable[
-    [np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray], np.ndarray]
+Predictor = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray],
+                     np.ndarray]
 
 
 class SearchError(ValueError):
@@ -172,8 +172,7 @@ def support_search_many(predict: Predictor, problems: Sequence[SearchProblem], n
   num_rounds = 1 if config.exhaustive else 1 + budget
   for p, st in zip(problems, states):
     if st["next_round"]:
-      logging.info("%s support: resuming at round %d of %d", p.metric, st["next_round"],
-                   num_rounds)
+      logging.info("%s support: resuming at round %d of %d", p.metric, st["next_round"], num_rounds)
 
   for r in range(min([st["next_round"] for st in states], default=num_rounds), num_rounds):
     due = [i for i, st in enumerate(states) if st["next_round"] == r]
@@ -187,8 +186,8 @@ def support_search_many(predict: Predictor, problems: Sequence[SearchProblem], n
       seconds = time.perf_counter() - t0
       if preds.shape != (total,):
         raise SearchError(f"predictor returned shape {preds.shape}, expected ({total},)")
-      logging.info("support round %d/%d: %d models (%d searches) in %.1fs, %.2fs per model",
-                   r + 1, num_rounds, total, len(pieces), seconds, seconds / total)
+      logging.info("support round %d/%d: %d models (%d searches) in %.1fs, %.2fs per model", r + 1,
+                   num_rounds, total, len(pieces), seconds, seconds / total)
     start = 0
     for i in due:
       st, p = states[i], problems[i]
@@ -196,14 +195,20 @@ def support_search_many(predict: Predictor, problems: Sequence[SearchProblem], n
       _update(st, p, r, jobs[i], seeds, preds[start:start + len(seeds)], config)
       start += len(seeds)
       if jobs[i]:
-        st["rounds"].append({"round": r, "models": len(seeds), "seconds": seconds,
-                             "call_models": total})
+        st["rounds"].append({
+            "round": r,
+            "models": len(seeds),
+            "seconds": seconds,
+            "call_models": total
+        })
       st["next_round"] = r + 1
       if p.state_path:
         utils.save_json(p.state_path, st)
 
-  return [SearchResult(support=np.array(st["best"], np.int64), evals=st["evals"],
-                       rounds=st["rounds"]) for st in states]
+  return [
+      SearchResult(support=np.array(st["best"], np.int64), evals=st["evals"], rounds=st["rounds"])
+      for st in states
+  ]
 
 
 def oracle_support(flips: Callable[[int], bool], k: int, budget: int) -> int:
@@ -248,12 +253,20 @@ def _check(p: SearchProblem, k: int, num_train: int) -> None:
 
 def _new_state(p: SearchProblem, k: int) -> dict[str, Any]:
   t = len(p.target_positions)
-  return {"fingerprint": p.fingerprint, "next_round": 0, "low": [0] * t, "high": [k] * t,
-          "best": [k] * t, "active": [True] * t, "evals": [[] for _ in range(t)], "rounds": []}
+  return {
+      "fingerprint": p.fingerprint,
+      "next_round": 0,
+      "low": [0] * t,
+      "high": [k] * t,
+      "best": [k] * t,
+      "active": [True] * t,
+      "evals": [[] for _ in range(t)],
+      "rounds": []
+  }
 
 
-def _jobs(st: dict[str, Any], r: int, config: ml_collections.ConfigDict
-          ) -> list[tuple[int, int, int]]:
+def _jobs(st: dict[str, Any], r: int,
+          config: ml_collections.ConfigDict) -> list[tuple[int, int, int]]:
   """(target row, prefix size, seed-round offset) evaluated in round r; each is num_tests models."""
   t = len(st["best"])
   if config.exhaustive:
@@ -270,14 +283,19 @@ def _models(p: SearchProblem, jobs: list[tuple[int, int, int]], r: int,
   tests, k = int(config.num_tests), int(config.k)
   rows = np.repeat([j[0] for j in jobs], tests)
   return {
-      "seeds": np.concatenate([model_seeds(config.seed, r + g, p.target_ids[t], tests)
-                               for t, _, g in jobs]),
+      "seeds":
+          np.concatenate([
+              model_seeds(config.seed, r + g, p.target_ids[t], tests) for t, _, g in jobs
+          ]),
       # k columns for every problem, so the problems of a joint round stack into one array.
-      "prefixes": np.asarray(p.prefixes, np.int64)[rows, :k],
-      "sizes": np.repeat(np.array([j[1] for j in jobs], np.int64), tests),
-      "flip": (np.asarray(p.flip, np.int64)[rows] if p.metric == "mislabel"
-               else np.full(len(rows), REMOVE, np.int64)),
-      "eval_positions": np.asarray(p.target_positions, np.int64)[rows],
+      "prefixes":
+          np.asarray(p.prefixes, np.int64)[rows, :k],
+      "sizes":
+          np.repeat(np.array([j[1] for j in jobs], np.int64), tests),
+      "flip": (np.asarray(p.flip, np.int64)[rows] if p.metric == "mislabel" else np.full(
+          len(rows), REMOVE, np.int64)),
+      "eval_positions":
+          np.asarray(p.target_positions, np.int64)[rows],
   }
 
 
@@ -298,8 +316,13 @@ def _update(st: dict[str, Any], p: SearchProblem, r: int, jobs: list[tuple[int, 
     correct = int((pr == int(p.true_labels[i])).sum())
     flipped = correct <= tests // 2
     st["evals"][i].append({
-        "round": r, "k": size, "seeds": seeds[j * tests:(j + 1) * tests].tolist(),
-        "preds": pr.tolist(), "correct": correct, "flipped": flipped})
+        "round": r,
+        "k": size,
+        "seeds": seeds[j * tests:(j + 1) * tests].tolist(),
+        "preds": pr.tolist(),
+        "correct": correct,
+        "flipped": flipped
+    })
     if config.exhaustive:
       continue
     if r == 0:
@@ -321,13 +344,22 @@ def _load_state(path: str | None, fingerprint: str) -> dict[str, Any] | None:
   with open(path) as f:
     state = json.load(f)
   if state.get("fingerprint") != fingerprint:
-    logging.warning("%s was written for other inputs (fingerprint %s, now %s); starting over",
-                    path, state.get("fingerprint"), fingerprint)
+    logging.warning("%s was written for other inputs (fingerprint %s, now %s); starting over", path,
+                    state.get("fingerprint"), fingerprint)
     return None
   return state
 
 
 __all__: Sequence[str] = (
-    "METRICS", "REMOVE", "Predictor", "SearchError", "SearchProblem", "SearchResult", "grid_sizes",
-    "model_seeds", "oracle_support", "support_search", "support_search_many",
+    "METRICS",
+    "REMOVE",
+    "Predictor",
+    "SearchError",
+    "SearchProblem",
+    "SearchResult",
+    "grid_sizes",
+    "model_seeds",
+    "oracle_support",
+    "support_search",
+    "support_search_many",
 )

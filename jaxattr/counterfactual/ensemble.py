@@ -42,8 +42,7 @@ from jaxattr import augment, utils
 
 # 'map' everywhere: it keeps each model's convolutions ungrouped, which XLA:CPU runs ~2x faster
 # than vmap's grouped ones (benchmarks/benchmark_train.py); GPU/TPU are assumed to agree.
-FORMULATION_BY_BACKEND = {"cpu": "map", "gpu": "map", "cuda": "map", "rocm": "map",
-                          "tpu": "map"}
+FORMULATION_BY_BACKEND = {"cpu": "map", "gpu": "map", "cuda": "map", "rocm": "map", "tpu": "map"}
 
 
 def resolve_formulation(config: ml_collections.ConfigDict) -> str:
@@ -78,8 +77,8 @@ def classifier(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module
     raise ValueError(f"config.cpu_ops must be 'auto', 'on' or 'off', got {config.cpu_ops!r}")
   kwargs = {}
   if config.model == "resnet9":
-    kwargs["s2d_grad"] = config.cpu_ops == "on" or (
-        config.cpu_ops == "auto" and jax.default_backend() == "cpu")
+    kwargs["s2d_grad"] = config.cpu_ops == "on" or (config.cpu_ops == "auto" and
+                                                    jax.default_backend() == "cpu")
   return models[config.model](num_classes=num_classes, width=float(config.width),
                               dtype=compute_dtype(config), **kwargs)
 
@@ -132,7 +131,7 @@ def epoch_batches(key: jax.Array, keep: jax.Array, batch_size: int,
   perm = jax.random.permutation(key, n)
   # A stable sort on "removed" moves the kept images to the front, keeping their random order.
   order = jnp.argsort(jnp.logical_not(keep[perm]), stable=True)
-  idx = perm[order][: num_steps * batch_size].reshape(num_steps, batch_size).astype(jnp.int32)
+  idx = perm[order][:num_steps * batch_size].reshape(num_steps, batch_size).astype(jnp.int32)
   valid = jnp.arange(num_steps) < jnp.sum(keep) // batch_size
   return idx, valid
 
@@ -171,21 +170,23 @@ def init_state(key: jax.Array, *, model: nn.Module, tx: optax.GradientTransforma
   x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
   variables = model.init(jax.random.fold_in(key, 0), x, train=False)
   params = variables["params"]
-  return TrainState(params=params, batch_stats=variables["batch_stats"],
-                    opt_state=tx.init(params), step=jnp.zeros((), jnp.int32), tx=tx)
+  return TrainState(params=params, batch_stats=variables["batch_stats"], opt_state=tx.init(params),
+                    step=jnp.zeros((), jnp.int32), tx=tx)
 
 
-def train_step(state: TrainState, batch: tuple[jax.Array, jax.Array], key: jax.Array, *,
-               model: nn.Module, config: ml_collections.ConfigDict
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(state: TrainState, batch: tuple[jax.Array,
+                                               jax.Array], key: jax.Array, *, model: nn.Module,
+               config: ml_collections.ConfigDict) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step of one model on batch = (uint8 images [B, H, W, 3], int32 labels [B])."""
   images, labels = batch
   x = augment.cifar_train_views(key, images, bool(config.flip), int(config.translate),
                                 int(config.cutout))
 
   def loss_fn(params):
-    out, mutated = model.apply({"params": params, "batch_stats": state.batch_stats}, x,
-                               train=True, mutable=["batch_stats"])
+    out, mutated = model.apply({
+        "params": params,
+        "batch_stats": state.batch_stats
+    }, x, train=True, mutable=["batch_stats"])
     logits = out["logits"].astype(jnp.float32)
     eps, c = float(config.label_smoothing), logits.shape[-1]
     target = jax.nn.one_hot(labels, c) * (1.0 - eps) + eps / c
@@ -193,9 +194,10 @@ def train_step(state: TrainState, batch: tuple[jax.Array, jax.Array], key: jax.A
 
   (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-  return state.replace(params=optax.apply_updates(state.params, updates),
-                       batch_stats=batch_stats, opt_state=opt_state,
-                       step=state.step + 1), {"loss": loss}
+  return state.replace(params=optax.apply_updates(state.params, updates), batch_stats=batch_stats,
+                       opt_state=opt_state, step=state.step + 1), {
+                           "loss": loss
+                       }
 
 
 def predict(state: TrainState, images: jax.Array, *, model: nn.Module,
@@ -219,7 +221,7 @@ def over_models(fn: Callable, mesh: Mesh, formulation: str, num_shared: int) -> 
   """
 
   def local(*args):
-    per_model, shared = args[: len(args) - num_shared], args[len(args) - num_shared:]
+    per_model, shared = args[:len(args) - num_shared], args[len(args) - num_shared:]
 
     def one(xs):
       return fn(*xs, *shared)
@@ -374,15 +376,17 @@ class Trainer:
     # Unused entries become distinct negatives, so only repeats among used entries match.
     s = np.sort(np.where(used, prefixes, -1 - np.arange(k)[None]), axis=1)
     dup = np.argwhere(s[:, 1:] == s[:, :-1])
-    _require(not len(dup), f"prefixes [M={m}, K={k}] must not repeat a position within a row's "
-             "first sizes[row] entries", *[f"row {r} repeats {s[r, j]}" for r, j in dup[:1]])
+    _require(
+        not len(dup), f"prefixes [M={m}, K={k}] must not repeat a position within a row's "
+        "first sizes[row] entries", *[f"row {r} repeats {s[r, j]}" for r, j in dup[:1]])
     flip = np.asarray(np.full(m, -1) if flip is None else flip)
     _require(flip.shape == (m,) and _is_int(flip) and flip.min() >= -1 and flip.max() < c,
              f"flip must be int [M={m}] in [-1, {c}) (-1 = removal)", flip)
     kept = np.where(flip < 0, n - sizes, n).astype(np.int64)
     too_few = np.flatnonzero(kept < bs)
-    _require(not too_few.size, f"models {too_few[:5].tolist()} keep fewer images than one batch "
-             f"of {bs}: they would never take a step")
+    _require(
+        not too_few.size, f"models {too_few[:5].tolist()} keep fewer images than one batch "
+        f"of {bs}: they would never take a step")
     if k == 0:  # one unused column: the device code needs no empty-array special case
       prefixes = np.zeros((m, 1), np.int64)
     return (seeds.astype(np.int64), prefixes.astype(np.int32), sizes.astype(np.int32),
@@ -427,14 +431,14 @@ class Trainer:
     meter = utils.Throughput("ensemble training", total=int(kept_steps.sum()) * bs * epochs,
                              unit="images", every_s=float(cfg.log_every_s))
     epoch_seconds = []  # (epoch, wall seconds incl. the sync of its losses)
-    logging.info("training %d %s models (width %s, %s, %s) in %d wave(s) of %d on %d device(s)",
-                 m, cfg.model, cfg.width, jnp.dtype(compute_dtype(cfg)).name, self.formulation,
-                 num_waves, wave, ndev)
+    logging.info("training %d %s models (width %s, %s, %s) in %d wave(s) of %d on %d device(s)", m,
+                 cfg.model, cfg.width,
+                 jnp.dtype(compute_dtype(cfg)).name, self.formulation, num_waves, wave, ndev)
     for w in range(num_waves):
       members = np.arange(w * wave, min((w + 1) * wave, m))
       # Pad the last wave with copies of its first model so every wave has the same shape.
       rows = np.concatenate([members, np.full(wave - len(members), members[0])])
-      keys = self.keys(per_model((seeds[rows] % (2 ** 32)).astype(np.uint32)))
+      keys = self.keys(per_model((seeds[rows] % (2**32)).astype(np.uint32)))
       keep, labels = self.subsets(per_model(prefixes[rows]), per_model(sizes[rows]),
                                   per_model(flip[rows]), self.labels)
       states = self.init(keys)
@@ -450,20 +454,21 @@ class Trainer:
         # One small sync per epoch, for the log (and to bound the dispatch queue).
         loss = _to_host(jnp.stack(losses).sum(0))[:len(members)] / kept_steps[members]
         epoch_seconds.append((ep, time.perf_counter() - t_epoch))
-        meter.update(int(kept_steps[members].sum()) * bs,
-                     extra=(f"wave {w + 1}/{num_waves}, epoch {ep + 1}/{epochs}, "
-                            f"mean loss {loss.mean():.4f}"))
+        meter.update(
+            int(kept_steps[members].sum()) * bs,
+            extra=(f"wave {w + 1}/{num_waves}, epoch {ep + 1}/{epochs}, "
+                   f"mean loss {loss.mean():.4f}"))
       logits_out[members] = _to_host(self.predict(states, eval_dev))[:len(members), :e]
       if return_params:
         variables = _to_host({"params": states.params, "batch_stats": states.batch_stats})
         params_out.append(jax.tree_util.tree_map(lambda a, r=len(members): a[:r], variables))
       logging.info("%s (models done %d/%d)", meter.message(), members[-1] + 1, m)
-    steady = float(np.median([t for ep, t in epoch_seconds if ep > 0]
-                             or [t for _, t in epoch_seconds]))
+    steady = float(
+        np.median([t for ep, t in epoch_seconds if ep > 0] or [t for _, t in epoch_seconds]))
     stats = RunStats(models=m, wave=wave, waves=num_waves, epochs=epochs,
-                     total_seconds=time.perf_counter() - t_start,
-                     train_seconds=float(sum(t for _, t in epoch_seconds)),
-                     first_epoch_seconds=epoch_seconds[0][1], steady_epoch_seconds=steady,
+                     total_seconds=time.perf_counter() - t_start, train_seconds=float(
+                         sum(t for _, t in epoch_seconds)), first_epoch_seconds=epoch_seconds[0][1],
+                     steady_epoch_seconds=steady,
                      steady_seconds_per_model=steady * epochs * num_waves / m)
     if not return_params:
       return logits_out, stats

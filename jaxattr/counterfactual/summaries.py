@@ -50,8 +50,9 @@ def support_stats(support: np.ndarray, k: int) -> dict[str, Any]:
       "median_unflipped_as": "infinity",
       "median_support_flipped_only": float(np.median(flipped)) if len(flipped) else None,
       "not_flipped": int((support < 0).sum()),
-      "fraction_flipped": {str(t): float(((support >= 0) & (support <= t)).sum() / n)
-                           for t in thresholds},
+      "fraction_flipped": {
+          str(t): float(((support >= 0) & (support <= t)).sum() / n) for t in thresholds
+      },
   }
 
 
@@ -129,19 +130,34 @@ def write_outputs(out_dir: str, metric: str, method: str, result: SearchResult,
   k = int(config.k)
   lines = []
   for i, target in enumerate(target_ids):
-    lines.append(json.dumps({
-        "target": int(target), "true_label": int(true_labels[i]),
-        "flip_class": None if flip is None else int(flip[i]),
-        "support": int(result.support[i]),
-        "evaluated": [{"k": e["k"], "correct": e["correct"], "num_tests": len(e["preds"]),
-                       "flipped": e["flipped"], "round": e["round"]} for e in result.evals[i]],
-    }))
+    lines.append(
+        json.dumps({
+            "target":
+                int(target),
+            "true_label":
+                int(true_labels[i]),
+            "flip_class":
+                None if flip is None else int(flip[i]),
+            "support":
+                int(result.support[i]),
+            "evaluated": [{
+                "k": e["k"],
+                "correct": e["correct"],
+                "num_tests": len(e["preds"]),
+                "flipped": e["flipped"],
+                "round": e["round"]
+            } for e in result.evals[i]],
+        }))
   with utils.atomic_path(os.path.join(out_dir, "results.jsonl")) as tmp, open(tmp, "w") as f:
     f.write("\n".join(lines) + ("\n" if lines else ""))
   per_target = [len(e) * int(config.num_tests) for e in result.evals]
   summary = {
-      "metric": metric, "method": method, "k": k, "num_tests": int(config.num_tests),
-      "search_budget": int(config.search_budget), "exhaustive": bool(config.exhaustive),
+      "metric": metric,
+      "method": method,
+      "k": k,
+      "num_tests": int(config.num_tests),
+      "search_budget": int(config.search_budget),
+      "exhaustive": bool(config.exhaustive),
       # With joint searches, rounds[*].seconds and wall_seconds cover every search of the call.
       "joint": bool(config.joint),
       **support_stats(result.support, k),
@@ -184,6 +200,10 @@ def _plot(curves: dict[str, tuple[np.ndarray, int]], title: str, out: str) -> No
 
 
 __all__: Sequence[str] = (
-    "THRESHOLDS", "cumulative_curve", "load_results", "plot_curves", "support_stats",
+    "THRESHOLDS",
+    "cumulative_curve",
+    "load_results",
+    "plot_curves",
+    "support_stats",
     "write_outputs",
 )

@@ -80,24 +80,32 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data.Dataset 
     trainer = ensemble.Trainer(config.ensemble, train)
     predictor = predictor or trainer_predictor(trainer, test.images)
   if flip_fn is None:
+
     def flip_fn(images, labels):
       from jaxattr.counterfactual import flip as flip_lib  # pylint: disable=g-import-not-at-top
       return flip_lib.flip_classes(trainer, images, labels, int(sc.flip_models),
                                    int(sc.flip_seed))[1]
 
-  train_key = utils.config_hash({"ensemble": config.ensemble.to_dict(),
-                                 "train": _array_digest(train.index, train.labels)})
-  search_key = {f: sc[f] for f in ("num_tests", "search_budget", "k", "exhaustive", "grid",
-                                   "seed")}
+  train_key = utils.config_hash({
+      "ensemble": config.ensemble.to_dict(),
+      "train": _array_digest(train.index, train.labels)
+  })
+  search_key = {f: sc[f] for f in ("num_tests", "search_budget", "k", "exhaustive", "grid", "seed")}
   flips: dict[int, int] = {}
   if "mislabel" in metrics:
     # One full-data ensemble for the targets of all methods together.
     union = np.unique(np.concatenate([ids for _, ids, _ in methods]))
     u_pos = positions_of(test.index, union, "targets (test split)")
-    flips = dict(zip(union.tolist(), flip_classes_cached(
-        workdir, union, test.images[u_pos], test.labels[u_pos], flip_fn,
-        key=utils.config_hash({"train": train_key, "models": sc.flip_models,
-                               "seed": sc.flip_seed})).tolist()))
+    flips = dict(
+        zip(
+            union.tolist(),
+            flip_classes_cached(
+                workdir, union, test.images[u_pos], test.labels[u_pos], flip_fn,
+                key=utils.config_hash({
+                    "train": train_key,
+                    "models": sc.flip_models,
+                    "seed": sc.flip_seed
+                })).tolist()))
   out: dict[str, Any] = {metric: {} for metric in metrics}
   todo: list[tuple[str, SearchProblem, str]] = []  # (method, problem, out_dir)
   for metric in metrics:
@@ -105,11 +113,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data.Dataset 
       t_pos = positions_of(test.index, ids, f"method {name!r} targets (test split)")
       prefixes = positions_of(train.index, topk, f"method {name!r} top-k (train split)")
       true = test.labels[t_pos].astype(np.int64)
-      flip = (np.array([flips[int(i)] for i in ids], np.int64) if metric == "mislabel"
-              else None)
+      flip = (np.array([flips[int(i)] for i in ids], np.int64) if metric == "mislabel" else None)
       fingerprint = utils.config_hash({
-          "search": search_key, "metric": metric, "train": train_key,
-          "inputs": _array_digest(ids, prefixes, true, flip if flip is not None else ids[:0])})
+          "search": search_key,
+          "metric": metric,
+          "train": train_key,
+          "inputs": _array_digest(ids, prefixes, true, flip if flip is not None else ids[:0])
+      })
       out_dir = os.path.join(workdir, "support", metric, name)
       done = _finished_summary(out_dir, fingerprint)
       if done is not None:
@@ -118,9 +128,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data.Dataset 
         continue
       logging.info("%s support of %s: %d targets, k=%d, budget %d, %d tests", metric, name,
                    len(ids), k, sc.search_budget, sc.num_tests)
-      todo.append((name, SearchProblem(metric, prefixes, t_pos, ids, true, flip,
-                                       os.path.join(out_dir, "state.json"), fingerprint),
-                   out_dir))
+      todo.append((name,
+                   SearchProblem(metric, prefixes, t_pos, ids, true, flip,
+                                 os.path.join(out_dir, "state.json"), fingerprint), out_dir))
 
   # Joint: every unfinished (metric, method) shares each round's trainer call; otherwise one
   # search after the other. The results are the same either way.
@@ -133,8 +143,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data.Dataset 
     wall = time.perf_counter() - t0
     for (name, p, out_dir), result in zip(group, results):
       summary = summaries.write_outputs(out_dir, p.metric, name, result, p.target_ids,
-                                        p.true_labels, p.flip, sc, p.fingerprint,
-                                        wall_seconds=wall)
+                                        p.true_labels, p.flip, sc, p.fingerprint, wall_seconds=wall)
       out[p.metric][name] = summary
       logging.info("%s support of %s: median %s, %d of %d not flipped", p.metric, name,
                    summary["median_support"], summary["not_flipped"], summary["targets"])
@@ -184,8 +193,8 @@ def parse_targets(spec: str) -> np.ndarray | None:
         f"support.targets={spec!r} is neither a file nor a list of integers") from None
 
 
-def load_topk(workdir: str, method: str, k: int, targets: np.ndarray | None = None
-              ) -> tuple[str, np.ndarray, np.ndarray]:
+def load_topk(workdir: str, method: str, k: int,
+              targets: np.ndarray | None = None) -> tuple[str, np.ndarray, np.ndarray]:
   """A method's top-k rows for its targets.
 
   Args:
@@ -215,8 +224,8 @@ def load_topk(workdir: str, method: str, k: int, targets: np.ndarray | None = No
   base = os.path.join(workdir, "attribution", name)
   # jaxattr.attribute writes targets.npy as test positions and target_index.npy as test
   # `index` values; the search speaks index values.
-  ids = "target_index.npy" if os.path.exists(os.path.join(base, "target_index.npy")) else (
-      "targets.npy")
+  ids = "target_index.npy" if os.path.exists(os.path.join(base,
+                                                          "target_index.npy")) else ("targets.npy")
   files = [os.path.join(base, f) for f in ("topk.npy", ids)]
   for f in files:
     if not os.path.exists(f):
@@ -249,10 +258,9 @@ def trainer_predictor(trainer: Any, test_images: np.ndarray) -> Predictor:
 
   def predict(seeds, prefixes, sizes, flip, eval_positions):
     unique, inverse = np.unique(np.asarray(eval_positions), return_inverse=True)
-    logits, _ = trainer.train_and_predict(
-        test_images[unique], np.asarray(seeds, np.int64),
-        prefixes=np.asarray(prefixes, np.int64), sizes=np.asarray(sizes, np.int64),
-        flip=None if flip is None else np.asarray(flip, np.int64))
+    logits, _ = trainer.train_and_predict(test_images[unique], np.asarray(
+        seeds, np.int64), prefixes=np.asarray(prefixes, np.int64), sizes=np.asarray(
+            sizes, np.int64), flip=None if flip is None else np.asarray(flip, np.int64))
     return np.asarray(logits)[np.arange(len(seeds)), inverse].argmax(-1)
 
   return predict
@@ -311,6 +319,11 @@ def _finished_summary(out_dir: str, fingerprint: str) -> dict[str, Any] | None:
 
 
 __all__: Sequence[str] = (
-    "FlipFn", "flip_classes_cached", "load_topk", "parse_targets", "positions_of",
-    "run", "trainer_predictor",
+    "FlipFn",
+    "flip_classes_cached",
+    "load_topk",
+    "parse_targets",
+    "positions_of",
+    "run",
+    "trainer_predictor",
 )

@@ -33,6 +33,8 @@ def get_encoder(name: str, **kwargs: Any) -> nn.Module:
   return ENCODERS[name](**kwargs)
 
 
-__all__ = ["BatchNorm", "CifarResNet", "ENCODERS", "LightlyResNet18", "MobileNetV2", "ResNet",
-           "ResNet9", "ResNet18",
-           "ResNet34", "ResNet50", "ResNet101", "ResNet152", "conv", "count_params", "get_encoder"]
+__all__ = [
+    "BatchNorm", "CifarResNet", "ENCODERS", "LightlyResNet18", "MobileNetV2", "ResNet", "ResNet9",
+    "ResNet18", "ResNet34", "ResNet50", "ResNet101", "ResNet152", "conv", "count_params",
+    "get_encoder"
+]

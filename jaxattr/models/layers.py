@@ -27,9 +27,9 @@ def conv(features: int, kernel: int, stride: int = 1, padding: int | None = None
   """A torch-style Conv2d (NHWC, HWIO kernel) with explicit symmetric padding."""
   if padding is None:
     padding = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((padding, padding), (padding, padding)), use_bias=use_bias,
-                 feature_group_count=groups, dtype=dtype, name=name,
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((padding, padding),
+                                                                                (padding, padding)),
+                 use_bias=use_bias, feature_group_count=groups, dtype=dtype, name=name,
                  kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
 
 
@@ -91,5 +91,3 @@ class BatchNorm(nn.Module):
 def count_params(params: Any) -> int:
   """Number of scalars in a parameter pytree."""
   return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
-
-

@@ -24,8 +24,8 @@ from jaxattr.models.resnet9 import TORCH_INIT, scaled, torch_conv as conv
 Dtype = Any
 
 # (expansion, output channels, blocks, stride of the first block) per stage.
-STAGES = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
-          (6, 160, 3, 2), (6, 320, 1, 1))
+STAGES = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+          (6, 320, 1, 1))
 
 
 class InvertedResidual(nn.Module):

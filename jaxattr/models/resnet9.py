@@ -30,8 +30,7 @@ TORCH_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
 def torch_conv(features: int, kernel: int, stride: int = 1, padding: int | None = None,
-               dtype: Dtype = jnp.float32, name: str | None = None,
-               groups: int = 1) -> nn.Conv:
+               dtype: Dtype = jnp.float32, name: str | None = None, groups: int = 1) -> nn.Conv:
   """`layers.conv` (torch-style symmetric padding, no bias) with torch's default init."""
   if padding is None:
     padding = kernel // 2
@@ -39,14 +38,14 @@ def torch_conv(features: int, kernel: int, stride: int = 1, padding: int | None 
                  padding=((padding, padding), (padding, padding)), use_bias=False,
                  feature_group_count=groups, dtype=dtype, name=name, kernel_init=TORCH_INIT)
 
+
 def _conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
   """Cross-correlation NHWC x HWIO -> NHWC with symmetric zero padding (torch Conv2d)."""
   return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((padding, padding),) * 2,
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def _space_to_depth_conv(x: jax.Array, kernel: jax.Array, stride: int,
-                         padding: int) -> jax.Array:
+def _space_to_depth_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
   """`_conv` rewritten as a stride-1 convolution on a space-to-depth input (same result).
 
   With the kernel zero-padded to kk = ceil(k / s) * s, output pixel (y, x) reads the padded
@@ -60,8 +59,8 @@ def _space_to_depth_conv(x: jax.Array, kernel: jax.Array, stride: int,
   kk = -(-k // s) * s
   ho, wo = (h + 2 * padding - k) // s + 1, (w + 2 * padding - k) // s + 1
   hp, wp = (ho - 1) * s + kk, (wo - 1) * s + kk  # padded rows / columns that outputs read
-  xp = jnp.pad(x, ((0, 0), (padding, max(0, hp - h - padding)),
-                   (padding, max(0, wp - w - padding)), (0, 0)))[:, :hp, :wp]
+  xp = jnp.pad(x, ((0, 0), (padding, max(0, hp - h - padding)), (padding, max(0, wp - w - padding)),
+                   (0, 0)))[:, :hp, :wp]
   xs = xp.reshape(b, hp // s, s, wp // s, s, c).transpose(0, 1, 3, 2, 4, 5)
   xs = xs.reshape(b, hp // s, wp // s, s * s * c)
   kp = jnp.pad(kernel, ((0, kk - k), (0, kk - k), (0, 0), (0, 0)))
@@ -128,7 +127,7 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
   ReLU's gradient is 0 anyway.
   """
   b, h, w, c = x.shape
-  x = x[:, : h // 2 * 2, : w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c)
+  x = x[:, :h // 2 * 2, :w // 2 * 2].reshape(b, h // 2, 2, w // 2, 2, c)
   return jnp.max(x, axis=(2, 4))
 
 
@@ -159,6 +158,7 @@ class ConvBN(nn.Module):
   padding: int = 1
   dtype: Dtype = jnp.float32
   s2d_grad: bool = False
+
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = Conv(self.features, self.kernel, self.stride, self.padding, dtype=self.dtype,
@@ -182,6 +182,7 @@ class ResNet9(nn.Module):
   width: float = 1.0
   dtype: Dtype = jnp.float32
   s2d_grad: bool = False
+
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> dict[str, jax.Array]:
     """Maps images [B, H, W, 3] to {'feature': [B, 128 * width], 'logits': [B, classes]}."""
@@ -190,8 +191,8 @@ class ResNet9(nn.Module):
     def block(name: str, h: jax.Array) -> jax.Array:
       spec = {c[0]: c for c in _CONVS}[name]
       _, _, out, k, s, p = spec
-      return ConvBN(scaled(out, self.width), k, s, p, self.dtype, self.s2d_grad,
-                    name=name)(h, train)
+      return ConvBN(scaled(out, self.width), k, s, p, self.dtype, self.s2d_grad, name=name)(h,
+                                                                                            train)
 
     x = block("conv1", x)
     x = block("conv2", x)
@@ -201,8 +202,8 @@ class ResNet9(nn.Module):
     x = x + block("res2b", block("res2a", x))
     x = block("conv4", x)
     feature = jnp.max(x, axis=(1, 2))  # global max pool: [B, C]
-    logits = nn.Dense(self.num_classes, use_bias=False, dtype=self.dtype,
-                      kernel_init=TORCH_INIT, name="linear")(feature)
+    logits = nn.Dense(self.num_classes, use_bias=False, dtype=self.dtype, kernel_init=TORCH_INIT,
+                      name="linear")(feature)
     logits = logits.astype(jnp.float32) * 0.2
     return {"feature": feature.astype(jnp.float32), "logits": logits}
 
