@@ -228,8 +228,8 @@ def test_bad_inputs_fail_early(tiny, trainers):
     with pytest.raises(ValueError, match=message):
       trainer.train_and_predict(**args)
   # Unused prefix entries may hold anything; a relabelled prefix keeps every image.
-  trainer.check_inputs(ev, [0, 1], np.full((2, 3), -5), [0, 0], None)
-  assert trainer.check_inputs(ev, [0, 1], full, [100, 90], [3, -1])[-1].tolist() == [128, 38]
+  trainer.check_arguments(ev, [0, 1], np.full((2, 3), -5), [0, 0], None)
+  assert trainer.check_arguments(ev, [0, 1], full, [100, 90], [3, -1])[-1].tolist() == [128, 38]
   with pytest.raises(ValueError, match="formulation"):
     ensemble.Trainer(tiny_config(formulation="pmap"), train)
 

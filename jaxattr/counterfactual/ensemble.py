@@ -347,8 +347,8 @@ class Trainer:
     new = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, state)
     return new, jnp.where(ok, metrics["loss"], 0.0)
 
-  def check_inputs(self, eval_images: np.ndarray, seeds: Any, prefixes: Any, sizes: Any,
-                   flip: Any) -> tuple[np.ndarray, ...]:
+  def check_arguments(self, eval_images: np.ndarray, seeds: Any, prefixes: Any, sizes: Any,
+                      flip: Any) -> tuple[np.ndarray, ...]:
     """Validates `train_and_predict`'s arguments (ValueError naming the argument, its expected
     shape or range and what it got); returns (seeds int64 [M], prefixes int32 [M, K >= 1],
     sizes int32 [M], flip int32 [M], kept int64 [M] images each model keeps)."""
@@ -413,8 +413,8 @@ class Trainer:
     t_start = time.perf_counter()
     cfg = self.config
     eval_images = np.asarray(eval_images)
-    seeds, prefixes, sizes, flip, kept = self.check_inputs(eval_images, seeds, prefixes, sizes,
-                                                           flip)
+    seeds, prefixes, sizes, flip, kept = self.check_arguments(eval_images, seeds, prefixes, sizes,
+                                                              flip)
     m, bs, epochs = len(seeds), int(cfg.batch_size), int(cfg.epochs)
     ndev = self.mesh.devices.size
     wave = wave_size(cfg, m, ndev)
