@@ -16,7 +16,7 @@ from sklearn.svm import LinearSVC
 from jaxattr import attribute, config as config_lib, data as data_lib, viz
 
 # The module, which the package's `topk` (the function) hides from `from ... import`.
-from jaxattr.attribute import attribution, esvm, host_topk, linalg, ranking as topk_lib
+from jaxattr.attribute import attribution, esvm, linalg, selection, ranking as topk_lib
 from jaxattr.attribute.options import SolverOptions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -469,7 +469,7 @@ def test_host_topk_matches_lax_top_k_with_ties():
   many_scores = np.concatenate([scores] * 60)
   pos, top = attribute.host_topk(many, many_scores, 7)
   np.testing.assert_array_equal(pos, np.asarray(jax.lax.top_k(many, 7)[1]))
-  np.testing.assert_array_equal(pos, host_topk._host_topk_rows(many, many_scores, 7)[0])
+  np.testing.assert_array_equal(pos, selection._host_topk_rows(many, many_scores, 7)[0])
 
 
 def test_esvm_first_violators_match_nonzero():

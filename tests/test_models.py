@@ -24,8 +24,9 @@ def test_resnet18_parameter_count_and_shapes():
 def test_width_and_input_size(width, size, dim):
   model = get_encoder("lightly_resnet18", width=width)
   x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
-  v = model.init(jax.random.key(1), x, train=False)
-  f = model.apply(v, x, train=False)["feature"]
+  # Jitted: one compile rather than one per op (the test pins shapes).
+  v = jax.jit(lambda k, x: model.init(k, x, train=False))(jax.random.key(1), x)
+  f = jax.jit(lambda v, x: model.apply(v, x, train=False)["feature"])(v, x)
   assert f.shape == (2, dim) and bool(jnp.all(jnp.isfinite(f)))
 
 

@@ -45,17 +45,18 @@ def test_mobilenetv2_parameter_count_and_width():
   assert count_params(_variables(MobileNetV2())["params"]) == 2_296_922
   small = MobileNetV2(width=0.25, num_classes=7)
   x = jnp.zeros((2, 32, 32, 3))
-  v = small.init(jax.random.key(0), x, train=False)
-  out, _ = small.apply(v, x, train=True, mutable=["batch_stats"])
+  # Jitted: one compile rather than one per op (the test pins shapes).
+  v = jax.jit(lambda k, x: small.init(k, x, train=False))(jax.random.key(0), x)
+  out, _ = jax.jit(lambda v, x: small.apply(v, x, train=True, mutable=["batch_stats"]))(v, x)
   assert out["logits"].shape == (2, 7) and out["feature"].shape == (2, 320)
 
 
 def test_resnet9_width_shapes_and_bf16():
   model = ResNet9(width=0.125, num_classes=10, dtype=jnp.bfloat16)
   x = jnp.zeros((3, 32, 32, 3))
-  v = model.init(jax.random.key(0), x, train=False)
+  v = jax.jit(lambda k, x: model.init(k, x, train=False))(jax.random.key(0), x)
   assert v["params"]["conv1"]["conv"]["kernel"].dtype == jnp.float32  # params stay float32
-  out = model.apply(v, x, train=False)
+  out = jax.jit(lambda v, x: model.apply(v, x, train=False))(v, x)
   assert out["logits"].shape == (3, 10) and out["logits"].dtype == jnp.float32
   assert out["feature"].shape == (3, 16)
 

@@ -6,7 +6,7 @@ Modules:
   linalg       the batched SPD solves of the Newton steps (LAPACK and LAPACK-free).
   solver       `Solver`, the host-driven scheduler of Newton steps for many targets.
   ranking      `topk`: chunked, sharded, resumable top-k of any method, and its input checks.
-  host_topk    top_k's selection on the host (CPU devices).
+  selection    `host_topk`: top_k's selection on the host (CPU devices).
   attribution  the stage: `attribution.run(config, workdir)` -> WORKDIR/attribution/<method>/.
 """
 
@@ -19,7 +19,7 @@ from jaxattr.attribute.esvm import (
     esvm_scores,
     solve,
 )
-from jaxattr.attribute.host_topk import host_topk
+from jaxattr.attribute.selection import host_topk
 from jaxattr.attribute.options import SolverOptions
 from jaxattr.attribute.ranking import (
     METHODS,

@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxattr import utils
 from jaxattr.attribute import esvm
-from jaxattr.attribute.host_topk import host_topk
+from jaxattr.attribute.selection import host_topk
 from jaxattr.attribute.options import SolverOptions
 from jaxattr.attribute.solver import Solver
 
