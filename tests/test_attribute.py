@@ -16,7 +16,7 @@ from sklearn.svm import LinearSVC
 from jaxattr import attribute, config as config_lib, data as data_lib, viz
 
 # The module, which the package's `topk` (the function) hides from `from ... import`.
-from jaxattr.attribute import attribution, esvm, linalg, selection, ranking as topk_lib
+from jaxattr.attribute import attribution, esvm, linalg, ranking as topk_lib, selection
 from jaxattr.attribute.options import SolverOptions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -19,7 +19,6 @@ from jaxattr.attribute.esvm import (
     esvm_scores,
     solve,
 )
-from jaxattr.attribute.selection import host_topk
 from jaxattr.attribute.options import SolverOptions
 from jaxattr.attribute.ranking import (
     METHODS,
@@ -30,6 +29,7 @@ from jaxattr.attribute.ranking import (
     plan_chunks,
     topk,
 )
+from jaxattr.attribute.selection import host_topk
 from jaxattr.attribute.solver import Solver
 
 __all__ = [

@@ -29,8 +29,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxattr import utils
 from jaxattr.attribute import esvm
-from jaxattr.attribute.selection import host_topk
 from jaxattr.attribute.options import SolverOptions
+from jaxattr.attribute.selection import host_topk
 from jaxattr.attribute.solver import Solver
 
 METHODS = ("esvm", "l2", "cosine")
