@@ -112,8 +112,9 @@ def load(source: str, split: str, **options: Any) -> Dataset:
   kind, _, arg = source.partition(":")
   if kind == "digits":
     ds = _load_digits(split, size=size or 32, **options)
-  elif kind == "folder":
-    ds = _load_folder(_require_arg(source, arg), split, size=size, **options)
+  elif kind == "folder":  # decodes only the images it keeps
+    ds = _load_folder(_require_arg(source, arg), split, size=size, limit=limit, **options)
+    limit = None
   elif kind == "npz":
     ds = _load_npz(_require_arg(source, arg), split, **options)
   elif kind == "tfds":
@@ -192,7 +193,15 @@ def _load_digits(split: str, size: int = 32) -> Dataset:
 # folder / tar
 
 
-def _load_folder(path: str, split: str, size: int | None = None, workers: int = 4) -> Dataset:
+def _limited(files: list[str], labels: np.ndarray,
+             limit: int | None) -> tuple[list[str], np.ndarray, np.ndarray]:
+  """The first `limit` files of each class (all when None), their labels and split positions."""
+  pos = np.arange(len(files)) if limit is None else _first_per_class(labels, int(limit))
+  return [files[i] for i in pos], labels[pos], pos.astype(np.int64)
+
+
+def _load_folder(path: str, split: str, size: int | None = None, limit: int | None = None,
+                 workers: int = 4) -> Dataset:
   if not os.path.exists(path):
     raise DataError(f"folder source: path does not exist: {path}")
   if os.path.isdir(path):
@@ -202,13 +211,13 @@ def _load_folder(path: str, split: str, size: int | None = None, workers: int = 
     st = os.stat(path)
     # A shallow copy: callers may rebind fields, the cached arrays stay shared (read-only).
     return dataclasses.replace(
-        _load_tar_cached(os.path.abspath(path), st.st_mtime_ns, st.st_size, split, size))
+        _load_tar_cached(os.path.abspath(path), st.st_mtime_ns, st.st_size, split, size, limit))
   else:
     raise DataError(f"folder source: {path} is neither a directory nor a .tar/.tar.gz/.tgz file")
   files, labels, class_names = _layout(entries, split, path)
+  files, labels, index = _limited(files, labels, limit)
   images = _decode_all(reader, files, size, workers)
-  return Dataset(images=images, labels=labels, class_names=class_names, index=np.arange(
-      len(files), dtype=np.int64))
+  return Dataset(images=images, labels=labels, class_names=class_names, index=index)
 
 
 def _scan_directory(root: str) -> list[str]:
@@ -324,8 +333,8 @@ def _decode_all(reader: _DirReader, files: Sequence[str], size: int | None,
 
 
 @functools.lru_cache(maxsize=4)
-def _load_tar_cached(path: str, mtime_ns: int, nbytes: int, split: str,
-                     size: int | None) -> Dataset:
+def _load_tar_cached(path: str, mtime_ns: int, nbytes: int, split: str, size: int | None,
+                     limit: int | None) -> Dataset:
   del mtime_ns, nbytes  # only part of the cache key
   try:
     tar = tarfile.open(path, "r:*")
@@ -335,6 +344,7 @@ def _load_tar_cached(path: str, mtime_ns: int, nbytes: int, split: str,
     members = tar.getmembers()
     entries = [m.name.lstrip("./") + ("/" if m.isdir() else "") for m in members]
     files, labels, class_names = _layout(entries, split, path)
+    files, labels, index = _limited(files, labels, limit)
     by_name = {e: m for e, m in zip(entries, members)}
     # Sequential reads (gzip streams cannot seek cheaply), threaded decodes.
     wanted = set(files)
@@ -350,8 +360,7 @@ def _load_tar_cached(path: str, mtime_ns: int, nbytes: int, split: str,
     arrays = list(pool.map(lambda e: _decode(blobs[e], f"{path}:{e}", size), files))
   images = _stack(arrays, [f"{path}:{e}" for e in files])
   images.setflags(write=False)  # shared by the cache
-  return Dataset(images=images, labels=labels, class_names=class_names, index=np.arange(
-      len(files), dtype=np.int64))
+  return Dataset(images=images, labels=labels, class_names=class_names, index=index)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -48,6 +48,9 @@ def test_folder_directory_and_order(tmp_path):
   np.testing.assert_array_equal(ds.images[-1], last)
   lim = data.load(f"folder:{tmp_path}", "train", limit_per_class=2)
   np.testing.assert_array_equal(lim.index, [0, 1, 3, 4])
+  # Only the kept images are decoded; they equal the same rows of the whole split.
+  np.testing.assert_array_equal(lim.images, ds.images[[0, 1, 3, 4]])
+  np.testing.assert_array_equal(lim.labels, ds.labels[[0, 1, 3, 4]])
 
 
 @pytest.mark.parametrize("suffix,mode,top", [(".tar.gz", "w:gz", ""), (".tar", "w", "cifar/")])
@@ -64,6 +67,8 @@ def test_folder_tar_equals_directory(tmp_path, suffix, mode, top):
     np.testing.assert_array_equal(a.images, b.images)
     np.testing.assert_array_equal(a.labels, b.labels)
     assert a.class_names == b.class_names
+    lim = data.load(f"folder:{arc}", split, limit_per_class=2)
+    np.testing.assert_array_equal(lim.images, a.images[lim.index])
 
 
 def test_folder_errors(tmp_path):
