@@ -8,9 +8,11 @@ import pytest
 from jaxattr import config as config_lib, xla_flags
 
 # The launchers' XLA:CPU flags for the in-process tests too (before JAX starts its backend):
-# training convolutions ~2x faster, and the same compiled programs as the launcher subprocesses,
-# which inherit them, so the shared compilation cache below serves both.
-xla_flags.use_fast_cpu_flags()
+# training convolutions ~2x faster. The tests compile far more than they compute, so LLVM's
+# optimisation level drops to 1: the trainer's equality tests took half the time and the CIFAR
+# learning test no longer. Launcher subprocesses inherit the flags, so the shared compilation
+# cache below serves both.
+xla_flags.use_fast_cpu_flags(xla_flags.FAST_CPU_FLAGS + ("--xla_backend_optimization_level=1",))
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The archive of config.CIFAR10_JPEG, whose path is relative to the checkout root.
