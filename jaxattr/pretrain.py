@@ -4,10 +4,21 @@ Writes WORKDIR/pretrain/checkpoints/ (orbax, the whole MoCo state: a killed run 
 last one and ends in the same state), WORKDIR/pretrain/encoder/ (the query backbone as a
 variables checkpoint that the features stage loads) and WORKDIR/pretrain/summary.json (steps,
 loss, kNN accuracy, images/s).
+
+A workdir holds one MoCo run. WORKDIR/pretrain/fingerprint.json records everything the trained
+state depends on (`seed`, the data's content fingerprint, `jaxattr.fingerprint.data_fingerprint`,
+`encoder`, `pretrain` less the fields that only say how often to log, checkpoint or monitor and
+where to stop: `RUN_ONLY_FIELDS`); the exported encoder's meta.json and summary.json carry its
+hash. A run resumes
+from the checkpoints only when its fingerprint equals the recorded one. Otherwise it stops before
+any work with `RunMismatchError`, naming the fields that differ: it never mixes two configurations
+in one run, and never deletes a run the user may still want; the user picks a new --workdir or
+deletes WORKDIR/pretrain.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
@@ -19,7 +30,92 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from jaxattr import augment, checkpoint, data as data_lib, ssl, utils
+from jaxattr import augment, checkpoint, data as data_lib, fingerprint, ssl, utils
+
+# pretrain fields that do not change the trained state: how often to log, checkpoint and run the
+# kNN monitor (and its settings), and where to stop (a run stopped early and resumed equals an
+# uninterrupted one). encoder.checkpoint names an encoder used INSTEAD of pretraining.
+RUN_ONLY_FIELDS = ("pretrain.log_every_steps", "pretrain.checkpoint_every_steps",
+                   "pretrain.knn_every_epochs", "pretrain.knn_k", "pretrain.knn_temperature",
+                   "pretrain.max_steps", "encoder.checkpoint")
+
+
+class RunMismatchError(ValueError):
+  """WORKDIR/pretrain holds a run of another configuration or data (or of an unknown one)."""
+
+
+def run_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The flat {'seed': .., 'data.source': .., 'pretrain.base_lr': .., ...} a MoCo run depends on.
+
+  `data.fingerprint` stands for the data's content; `RUN_ONLY_FIELDS` are left out.
+  """
+  fields: dict[str, Any] = {"seed": config.seed, "data.source": config.data.source}
+  for k, v in sorted(dict(config.data.options).items()):
+    if v is not None:  # None means "not given", as in data.load_splits
+      fields[f"data.options.{k}"] = v
+  fields["data.fingerprint"] = fingerprint.data_fingerprint(config.data)
+  for section in ("encoder", "pretrain"):
+    for k, v in sorted(config[section].to_dict().items()):
+      fields[f"{section}.{k}"] = v
+  for k in RUN_ONLY_FIELDS:
+    fields.pop(k, None)
+  # The JSON round trip makes fresh fields compare equal to the ones read back from the file.
+  return json.loads(json.dumps(fields, sort_keys=True, default=str))
+
+
+def check_run(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, dict[str, Any]]:
+  """Stops unless WORKDIR/pretrain is empty or holds a run of this configuration and data.
+
+  Args:
+    config: the experiment config.
+    workdir: WORKDIR.
+
+  Returns:
+    (the run's fingerprint hash, its fields).
+
+  Raises:
+    RunMismatchError: checkpoints or an encoder exist and fingerprint.json differs or is missing.
+    jaxattr.data.DataError: the data source does not exist.
+  """
+  fields = run_fields(config)
+  digest = utils.config_hash(fields)
+  out_dir = os.path.join(workdir, "pretrain")
+  ckpt_dir = os.path.join(out_dir, "checkpoints")
+  have_run = (os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir)) or os.path.exists(
+      os.path.join(out_dir, "encoder"))
+  if not have_run:
+    return digest, fields
+  path = os.path.join(out_dir, "fingerprint.json")
+  how = (f"To keep that run, use a new --workdir (or rerun with its configuration, recorded in "
+         f"{path}); to discard it and start over, delete {out_dir}.")
+  if not os.path.exists(path):
+    raise RunMismatchError(
+        f"{out_dir} holds a MoCo run without {os.path.basename(path)} (from an older jaxattr), so "
+        f"it cannot tell whether that run used this configuration and data. {how}")
+  with open(path) as f:
+    old = json.load(f)
+  if old.get("fingerprint") == digest:
+    return digest, fields
+  old_fields = old.get("fields", {})
+  diffs = []
+  for k in sorted(set(old_fields) | set(fields)):
+    a, b = old_fields.get(k, _ABSENT), fields.get(k, _ABSENT)
+    if a == b:
+      continue
+    if k == "data.fingerprint":
+      diffs.append("data: fingerprint changed (the data's files differ)")
+    else:
+      diffs.append(f"{k}: {_show(a)} -> {_show(b)}")
+  raise RunMismatchError(f"{out_dir} holds a MoCo run of another configuration or data: " +
+                         "; ".join(diffs or ["fingerprint format changed"]) +
+                         f". Nothing was changed. {how}")
+
+
+_ABSENT = object()
+
+
+def _show(value: Any) -> str:
+  return "(absent)" if value is _ABSENT else repr(value)
 
 
 def export_encoder(state: ssl.MoCoState, config: ml_collections.ConfigDict, path: str,
@@ -57,6 +153,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
   if p.batch_size % config.encoder.num_splits:
     raise ValueError(f"pretrain.batch_size={p.batch_size} must be divisible by "
                      f"encoder.num_splits={config.encoder.num_splits}")
+  digest, fields = check_run(config, workdir)  # before any work: cheap, reads no image
   if train is None or test is None:
     train, test = data_lib.load_splits(config.data)
   n = len(train)
@@ -67,6 +164,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
   total = spe * p.epochs if p.max_steps < 0 else min(spe * p.epochs, p.max_steps)
   out_dir = os.path.join(workdir, "pretrain")
   os.makedirs(out_dir, exist_ok=True)
+  utils.save_json(os.path.join(out_dir, "fingerprint.json"), {
+      "fingerprint": digest,
+      "fields": fields
+  })
 
   model = ssl.moco_model(config)
   k_init, k_train = jax.random.split(jax.random.key(config.seed))
@@ -108,7 +209,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
   loss = float(metrics["loss"]) if total > start_step else loss
   acc = _knn(embed, state, train, test, config)
   logging.info("pretrain: done at step %d, kNN accuracy %.4f", int(state.step), acc)
-  export_encoder(state, config, os.path.join(out_dir, "encoder"), {"knn_accuracy": acc})
+  export_encoder(state, config, os.path.join(out_dir, "encoder"), {
+      "knn_accuracy": acc,
+      "fingerprint": digest
+  })
   summary = {
       "steps": int(state.step),
       "epochs": int(state.step) / spe,
@@ -118,6 +222,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
       "images_per_s": (int(state.step) - start_step) * p.batch_size / max(seconds, 1e-9),
       "seconds": seconds,
       "resumed_from": start_step,
+      "fingerprint": digest,
       "config": config.to_dict(),
       "provenance": utils.provenance()
   }

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxattr import data
+from jaxattr import data, fingerprint
 
 
 def _write_tree(root, classes=("cat", "dog"), per_class=3, size=8, splits=("train", "test")):
@@ -92,6 +92,57 @@ def test_folder_errors(tmp_path):
     data.load("imagenet", "train")
 
 
+def _cfg(source, **options):
+  return types.SimpleNamespace(source=source, options=options)
+
+
+def test_fingerprint_follows_the_files_and_options(tmp_path):
+  _write_tree(tmp_path / "t")
+  src = f"folder:{tmp_path}/t"
+  fp = fingerprint.data_fingerprint(_cfg(src, size=8))
+  assert fingerprint.data_fingerprint(_cfg(src, size=8,
+                                           limit_per_class=None)) == fp  # None = not given
+  assert fingerprint.data_fingerprint(_cfg(f"folder:{tmp_path}/./t", size=8)) == fp  # same tree
+  assert fingerprint.data_fingerprint(_cfg(src, size=16)) != fp
+  f = tmp_path / "t" / "train" / "cat" / "0001.png"
+  st = f.stat()
+  os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+  touched = fingerprint.data_fingerprint(_cfg(src, size=8))
+  assert touched != fp
+  f.write_bytes(f.read_bytes() + b"\0")
+  os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the size alone tells
+  assert fingerprint.data_fingerprint(_cfg(src, size=8)) not in (fp, touched)
+  (tmp_path / "t" / "test" / "dog" / "0009.png").write_bytes(b"x")
+  added = fingerprint.data_fingerprint(_cfg(src, size=8))
+  os.makedirs(tmp_path / "t" / "train" / "empty")
+  assert fingerprint.data_fingerprint(_cfg(src, size=8)) != added
+  # Archives and npz files: path, size and mtime.
+  arc = tmp_path / "t.tar"
+  with tarfile.open(arc, "w") as tar:
+    tar.add(tmp_path / "t", arcname="")
+  a = fingerprint.data_fingerprint(_cfg(f"folder:{arc}"))
+  assert fingerprint.data_fingerprint(_cfg(f"folder:{arc}")) == a
+  os.utime(arc, ns=(1, 1))
+  assert fingerprint.data_fingerprint(_cfg(f"folder:{arc}")) != a
+  npz = tmp_path / "d.npz"
+  np.savez(npz, x_train=np.zeros((2, 4, 4, 3), np.uint8), y_train=np.zeros(2))
+  n = fingerprint.data_fingerprint(_cfg(f"npz:{npz}"))
+  np.savez(npz, x_train=np.ones((3, 4, 4, 3), np.uint8), y_train=np.zeros(3))
+  assert fingerprint.data_fingerprint(_cfg(f"npz:{npz}")) != n
+  d = fingerprint.data_fingerprint(_cfg("digits", size=16))
+  assert d == fingerprint.data_fingerprint(_cfg("digits", size=16)) != fingerprint.data_fingerprint(
+      _cfg("digits"))
+
+
+def test_fingerprint_errors_match_load(tmp_path):
+  for source in (f"folder:{tmp_path}/nope", f"npz:{tmp_path}/nope.npz", "imagenet", "npz:"):
+    with pytest.raises(data.DataError) as loading:
+      data.load(source, "train")
+    with pytest.raises(data.DataError) as fingerprinting:
+      fingerprint.data_fingerprint(_cfg(source))
+    assert str(fingerprinting.value) == str(loading.value)
+
+
 def test_npz_source_and_errors(tmp_path):
   rng = np.random.default_rng(1)
   p = tmp_path / "d.npz"
@@ -168,6 +219,20 @@ def test_tfds_recovers_original_order(monkeypatch):
   monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: Builder(False))
   with pytest.raises(data.DataError, match="tfds build fake"):
     data.load("tfds:fake", "train", data_dir="/some/dir")
+  with pytest.raises(data.DataError, match="tfds build fake"):
+    fingerprint.data_fingerprint(_cfg("tfds:fake", data_dir="/some/dir"))
+
+
+def test_tfds_fingerprint_lists_the_prepared_files(monkeypatch, tmp_path):
+  import tensorflow_datasets as tfds
+
+  (tmp_path / "fake-train.array_record-00000-of-00001").write_bytes(b"abc")
+  builder = types.SimpleNamespace(is_prepared=lambda: True, data_dir=str(tmp_path))
+  monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: builder)
+  fp = fingerprint.data_fingerprint(_cfg("tfds:fake"))
+  assert fingerprint.data_fingerprint(_cfg("tfds:fake")) == fp
+  (tmp_path / "dataset_info.json").write_text("{}")
+  assert fingerprint.data_fingerprint(_cfg("tfds:fake")) != fp
 
 
 def test_real_cifar10_archive(cifar_tar):

@@ -1,5 +1,8 @@
 """MoCo pieces against NumPy, augmentation properties, kNN, and checkpoint-resume equality."""
 
+import json
+import os
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -130,6 +133,66 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
   assert meta["step"] == 4
   jax.tree_util.tree_map(np.testing.assert_array_equal, va, vb)
   assert full["final_loss"] == resumed["final_loss"]
+  # max_steps only says where to stop: both runs carry one fingerprint.
+  assert meta["fingerprint"] == _read_state(tmp_path / "a")[1]["fingerprint"] == full["fingerprint"]
+
+
+def _pretrain_snapshot(workdir):
+  """Every path under WORKDIR/pretrain with its size and mtime, plus meta.json's bytes."""
+  root = workdir / "pretrain"
+  listing = sorted(
+      (str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in root.rglob("*"))
+  return listing, (root / "encoder" / "meta.json").read_bytes()
+
+
+def test_changed_config_refuses_to_resume_and_changes_nothing(tmp_path):
+  c = _tiny_config()
+  c.pretrain.max_steps = 2
+  first = pretrain.run(c, str(tmp_path))
+  fp = json.loads((tmp_path / "pretrain" / "fingerprint.json").read_text())
+  assert fp["fingerprint"] == first["fingerprint"] == _read_state(tmp_path)[1]["fingerprint"]
+  before = _pretrain_snapshot(tmp_path)
+  c1 = _tiny_config()
+  c1.seed = 1
+  with pytest.raises(pretrain.RunMismatchError, match=r"seed: 0 -> 1\. Nothing was changed") as e:
+    pretrain.run(c1, str(tmp_path))
+  assert "new --workdir" in str(e.value) and f"delete {tmp_path}/pretrain" in str(e.value)
+  assert _pretrain_snapshot(tmp_path) == before
+  c2 = _tiny_config()
+  c2.pretrain.base_lr = 0.1
+  c2.encoder.width = 0.125  # another architecture: named, no orbax traceback
+  with pytest.raises(pretrain.RunMismatchError,
+                     match=r"encoder.width: 0.0625 -> 0.125; pretrain.base_lr: 0.06 -> 0.1\."):
+    pretrain.run(c2, str(tmp_path))
+  assert _pretrain_snapshot(tmp_path) == before
+  # Logging, checkpointing, monitoring and where to stop do not change the trained state.
+  c3 = _tiny_config()
+  c3.pretrain.log_every_steps = 1
+  c3.pretrain.checkpoint_every_steps = 1
+  c3.pretrain.knn_every_epochs = 0
+  resumed = pretrain.run(c3, str(tmp_path))
+  assert resumed["resumed_from"] == 2 and resumed["steps"] == 4
+  assert resumed["fingerprint"] == first["fingerprint"]
+  # A run without fingerprint.json (an older jaxattr) is of unknown configuration.
+  (tmp_path / "pretrain" / "fingerprint.json").unlink()
+  with pytest.raises(pretrain.RunMismatchError, match="without fingerprint.json"):
+    pretrain.run(_tiny_config(), str(tmp_path))
+
+
+def test_changed_data_refuses_to_resume(tmp_path):
+  """The same config over changed files: the data fingerprint differs, before any image is read."""
+  rng = np.random.default_rng(0)
+  npz = tmp_path / "d.npz"
+  np.savez(npz, x_train=rng.integers(0, 256, (32, 8, 8, 3), dtype=np.uint8), y_train=np.arange(32) %
+           2, x_test=rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8), y_test=np.arange(8) % 2)
+  c = _tiny_config()
+  c.data.source = f"npz:{npz}"
+  c.data.options.limit_per_class = None
+  c.pretrain.max_steps = 1
+  pretrain.run(c, str(tmp_path / "w"))
+  os.utime(npz, ns=(1, 1))
+  with pytest.raises(pretrain.RunMismatchError, match=r"\bdata: fingerprint changed"):
+    pretrain.run(c, str(tmp_path / "w"))
 
 
 def test_batch_size_must_divide_splits(tmp_path):

@@ -1,0 +1,103 @@
+"""Fingerprints that tie a result to what made it: cheap content hashes of the data sources.
+
+A run's outputs are only reused by a run whose fingerprint matches (`jaxattr.pretrain`), so a
+changed file under the same path, or other options, never resumes an old run.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from jaxattr import data, utils
+
+
+def data_fingerprint(data_config: Any) -> str:
+  """A cheap content fingerprint of a config's `data` section: equal only for the same data.
+
+  Reads no image: it hashes (`jaxattr.utils.config_hash`) the options given (not None) plus
+  ``digits``: the source name and scikit-learn's version (the images ship with it);
+  ``folder:DIR``: the sorted relative file list of DIR with sizes and mtimes (not DIR's path, so a
+  tree keeps its fingerprint under another spelling of its path);
+  ``folder:ARCHIVE`` and ``npz:FILE``: the file's absolute path, size and mtime;
+  ``tfds:NAME``: the prepared dataset directory's relative file list with sizes, or, where that
+  directory is not local, the builder's version and split sizes.
+
+  Args:
+    data_config: `config.data`: `source` and `options`, as for `data.load_splits`.
+
+  Returns:
+    A short hex string.
+
+  Raises:
+    data.DataError: what `data.load` raises for a missing path, an unknown source or an
+      unprepared tfds dataset.
+  """
+  source = data_config.source
+  options = {k: v for k, v in dict(data_config.options).items() if v is not None}
+  kind, _, arg = source.partition(":")
+  if kind == "digits":
+    import sklearn  # pylint: disable=g-import-not-at-top
+    content: Any = {"sklearn": sklearn.__version__}
+  elif kind == "folder":
+    path = data._require_arg(source, arg)
+    if not os.path.exists(path):
+      raise data.DataError(f"folder source: path does not exist: {path}")
+    if os.path.isdir(path):
+      content = _file_list(path, mtimes=True)
+    elif path.endswith((".tar", ".tar.gz", ".tgz")):
+      content = _file_stat(path)
+    else:
+      raise data.DataError(
+          f"folder source: {path} is neither a directory nor a .tar/.tar.gz/.tgz file")
+  elif kind == "npz":
+    path = data._require_arg(source, arg)
+    if not os.path.exists(path):
+      raise data.DataError(f"npz source: file does not exist: {path}")
+    content = _file_stat(path)
+  elif kind == "tfds":
+    content = _tfds_content(data._require_arg(source, arg), options.get("data_dir"))
+  else:
+    raise data.DataError(
+        f"unknown data source {source!r}; expected 'digits', 'folder:PATH', 'npz:PATH' or "
+        "'tfds:NAME'")
+  return utils.config_hash({"kind": kind, "content": content, "options": options})
+
+
+def _file_stat(path: str) -> list[Any]:
+  st = os.stat(path)
+  return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+
+
+def _file_list(root: str, mtimes: bool) -> list[list[Any]]:
+  out = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames.sort()
+    for name in sorted(filenames):
+      full = os.path.join(dirpath, name)
+      st = os.stat(full)
+      rel = os.path.relpath(full, root).replace(os.sep, "/")
+      out.append([rel, st.st_size] + ([st.st_mtime_ns] if mtimes else []))
+    if not filenames and dirpath != root:
+      # An empty class folder makes loading fail, so adding one must change the fingerprint.
+      out.append([os.path.relpath(dirpath, root).replace(os.sep, "/") + "/"])
+  return sorted(out)
+
+
+def _tfds_content(name: str, data_dir: str | None) -> Any:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  builder = tfds.builder(name, data_dir=data_dir)
+  if not builder.is_prepared():
+    data._load_tfds(name, "train",
+                    data_dir=data_dir)  # raises load's DataError with the build command
+  directory = str(getattr(builder, "data_dir", ""))
+  if directory and os.path.isdir(directory):
+    return _file_list(directory, mtimes=False)
+  splits = getattr(builder.info, "splits", {})
+  return {
+      "version": str(getattr(builder, "version", "")),
+      "splits": {
+          s: int(getattr(splits[s], "num_examples", -1)) for s in sorted(splits)
+      }
+  }
