@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import errno
+import os
+import sys
+import traceback
+from typing import Any, Callable, NoReturn, Sequence
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -20,6 +24,12 @@ def launch(run: Callable[[Any, str], Any], doc: str = "",
   On the CPU backend, XLA_FLAGS defaults to `cpu_flags` (`jaxattr.xla_flags`: about 2x faster
   convolution training on XLA:CPU) unless the user has set XLA_FLAGS, in which case those stand;
   other backends are untouched. Compiled programs are kept in --compilation_cache.
+
+  The run holds WORKDIR/.lock (`utils.workdir_lock`): a second run into the same workdir stops at
+  once, naming the first. A failure prints one line, `error: <message>`, and exits with status 1;
+  the traceback goes to WORKDIR/error.log and to the log at DEBUG level (`--verbosity=1`). Ctrl-C
+  exits with status 130 and one line saying that the same command resumes the run. Usage errors
+  (flags, config fields) stay absl's usage message.
   """
   config = config_flags.DEFINE_config_file(
       "config", None, "Experiment config file "
@@ -31,7 +41,8 @@ def launch(run: Callable[[Any, str], Any], doc: str = "",
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
+    if not flags.FLAGS["verbosity"].present:  # -v 1 must still show the DEBUG tracebacks.
+      logging.set_verbosity(logging.INFO)
     utils.quiet_library_logs()
     set_flags = xla_flags.use_fast_cpu_flags(cpu_flags)
     if set_flags:
@@ -40,9 +51,78 @@ def launch(run: Callable[[Any, str], Any], doc: str = "",
     use_compilation_cache(cache.value)
     if doc:
       logging.info("%s", doc.strip().splitlines()[0])
-    run(config.value, workdir.value)
+    guarded(run, config.value, workdir.value)
 
   app.run(main)
+
+
+def guarded(run: Callable[[Any, str], Any], config: Any, workdir: str) -> None:
+  """Calls run(config, workdir) under the workdir lock; a failure exits with one readable line.
+
+  Exits:
+    1 after printing `error: ...` for any exception (the lock held by another run, a disk full, a
+    bad value found by the stage); 130 after Ctrl-C. app.UsageError passes through to absl.
+  """
+  try:
+    with utils.workdir_lock(workdir):
+      run(config, workdir)
+  except app.UsageError:
+    raise
+  except utils.WorkdirLocked as e:
+    # The message says it all; the workdir belongs to the other run, so no error.log there.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  except KeyboardInterrupt:
+    logging.debug("interrupted at:\n%s", traceback.format_exc())
+    print(
+        f"interrupted: the run in {workdir} stopped before finishing; run the same command again "
+        "to resume it", file=sys.stderr)
+    sys.exit(130)
+  except Exception as e:  # pylint: disable=broad-except
+    full = _disk_full(e)
+    if full is not None:
+      where = full.filename or workdir
+      _fail(
+          f"disk full (or quota exceeded) while writing {where}: free space on that disk (or "
+          "pass another --workdir), then run the same command again to resume", workdir)
+    _fail(_message(e), workdir)
+
+
+def _disk_full(e: BaseException) -> OSError | None:
+  """The ENOSPC/EDQUOT OSError behind `e`, also when a library re-raised it as something else."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+      return e
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def _message(e: BaseException) -> str:
+  """The exception's message; prefixed by its type unless it is a ValueError (jaxattr's errors
+  are: DataError, AttributionError, ...), whose message is written for the user."""
+  text = str(e) or type(e).__name__
+  if isinstance(e, ValueError):
+    return text
+  return f"{type(e).__name__}: {text}"
+
+
+def _fail(message: str, workdir: str) -> NoReturn:
+  """Logs the traceback (DEBUG; also WORKDIR/error.log), prints `error: message`, exits 1."""
+  tb = traceback.format_exc()
+  logging.debug("%s", tb)
+  where = "rerun with --verbosity=1 for the traceback"
+  if os.path.isdir(workdir):
+    path = os.path.join(workdir, "error.log")
+    try:
+      with open(path, "w") as f:
+        f.write(tb)
+      where = f"traceback in {path}"
+    except OSError:  # A full disk or a missing workdir: the line below still says what failed.
+      pass
+  print(f"error: {message} ({where})", file=sys.stderr)
+  sys.exit(1)
 
 
 def define_compilation_cache_flag() -> flags.FlagHolder:

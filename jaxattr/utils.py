@@ -1,4 +1,5 @@
-"""Small shared helpers: atomic writes, provenance, throughput logging, config hashing."""
+"""Small shared helpers: atomic writes, provenance, throughput logging, config hashing, the
+workdir lock."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import hashlib
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from absl import logging
@@ -171,3 +173,139 @@ def quiet_library_logs(fragments: tuple[str, ...] = ("orbax", "etils")) -> None:
   for handler in py_logging.getLogger().handlers + py_logging.getLogger("absl").handlers:
     handler.addFilter(flt)
   py_logging.getLogger("absl").addFilter(flt)
+
+
+LOCK_FILE = ".lock"
+
+
+class WorkdirLocked(RuntimeError):
+  """Another live run (or a run on another host, which cannot be checked) holds the workdir."""
+
+
+def _read_lock(path: str) -> dict[str, Any] | None:
+  """The holder recorded in a lock file; None when it vanished; {} when it is not (yet) JSON."""
+  # A holder creates the file and then writes it, so an empty file may be a lock being written:
+  # read again briefly before calling it unreadable.
+  for _ in range(20):
+    try:
+      with open(path) as f:
+        text = f.read()
+    except FileNotFoundError:
+      return None
+    try:
+      holder = json.loads(text)
+      if isinstance(holder, dict):
+        return holder
+    except json.JSONDecodeError:
+      pass
+    time.sleep(0.05)
+  return {}
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # Another user's live process.
+    return True
+  return True
+
+
+def _describe(holder: dict[str, Any]) -> str:
+  argv = holder.get("argv")
+  command = " ".join(argv) if isinstance(argv, list) else "?"
+  return (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, started "
+          f"{holder.get('started', '?')}, command: {command}")
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str, argv: Sequence[str] | None = None) -> Iterator[str]:
+  """Holds WORKDIR/.lock while the block runs, so that one run at a time writes a workdir.
+
+  The lock file is created atomically (O_CREAT | O_EXCL) and holds JSON {pid, host, started (UTC),
+  argv}. It is removed when the block exits in any way (exception, KeyboardInterrupt included). A
+  lock left by a dead process of this host (a kill -9, a power cut) is stale: it is logged and
+  taken over. The workdir is created if needed.
+
+  Args:
+    workdir: the run's output directory.
+    argv: the command recorded for whoever finds the lock (default: sys.argv).
+
+  Yields:
+    The lock file's path.
+
+  Raises:
+    WorkdirLocked: a live process of this host holds the lock, or a process of another host
+      (which cannot be checked), or the lock file is unreadable; the message names the holder
+      and what to do. Nothing has been written then.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, LOCK_FILE)
+  host = socket.gethostname()
+  mine = {
+      "pid": os.getpid(),
+      "host": host,
+      "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+      "argv": list(sys.argv if argv is None else argv),
+  }
+  # A few attempts: each stale lock taken over, or a holder that released while we read it,
+  # costs one; more than that means processes are racing for the workdir.
+  for _ in range(5):
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      holder = _read_lock(path)
+      if holder is None:  # Released between our open and our read.
+        continue
+      if not holder:
+        raise WorkdirLocked(
+            f"workdir {workdir} has an unreadable lock file {path}; if no other run "
+            f"is using this workdir, delete {path} and run again") from None
+      pid = holder.get("pid")
+      if holder.get("host") != host:
+        raise WorkdirLocked(
+            f"workdir {workdir} is locked by a run on another host ({_describe(holder)}); this "
+            f"host ({host}) cannot check whether it is alive: wait for it to finish or use another "
+            f"--workdir, and if that run is dead, delete {path} and run again") from None
+      if isinstance(pid, int) and not _pid_alive(pid):
+        logging.warning("workdir %s: taking over the stale lock of a dead run (%s)", workdir,
+                        _describe(holder))
+        _remove_stale(path, holder)
+        continue
+      raise WorkdirLocked(
+          f"workdir {workdir} is in use by another run ({_describe(holder)}): wait for it to "
+          f"finish, stop it (kill {pid}), or use another --workdir; if no such run is alive "
+          f"(the pid now belongs to another program), delete {path} and run again") from None
+    try:
+      with os.fdopen(fd, "w") as f:
+        json.dump(mine, f)
+        f.write("\n")
+    except BaseException:
+      os.remove(path)
+      raise
+    break
+  else:
+    raise WorkdirLocked(f"workdir {workdir}: could not take {path}, other runs keep taking it; "
+                        "run one at a time")
+  try:
+    yield path
+  finally:
+    # Only our own lock: had someone deleted it and another run taken the workdir, theirs stays.
+    if _read_lock(path) == mine:
+      os.remove(path)
+
+
+def _remove_stale(path: str, holder: dict[str, Any]) -> None:
+  """Removes the stale lock `holder`, but not a fresh lock another run put there meanwhile."""
+  # Rename first (atomic, one winner) and check what was renamed: two runs both judging the
+  # same stale lock must not remove each other's fresh one.
+  aside = f"{path}.stale.{os.getpid()}"
+  try:
+    os.rename(path, aside)
+  except FileNotFoundError:
+    return
+  if _read_lock(aside) != holder:
+    with contextlib.suppress(FileExistsError):
+      os.link(aside, path)  # Put the live lock back (no-op if yet another run holds the path).
+  os.remove(aside)
