@@ -1,4 +1,4 @@
-"""Fingerprints that tie a result to what made it: cheap content hashes of the data sources.
+"""Fingerprints that tie a result to what made it: content hashes of arrays and data sources.
 
 A run's outputs are only reused by a run whose fingerprint matches (`jaxattr.pretrain`), so a
 changed file under the same path, or other options, never resumes an old run.
@@ -6,10 +6,23 @@ changed file under the same path, or other options, never resumes an old run.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any
 
+import numpy as np
+
 from jaxattr import data, utils
+
+
+def arrays_fingerprint(*arrays: np.ndarray) -> str:
+  """A short exact hash of arrays' dtypes, shapes and bytes (for in-memory inputs)."""
+  h = hashlib.sha256()
+  for a in arrays:
+    a = np.ascontiguousarray(a)
+    h.update(str(a.dtype).encode() + str(a.shape).encode())
+    h.update(a.tobytes())
+  return h.hexdigest()[:16]
 
 
 def data_fingerprint(data_config: Any) -> str:

@@ -63,6 +63,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   """
   if config.mode not in ("flip", "train"):
     raise ValueError(f"config.mode must be 'flip' or 'train', got {config.mode!r}")
+  if int(config.num_models) < 1:
+    raise ValueError(f"config.num_models must be at least 1, got {config.num_models}")
   train, test = data.load_splits(config.data)
   os.makedirs(workdir, exist_ok=True)
   t0 = time.perf_counter()

@@ -13,7 +13,6 @@ curve.png}`` (state.json is the resumable search state, the others come from
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -24,7 +23,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from jaxattr import config as config_lib, data, utils
+from jaxattr import config as config_lib, data, fingerprint as fingerprint_lib, utils
 from jaxattr.counterfactual import bisection, summaries
 from jaxattr.counterfactual.bisection import METRICS, Predictor, SearchError, SearchProblem
 
@@ -88,7 +87,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data.Dataset 
 
   train_key = utils.config_hash({
       "ensemble": config.ensemble.to_dict(),
-      "train": _array_digest(train.index, train.labels)
+      "train": fingerprint_lib.arrays_fingerprint(train.index, train.labels)
   })
   search_key = {f: sc[f] for f in ("num_tests", "search_budget", "k", "exhaustive", "grid", "seed")}
   flips: dict[int, int] = {}
@@ -115,10 +114,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data.Dataset 
       true = test.labels[t_pos].astype(np.int64)
       flip = (np.array([flips[int(i)] for i in ids], np.int64) if metric == "mislabel" else None)
       fingerprint = utils.config_hash({
-          "search": search_key,
-          "metric": metric,
-          "train": train_key,
-          "inputs": _array_digest(ids, prefixes, true, flip if flip is not None else ids[:0])
+          "search":
+              search_key,
+          "metric":
+              metric,
+          "train":
+              train_key,
+          "inputs":
+              fingerprint_lib.arrays_fingerprint(ids, prefixes, true,
+                                                 flip if flip is not None else ids[:0])
       })
       out_dir = os.path.join(workdir, "support", metric, name)
       done = _finished_summary(out_dir, fingerprint)
@@ -298,15 +302,6 @@ def flip_classes_cached(workdir: str, target_ids: np.ndarray, target_images: np.
     utils.save_npz(path, index=ids, flip_class=np.array([known[i] for i in ids], np.int64),
                    key=np.array(key))
   return np.array([known[int(t)] for t in target_ids], np.int64)
-
-
-def _array_digest(*arrays: np.ndarray) -> str:
-  h = hashlib.sha256()
-  for a in arrays:
-    a = np.ascontiguousarray(a)
-    h.update(str(a.dtype).encode() + str(a.shape).encode())
-    h.update(a.tobytes())
-  return h.hexdigest()[:16]
 
 
 def _finished_summary(out_dir: str, fingerprint: str) -> dict[str, Any] | None:
