@@ -1,6 +1,6 @@
 """Image data sources, all returning the same in-memory record.
 
-`load(source, split, **options)` understands:
+`load(source, split, **options)` understands (`parse_source` checks the source string):
 
 * ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes), scaled from
   0..16 to 0..255, resized (bilinear) to ``size`` x ``size`` (default 32) and replicated to RGB.
@@ -9,16 +9,29 @@
   scikit-learn's order, and ``index`` is the position in that split.
 * ``folder:PATH``: a class-per-subfolder tree ``PATH/{train,test}/<class>/<image>``, where PATH is a
   directory or a ``.tar``/``.tar.gz``/``.tgz`` archive of one (optionally below one top folder).
-  Canonical order: sorted class folder, then sorted file name (as torchvision's ImageFolder).
-* ``npz:PATH``: arrays ``x_train, y_train, x_test, y_test`` (+ optional ``class_names``).
+  Canonical order: sorted class folder, then sorted file name (as torchvision ImageFolder). Files
+  without an image suffix are ignored; an image directly in a split folder or below a class
+  folder's subfolder is an error, as is a truncated or corrupt archive. Option ``workers``
+  (decode threads of a directory, default 4).
+* ``npz:PATH``: arrays ``x_train, y_train, x_test, y_test`` (+ optional ``class_names``: 1-D,
+  strings, or bytes decoded as UTF-8).
+  ``x_*``: [N, H, W], [N, H, W, 1] or [N, H, W, 3] with N >= 1, either integers in [0, 255] or
+  finite floats, which are multiplied by 255 when all lie in [0, 1] and otherwise must lie in
+  [0, 255]; values are then rounded to uint8. Anything else (NaN/inf, values outside those
+  ranges, bool or other non-numeric arrays) is an error, never clipped. ``y_*``: [N] or [N, 1]
+  integer class ids, or floats that are whole numbers, in [0, len(class_names)); without
+  ``class_names`` the classes are ``'0'..'C-1'`` with C = 1 + the largest label of ``y_train`` and
+  ``y_test``, so both splits share them.
 * ``tfds:NAME``: an already prepared tensorflow-datasets dataset, read without TensorFlow, returned
   in the dataset's ORIGINAL order recovered from its ``id`` feature (``train_00042`` -> 42), which
-  is the order torchvision uses, so indices match the PyTorch reference.
+  is the order torchvision uses, so indices match the PyTorch reference. Option ``data_dir``.
 
 Every record holds uint8 images [N, H, W, 3], int32 labels [N], the class names and ``index``
 (int64 [N]): each example's position in the source's canonical order for that split. Options common
-to all sources: ``size`` (resize to size x size), ``limit_per_class`` (keep the first n of each
-class in canonical order; ``index`` still refers to the full split).
+to all sources: ``size`` (an int >= 1: resize to size x size), ``limit_per_class`` (an int >= 1:
+keep the first n of each class in canonical order; ``index`` still refers to the full split).
+`check_options` rejects any other option, and a bad value, before anything is read; an option set to
+None counts as not given. Bad input raises one `DataError` that names the file, key or option.
 """
 
 from __future__ import annotations
@@ -30,6 +43,7 @@ import io
 import os
 import re
 import tarfile
+import zlib
 from typing import Any, Sequence
 
 import numpy as np
@@ -95,39 +109,38 @@ def load(source: str, split: str, **options: Any) -> Dataset:
   Args:
     source: 'digits', 'folder:PATH', 'npz:PATH' or 'tfds:NAME'.
     split: 'train' or 'test'.
-    **options: `size`, `limit_per_class`, and per-source options (`data_dir` for tfds, `seed`
-      is fixed for digits and not an option).
+    **options: `size`, `limit_per_class`, and per-source options (`workers` for folder,
+      `data_dir` for tfds; `seed` is fixed for digits and not an option). None = not given.
 
   Returns:
     The split as a `Dataset`.
 
   Raises:
-    DataError: a missing path, an unknown source or split, an empty class folder, an unreadable
-      image, or arrays of mismatched lengths.
+    DataError: a missing path, an unknown source, split or option, a bad option value (all
+      before anything is read), an empty class folder, an unreadable image or archive, or arrays
+      of bad values, types, shapes or mismatched lengths.
   """
   if split not in SPLITS:
     raise DataError(f"unknown split {split!r} for {source!r}; expected one of {SPLITS}")
+  kind, arg = parse_source(source)
+  check_options(kind, options)
+  options = {k: v for k, v in options.items() if v is not None}
   size = options.pop("size", None)
   limit = options.pop("limit_per_class", None)
-  kind, _, arg = source.partition(":")
   if kind == "digits":
-    ds = _load_digits(split, size=size or 32, **options)
+    ds = _load_digits(split, size=32 if size is None else size)
   elif kind == "folder":  # decodes only the images it keeps
-    ds = _load_folder(_require_arg(source, arg), split, size=size, limit=limit, **options)
+    ds = _load_folder(arg, split, size=size, limit=limit, **options)
     limit = None
   elif kind == "npz":
-    ds = _load_npz(_require_arg(source, arg), split, **options)
-  elif kind == "tfds":
-    ds = _load_tfds(_require_arg(source, arg), split, **options)
+    ds = _load_npz(arg, split)
   else:
-    raise DataError(
-        f"unknown data source {source!r}; expected 'digits', 'folder:PATH', 'npz:PATH' or "
-        "'tfds:NAME'")
+    ds = _load_tfds(arg, split, **options)
   ds.source, ds.split = source, split
   if size is not None and ds.images.shape[1:3] != (size, size):
     ds.images = resize(ds.images, size)
   if limit is not None:
-    ds = ds.subset(_first_per_class(ds.labels, int(limit)))
+    ds = ds.subset(_first_per_class(ds.labels, limit))
   return ds
 
 
@@ -145,10 +158,81 @@ def load_splits(data_config: Any) -> tuple[Dataset, Dataset]:
   return (load(data_config.source, "train", **options), load(data_config.source, "test", **options))
 
 
-def _require_arg(source: str, arg: str) -> str:
+SOURCE_FORMS = "'digits', 'folder:PATH', 'npz:PATH' or 'tfds:NAME'"
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+COMMON_OPTIONS = ("size", "limit_per_class")
+# The options each kind of source takes besides COMMON_OPTIONS.
+SOURCE_OPTIONS = {"digits": (), "folder": ("workers",), "npz": (), "tfds": ("data_dir",)}
+
+
+def parse_source(source: str) -> tuple[str, str]:
+  """Splits and checks a source string: ('digits', ''), ('folder', PATH), ('npz', PATH), ...
+
+  Checks what needs no reading: the kind, that it has its argument (and 'digits' none), that a
+  folder PATH is a directory or a .tar/.tar.gz/.tgz file and that an npz PATH exists.
+
+  Args:
+    source: 'digits', 'folder:PATH', 'npz:PATH' or 'tfds:NAME'.
+
+  Returns:
+    (kind, argument), the argument '' for 'digits'.
+
+  Raises:
+    DataError: naming the source and the accepted forms.
+  """
+  if not isinstance(source, str):
+    raise DataError(f"data.source must be a string, one of {SOURCE_FORMS}; got {source!r}")
+  kind, colon, arg = source.partition(":")
+  if kind not in SOURCE_OPTIONS:
+    raise DataError(f"unknown data source {source!r}; expected {SOURCE_FORMS}")
+  if kind == "digits":
+    if colon:
+      raise DataError(f"data source {source!r}: 'digits' takes no argument; write 'digits'")
+    return kind, ""
   if not arg:
     raise DataError(f"data source {source!r} needs an argument after the colon")
-  return arg
+  if kind == "folder":
+    if not os.path.exists(arg):
+      raise DataError(f"folder source: path does not exist: {arg}")
+    if not os.path.isdir(arg) and not arg.endswith(ARCHIVE_SUFFIXES):
+      raise DataError(f"folder source: {arg} is neither a directory nor a .tar/.tar.gz/.tgz file")
+  elif kind == "npz" and not os.path.exists(arg):
+    raise DataError(f"npz source: file does not exist: {arg}")
+  return kind, arg
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_options(kind: str, options: dict[str, Any]) -> None:
+  """Raises unless every option is one that `kind` sources take, with an allowed value.
+
+  Args:
+    kind: a source kind, as `parse_source` returns it ('digits', 'folder', 'npz', 'tfds').
+    options: {name: value}; a value of None means not given (any name must still be known).
+
+  Raises:
+    DataError: naming `data.options.NAME`, the value and the allowed ones.
+  """
+  accepted = COMMON_OPTIONS + SOURCE_OPTIONS[kind]
+  for name, value in options.items():
+    if name not in accepted:
+      raise DataError(f"data.options.{name} is not an option of {kind!r} sources; they accept "
+                      f"{', '.join(accepted)}")
+    if value is None:
+      continue
+    if name == "size" and not (_is_int(value) and value >= 1):
+      raise DataError(f"data.options.size must be an int >= 1 (pixels per side), or None for "
+                      f"the images' own size; got {value!r}")
+    if name == "limit_per_class" and not (_is_int(value) and value >= 1):
+      raise DataError(f"data.options.limit_per_class must be an int >= 1 (images kept per "
+                      f"class), or None to keep all; got {value!r}")
+    if name == "workers" and not (_is_int(value) and value >= 1):
+      raise DataError(f"data.options.workers must be an int >= 1 (decode threads); got {value!r}")
+    if name == "data_dir" and not isinstance(value, (str, os.PathLike)):
+      raise DataError(f"data.options.data_dir must be a directory path, or None for tfds' "
+                      f"default; got {value!r}")
 
 
 def _first_per_class(labels: np.ndarray, limit: int) -> np.ndarray:
@@ -202,18 +286,13 @@ def _limited(files: list[str], labels: np.ndarray,
 
 def _load_folder(path: str, split: str, size: int | None = None, limit: int | None = None,
                  workers: int = 4) -> Dataset:
-  if not os.path.exists(path):
-    raise DataError(f"folder source: path does not exist: {path}")
-  if os.path.isdir(path):
-    entries = _scan_directory(path)
-    reader = _DirReader(path)
-  elif path.endswith((".tar", ".tar.gz", ".tgz")):
+  if not os.path.isdir(path):  # an archive: `parse_source` checked the path and its suffix
     st = os.stat(path)
     # A shallow copy: callers may rebind fields, the cached arrays stay shared (read-only).
     return dataclasses.replace(
         _load_tar_cached(os.path.abspath(path), st.st_mtime_ns, st.st_size, split, size, limit))
-  else:
-    raise DataError(f"folder source: {path} is neither a directory nor a .tar/.tar.gz/.tgz file")
+  entries = _scan_directory(path)
+  reader = _DirReader(path)
   files, labels, class_names = _layout(entries, split, path)
   files, labels, index = _limited(files, labels, limit)
   images = _decode_all(reader, files, size, workers)
@@ -247,10 +326,19 @@ def _layout(entries: Sequence[str], split: str,
     if len(parts) < 2 or parts[0] not in SPLITS:
       continue
     s, cls = parts[0], parts[1]
+    is_image = parts[-1].lower().endswith(IMAGE_SUFFIXES)
+    if len(parts) == 2:  # a file directly in the split folder (folders end with '/')
+      if is_image:
+        raise DataError(f"folder source {where}: image '{e}' lies directly in '{prefix}{s}/'; "
+                        f"move it into its class folder '{prefix}{s}/<class>/'")
+      continue
     if not cls:
       continue
     bucket = per_split[s].setdefault(cls, [])
-    if len(parts) == 3 and parts[2] and parts[2].lower().endswith(IMAGE_SUFFIXES):
+    if len(parts) > 3 and is_image:
+      raise DataError(f"folder source {where}: image '{e}' lies in a subfolder of its class folder "
+                      f"'{prefix}{s}/{cls}/'; images must lie directly in the class folder")
+    if len(parts) == 3 and is_image:
       bucket.append(e)
   if not per_split[split]:
     found = [s for s in SPLITS if per_split[s]]
@@ -338,24 +426,27 @@ def _load_tar_cached(path: str, mtime_ns: int, nbytes: int, split: str, size: in
   del mtime_ns, nbytes  # only part of the cache key
   try:
     tar = tarfile.open(path, "r:*")
-  except (tarfile.TarError, OSError) as e:
-    raise DataError(f"folder source: cannot open archive {path}: {e}") from e
-  with tar:
-    members = tar.getmembers()
-    entries = [m.name.lstrip("./") + ("/" if m.isdir() else "") for m in members]
-    files, labels, class_names = _layout(entries, split, path)
-    files, labels, index = _limited(files, labels, limit)
-    by_name = {e: m for e, m in zip(entries, members)}
-    # Sequential reads (gzip streams cannot seek cheaply), threaded decodes.
-    wanted = set(files)
-    blobs: dict[str, bytes] = {}
-    for e, m in zip(entries, members):
-      if e in wanted:
-        f = tar.extractfile(m)
-        if f is None:
-          raise DataError(f"unreadable image {path}:{e}: not a regular file")
-        blobs[e] = f.read()
-    del by_name
+  except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+    raise DataError(f"folder source: cannot open archive {path} (not a tar archive, or truncated "
+                    f"or corrupt): {e}") from e
+  try:
+    with tar:
+      members = tar.getmembers()
+      _check_tar_end(tar, path)
+      entries = [m.name.lstrip("./") + ("/" if m.isdir() else "") for m in members]
+      files, labels, class_names = _layout(entries, split, path)
+      files, labels, index = _limited(files, labels, limit)
+      # Sequential reads (gzip streams cannot seek cheaply), threaded decodes.
+      wanted = set(files)
+      blobs: dict[str, bytes] = {}
+      for e, m in zip(entries, members):
+        if e in wanted:
+          f = tar.extractfile(m)
+          if f is None:
+            raise DataError(f"unreadable image {path}:{e}: not a regular file")
+          blobs[e] = f.read()
+  except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
+    raise DataError(_TAR_BROKEN.format(path=path, error=f"{type(e).__name__}: {e}")) from e
   with concurrent.futures.ThreadPoolExecutor(4) as pool:
     arrays = list(pool.map(lambda e: _decode(blobs[e], f"{path}:{e}", size), files))
   images = _stack(arrays, [f"{path}:{e}" for e in files])
@@ -363,40 +454,150 @@ def _load_tar_cached(path: str, mtime_ns: int, nbytes: int, split: str, size: in
   return Dataset(images=images, labels=labels, class_names=class_names, index=index)
 
 
+_TAR_BROKEN = ("folder source: archive {path} is truncated or corrupt ({error}); re-download or "
+               "re-create it")
+
+
+def _check_tar_end(tar: tarfile.TarFile, path: str) -> None:
+  """Raises unless the member list ended at the end-of-archive (zero) block.
+
+  `tarfile` stops silently, as at the end, where an archive cut at a member boundary ends or where
+  a header is garbage after the first one.
+  """
+  tar.fileobj.seek(tar.offset)
+  block = tar.fileobj.read(tarfile.BLOCKSIZE)
+  if block != tarfile.NUL * tarfile.BLOCKSIZE:
+    what = "ends" if not block else "has an invalid header"
+    raise DataError(
+        _TAR_BROKEN.format(
+            path=path, error=f"{what} after {len(tar.members)} members, at byte "
+            f"{tar.offset} of the tar stream, without the end-of-archive block"))
+
+
 # ----------------------------------------------------------------------------------------------
 # npz
 
 
 def _load_npz(path: str, split: str) -> Dataset:
-  if not os.path.exists(path):
-    raise DataError(f"npz source: file does not exist: {path}")
   try:
     z = np.load(path, allow_pickle=False)
   except Exception as e:  # pylint: disable=broad-except
     raise DataError(f"npz source: cannot read {path}: {e}") from e
+  if not isinstance(z, np.lib.npyio.NpzFile):
+    raise DataError(f"npz source {path}: holds a single array, not an .npz archive of x_train, "
+                    "y_train, x_test, y_test; write one with np.savez")
   with z:
     xk, yk = f"x_{split}", f"y_{split}"
     for k in (xk, yk):
       if k not in z.files:
         raise DataError(f"npz source {path}: missing key {k!r} (keys: {sorted(z.files)})")
-    x, y = z[xk], z[yk]
-    names = [str(c) for c in z["class_names"]] if "class_names" in z.files else None
+    x, y = _npz_array(z, xk, path), _npz_array(z, yk, path)
+    names = None
+    if "class_names" in z.files:
+      names = _npz_class_names(_npz_array(z, "class_names", path), path)
+    other_ys = {k: _npz_array(z, k, path) for k in ("y_train", "y_test") if k in z.files}
+    del other_ys[yk]
+  x = _npz_images(x, path, xk)
+  y = _npz_labels(y, path, yk, names)
   if len(x) != len(y):
     raise DataError(f"npz source {path}: {xk} has {len(x)} images but {yk} has {len(y)} labels")
+  if names is None:  # both splits share the classes 0..C-1 of all their labels
+    top = max(
+        int(labels.max())
+        for labels in [y] + [_npz_labels(v, path, k, None) for k, v in other_ys.items()]
+        if len(labels))
+    names = [str(c) for c in range(top + 1)]
+  return Dataset(images=x, labels=y, class_names=names, index=np.arange(len(y), dtype=np.int64))
+
+
+def _npz_array(z: Any, key: str, path: str) -> np.ndarray:
+  try:
+    return z[key]
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(f"npz source {path}: cannot read key {key!r} ({e}); store it as a plain "
+                    "numeric or string array (no Python objects)") from e
+
+
+def _npz_class_names(names: np.ndarray, path: str) -> list[str]:
+  if names.ndim != 1:
+    raise DataError(f"npz source {path}: class_names must be a 1-D array of names, got shape "
+                    f"{names.shape}")
+  return [c.decode() if isinstance(c, bytes) else str(c) for c in names.tolist()]
+
+
+def _npz_images(x: np.ndarray, path: str, key: str) -> np.ndarray:
+  """`key`'s images as uint8 [N, H, W, 3], after checking their shape, type and values."""
+  if x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 3)):
+    raise DataError(f"npz source {path}: {key} must be [N, H, W, 3] (or [N, H, W]), got {x.shape}")
+  if len(x) == 0 or x.shape[1] == 0 or x.shape[2] == 0:
+    raise DataError(f"npz source {path}: {key} holds no pixels (shape {x.shape}); each split needs "
+                    "at least one image of at least 1x1 pixels")
+  is_float = np.issubdtype(x.dtype, np.floating)
+  if not (is_float or np.issubdtype(x.dtype, np.integer)):
+    raise DataError(f"npz source {path}: {key} has dtype {x.dtype}; images must be integers in "
+                    "[0, 255] (uint8) or floats in [0, 1] or [0, 255]")
+  if is_float:
+    bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+    if bad:
+      raise DataError(f"npz source {path}: {key} has {bad} non-finite values (NaN or inf); "
+                      "replace them or drop those images")
+    lo, hi = float(x.min()), float(x.max())
+    if lo >= 0 and hi <= 1:
+      x = x * 255.0
+    elif lo < 0 or hi > 255:
+      raise DataError(
+          f"npz source {path}: {key} has float values in [{lo:g}, {hi:g}]; float images "
+          "must lie in [0, 1] (multiplied by 255) or in [0, 255]")
+  elif x.dtype != np.uint8:
+    lo, hi = int(x.min()), int(x.max())
+    if lo < 0 or hi > 255:
+      raise DataError(
+          f"npz source {path}: {key} has integer values in [{lo}, {hi}]; integer images "
+          "must lie in [0, 255]")
+  if x.dtype != np.uint8:
+    x = np.clip(np.round(x), 0, 255).astype(np.uint8)
   if x.ndim == 3:
-    x = np.repeat(x[..., None], 3, axis=-1)
-  if x.ndim != 4 or x.shape[-1] not in (1, 3):
-    raise DataError(f"npz source {path}: {xk} must be [N, H, W, 3] (or [N, H, W]), got {x.shape}")
+    x = x[..., None]
   if x.shape[-1] == 1:
     x = np.repeat(x, 3, axis=-1)
-  if x.dtype != np.uint8:
-    if np.issubdtype(x.dtype, np.floating) and x.size and x.max() <= 1.0:
-      x = x * 255.0
-    x = np.clip(np.round(x), 0, 255).astype(np.uint8)
-  y = np.asarray(y).astype(np.int32).reshape(-1)
-  if names is None:
-    names = [str(c) for c in range(int(y.max()) + 1 if len(y) else 0)]
-  return Dataset(images=x, labels=y, class_names=names, index=np.arange(len(y), dtype=np.int64))
+  return x
+
+
+def _npz_labels(y: np.ndarray, path: str, key: str, names: list[str] | None) -> np.ndarray:
+  """`key`'s labels as int32 [N], after checking their shape, type and values."""
+  is_float = np.issubdtype(y.dtype, np.floating)
+  if not (is_float or np.issubdtype(y.dtype, np.integer)):
+    raise DataError(f"npz source {path}: {key} has dtype {y.dtype}; labels must be integer class "
+                    "ids (or floats that are whole numbers)")
+  if y.ndim == 2 and y.shape[1] == 1:
+    y = y[:, 0]
+  if y.ndim != 1:
+    raise DataError(f"npz source {path}: {key} must be [N] (or [N, 1]) class ids, got shape "
+                    f"{y.shape}")
+  if is_float:
+    bad = int(len(y) - np.count_nonzero(np.isfinite(y)))
+    if bad:
+      raise DataError(f"npz source {path}: {key} has {bad} non-finite labels (NaN or inf); labels "
+                      "must be class ids")
+    fractional = np.flatnonzero(y != np.round(y))
+    if len(fractional):
+      i = fractional[0]
+      raise DataError(f"npz source {path}: {key} has {len(fractional)} fractional labels (e.g. "
+                      f"{y[i]:g} at position {i}); labels must be whole class ids")
+  if not len(y):
+    return y.astype(np.int32)
+  lo, hi = y.min(), y.max()
+  if lo < 0:
+    raise DataError(
+        f"npz source {path}: {key} has negative labels (the smallest is {int(lo)}); labels "
+        "must be class ids 0, 1, ...")
+  if names is not None and hi >= len(names):
+    raise DataError(
+        f"npz source {path}: {key} has label {int(hi)} but class_names has {len(names)} "
+        f"names; labels must lie in [0, {len(names)})")
+  if hi > np.iinfo(np.int32).max:
+    raise DataError(f"npz source {path}: {key} has label {int(hi)}, too large for a class id")
+  return y.astype(np.int32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,7 +626,19 @@ def order_from_ids(ids: Sequence[Any], where: str = "tfds") -> np.ndarray:
   return out
 
 
-def _load_tfds(name: str, split: str, data_dir: str | None = None) -> Dataset:
+def prepared_tfds_builder(name: str, data_dir: str | None = None) -> Any:
+  """The tensorflow-datasets builder of `name`, which must be prepared in `data_dir`.
+
+  Args:
+    name: the tfds dataset name (the NAME of 'tfds:NAME').
+    data_dir: tfds' data directory; None = its default (~/tensorflow_datasets).
+
+  Returns:
+    `tfds.builder(name, data_dir=data_dir)`.
+
+  Raises:
+    DataError: the dataset is not prepared; the message gives the command that prepares it.
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   builder = tfds.builder(name, data_dir=data_dir)
@@ -437,6 +650,11 @@ def _load_tfds(name: str, split: str, data_dir: str | None = None) -> Dataset:
         f"  tfds build {name} --data_dir={where} --manual_dir=MANUAL_DIR\n"
         "Offline, first put the dataset's original archive (e.g. cifar-10-python.tar.gz) in "
         f"MANUAL_DIR (or in {where}/downloads/manual/).")
+  return builder
+
+
+def _load_tfds(name: str, split: str, data_dir: str | None = None) -> Dataset:
+  builder = prepared_tfds_builder(name, data_dir)
   if split not in builder.info.splits:
     raise DataError(f"tfds dataset {name!r} has no split {split!r} "
                     f"(splits: {sorted(builder.info.splits)})")
@@ -446,10 +664,19 @@ def _load_tfds(name: str, split: str, data_dir: str | None = None) -> Dataset:
     raise DataError(f"tfds dataset {name!r} has no 'id' feature; cannot recover its original "
                     "order")
   n = len(source)
+  if not n:
+    raise DataError(f"tfds dataset {name!r}: split {split!r} has no examples; each split needs "
+                    "at least one image")
   records = [source[i] for i in range(n)]
   order = order_from_ids([r["id"] for r in records], where=f"tfds:{name}:{split}")
   inv = np.argsort(order)
-  images = np.stack([np.asarray(records[i]["image"]) for i in inv])
+  arrays = [np.asarray(records[i]["image"]) for i in inv]
+  for i, a in zip(inv, arrays):
+    if a.shape != arrays[0].shape:
+      raise DataError(f"tfds dataset {name!r}: split {split!r} mixes image shapes ({a.shape} at "
+                      f"original position {order[i]}, {arrays[0].shape} at 0); datasets of mixed "
+                      "image sizes are not supported")
+  images = np.stack(arrays)
   if images.ndim == 3:
     images = images[..., None]
   if images.shape[-1] == 1:

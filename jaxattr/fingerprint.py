@@ -43,38 +43,29 @@ def data_fingerprint(data_config: Any) -> str:
     A short hex string.
 
   Raises:
-    data.DataError: what `data.load` raises for a missing path, an unknown source or an
-      unprepared tfds dataset.
+    data.DataError: what `data.load` raises for a missing path, an unknown source, an unknown
+      option or bad option value (`data.parse_source`, `data.check_options`) or an unprepared
+      tfds dataset (`data.prepared_tfds_builder`).
   """
-  source = data_config.source
+  kind, arg = data.parse_source(data_config.source)
   options = {k: v for k, v in dict(data_config.options).items() if v is not None}
-  kind, _, arg = source.partition(":")
+  data.check_options(kind, options)
   if kind == "digits":
     import sklearn  # pylint: disable=g-import-not-at-top
     content: Any = {"sklearn": sklearn.__version__}
   elif kind == "folder":
-    path = data._require_arg(source, arg)
-    if not os.path.exists(path):
-      raise data.DataError(f"folder source: path does not exist: {path}")
-    if os.path.isdir(path):
-      content = _file_list(path, mtimes=True)
-    elif path.endswith((".tar", ".tar.gz", ".tgz")):
-      content = _file_stat(path)
-    else:
-      raise data.DataError(
-          f"folder source: {path} is neither a directory nor a .tar/.tar.gz/.tgz file")
+    content = _file_list(arg, mtimes=True) if os.path.isdir(arg) else _file_stat(arg)
   elif kind == "npz":
-    path = data._require_arg(source, arg)
-    if not os.path.exists(path):
-      raise data.DataError(f"npz source: file does not exist: {path}")
-    content = _file_stat(path)
-  elif kind == "tfds":
-    content = _tfds_content(data._require_arg(source, arg), options.get("data_dir"))
+    content = _file_stat(arg)
   else:
-    raise data.DataError(
-        f"unknown data source {source!r}; expected 'digits', 'folder:PATH', 'npz:PATH' or "
-        "'tfds:NAME'")
+    content = _tfds_content(arg, options.get("data_dir"))
   return utils.config_hash({"kind": kind, "content": content, "options": options})
+
+
+def path_content(path: str) -> list[Any]:
+  """A file's absolute path, size and mtime, or a directory's relative file list with sizes and
+  mtimes (an encoder checkpoint, for instance): JSON-able, equal only for the same files."""
+  return _file_list(path, mtimes=True) if os.path.isdir(path) else _file_stat(path)
 
 
 def _file_stat(path: str) -> list[Any]:
@@ -98,12 +89,7 @@ def _file_list(root: str, mtimes: bool) -> list[list[Any]]:
 
 
 def _tfds_content(name: str, data_dir: str | None) -> Any:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-  builder = tfds.builder(name, data_dir=data_dir)
-  if not builder.is_prepared():
-    data._load_tfds(name, "train",
-                    data_dir=data_dir)  # raises load's DataError with the build command
+  builder = data.prepared_tfds_builder(name, data_dir)
   directory = str(getattr(builder, "data_dir", ""))
   if directory and os.path.isdir(directory):
     return _file_list(directory, mtimes=False)
