@@ -2,9 +2,12 @@ r"""Benchmark: jaxattr's batched Exemplar-SVMs versus a loop of sklearn LinearSV
 
 Both sides score the same features: by default CIFAR-10 (the JPEG set in ../shared/data) through
 a RANDOMLY INITIALISED lightly ResNet-18 (width 1, 512-d, seed --seed, ImageNet mean/std),
-extracted once and cached in bench_results/ (git-ignored); or the features of a jaxattr run via
---features_dir=WORKDIR/features. Random-init features are fine for timing and for checking that
-both solvers find the same optimum; they say nothing about attribution quality.
+extracted once and cached in bench_results/ (git-ignored; the file is named by, and holds, a key
+of everything the features depend on: --data and its content fingerprint, the encoder, --seed,
+--encoder_width, --extract_batch; a cache of another key is never reused, `load_or_extract`); or
+the features of a jaxattr run via --features_dir=WORKDIR/features. Random-init features are fine
+for timing and for checking that both solvers find the same optimum; they say nothing about
+attribution quality.
 
 Modes (--mode):
   compare: targets = the first test images of class --class_id, candidates = that class's 5,000
@@ -61,8 +64,11 @@ class sets of 5,000 candidates; ad hoc timings and A/B runs, not rerun by this s
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import time
+import types
 import warnings
 
 import jax
@@ -81,7 +87,9 @@ _FEATURES_DIR = flags.DEFINE_string("features_dir", None,
 _DATA = flags.DEFINE_string("data", config.CIFAR10_JPEG, "jaxattr.data source to extract.")
 _WIDTH = flags.DEFINE_float("encoder_width", 1.0, "Width of the random-init ResNet-18.",
                             lower_bound=0.0)
-_CACHE = flags.DEFINE_string("cache", None, "Feature cache (default bench_results/...npz).")
+_CACHE = flags.DEFINE_string(
+    "cache", None, "Feature cache (default bench_results/features_<data>_<key>.npz); one holding "
+    "features of other inputs is re-extracted and overwritten.")
 _SEED = flags.DEFINE_integer("seed", 0, "Encoder init seed.")
 _CLASS = flags.DEFINE_integer("class_id", 0, "Class of the compare mode's targets/candidates.",
                               lower_bound=0)
@@ -103,45 +111,99 @@ _BATCH = flags.DEFINE_integer("extract_batch", 250, "Images per feature-extracti
 _OUT = flags.DEFINE_string("out", "bench_results/esvm.json", "Result JSON.")
 _EXTRACT_ONLY = flags.DEFINE_boolean("extract_only", False, "Only build the feature cache.")
 
+# Bumped when `_extract` changes what it computes: older caches are then never reused.
+CACHE_VERSION = 2
 
-def load_or_extract() -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
-  """(train, test, info): feature dicts with 'features', 'labels', 'index'."""
-  if _FEATURES_DIR.value:
+
+def cache_key(data: str, width: float, seed: int, extract_batch: int) -> dict:
+  """Everything the extracted features depend on (`_extract`), as a JSON-able dict.
+
+  The data enter by source and content fingerprint (`fingerprint.data_fingerprint`: file list,
+  sizes and mtimes; no image is read), so a changed file under the same name is a new key.
+  """
+  from jaxattr import fingerprint  # pylint: disable=g-import-not-at-top
+
+  source = types.SimpleNamespace(source=data, options={})
+  return {
+      "version": CACHE_VERSION,
+      "data": data,
+      "data_fingerprint": fingerprint.data_fingerprint(source),
+      "encoder": "random-init LightlyResNet18, ImageNet mean/std, eval mode",
+      "encoder_width": float(width),
+      "seed": int(seed),
+      "extract_batch": int(extract_batch),
+  }
+
+
+def default_cache_path(key: dict) -> str:
+  """bench_results/features_<data, readable>_<hash of the whole key>.npz."""
+  name = re.sub(r"[^A-Za-z0-9.]+", "_", key["data"]).strip("_")[-48:]
+  return os.path.join("bench_results", f"features_{name}_{utils.config_hash(key)}.npz")
+
+
+Split = dict[str, np.ndarray]  # 'features', 'labels', 'index'
+
+
+def load_or_extract(features_dir: str | None = None, data: str = config.CIFAR10_JPEG,
+                    width: float = 1.0, seed: int = 0, extract_batch: int = 250,
+                    cache: str | None = None) -> tuple[Split, Split, dict]:
+  """(train, test, info): feature dicts with 'features', 'labels', 'index'.
+
+  From features_dir (WORKDIR/features) when given; else extracted from `data` (`_extract`), or
+  read from the cache if it holds the features of exactly these inputs (`cache_key`, stored in
+  the file and checked on load). A cache of other inputs is re-extracted and overwritten, with a
+  warning; info['cache_reused'] says which happened.
+  """
+  if features_dir:
     out = []
     for split in ("train", "test"):
-      path = os.path.join(_FEATURES_DIR.value, f"{split}.npz")
+      path = os.path.join(features_dir, f"{split}.npz")
       if not os.path.exists(path):
         raise FileNotFoundError(f"--features_dir: {path} not found")
       with np.load(path) as z:
         out.append({k: z[k] for k in ("features", "labels", "index") if k in z.files})
-    return out[0], out[1], {"features": _FEATURES_DIR.value}
-  cache = _CACHE.value or os.path.join(
-      "bench_results", f"cifar10_random_resnet18_w{_WIDTH.value:g}_seed{_SEED.value}.npz")
+    return out[0], out[1], {"features": features_dir}
+  key = cache_key(data, width, seed, extract_batch)
+  cache = cache or default_cache_path(key)
   info = {
-      "features": f"random-init LightlyResNet18(width={_WIDTH.value}) seed {_SEED.value} "
-                  f"on {_DATA.value}",
-      "cache": cache
+      "features": f"random-init LightlyResNet18(width={width}) seed {seed} on {data}",
+      "cache": cache,
+      "cache_key": key,
+      "cache_reused": False,
   }
+  parts = None
   if os.path.exists(cache):
     with np.load(cache) as z:
-      parts = {k: z[k] for k in z.files}
+      stored = json.loads(str(z["cache_key"])) if "cache_key" in z.files else None
+      if stored == key:
+        parts = {k: z[k] for k in z.files if k != "cache_key"}
+    if parts is None:
+      logging.warning(
+          "feature cache %s holds features of other inputs (key %s, wanted %s): re-extracting "
+          "and overwriting it", cache, stored, key)
+  if parts is not None:
     info["extract_seconds"] = float(parts.pop("extract_seconds"))
+    info["cache_reused"] = True
+    logging.info("features from cache %s (key %s)", cache, key)
   else:
-    parts, seconds = _extract()
-    utils.save_npz(cache, extract_seconds=np.float64(seconds), **parts)
+    parts, seconds = _extract(data, width, seed, extract_batch)
+    utils.save_npz(cache, extract_seconds=np.float64(seconds), cache_key=np.array(json.dumps(key)),
+                   **parts)
     info["extract_seconds"] = seconds
+    logging.info("extracted features of %s in %.1f s; cached in %s", data, seconds, cache)
   train, test = ({
       k: parts[f"{s}_{k}"] for k in ("features", "labels", "index")
   } for s in ("train", "test"))
   return train, test, info
 
 
-def _extract() -> tuple[dict[str, np.ndarray], float]:
+def _extract(data: str, width: float, seed: int,
+             extract_batch: int) -> tuple[dict[str, np.ndarray], float]:
   from jaxattr import data as data_lib  # pylint: disable=g-import-not-at-top
   from jaxattr.models import LightlyResNet18  # pylint: disable=g-import-not-at-top
 
-  model = LightlyResNet18(width=_WIDTH.value)
-  variables = model.init(jax.random.key(_SEED.value), jnp.zeros((2, 32, 32, 3)), train=False)
+  model = LightlyResNet18(width=width)
+  variables = model.init(jax.random.key(seed), jnp.zeros((2, 32, 32, 3)), train=False)
   mean = jnp.asarray([0.485, 0.456, 0.406]) * 255.0
   std = jnp.asarray([0.229, 0.224, 0.225]) * 255.0
 
@@ -152,8 +214,8 @@ def _extract() -> tuple[dict[str, np.ndarray], float]:
 
   parts, start = {}, time.perf_counter()
   for split in ("train", "test"):
-    ds = data_lib.load(_DATA.value, split)
-    n, b = len(ds.images), _BATCH.value
+    ds = data_lib.load(data, split)
+    n, b = len(ds.images), extract_batch
     out = np.zeros((n, model.feature_dim), np.float32)
     meter = utils.Throughput(f"extract {split}", n, "images", 30.0)
     for i in range(0, n, b):
@@ -204,10 +266,11 @@ def compare(train, test) -> tuple[list[dict], dict]:
       "targets", c, len(cand), cand.shape[1], n_jax, n_sk, n_dual)
 
   # jaxattr, end to end through topk (chunks, top-k, host transfer); compiled by the warm-up.
+  # Targets that do not converge are counted (compare_nonconverged), not an error.
   def run_jax():
     return attribute.topk(train["features"], train["labels"], test["features"], test["labels"],
                           method="esvm", k=1280, targets=tpos[:n_jax], options=options,
-                          chunk_size=_CHUNK.value)
+                          chunk_size=_CHUNK.value, allow_nonconverged=True)
 
   run_jax()  # warm-up: compiles
   res = run_jax()
@@ -225,7 +288,8 @@ def compare(train, test) -> tuple[list[dict], dict]:
 
   values = run_values()  # warm-up: compiles
   # Full decision values of the sklearn targets, for the comparison (not timed).
-  ours, stats = attribute.esvm_scores(targets[:n_sk], cand, options, return_stats=True)
+  ours, stats = attribute.esvm_scores(targets[:n_sk], cand, options, return_stats=True,
+                                      allow_nonconverged=True)
   ours = np.asarray(ours, np.float64)
 
   converged = {"auto": [], True: []}
@@ -355,8 +419,9 @@ def compare(train, test) -> tuple[list[dict], dict]:
 
 
 def all_targets(train, test) -> tuple[list[dict], dict]:
+  # Targets that do not converge are counted (all_nonconverged), not an error.
   kw = dict(method="esvm", k=1280, same_class=True, chunk_size=_CHUNK.value, options=SolverOptions(
-      tol=_TOL.value, max_rows=_MAX_ROWS.value))
+      tol=_TOL.value, max_rows=_MAX_ROWS.value), allow_nonconverged=True)
   # Warm-up: compiles the program for the (shared) candidate bucket on one chunk.
   first = np.flatnonzero(test["labels"] == test["labels"][0])[:_CHUNK.value]
   attribute.topk(train["features"], train["labels"], test["features"], test["labels"],
@@ -386,7 +451,8 @@ def all_targets(train, test) -> tuple[list[dict], dict]:
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
-  train, test, info = load_or_extract()
+  train, test, info = load_or_extract(_FEATURES_DIR.value, _DATA.value, _WIDTH.value, _SEED.value,
+                                      _BATCH.value, _CACHE.value)
   logging.info("features: %s; train %s, test %s", info, train["features"].shape,
                test["features"].shape)
   if _EXTRACT_ONLY.value:
@@ -413,7 +479,7 @@ def main(argv):
   if "sklearn_dual_unconverged" in extra:
     print(f"sklearn fits stopped at max_iter={SKLEARN_MAX_ITER} (not converged): primal "
           f"{extra['sklearn_primal_unconverged']}, dual {extra['sklearn_dual_unconverged']}")
-  names = ("mode", "features_dir", "data", "encoder_width", "seed", "class_id",
+  names = ("mode", "features_dir", "data", "encoder_width", "seed", "extract_batch", "class_id",
            "num_targets_sklearn", "num_targets_dual", "num_targets_jax", "chunk_size", "tol",
            "max_rows", "repeats")
   settings = {

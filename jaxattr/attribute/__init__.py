@@ -23,6 +23,7 @@ from jaxattr.attribute.options import SolverOptions
 from jaxattr.attribute.ranking import (
     METHODS,
     AttributionError,
+    NotConvergedError,
     TopK,
     check_inputs,
     padded_sizes,
@@ -33,7 +34,7 @@ from jaxattr.attribute.selection import host_topk
 from jaxattr.attribute.solver import Solver
 
 __all__ = [
-    "METHODS", "AttributionError", "CandidateSet", "NewtonStep", "Solver", "SolverOptions",
-    "SolverStats", "TopK", "attribution", "check_inputs", "class_weights", "esvm_scores",
-    "host_topk", "padded_sizes", "plan_chunks", "solve", "topk"
+    "METHODS", "AttributionError", "CandidateSet", "NewtonStep", "NotConvergedError", "Solver",
+    "SolverOptions", "SolverStats", "TopK", "attribution", "check_inputs", "class_weights",
+    "esvm_scores", "host_topk", "padded_sizes", "plan_chunks", "solve", "topk"
 ]

@@ -100,7 +100,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
     res = topk(feats["train"]["features"], feats["train"]["labels"], feats["test"]["features"],
                feats["test"]["labels"], method=method, k=cfg.k, same_class=cfg.same_class,
                targets=targets, train_index=feats["train"]["index"], options=options,
-               chunk_size=cfg.chunk_size, chunk_dir=os.path.join(out_dir, "chunks"))
+               chunk_size=cfg.chunk_size, chunk_dir=os.path.join(out_dir, "chunks"),
+               allow_nonconverged=True)  # every file first; the check below raises
     _write(out_dir, res, feats["test"]["index"], method, config)
     _write_grid(os.path.join(out_dir, "grid.png"), res, method, train, test, config.viz)
     results[method] = res

@@ -14,19 +14,21 @@ few candidates violate, so Woodbury gives the exact step from an [r, r] Cholesky
 float32 the plain ||g|| stalls near eps c_pos ||t||^2 ||w||.
 
 `solve` iterates in one program; `solver.Solver` schedules the same steps from the host, faster
-for many targets. Everything is float32 and deterministic.
+for many targets. Everything is float32 and deterministic. The entry points `esvm_scores` and
+`solve` check their inputs (`check_problem`); `esvm_scores` also its result (`check_solution`).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxattr.attribute import linalg
-from jaxattr.attribute.options import SolverOptions
+from jaxattr.attribute.options import AttributionError, NotConvergedError, SolverOptions
 
 
 class SolverStats(NamedTuple):
@@ -367,8 +369,14 @@ def solve(targets: jax.Array, candidates: jax.Array, options: SolverOptions = So
 
   Returns:
     (weights [targets, d + 1] with the intercept last, decision values [targets, candidates]
-    (padding columns meaningless), SolverStats with [targets] fields).
+    (padding columns meaningless), SolverStats with [targets] fields). Nothing here raises for
+    a target that did not converge or came out non-finite: see `stats.converged`, or call
+    `esvm_scores`, which does.
+
+  Raises:
+    AttributionError: bad inputs (`check_problem`; values only when they are concrete).
   """
+  targets, candidates = check_problem(targets, candidates, options, valid, where="esvm.solve")
   cset = prepare(candidates, options, valid)
   rows = min(options.max_rows, cset.x.shape[0])
   t = _augment(targets.astype(cset.x.dtype))
@@ -396,23 +404,150 @@ def solve(targets: jax.Array, candidates: jax.Array, options: SolverOptions = So
   return w, v, stats
 
 
-@functools.partial(jax.jit, static_argnames=("options", "return_stats"))
-def esvm_scores(targets: jax.Array, candidates: jax.Array, options: SolverOptions = SolverOptions(),
-                *, return_stats: bool = False):
+@functools.partial(jax.jit, static_argnames=("options",))
+def _solve_scores(targets: jax.Array, candidates: jax.Array,
+                  options: SolverOptions) -> tuple[jax.Array, SolverStats]:
+  _, v, stats = solve(targets, candidates, options)
+  return v, stats
+
+
+def esvm_scores(targets: jax.Array | np.ndarray, candidates: jax.Array | np.ndarray,
+                options: SolverOptions = SolverOptions(), *, return_stats: bool = False,
+                allow_nonconverged: bool = False):
   """Exemplar-SVM decision values of every candidate for every target, as sklearn computes them.
 
   Each target's SVM is `sklearn.svm.LinearSVC(C, class_weight='balanced')` fitted on the target
   (label 1) against all candidates (label 0); this is its `decision_function` (`solve`, jitted).
+  The inputs are checked first (`check_problem`), the result after the solve
+  (`check_solution`); under an enclosing `jax.jit` (tracers) only the shapes and dtypes are.
 
   Args:
-    targets: [targets, d] float target features.
-    candidates: [candidates, d] float candidate features, shared by all targets.
+    targets: [targets, d] float target features (one row per target: `t[None]` for one).
+    candidates: [candidates >= 1, d] float candidate features, shared by all targets.
     options: the solver's options (static: a new value compiles anew).
     return_stats: also return the `SolverStats`.
+    allow_nonconverged: return targets that did not converge within options.max_iter (their
+      `stats.converged` is False) instead of raising NotConvergedError.
 
   Returns:
     Decision values [targets, candidates] (higher = more similar to the target), plus
     `SolverStats` when `return_stats`.
+
+  Raises:
+    AttributionError: bad inputs, or non-finite decision values (C too large for the features'
+      scale).
+    NotConvergedError: some target did not converge (unless `allow_nonconverged`).
   """
-  _, v, stats = solve(targets, candidates, options)
+  targets, candidates = check_problem(targets, candidates, options, where="esvm_scores")
+  v, stats = _solve_scores(targets, candidates, options)
+  if not isinstance(v, jax.core.Tracer):
+    check_solution(v, stats.converged, options, "esvm_scores", allow_nonconverged)
   return (v, stats) if return_stats else v
+
+
+def _describe(x: Any) -> str:
+  return f"shape {tuple(x.shape)} {x.dtype}"
+
+
+def nonfinite_rows(x: Any) -> np.ndarray:
+  """Positions of the rows of a concrete [N, ...] array with a NaN/inf, or a value beyond
+  float32's range (what the float32 solver would turn into inf)."""
+  if isinstance(x, jax.Array):
+    return np.flatnonzero(~np.asarray(jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), -1)))
+  x = np.asarray(x).reshape(len(x), -1)
+  ok = np.isfinite(x)
+  if x.dtype.itemsize > 4:
+    ok &= np.abs(np.where(ok, x, 0)) <= np.finfo(np.float32).max
+  return np.flatnonzero(~ok.all(-1))
+
+
+def check_problem(targets: Any, candidates: Any, options: SolverOptions, valid: Any = None, *,
+                  where: str = "esvm") -> tuple[Any, Any]:
+  """Checks an ESVM problem's inputs; returns (targets, candidates) as arrays.
+
+  Shapes and dtypes are checked always (they are static under `jax.jit`); values (NaN/inf,
+  beyond float32) only when the arrays are concrete (numpy, or jax arrays outside a trace).
+
+  Args:
+    targets: float [T, d].
+    candidates: float [N >= 1, d], d >= 1.
+    options: a `SolverOptions`.
+    valid: optional bool [N].
+    where: the entry point, for the messages.
+
+  Raises:
+    AttributionError: naming the argument, what was got and what is expected.
+  """
+  if not isinstance(options, SolverOptions):
+    raise AttributionError(f"{where}: options must be a SolverOptions, got "
+                           f"{type(options).__name__} {options!r}")
+  arrays = []
+  for name, x, rows in (("targets", targets, "T targets"), ("candidates", candidates,
+                                                            "N candidates")):
+    if not isinstance(x, jax.Array):
+      x = np.asarray(x)
+    if x.ndim != 2 or not jnp.issubdtype(x.dtype, jnp.floating):
+      raise AttributionError(
+          f"{where}: {name} must be a 2-D float array [{rows}, d], got {_describe(x)}: pass one "
+          f"row per {name[:-1]} (x[None] for a single one), as float32")
+    arrays.append(x)
+  targets, candidates = arrays
+  if candidates.shape[0] < 1 or candidates.shape[1] < 1:
+    raise AttributionError(f"{where}: candidates must have at least one row and one feature "
+                           f"column, got {_describe(candidates)}")
+  if targets.shape[1] != candidates.shape[1]:
+    raise AttributionError(f"{where}: targets have {targets.shape[1]} feature columns but "
+                           f"candidates {candidates.shape[1]} (targets {_describe(targets)}, "
+                           f"candidates {_describe(candidates)}); both must be [rows, d]")
+  if valid is not None:
+    flags = valid if isinstance(valid, jax.Array) else np.asarray(valid)
+    if flags.shape != (candidates.shape[0],) or flags.dtype != bool:
+      raise AttributionError(f"{where}: valid must be bool [{candidates.shape[0]}] (one flag "
+                             f"per candidate), got {_describe(flags)}")
+  for name, x in (("targets", targets), ("candidates", candidates)):
+    if isinstance(x, jax.core.Tracer):
+      continue
+    bad = nonfinite_rows(x)
+    if len(bad):
+      raise AttributionError(
+          f"{where}: {name} {_describe(x)} hold NaN/inf or values beyond float32's range in "
+          f"{len(bad)} of {x.shape[0]} rows (first: {bad[:20].tolist()}); clean or drop those "
+          "rows")
+  return targets, candidates
+
+
+def check_solution(scores: Any, converged: Any, options: SolverOptions, where: str,
+                   allow_nonconverged: bool, positions: Any = None) -> None:
+  """Raises when a concrete ESVM result is unusable.
+
+  Args:
+    scores: [T, ...] the targets' decision values (or their top-k scores).
+    converged: bool [T], `SolverStats.converged`.
+    options: the options they were solved with.
+    where: what solved them, for the messages (e.g. 'esvm_scores').
+    allow_nonconverged: do not raise for targets that only did not converge.
+    positions: [T] how the messages name the targets (default: their rows).
+
+  Raises:
+    AttributionError: some target's scores are NaN/inf, whatever `allow_nonconverged`.
+    NotConvergedError: some target did not converge, unless `allow_nonconverged`.
+  """
+  scores = np.asarray(scores)
+  rows = np.arange(len(scores)) if positions is None else np.asarray(positions)
+  what = "rows" if positions is None else "test positions"
+  bad = ~np.isfinite(scores.reshape(len(scores), -1)).all(-1)
+  if bad.any():
+    raise AttributionError(
+        f"{where}: the ESVM solve gave non-finite (NaN/inf) scores for {int(bad.sum())} of "
+        f"{len(scores)} targets ({what} {rows[bad][:20].tolist()}) at attribution.C="
+        f"{options.C:g}: the float32 problem is too ill-conditioned; lower attribution.C "
+        "(sklearn's default 0.1) or scale the features down")
+  nonconverged = ~np.asarray(converged, bool)
+  if nonconverged.any() and not allow_nonconverged:
+    raise NotConvergedError(
+        f"{where}: the ESVM of {int(nonconverged.sum())} of {len(scores)} targets did not "
+        f"converge ({what} {rows[nonconverged][:20].tolist()}) within attribution.max_iter="
+        f"{options.max_iter} iterations at attribution.tol={options.tol:g}; raise "
+        f"attribution.max_iter or attribution.max_rows (now {options.max_rows}), loosen "
+        "attribution.tol, or pass allow_nonconverged=True to keep them (stats.converged "
+        "marks them)")

@@ -7,7 +7,12 @@ default) and targets of one class share one candidate matrix. Targets go in chun
 padded shape, sharded over all devices; candidate sets are padded (`padded_sizes`) and masked,
 so classes of slightly different sizes share one compiled program. The top k are selected on
 the device, or on the host for CPU devices (`host_topk`, same order). With a `chunk_dir`, every
-finished chunk is written to disk at once and a restarted run skips it.
+finished chunk is written to disk at once and a restarted run skips it (only a run with the same
+inputs, exact content hashes, and settings: `_prepare_chunk_dir`).
+
+Inputs are checked before any solve (`check_inputs`); results after it: NaN/inf scores raise an
+`AttributionError`, targets whose ESVM did not converge a `NotConvergedError` (unless
+``allow_nonconverged``).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import dataclasses
 import functools
 import glob
 import json
+import numbers
 import os
 import shutil
 import time
@@ -27,19 +33,15 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxattr import utils
+from jaxattr import fingerprint, utils
 from jaxattr.attribute import esvm
-from jaxattr.attribute.options import SolverOptions
+from jaxattr.attribute.options import AttributionError, NotConvergedError, SolverOptions
 from jaxattr.attribute.selection import host_topk
 from jaxattr.attribute.solver import Solver
 
 METHODS = ("esvm", "l2", "cosine")
 CANDIDATE_BUCKET = 128  # candidate set sizes in one bucket of this width share a padded size
 TARGET_AXIS = "targets"
-
-
-class AttributionError(ValueError):
-  """Bad attribution input: the message names the array, shape, flag or index at fault."""
 
 
 @dataclasses.dataclass
@@ -70,66 +72,104 @@ class TopK:
     return self.targets[~self.stats["converged"]]
 
 
-def _class_ids(name: str, labels) -> np.ndarray:
-  """int64 labels; whole-number floats (e.g. labels saved as float) are accepted as such."""
+def _describe(a: np.ndarray) -> str:
+  return f"shape {a.shape} {a.dtype}"
+
+
+def _class_ids(name: str, labels: Any) -> np.ndarray:
+  """int64 [N] labels; whole-number floats (e.g. labels saved as float) are accepted as such.
+
+  Args:
+    name: the argument, for the messages ('train_labels', 'test_labels').
+    labels: 1-D non-negative integer class ids.
+  """
   labels = np.asarray(labels)
-  if not (np.issubdtype(labels.dtype, np.integer) or
-          (np.issubdtype(labels.dtype, np.floating) and np.all(np.mod(labels, 1) == 0))):
-    raise AttributionError(f"{name} labels must be integer class ids, got {labels.dtype} "
-                           f"(first values: {labels.reshape(-1)[:5].tolist()})")
+  if labels.ndim != 1:
+    raise AttributionError(f"{name} must be 1-D integer class ids [N], got {_describe(labels)}")
+  whole = (np.issubdtype(labels.dtype, np.floating) and
+           bool(np.all(np.isfinite(labels) & (np.mod(labels, 1) == 0))))
+  if not (np.issubdtype(labels.dtype, np.integer) or whole):
+    raise AttributionError(
+        f"{name} must be integer class ids, got {labels.dtype} (first values: "
+        f"{labels[:5].tolist()}); pass the labels as saved by the features stage")
+  if len(labels) and labels.min() < 0:
+    first = np.flatnonzero(labels < 0)[:5].tolist()
+    raise AttributionError(f"{name} must be non-negative class ids, got {labels.min()} "
+                           f"(at positions {first})")
   return labels.astype(np.int64)
 
 
-def _check_features(name: str, features: np.ndarray, labels: np.ndarray) -> None:
-  if features.ndim != 2:
-    raise AttributionError(f"{name} features must be [N, D], got shape {features.shape}")
-  if labels.ndim != 1 or len(labels) != len(features):
+def _check_features(name: str, features: np.ndarray, labels_name: str, labels: np.ndarray) -> None:
+  if features.ndim != 2 or not np.issubdtype(features.dtype, np.floating):
+    raise AttributionError(f"{name} must be floating point [N, d], got {_describe(features)}")
+  if features.shape[1] < 1:
+    raise AttributionError(f"{name} must have at least one feature column, got "
+                           f"{_describe(features)}")
+  if len(labels) != len(features):
+    raise AttributionError(f"{name} has {len(features)} rows but {labels_name} has "
+                           f"{len(labels)} labels; both come from one features file")
+  bad = esvm.nonfinite_rows(features)
+  if len(bad):
+    values = int(np.sum(~np.isfinite(features[bad])))
     raise AttributionError(
-        f"{name}: {len(features)} feature rows but labels of shape {labels.shape}")
-  if not np.issubdtype(features.dtype, np.floating):
-    raise AttributionError(f"{name} features must be floating point, got {features.dtype}")
-  if len(labels) and labels.min() < 0:
-    raise AttributionError(f"{name} labels must be non-negative class ids, got {labels.min()}")
-  bad = ~np.isfinite(features).all(axis=1)
-  if bad.any():
-    rows = np.flatnonzero(bad)
-    raise AttributionError(
-        f"{name} features contain NaN/inf in {len(rows)} rows (first: {rows[:5].tolist()})")
+        f"{name} {_describe(features)} contains NaN/inf ({values} values) or values beyond "
+        f"float32's range in {len(bad)} of {len(features)} rows (first: {bad[:10].tolist()}); "
+        "re-extract the features or drop those rows")
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
 
 
 def check_inputs(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
-                 test_labels: np.ndarray, targets: np.ndarray, method: str, k: int,
-                 same_class: bool, train_index: np.ndarray | None = None) -> None:
+                 test_labels: np.ndarray, targets: Any, method: str, k: int, same_class: bool,
+                 train_index: np.ndarray | None = None) -> None:
   """Raises AttributionError for any input that would make the attribution meaningless.
 
-  The arguments are `topk`'s, with targets an int64 array [targets] of test positions.
+  The arguments are `topk`'s: features floating point [N, d] without NaN/inf (nor values beyond
+  float32's range), labels 1-D non-negative integer class ids (whole-number floats accepted) of
+  the features' length, targets a non-empty 1-D integer array of distinct test positions, k a
+  positive integer no larger than any candidate set, train_index 1-D integer [n_train].
   """
   if method not in METHODS:
     raise AttributionError(f"unknown attribution method {method!r}; expected one of {METHODS}")
-  train_labels, test_labels = _class_ids("train", train_labels), _class_ids("test", test_labels)
-  _check_features("train", train_features, train_labels)
-  _check_features("test", test_features, test_labels)
+  train_features, test_features = np.asarray(train_features), np.asarray(test_features)
+  train_labels = _class_ids("train_labels", train_labels)
+  test_labels = _class_ids("test_labels", test_labels)
+  _check_features("train_features", train_features, "train_labels", train_labels)
+  _check_features("test_features", test_features, "test_labels", test_labels)
   if train_features.shape[1] != test_features.shape[1]:
     raise AttributionError(
-        f"feature dims differ: train {train_features.shape[1]}, test {test_features.shape[1]}")
-  if train_index is not None and len(train_index) != len(train_features):
-    raise AttributionError(
-        f"train index has {len(train_index)} entries for {len(train_features)} feature rows")
+        f"feature dims differ: train_features {_describe(train_features)}, test_features "
+        f"{_describe(test_features)}; both must come from one encoder")
+  if train_index is not None:
+    train_index = np.asarray(train_index)
+    if (train_index.shape != (len(train_features),) or
+        not np.issubdtype(train_index.dtype, np.integer)):
+      raise AttributionError(
+          f"train_index must be integer [{len(train_features)}] (one per train_features row), "
+          f"got {_describe(train_index)}")
+  targets = np.asarray(targets)
   if targets.ndim != 1 or len(targets) == 0:
-    raise AttributionError(f"targets must be a non-empty 1-D list, got shape {targets.shape}")
+    raise AttributionError(
+        f"targets must be a non-empty 1-D list of test positions, got {_describe(targets)}")
+  if not np.issubdtype(targets.dtype, np.integer):
+    raise AttributionError(f"targets must be integer test positions, got {targets.dtype} "
+                           f"(first values: {targets[:5].tolist()})")
   out = (targets < 0) | (targets >= len(test_features))
   if out.any():
     raise AttributionError(
-        f"target positions out of range [0, {len(test_features)}): {targets[out][:10].tolist()}")
+        f"target positions out of range [0, {len(test_features)}) of test_features: "
+        f"{targets[out][:10].tolist()}")
   if len(np.unique(targets)) != len(targets):
     raise AttributionError("target positions contain duplicates")
-  if k < 1:
-    raise AttributionError(f"k must be positive, got {k}")
+  if not _is_int(k) or k < 1:
+    raise AttributionError(f"k must be a positive integer, got {k!r}")
   if same_class:
-    counts = np.bincount(train_labels,
-                         minlength=int(max(train_labels.max(), test_labels.max())) + 1)
-    for c in np.unique(test_labels[targets]):
-      if counts[c] == 0:
+    classes, counts = np.unique(train_labels, return_counts=True)
+    counts = dict(zip(classes.tolist(), counts.tolist()))
+    for c in np.unique(test_labels[targets]).tolist():
+      if counts.get(c, 0) == 0:
         raise AttributionError(f"class {c} has targets but no training candidates")
       if counts[c] < k:
         raise AttributionError(
@@ -299,7 +339,8 @@ def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np
          targets: Sequence[int] | np.ndarray | None = None, train_index: np.ndarray | None = None,
          options: SolverOptions = SolverOptions(), chunk_size: int = 1024,
          devices: Sequence[jax.Device] | None = None, chunk_dir: str | None = None,
-         log_every_s: float = 10.0, select_on_host: bool | None = None) -> TopK:
+         log_every_s: float = 10.0, select_on_host: bool | None = None,
+         allow_nonconverged: bool = False) -> TopK:
   """Ranks training examples for each target and keeps the best k.
 
   Args:
@@ -319,23 +360,33 @@ def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np
     log_every_s: seconds between progress logs.
     select_on_host: pick the top k on the host (`host_topk`), not the devices (same result).
       None: on the host for CPU devices, where it is faster.
+    allow_nonconverged: return targets whose ESVM did not converge within options.max_iter
+      (listed by `TopK.nonconverged`) instead of raising NotConvergedError.
 
   Returns:
     A `TopK` with rows in the order of `targets`.
 
   Raises:
-    AttributionError: bad input (see `check_inputs`), before any solve.
+    AttributionError: bad input (see `check_inputs`; bad options or chunk_size), before any
+      solve; or, at the first chunk that has them, targets with NaN/inf scores (ESVM: C too
+      large for the features' scale), before that chunk is saved.
+    NotConvergedError: (an AttributionError) some ESVM did not converge and not
+      `allow_nonconverged`; raised after every chunk is done (and saved to `chunk_dir`).
   """
+  if not isinstance(options, SolverOptions):
+    raise AttributionError(
+        f"options must be a SolverOptions (e.g. SolverOptions.from_config(config.attribution)), "
+        f"got {type(options).__name__}")
+  if not _is_int(chunk_size) or chunk_size < 1:
+    raise AttributionError(f"chunk_size must be positive (an integer), got {chunk_size!r}")
   train_features = np.asarray(train_features)
   test_features = np.asarray(test_features)
-  train_labels = _class_ids("train", train_labels)
-  test_labels = _class_ids("test", test_labels)
-  targets = (np.arange(len(test_features))
-             if targets is None else np.asarray(targets).astype(np.int64).reshape(-1))
+  targets = np.arange(len(test_features)) if targets is None else np.asarray(targets)
   check_inputs(train_features, train_labels, test_features, test_labels, targets, method, k,
                same_class, train_index)
-  if not chunk_size > 0:
-    raise AttributionError(f"chunk_size must be positive, got {chunk_size!r}")
+  train_labels = _class_ids("train_labels", train_labels)
+  test_labels = _class_ids("test_labels", test_labels)
+  targets = targets.astype(np.int64)
   train_index = (np.arange(len(train_features))
                  if train_index is None else np.asarray(train_index)).astype(np.int64)
 
@@ -343,9 +394,10 @@ def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np
   chunk_size = -(-chunk_size // runner.num_devices) * runner.num_devices
   plan = plan_chunks(test_labels, targets, same_class, chunk_size)
   # Candidate set sizes of the classes this run visits, and their padded sizes.
-  counts = np.bincount(train_labels)  # non-negative integers (`check_inputs`)
   if same_class:
-    set_size = {int(c): int(counts[c]) for c, _ in plan}
+    classes, counts = np.unique(train_labels, return_counts=True)
+    counts = dict(zip(classes.tolist(), counts.tolist()))
+    set_size = {int(c): counts[int(c)] for c, _ in plan}
   else:
     set_size = {-1: len(train_features)}
   padded = padded_sizes(list(set_size.values()))
@@ -353,9 +405,10 @@ def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np
     _prepare_chunk_dir(
         chunk_dir,
         dict(method=method, k=k, same_class=same_class, options=dataclasses.asdict(options),
-             chunk_size=chunk_size, targets=utils.config_hash(targets.tolist()), train=_fingerprint(
-                 train_features, train_labels, train_index), test=_fingerprint(
-                     test_features, test_labels, None)))
+             chunk_size=chunk_size,
+             targets=fingerprint.arrays_fingerprint(targets), train=fingerprint.arrays_fingerprint(
+                 train_features, train_labels, train_index), test=fingerprint.arrays_fingerprint(
+                     test_features, test_labels)))
 
   indices = np.zeros((len(targets), k), np.int64)
   scores = np.zeros((len(targets), k), np.float32)
@@ -368,6 +421,7 @@ def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np
     if path and os.path.exists(path):
       with np.load(path) as z:
         part = {name: z[name] for name in z.files}
+      _check_finite(method, options, part["scores"], targets[members], i, len(plan))
       progress.done += len(members)
     else:
       if c != current_class or cand is None:
@@ -387,6 +441,7 @@ def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np
       part.update({f"stat_{name}": np.asarray(v)[:m] for name, v in st.items()})
       seconds += time.perf_counter() - start
       computed += m
+      _check_finite(method, options, part["scores"], targets[members], i, len(plan))
       if path:
         utils.save_npz(path, **part)
       progress.update(m, extra=f"chunk {i + 1}/{len(plan)}")
@@ -396,18 +451,35 @@ def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np
       if name.startswith("stat_"):
         stats.setdefault(name[5:], np.zeros((len(targets),), v.dtype))[members] = v
   logging.info("%s", progress.message("done"))
-  return TopK(indices, scores, targets, stats, seconds, computed)
+  result = TopK(indices, scores, targets, stats, seconds, computed)
+  bad = result.nonconverged
+  if len(bad) and not allow_nonconverged:
+    raise NotConvergedError(
+        f"topk[{method}]: the ESVM of {len(bad)} of {len(targets)} targets did not converge "
+        f"(test positions {bad[:20].tolist()}) within attribution.max_iter={options.max_iter} "
+        f"iterations at attribution.tol={options.tol:g}; raise attribution.max_iter or "
+        f"attribution.max_rows (now {options.max_rows}), loosen attribution.tol, or pass "
+        "allow_nonconverged=True to get them (TopK.nonconverged lists them)" +
+        (f"; the finished chunks in {chunk_dir} are reused by a rerun" if chunk_dir else ""))
+  return result
 
 
-def _fingerprint(features: np.ndarray, labels: np.ndarray, index: np.ndarray | None) -> str:
-  # A cheap content hash: shapes plus a strided sample, enough to notice other features.
-  sample = features[::max(1, len(features) // 64)].astype(np.float32)
-  return utils.config_hash([
-      list(features.shape),
-      float(sample.sum()),
-      float(np.abs(sample).sum()),
-      int(labels.sum()), None if index is None else int(index.sum())
-  ])
+def _check_finite(method: str, options: SolverOptions, scores: np.ndarray, positions: np.ndarray,
+                  chunk: int, num_chunks: int) -> None:
+  """Raises AttributionError if some target of a chunk has a NaN/inf top-k score (its ranking is
+  then arbitrary): positions are the chunk's targets' test positions."""
+  bad = ~np.isfinite(scores).all(axis=1)
+  if not bad.any():
+    return
+  if method == "esvm":
+    hint = (f"at attribution.C={options.C:g} the float32 ESVM problem is too ill-conditioned: "
+            "lower attribution.C (sklearn's default is 0.1) or scale the features down")
+  else:
+    hint = "the features are too large for float32 distances: scale them down"
+  raise AttributionError(
+      f"topk[{method}]: non-finite (NaN/inf) scores for {int(bad.sum())} of the {len(bad)} "
+      f"targets of chunk {chunk + 1}/{num_chunks} (test positions {positions[bad][:20].tolist()}; "
+      f"later chunks not solved); {hint}")
 
 
 def _prepare_chunk_dir(chunk_dir: str, key: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxattr.attribute import esvm
-from jaxattr.attribute.options import SolverOptions
+from jaxattr.attribute.options import AttributionError, SolverOptions
 
 # Active-set sizes: a step costs an [r, r] Gram gather and Cholesky per target (cubic in r), so
 # each target uses the smallest size that holds its violators.
@@ -117,7 +117,17 @@ class Solver:
     return self._steps[rows]
 
   def prepare(self, candidates: jax.Array, valid: jax.Array | None = None) -> esvm.CandidateSet:
-    """The device-side candidate set [n, d], shared by every call (replicated over the mesh)."""
+    """The device-side candidate set [n, d], shared by every call (replicated over the mesh).
+
+    Raises:
+      AttributionError: candidates that are not float [n >= 1, d >= 1] (`esvm.check_problem`;
+        their values are not read: `ranking.check_inputs` checks those).
+    """
+    shape = np.shape(candidates)
+    if len(shape) != 2 or not shape[0] or not shape[1] or not jnp.issubdtype(
+        jnp.result_type(candidates), jnp.floating):
+      raise AttributionError(f"Solver.prepare: candidates must be a 2-D float array [N >= 1, "
+                             f"d >= 1], got shape {shape} {jnp.result_type(candidates)}")
     if self.mesh is None:
       return self._prepare(candidates, valid=valid)
     first = self.mesh.devices.flat[0]
@@ -142,10 +152,19 @@ class Solver:
 
     Returns:
       Host arrays: weights [targets, d + 1], iterations [targets], last Newton step [targets]
-      (`esvm.NewtonStep.step`).
+      (`esvm.NewtonStep.step`). Nothing here raises for targets that did not converge (step >
+      options.tol) or came out non-finite: `ranking.topk` and `esvm.check_solution` do.
+
+    Raises:
+      AttributionError: targets that are not float [T, d] with the candidate set's d.
     """
     o = self.options
-    targets = np.asarray(targets, np.float32)
+    targets = np.asarray(targets)
+    d = cset.x.shape[1] - 1
+    if targets.ndim != 2 or targets.shape[1] != d or not np.issubdtype(targets.dtype, np.floating):
+      raise AttributionError(f"Solver: targets must be a 2-D float array [T, d={d}] (the candidate "
+                             f"set's d), got shape {targets.shape} {targets.dtype}")
+    targets = targets.astype(np.float32)
     n = len(targets)
     pad = self._padded(np.arange(n))
     t_all, tx_all, w_all, v_all, count = self._init(targets[pad], cset)

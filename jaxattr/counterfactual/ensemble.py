@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import functools
 import math
+import numbers
 import os
 import time
 from collections.abc import Callable
@@ -51,7 +52,7 @@ def resolve_formulation(config: ml_collections.ConfigDict) -> str:
   if form == "auto":
     form = FORMULATION_BY_BACKEND.get(jax.default_backend(), "map")
   if form not in ("vmap", "map"):
-    raise ValueError(f"config.formulation must be 'auto', 'vmap' or 'map', got {form!r}")
+    raise ValueError(f"ensemble.formulation must be 'auto', 'vmap' or 'map', got {form!r}")
   return form
 
 
@@ -61,7 +62,8 @@ def compute_dtype(config: ml_collections.ConfigDict) -> Any:
   if name == "auto":
     return jnp.bfloat16 if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else jnp.float32
   if name not in ("float32", "bfloat16"):
-    raise ValueError(f"config.compute_dtype must be 'auto', 'float32' or 'bfloat16', got {name!r}")
+    raise ValueError(
+        f"ensemble.compute_dtype must be 'auto', 'float32' or 'bfloat16', got {name!r}")
   return jnp.dtype(name)
 
 
@@ -72,9 +74,9 @@ def classifier(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module
 
   models = {"resnet9": ResNet9, "mobilenetv2": MobileNetV2}
   if config.model not in models:
-    raise ValueError(f"config.model must be one of {sorted(models)}, got {config.model!r}")
+    raise ValueError(f"ensemble.model must be one of {sorted(models)}, got {config.model!r}")
   if config.cpu_ops not in ("auto", "on", "off"):
-    raise ValueError(f"config.cpu_ops must be 'auto', 'on' or 'off', got {config.cpu_ops!r}")
+    raise ValueError(f"ensemble.cpu_ops must be 'auto', 'on' or 'off', got {config.cpu_ops!r}")
   kwargs = {}
   if config.model == "resnet9":
     kwargs["s2d_grad"] = config.cpu_ops == "on" or (config.cpu_ops == "auto" and
@@ -283,6 +285,68 @@ def _require(ok: Any, message: str, *got: Any) -> None:
   raise ValueError(message + (f", got {got[0]}" if got else ""))
 
 
+def _number(value: Any, integer: bool = False) -> bool:
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    return False
+  return isinstance(value, numbers.Integral) if integer else math.isfinite(value)
+
+
+def check_config(config: ml_collections.ConfigDict, train: Any) -> None:
+  """Checks the trainer config (`jaxattr.config.trainer_section()`, `config.ensemble`) against
+  the training set it will train on, before anything is built.
+
+  Raises:
+    ValueError: naming the field as ``ensemble.<field>``, its value and the range expected; or
+      the training set (uint8 images [N, H, W, 3], int labels [N] in [0, classes)).
+  """
+  images, labels = np.asarray(train.images), np.asarray(train.labels)
+  n = len(images)
+  _require(images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == 3 and n >= 1,
+           "the training images must be uint8 [N >= 1, H, W, 3]", images)
+  _require(
+      labels.shape == (n,) and _is_int(labels) and labels.min() >= 0 and
+      labels.max() < train.num_classes, f"the training labels must be int [N={n}] in "
+      f"[0, {train.num_classes})", labels)
+
+  def need(name, ok, expected):
+    _require(ok, f"ensemble.{name} must be {expected}", repr(config[name]))
+
+  for name in ("model", "compute_dtype", "cpu_ops", "formulation"):
+    if name not in config:
+      raise ValueError(f"ensemble.{name} is missing: start from jaxattr.config.trainer_section()")
+  need("model", config.model in ("resnet9", "mobilenetv2"), "'resnet9' or 'mobilenetv2'")
+  need("compute_dtype", config.compute_dtype in ("auto", "float32", "bfloat16"),
+       "'auto', 'float32' or 'bfloat16'")
+  need("cpu_ops", config.cpu_ops in ("auto", "on", "off"), "'auto', 'on' or 'off'")
+  need("formulation", config.formulation in ("auto", "vmap", "map"), "'auto', 'vmap' or 'map'")
+  need("width", _number(config.width) and config.width > 0, "a positive number")
+  need("epochs", _number(config.epochs, True) and config.epochs >= 1, "an integer >= 1")
+  bs = config.batch_size
+  need("batch_size", _number(bs, True) and bs >= 1, "an integer >= 1")
+  _require(
+      bs <= n, f"ensemble.batch_size={bs} exceeds the {n} training images: with drop_last "
+      "no model would take a step; lower ensemble.batch_size")
+  need("peak_lr", _number(config.peak_lr) and config.peak_lr > 0, "a positive number")
+  # Above ensemble.epochs the lr only rises (quick configs train 1 epoch of a longer ramp).
+  need("peak_epoch", _number(config.peak_epoch) and config.peak_epoch >= 0, "a number >= 0")
+  need("schedule_examples",
+       _number(config.schedule_examples, True) and config.schedule_examples >= 0,
+       "an integer >= 0 (0 = the training set's size)")
+  need("momentum", _number(config.momentum) and 0 <= config.momentum < 1, "in [0, 1)")
+  need("weight_decay", _number(config.weight_decay) and config.weight_decay >= 0, "a number >= 0")
+  need("label_smoothing",
+       _number(config.label_smoothing) and 0 <= config.label_smoothing < 1, "in [0, 1)")
+  need("translate", _number(config.translate, True) and config.translate >= 0, "an integer >= 0")
+  need("cutout", _number(config.cutout, True) and config.cutout >= 0, "an integer >= 0")
+  need("flip", isinstance(config.flip, (bool, np.bool_)), "True or False")
+  need("models_per_wave",
+       _number(config.models_per_wave, True) and config.models_per_wave >= 0,
+       "an integer >= 0 (0 = all models at once)")
+  need("eval_batch_size",
+       _number(config.eval_batch_size, True) and config.eval_batch_size >= 1, "an integer >= 1")
+  need("log_every_s", _number(config.log_every_s) and config.log_every_s > 0, "a positive number")
+
+
 @dataclasses.dataclass
 class RunStats:
   """Timings of one `Trainer.train_and_predict` call, in wall seconds."""
@@ -304,7 +368,12 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict, train: Any, mesh: Mesh | None = None):
     """config: `jaxattr.config.trainer_section()`; train: a `jaxattr.data.Dataset`; mesh: one
-    with the axis 'models' (default: every device)."""
+    with the axis 'models' (default: every device).
+
+    Raises:
+      ValueError: a config value or training set it cannot train with (`check_config`).
+    """
+    check_config(config, train)
     self.config = copy.deepcopy(config)  # the caller may change theirs later
     self.train = train
     self.mesh = mesh if mesh is not None else Mesh(np.asarray(jax.devices()), ("models",))
@@ -353,6 +422,7 @@ class Trainer:
     shape or range and what it got); returns (seeds int64 [M], prefixes int32 [M, K >= 1],
     sizes int32 [M], flip int32 [M], kept int64 [M] images each model keeps)."""
     n, c, bs = len(self.train.images), self.train.num_classes, int(self.config.batch_size)
+    eval_images = np.asarray(eval_images)
     seeds = np.asarray(seeds)
     m = len(seeds) if seeds.ndim == 1 and _is_int(seeds) else 0
     _require(m, "seeds must be a non-empty int [M]", seeds)
