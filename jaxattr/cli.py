@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import _thread
 import errno
 import os
 import sys
+import threading
 import traceback
 from typing import Any, Callable, NoReturn, Sequence
 
@@ -63,6 +65,7 @@ def guarded(run: Callable[[Any, str], Any], config: Any, workdir: str) -> None:
     1 after printing `error: ...` for any exception (the lock held by another run, a disk full, a
     bad value found by the stage); 130 after Ctrl-C. app.UsageError passes through to absl.
   """
+  _redeliver_swallowed_interrupts()
   try:
     with utils.workdir_lock(workdir):
       run(config, workdir)
@@ -74,6 +77,11 @@ def guarded(run: Callable[[Any, str], Any], config: Any, workdir: str) -> None:
     sys.exit(1)
   except KeyboardInterrupt:
     logging.debug("interrupted at:\n%s", traceback.format_exc())
+    # Background threads (orbax's asynchronous checkpoint save) fail when the interpreter shuts
+    # down under them; their tracebacks would bury the line below. The checkpoint they were
+    # writing is incomplete and ignored on resume.
+    threading.excepthook = lambda args: logging.debug(
+        "background thread %s stopped by the interrupt: %s", args.thread, args.exc_value)
     print(
         f"interrupted: the run in {workdir} stopped before finishing; run the same command again "
         "to resume it", file=sys.stderr)
@@ -86,6 +94,26 @@ def guarded(run: Callable[[Any, str], Any], config: Any, workdir: str) -> None:
           f"disk full (or quota exceeded) while writing {where}: free space on that disk (or "
           "pass another --workdir), then run the same command again to resume", workdir)
     _fail(_message(e), workdir)
+
+
+def _redeliver_swallowed_interrupts() -> None:
+  """A Ctrl-C that lands in a callback Python cannot raise from (JAX's garbage-collection
+  callbacks during start-up) is printed and dropped; this delivers it to the main thread again."""
+  previous = sys.unraisablehook
+  if getattr(previous, "redelivers_interrupts", False):
+    return
+
+  def hook(unraisable):
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+      # A moment later, from another thread: raised here, in the hook, it would be dropped again.
+      timer = threading.Timer(0.05, _thread.interrupt_main)
+      timer.daemon = True
+      timer.start()
+      return
+    previous(unraisable)
+
+  hook.redelivers_interrupts = True
+  sys.unraisablehook = hook
 
 
 def _disk_full(e: BaseException) -> OSError | None:

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -138,6 +139,56 @@ def test_interrupt_in_process_exits_130(tmp_path, capsys):
   assert e.value.code == 130
   assert "same command" in capsys.readouterr().err
   assert not os.path.exists(tmp_path / ".lock")
+
+
+def test_interrupt_hides_background_thread_failures(tmp_path, capsys):
+  """A Ctrl-C while a background thread writes (orbax's asynchronous save): one line, no thread
+  traceback."""
+  started = threading.Event()
+
+  def writer():
+    started.set()
+    time.sleep(0.2)
+    raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+  thread = threading.Thread(target=writer)
+  hook = threading.excepthook
+
+  def run(config, workdir):
+    thread.start()
+    started.wait()
+    raise KeyboardInterrupt
+
+  try:
+    with pytest.raises(SystemExit) as e:
+      cli.guarded(run, None, str(tmp_path))
+    thread.join()
+  finally:
+    threading.excepthook = hook
+  assert e.value.code == 130
+  err = capsys.readouterr().err
+  assert "Traceback" not in err and err.count("interrupted") == 1, err
+
+
+def test_interrupt_swallowed_by_a_callback_still_stops_the_run(tmp_path, capsys):
+  """Python drops a KeyboardInterrupt raised where it cannot propagate (a __del__, JAX's GC
+  callbacks); the run must still stop with 130 instead of carrying on."""
+
+  class Finalizer:
+
+    def __del__(self):
+      raise KeyboardInterrupt
+
+  def run(config, workdir):
+    Finalizer()  # dropped at once: its KeyboardInterrupt is unraisable
+    for _ in range(100):
+      time.sleep(0.01)
+    raise AssertionError("the interrupt was lost")
+
+  with pytest.raises(SystemExit) as e:
+    cli.guarded(run, None, str(tmp_path))
+  assert e.value.code == 130
+  assert "same command" in capsys.readouterr().err
 
 
 # Real launchers.
