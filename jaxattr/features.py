@@ -2,11 +2,14 @@
 
 The last batch is padded to the fixed batch size instead of recompiling. Output files
 `WORKDIR/features/{train,test}.npz` hold `features` float32 [N, D], `labels` int32 [N],
-`index` int64 [N] and `class_names`.
+`index` int64 [N] and `class_names`. The stage is skipped when WORKDIR/features/fingerprint.json
+matches the config, the data and the encoder (`jaxattr.ownership`); the encoder of
+WORKDIR/pretrain must come from this config's MoCo run.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
@@ -18,8 +21,11 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxattr import augment, checkpoint, data as data_lib, utils
+from jaxattr import augment, checkpoint, data as data_lib, ownership, utils, validate
 from jaxattr.models import get_encoder
+
+# What a finished features stage leaves in WORKDIR/features (besides its ownership record).
+OUTPUTS = ("train.npz", "test.npz", "summary.json")
 
 
 def data_mesh() -> Mesh:
@@ -93,13 +99,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
     workdir: WORKDIR (the encoder is WORKDIR/pretrain/encoder unless encoder.checkpoint is set).
     train, test: the splits of `config.data` (loaded when None).
   """
+  fields = ownership.features_fields(config, workdir)  # the encoder must be this config's
+  out_dir = os.path.join(workdir, "features")
+  if ownership.current(workdir, "features", fields, OUTPUTS):
+    logging.info("features: up to date (fingerprint %s), skipped", ownership.digest(fields))
+    with open(os.path.join(out_dir, "summary.json")) as f:
+      return json.load(f)
   if train is None or test is None:
     train, test = data_lib.load_splits(config.data)
+    # Where the stage loads the data, it checks its fields (the main job checks all at once).
+    validate.check(config, train, test, stages=("features",))
+  ownership.clear(workdir, "features")
   model, variables, meta = load_encoder(config, workdir)
   mean = meta.get("mean", augment.IMAGENET_MEAN)
   std = meta.get("std", augment.IMAGENET_STD)
   extract, batch = make_extractor(model, variables, mean, std, config.features.batch_size)
-  out_dir = os.path.join(workdir, "features")
   summary: dict[str, Any] = {"encoder": meta, "batch_size": batch, "devices": jax.device_count()}
   for split, ds in (("train", train), ("test", test)):
     t0 = time.perf_counter()
@@ -118,5 +132,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
     logging.info("features %s: %d x %d in %.1fs (%.0f images/s, includes compile)", split, len(ds),
                  feats.shape[1], sec,
                  len(ds) / max(sec, 1e-9))
+  summary["fingerprint"] = ownership.digest(fields)
   utils.save_json(os.path.join(out_dir, "summary.json"), summary)
+  ownership.record(workdir, "features", fields)
   return summary

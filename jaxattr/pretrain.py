@@ -6,14 +6,14 @@ variables checkpoint that the features stage loads) and WORKDIR/pretrain/summary
 loss, kNN accuracy, images/s).
 
 A workdir holds one MoCo run. WORKDIR/pretrain/fingerprint.json records everything the trained
-state depends on (`seed`, the data's content fingerprint, `jaxattr.fingerprint.data_fingerprint`,
-`encoder`, `pretrain` less the fields that only say how often to log, checkpoint or monitor and
-where to stop: `RUN_ONLY_FIELDS`); the exported encoder's meta.json and summary.json carry its
-hash. A run resumes
-from the checkpoints only when its fingerprint equals the recorded one. Otherwise it stops before
-any work with `RunMismatchError`, naming the fields that differ: it never mixes two configurations
-in one run, and never deletes a run the user may still want; the user picks a new --workdir or
-deletes WORKDIR/pretrain.
+state depends on (`jaxattr.ownership.pretrain_fields`: `seed`, the data and its content
+fingerprint, `encoder`, `pretrain` less the fields that only say how often to log, checkpoint or
+monitor and where to stop: `RUN_ONLY_FIELDS`); the exported encoder's meta.json and summary.json
+carry its hash. A run resumes from the checkpoints only when its fingerprint equals the recorded
+one. Otherwise it stops before any work with `RunMismatchError`, naming the fields that differ:
+it never mixes two configurations in one run, and never deletes a run the user may still want;
+the user picks a new --workdir or deletes WORKDIR/pretrain. A run that already reached its last
+step and exported its encoder is up to date: a rerun returns its summary at once.
 """
 
 from __future__ import annotations
@@ -30,14 +30,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from jaxattr import augment, checkpoint, data as data_lib, fingerprint, ssl, utils
+from jaxattr import augment, checkpoint, data as data_lib, ownership, ssl, utils, validate
 
-# pretrain fields that do not change the trained state: how often to log, checkpoint and run the
-# kNN monitor (and its settings), and where to stop (a run stopped early and resumed equals an
-# uninterrupted one). encoder.checkpoint names an encoder used INSTEAD of pretraining.
-RUN_ONLY_FIELDS = ("pretrain.log_every_steps", "pretrain.checkpoint_every_steps",
-                   "pretrain.knn_every_epochs", "pretrain.knn_k", "pretrain.knn_temperature",
-                   "pretrain.max_steps", "encoder.checkpoint")
+RUN_ONLY_FIELDS = ownership.RUN_ONLY_FIELDS
 
 
 class RunMismatchError(ValueError):
@@ -47,20 +42,10 @@ class RunMismatchError(ValueError):
 def run_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The flat {'seed': .., 'data.source': .., 'pretrain.base_lr': .., ...} a MoCo run depends on.
 
-  `data.fingerprint` stands for the data's content; `RUN_ONLY_FIELDS` are left out.
+  `data.fingerprint` stands for the data's content; `RUN_ONLY_FIELDS` are left out
+  (`jaxattr.ownership.pretrain_fields`).
   """
-  fields: dict[str, Any] = {"seed": config.seed, "data.source": config.data.source}
-  for k, v in sorted(dict(config.data.options).items()):
-    if v is not None:  # None means "not given", as in data.load_splits
-      fields[f"data.options.{k}"] = v
-  fields["data.fingerprint"] = fingerprint.data_fingerprint(config.data)
-  for section in ("encoder", "pretrain"):
-    for k, v in sorted(config[section].to_dict().items()):
-      fields[f"{section}.{k}"] = v
-  for k in RUN_ONLY_FIELDS:
-    fields.pop(k, None)
-  # The JSON round trip makes fresh fields compare equal to the ones read back from the file.
-  return json.loads(json.dumps(fields, sort_keys=True, default=str))
+  return ownership.pretrain_fields(config)
 
 
 def check_run(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, dict[str, Any]]:
@@ -96,26 +81,9 @@ def check_run(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, dic
     old = json.load(f)
   if old.get("fingerprint") == digest:
     return digest, fields
-  old_fields = old.get("fields", {})
-  diffs = []
-  for k in sorted(set(old_fields) | set(fields)):
-    a, b = old_fields.get(k, _ABSENT), fields.get(k, _ABSENT)
-    if a == b:
-      continue
-    if k == "data.fingerprint":
-      diffs.append("data: fingerprint changed (the data's files differ)")
-    else:
-      diffs.append(f"{k}: {_show(a)} -> {_show(b)}")
-  raise RunMismatchError(f"{out_dir} holds a MoCo run of another configuration or data: " +
-                         "; ".join(diffs or ["fingerprint format changed"]) +
-                         f". Nothing was changed. {how}")
-
-
-_ABSENT = object()
-
-
-def _show(value: Any) -> str:
-  return "(absent)" if value is _ABSENT else repr(value)
+  raise RunMismatchError(f"{out_dir} holds a MoCo run of another configuration or data: "
+                         f"{ownership.describe(old.get('fields', {}), fields)}. Nothing was "
+                         f"changed. {how}")
 
 
 def export_encoder(state: ssl.MoCoState, config: ml_collections.ConfigDict, path: str,
@@ -156,6 +124,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
   digest, fields = check_run(config, workdir)  # before any work: cheap, reads no image
   if train is None or test is None:
     train, test = data_lib.load_splits(config.data)
+    # Where the stage loads the data, it checks its fields (the main job checks all at once).
+    validate.check(config, train, test, stages=("pretrain",))
   n = len(train)
   if n < p.batch_size:
     raise ValueError(f"pretrain.batch_size={p.batch_size} exceeds the {n} training images of "
@@ -163,6 +133,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
   spe = ssl.steps_per_epoch(n, p.batch_size)
   total = spe * p.epochs if p.max_steps < 0 else min(spe * p.epochs, p.max_steps)
   out_dir = os.path.join(workdir, "pretrain")
+  done = _finished(out_dir, digest, total)
+  if done is not None:
+    logging.info("pretrain: up to date (fingerprint %s, step %d), skipped", digest, total)
+    return done
   os.makedirs(out_dir, exist_ok=True)
   utils.save_json(os.path.join(out_dir, "fingerprint.json"), {
       "fingerprint": digest,
@@ -229,6 +203,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
   utils.save_json(os.path.join(out_dir, "summary.json"), summary)
   mngr.close()
   return summary
+
+
+def _finished(out_dir: str, digest: str, total: int) -> dict[str, Any] | None:
+  """summary.json of a run of this fingerprint that reached `total` steps and exported, or None."""
+  paths = [os.path.join(out_dir, f) for f in ("summary.json", "encoder/meta.json")]
+  if not all(os.path.exists(p) for p in paths):
+    return None
+  with open(paths[0]) as f:
+    summary = json.load(f)
+  with open(paths[1]) as f:
+    meta = json.load(f)
+  same = summary.get("fingerprint") == meta.get("fingerprint") == digest
+  return summary if same and summary.get("steps") == meta.get("step") == total else None
 
 
 def _embed_fn(model: ssl.MoCoNet):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from sklearn.svm import LinearSVC
 
-from jaxattr import attribute, config as config_lib, data as data_lib, viz
+from jaxattr import attribute, config as config_lib, data as data_lib, ownership, viz
 
 # The module, which the package's `topk` (the function) hides from `from ... import`.
 from jaxattr.attribute import attribution, esvm, linalg, ranking as topk_lib, selection
@@ -288,6 +288,17 @@ def _write_features(workdir, train, labels, test, test_labels, index, test_offse
            ]))
 
 
+def _own_features(config, workdir):
+  """Records the hand-written features as those of `config` (`jaxattr.ownership`), with a
+  stand-in encoder checkpoint file."""
+  path = config.encoder.checkpoint or os.path.join(workdir, "encoder.bin")
+  if not os.path.exists(path):
+    with open(path, "wb") as f:
+      f.write(b"stand-in encoder")
+  config.encoder.checkpoint = path
+  ownership.record(workdir, "features", ownership.features_fields(config, workdir))
+
+
 def _datasets(labels, test_labels, train_index, size=4):
   # The images the features stand for (what the grids show), with the features' index values.
   rng = np.random.default_rng(0)
@@ -304,6 +315,11 @@ def test_run_writes_outputs_and_reports_nonconvergence(tmp_path):
   train_ds, test_ds = _datasets(labels, test_labels, index)
   config = _config(methods="esvm,l2", k=16, targets="random", num_targets=10)
   config.viz.num_targets, config.viz.top = 3, 5
+  _own_features(config, workdir)
+  # Features of other images than the config's data: a clear error before any solve.
+  with pytest.raises(attribute.AttributionError, match="another data config"):
+    attribution.run(config, workdir, train=train_ds, test=_datasets(labels[:5], test_labels[:5],
+                                                                    index[:5])[1])
   results = attribution.run(config, workdir, train=train_ds, test=test_ds)
   out = os.path.join(workdir, "attribution", "esvm")
   topk = np.load(os.path.join(out, "topk.npy"))
@@ -329,12 +345,9 @@ def test_run_writes_outputs_and_reports_nonconvergence(tmp_path):
                             [[train_ds.images[pos[int(i)]] for i in row[:5]] for row in topk[:3]])
   with Image.open(os.path.join(out, "grid.png")) as im:
     np.testing.assert_array_equal(np.asarray(im), expected.repeat(3, 0).repeat(3, 1))
-  # Features of other images than the config's data: a clear error before any solve.
-  with pytest.raises(attribute.AttributionError, match="another data config"):
-    attribution.run(config, workdir, train=train_ds, test=_datasets(labels[:5], test_labels[:5],
-                                                                    index[:5])[1])
   # One Newton iteration cannot converge: the run says which targets failed.
   config = _config(k=16, targets="list", target_list=(1, 2), max_iter=1)
+  _own_features(config, workdir)
   with pytest.raises(RuntimeError, match="did not converge"):
     attribution.run(config, workdir, train=train_ds, test=test_ds)
   summary = json.load(open(os.path.join(out, "attribution.json")))
@@ -357,6 +370,7 @@ def get_config():
   c.data.source = "npz:{data}"
   c.attribution.methods = "esvm"
   c.attribution.targets = "all"
+  c.encoder.checkpoint = "{encoder}"
   return c
 """
 
@@ -370,7 +384,12 @@ def test_launcher_on_four_fake_devices_equals_one_device(tmp_path):
   np.savez(tmp_path / "data.npz", x_train=rng.integers(0, 256, (len(labels), 4, 4, 3), np.uint8),
            y_train=labels, x_test=rng.integers(0, 256, (len(test), 4, 4, 3),
                                                np.uint8), y_test=test_labels)
-  (tmp_path / "config.py").write_text(CONFIG_FILE.format(data=tmp_path / "data.npz"))
+  (tmp_path / "encoder.bin").write_bytes(b"stand-in encoder")
+  (tmp_path / "config.py").write_text(
+      CONFIG_FILE.format(data=tmp_path / "data.npz", encoder=tmp_path / "encoder.bin"))
+  config = {}
+  exec(CONFIG_FILE.format(data=tmp_path / "data.npz", encoder=tmp_path / "encoder.bin"), config)
+  _own_features(config["get_config"](), workdir)
   env = dict(os.environ, JAX_NUM_CPU_DEVICES="4", JAX_PLATFORMS="cpu",
              PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
   code = ("import jax; assert jax.device_count() == 4, jax.devices(); import runpy, sys; "

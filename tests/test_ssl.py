@@ -191,7 +191,7 @@ def test_changed_data_refuses_to_resume(tmp_path):
   c.pretrain.max_steps = 1
   pretrain.run(c, str(tmp_path / "w"))
   os.utime(npz, ns=(1, 1))
-  with pytest.raises(pretrain.RunMismatchError, match=r"\bdata: fingerprint changed"):
+  with pytest.raises(pretrain.RunMismatchError, match=r"\bdata: the files changed"):
     pretrain.run(c, str(tmp_path / "w"))
 
 

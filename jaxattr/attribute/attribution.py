@@ -2,7 +2,9 @@
 
 `run(config, workdir)` writes WORKDIR/attribution/<method>/: topk.npy, scores.npy, targets.npy,
 target_index.npy, topk_reference.npy, stats.npz (ESVM), attribution.json and grid.png. A killed
-run restarts at its first unfinished chunk (`topk.topk`'s `chunk_dir`).
+run restarts at its first unfinished chunk (`topk.topk`'s `chunk_dir`). Each method's
+fingerprint.json (`jaxattr.ownership`) ties it to the features, `seed`, `attribution` and `viz`:
+a method whose record matches is skipped, and features of another config or data are refused.
 """
 
 from __future__ import annotations
@@ -15,9 +17,13 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from jaxattr import config as config_lib, data as data_lib, utils, viz
+from jaxattr import config as config_lib, data as data_lib, ownership, utils, validate, viz
 from jaxattr.attribute.options import SolverOptions
 from jaxattr.attribute.ranking import AttributionError, TopK, check_inputs, topk
+
+# What a finished method leaves in WORKDIR/attribution/<method> (besides its ownership record).
+OUTPUTS = ("topk.npy", "scores.npy", "targets.npy", "target_index.npy", "attribution.json",
+           "grid.png")
 
 
 def load_features(workdir: str, split: str) -> dict[str, np.ndarray]:
@@ -75,13 +81,32 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
     {method: TopK}.
 
   Raises:
-    AttributionError: bad settings or inputs (ValueError: bad solver options), before any solve.
+    AttributionError: bad settings (naming the `attribution.<field>`) or inputs, before any
+      solve; or non-finite scores (`attribution.C` too large for the features' scale).
+    jaxattr.validate.ConfigError: a bad config field, when this stage loads the data itself.
+    jaxattr.ownership.StageMismatchError: WORKDIR/features belong to another config or data.
     RuntimeError: some ESVM did not converge (and not `allow_nonconverged`), after every file
       has been written.
   """
   cfg = config.attribution
   methods = config_lib.names(cfg.methods)
   options = SolverOptions.from_config(cfg)
+  # WORKDIR/features must belong to this config and data (StageMismatchError otherwise).
+  for split in ("train", "test"):
+    if not os.path.exists(os.path.join(workdir, "features", f"{split}.npz")):
+      raise AttributionError(f"feature file not found: {workdir}/features/{split}.npz (run "
+                             "launch/features.py, or launch/pipeline.py, with this config)")
+  fields = {m: ownership.attribution_fields(config, workdir, m) for m in methods}
+  results = {}
+  for m in methods:
+    if ownership.current(workdir, "attribution", fields[m], OUTPUTS, method=m):
+      logging.info("attribution %s: up to date (fingerprint %s), skipped", m,
+                   ownership.digest(fields[m]))
+      results[m] = _read(os.path.join(workdir, "attribution", m))
+  methods = [m for m in methods if m not in results]
+  if not methods:
+    _raise_nonconverged(results, cfg)
+    return results
   feats = {split: load_features(workdir, split) for split in ("train", "test")}
   targets = select_targets(cfg.targets, len(feats["test"]["features"]), cfg.num_targets,
                            cfg.target_list, int(config.seed))
@@ -91,27 +116,47 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
                  feats["train"]["index"])
   if train is None or test is None:
     train, test = data_lib.load_splits(config.data)
+    # Where the stage loads the data, it checks its fields (the main job checks all at once).
+    validate.check(config, train, test, stages=("attribution",))
   for split, ds in (("train", train), ("test", test)):
     _check_images(split, feats[split]["index"], ds)
 
-  results = {}
   for method in methods:
     out_dir = os.path.join(workdir, "attribution", method)
+    ownership.clear(workdir, "attribution", method)
     res = topk(feats["train"]["features"], feats["train"]["labels"], feats["test"]["features"],
                feats["test"]["labels"], method=method, k=cfg.k, same_class=cfg.same_class,
                targets=targets, train_index=feats["train"]["index"], options=options,
                chunk_size=cfg.chunk_size, chunk_dir=os.path.join(out_dir, "chunks"),
-               allow_nonconverged=True)  # every file first; the check below raises
+               allow_nonconverged=True)  # every file first; `_raise_nonconverged` below
     _write(out_dir, res, feats["test"]["index"], method, config)
     _write_grid(os.path.join(out_dir, "grid.png"), res, method, train, test, config.viz)
+    ownership.record(workdir, "attribution", fields[method], method=method)
     results[method] = res
+  _raise_nonconverged(results, cfg)
+  return results
+
+
+def _raise_nonconverged(results: dict[str, TopK], cfg: ml_collections.ConfigDict) -> None:
   bad = {m: r.nonconverged for m, r in results.items() if len(r.nonconverged)}
   if bad and not cfg.allow_nonconverged:
     raise RuntimeError(
         "ESVM did not converge for " + "; ".join(
             f"{m}: {len(v)} targets (test positions {v[:20].tolist()})" for m, v in bad.items()) +
-        " (see attribution.json; raise max_iter/max_rows, or allow_nonconverged=True)")
-  return results
+        " (see attribution.json; raise attribution.max_iter or attribution.max_rows, or set "
+        "attribution.allow_nonconverged=True)")
+
+
+def _read(out_dir: str) -> TopK:
+  """The TopK of a finished method's files (seconds and computed_targets 0: nothing solved)."""
+  stats: dict[str, np.ndarray] = {}
+  path = os.path.join(out_dir, "stats.npz")
+  if os.path.exists(path):
+    with np.load(path) as z:
+      stats = {k: z[k] for k in z.files if k != "targets"}
+  return TopK(indices=np.load(os.path.join(out_dir, "topk.npy")), scores=np.load(
+      os.path.join(out_dir, "scores.npy")), targets=np.load(os.path.join(out_dir, "targets.npy")),
+              stats=stats)
 
 
 def _check_images(split: str, index: np.ndarray, ds: data_lib.Dataset) -> None:

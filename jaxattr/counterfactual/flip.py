@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from jaxattr import data, utils
+from jaxattr import data, utils, validate
 from jaxattr.counterfactual import ensemble
 
 
@@ -66,6 +66,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   if int(config.num_models) < 1:
     raise ValueError(f"config.num_models must be at least 1, got {config.num_models}")
   train, test = data.load_splits(config.data)
+  validate.check(config, train, test, stages=("flip",))
   os.makedirs(workdir, exist_ok=True)
   t0 = time.perf_counter()
   trainer = ensemble.Trainer(config.ensemble, train)

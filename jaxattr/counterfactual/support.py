@@ -23,7 +23,14 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from jaxattr import config as config_lib, data, fingerprint as fingerprint_lib, utils
+from jaxattr import (
+    config as config_lib,
+    data,
+    fingerprint as fingerprint_lib,
+    ownership,
+    utils,
+    validate,
+)
 from jaxattr.counterfactual import bisection, summaries
 from jaxattr.counterfactual.bisection import METRICS, Predictor, SearchError, SearchProblem
 
@@ -62,6 +69,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data.Dataset 
   k = int(sc.k)
   methods = []
   for spec in specs:
+    if "=" not in spec:
+      require_attribution(config, workdir, spec)
     name, ids, topk = load_topk(workdir, spec, k, requested)
     if sc.num_targets:
       ids, topk = ids[:int(sc.num_targets)], topk[:int(sc.num_targets)]
@@ -70,6 +79,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data.Dataset 
     loaded = data.load_splits(config.data)
     train = train if train is not None else loaded[0]
     test = test if test is not None else loaded[1]
+    # Where the stage loads the data, it checks its fields (the main job checks all at once).
+    validate.check(config, train, test, stages=("support",))
 
   if predictor is None or flip_fn is None:
     # Imported here so that a run with injected stand-ins (tests) never loads JAX models.
@@ -87,7 +98,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data.Dataset 
 
   train_key = utils.config_hash({
       "ensemble": config.ensemble.to_dict(),
-      "train": fingerprint_lib.arrays_fingerprint(train.index, train.labels)
+      # The pixels too: the same file names with other images train other models.
+      "train": fingerprint_lib.arrays_fingerprint(train.index, train.labels, train.images)
   })
   search_key = {f: sc[f] for f in ("num_tests", "search_budget", "k", "exhaustive", "grid", "seed")}
   flips: dict[int, int] = {}
@@ -101,9 +113,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data.Dataset 
             flip_classes_cached(
                 workdir, union, test.images[u_pos], test.labels[u_pos], flip_fn,
                 key=utils.config_hash({
-                    "train": train_key,
-                    "models": sc.flip_models,
-                    "seed": sc.flip_seed
+                    "train":
+                        train_key,
+                    "test":
+                        fingerprint_lib.arrays_fingerprint(test.index, test.labels, test.images),
+                    "models":
+                        sc.flip_models,
+                    "seed":
+                        sc.flip_seed
                 })).tolist()))
   out: dict[str, Any] = {metric: {} for metric in metrics}
   todo: list[tuple[str, SearchProblem, str]] = []  # (method, problem, out_dir)
@@ -121,8 +138,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data.Dataset 
           "train":
               train_key,
           "inputs":
-              fingerprint_lib.arrays_fingerprint(ids, prefixes, true,
-                                                 flip if flip is not None else ids[:0])
+              fingerprint_lib.arrays_fingerprint(
+                  ids, prefixes, true, flip if flip is not None else ids[:0], test.images[t_pos])
       })
       out_dir = os.path.join(workdir, "support", metric, name)
       done = _finished_summary(out_dir, fingerprint)
@@ -158,6 +175,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data.Dataset 
 
 # ------------------------------------------------------------------------------------------------
 # Inputs: methods, top-k files, targets.
+
+
+def require_attribution(config: ml_collections.ConfigDict, workdir: str, method: str) -> None:
+  """WORKDIR/attribution/<method> must be this config's (`jaxattr.ownership.require`).
+
+  Raises:
+    ownership.StageMismatchError: its record is missing or differs (naming the fields).
+  """
+  ownership.require(workdir, "attribution",
+                    lambda: ownership.attribution_fields(config, workdir, method), method=method)
 
 
 def positions_of(index: np.ndarray, values: np.ndarray, what: str) -> np.ndarray:

@@ -1,0 +1,806 @@
+"""One validation pass over an experiment config, against the data, before any stage starts.
+
+`check(config, train, test, stages=...)` raises one `ConfigError` that lists EVERY problem found,
+one per line, each naming the field (`pretrain.epochs`), its value, and the values allowed, so that
+a bad setting fails in seconds instead of giving silently wrong results or failing hours later.
+`problems(...)` returns the same lines as a list. Only `seed`, `data` and the sections of the
+requested stages are checked (`stages=None`: `pipeline_stages(config)`, the stages that config
+runs):
+
+* pretrain: `encoder` (a name whose constructor takes `width` and `num_splits`, width giving at
+  least one base channel, num_splits >= 1) and `pretrain` (epochs, batch_size, memory_bank_size,
+  proj dims, knn_k, checkpoint_every_steps, log_every_steps >= 1; knn_every_epochs >= 0;
+  max_steps -1 or >= 1; base_lr, temperature, knn_temperature > 0; momentum in [0, 1);
+  weight_decay >= 0; ema_momentum in [0, 1]; min_scale in (0, 1]; batch_size a multiple of
+  encoder.num_splits and at most memory_bank_size: the FIFO bank takes a whole batch of keys).
+* features: batch_size >= 1, dtype 'float32' | 'bfloat16', encoder.checkpoint '' or a variables
+  checkpoint directory (meta.json and variables/).
+* attribution: methods non-empty, known (`jaxattr.attribute.METHODS`) and distinct; k >= 1;
+  targets 'all' | 'random' | 'list'; num_targets >= 1 for 'random'; a non-empty, duplicate-free
+  target_list of ints >= 0 for 'list'; C, tol > 0; max_iter, max_rows, chunk_size >= 1;
+  same_class, allow_nonconverged bools; viz.num_targets, viz.top >= 1.
+* support: metrics non-empty, known (`bisection.METRICS`) and distinct; methods non-empty with
+  distinct names, a 'name=PATH' file existing and explicit targets for it; targets '' or a file
+  or a list of ints; num_targets, search_budget >= 0; num_tests, k >= 1; with exhaustive, the grid
+  strictly ascending ints in [1, k]; flip_models >= 1 for 'mislabel'; seed, flip_seed >= 0;
+  exhaustive, joint bools. With the attribution stage in the same run: own methods (no '=') among
+  attribution.methods, support.k <= attribution.k, support.num_targets <= the attribution's
+  targets ('random': num_targets, 'list': the list; 'all': the test split) and support.targets
+  among them; support.num_targets <= the explicit support.targets. Plus `ensemble` (below).
+* flip: mode 'flip' | 'train', num_models >= 1, and the `ensemble` section.
+* ensemble (support, flip): model 'resnet9' | 'mobilenetv2'; width, peak_lr, log_every_s > 0;
+  epochs, batch_size, eval_batch_size >= 1; peak_epoch >= 0 (above epochs the lr only ramps up,
+  as configs/digits.py:quick uses it); schedule_examples, translate, cutout, models_per_wave,
+  weight_decay >= 0; momentum, label_smoothing in [0, 1); compute_dtype 'auto' | 'float32' |
+  'bfloat16'; formulation 'auto' | 'vmap' | 'map'; cpu_ops 'auto' | 'on' | 'off'; flip a bool.
+* always: seed an int >= 0; data.source 'digits', 'folder:PATH', 'npz:PATH' or 'tfds:NAME';
+  data.options.size / limit_per_class None or ints >= 1.
+
+Types: an int field takes an int (not a bool, not a float, not a string), a float field any
+finite number (NaN and inf are rejected in every float of the checked sections), a bool field a
+bool, a string field a str.
+
+Against the data (when `train` / `test` are given): both splits non-empty; for attribution,
+support and flip at least 2 classes in train, and for attribution and support every test class
+present in train; pretrain.batch_size <= the training images; attribution.num_targets <= the test
+images ('random'), target_list within the test split, attribution.k <= the smallest training class
+among the possible targets' classes (same_class) or the training set; ensemble.cutout <= the image
+side and translate < it; ensemble.batch_size <= the training images minus support.k when removal
+support runs (its models drop up to k images and batches drop_last: fewer images than a batch
+would train no step), and <= the training images for full-data models (flip, mislabel);
+support.k <= the training images; support.targets among the test `index` values.
+`attribution.k` is compared with the classes that can hold targets (those of target_list for
+'list', else every test class), the rule of `jaxattr.attribute.ranking.check_inputs`.
+
+Device counts never make a config invalid: features.batch_size, attribution.chunk_size and
+ensemble.models_per_wave are rounded UP to a multiple of the devices by the stages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from jaxattr import config as config_lib
+
+SECTIONS = ("pretrain", "features", "attribution", "support", "flip")
+
+# The config sections (top-level fields) each stage reads, besides `seed` and `data`.
+STAGE_FIELDS = {
+    "pretrain": ("encoder", "pretrain"),
+    "features": ("encoder", "features"),
+    "attribution": ("attribution", "viz"),
+    "support": ("support", "ensemble"),
+    "flip": ("mode", "num_models", "ensemble"),
+}
+
+DATA_KINDS = ("digits", "folder", "npz", "tfds")
+FEATURE_DTYPES = ("float32", "bfloat16")
+TARGET_SPECS = ("all", "random", "list")
+CLASSIFIERS = ("resnet9", "mobilenetv2")  # jaxattr.counterfactual.ensemble.classifier
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+FORMULATIONS = ("auto", "vmap", "map")
+CPU_OPS = ("auto", "on", "off")
+FLIP_MODES = ("flip", "train")
+
+_BAD = object()  # a field that is missing or failed its own check: dependent checks skip it
+
+
+class ConfigError(ValueError):
+  """A config that a stage would reject or run wrongly; the message lists every problem.
+
+  Attributes:
+    problems: one line per problem, each starting with the field and its value.
+  """
+
+  def __init__(self, problems: Sequence[str]):
+    self.problems = tuple(problems)
+    n = len(self.problems)
+    super().__init__(f"invalid config ({n} problem{'s' if n != 1 else ''}; fix each in the config "
+                     "file or override it with --config.FIELD=VALUE):\n" +
+                     "\n".join(f"  - {p}" for p in self.problems))
+
+  def __reduce__(self):
+    return type(self), (self.problems,)
+
+
+def pipeline_stages(config: Any) -> tuple[str, ...]:
+  """The stages a config runs when `stages` is not given.
+
+  configs/flip.py's shape (`num_models`, no `attribution`): ('flip',). Otherwise the pipeline's:
+  pretrain unless `encoder.checkpoint` is set, features, attribution, and support when
+  `support.metrics` is non-empty.
+  """
+  raw = _Checker(config).raw
+  if raw("num_models") is not _BAD and raw("attribution") is _BAD:
+    return ("flip",)
+  stages = []
+  checkpoint = raw("encoder.checkpoint")
+  if checkpoint is _BAD or not checkpoint:
+    stages.append("pretrain")
+  stages += ["features", "attribution"]
+  metrics = raw("support.metrics")
+  try:
+    with_support = metrics is not _BAD and bool(config_lib.names(metrics))
+  except TypeError:
+    with_support = True  # a malformed field: let the support checks name it
+  if with_support:
+    stages.append("support")
+  return tuple(stages)
+
+
+def check(config: Any, train: Any = None, test: Any = None, *, stages: Sequence[str] | None = None,
+          num_devices: int | None = None) -> None:
+  """Checks `config` for the stages a launcher runs, against the data when given.
+
+  Args:
+    config: the experiment config (`jaxattr.config.base_config()` or configs/flip.py's).
+    train: the training `jaxattr.data.Dataset`, or None to skip the data-dependent checks.
+    test: the test `Dataset`, or None.
+    stages: the stages that will run, a subset of `SECTIONS`; only `seed`, `data` and their
+      sections (`STAGE_FIELDS`) are checked. None: `pipeline_stages(config)`.
+    num_devices: the devices the stages will use (default `jax.device_count()`). No check depends
+      on it today (every device-count rounding in the stages is a padding, never an error); it
+      is accepted so that launchers need not change when one does.
+
+  Raises:
+    ConfigError: listing every problem found, one per line.
+    ValueError: `stages` names an unknown stage (a bug of the caller, not of the config).
+  """
+  found = problems(config, train, test, stages=stages, num_devices=num_devices)
+  if found:
+    raise ConfigError(found)
+
+
+def problems(config: Any, train: Any = None, test: Any = None, *,
+             stages: Sequence[str] | None = None, num_devices: int | None = None) -> list[str]:
+  """`check`'s problems as a list of lines (empty when the config is fine); same arguments."""
+  del num_devices  # See `check`.
+  stages = _stages(pipeline_stages(config) if stages is None else stages)
+  c = _Checker(config)
+  c.int_("seed", lo=0)
+  _check_data_section(c)
+  if "pretrain" in stages:
+    _check_pretrain(c)
+  if "features" in stages:
+    _check_features(c)
+  if "attribution" in stages:
+    _check_attribution(c)
+  if "support" in stages or "flip" in stages:
+    _check_ensemble(c)
+  if "support" in stages:
+    _check_support(c, with_attribution="attribution" in stages)
+  if "flip" in stages:
+    c.str_("mode", FLIP_MODES)
+    c.int_("num_models", lo=1)
+  fields = ["seed", "data"] + [f for s in SECTIONS if s in stages for f in STAGE_FIELDS[s]]
+  _check_finite(c, dict.fromkeys(fields))
+  if train is not None or test is not None:
+    _check_against_data(c, train, test, stages)
+  return c.problems
+
+
+# ------------------------------------------------------------------------------------------------
+# Field access and typed checks.
+
+
+def _is_int(v: Any) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_number(v: Any) -> bool:
+  return isinstance(v,
+                    (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def _range_text(lo, hi, lo_open: bool, hi_open: bool) -> str:
+  if lo is not None and hi is not None:
+    return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+  if lo is not None:
+    return f"{'>' if lo_open else '>='} {lo}"
+  if hi is not None:
+    return f"{'<' if hi_open else '<='} {hi}"
+  return ""
+
+
+def _in_range(v, lo, hi, lo_open: bool, hi_open: bool) -> bool:
+  if lo is not None and (v <= lo if lo_open else v < lo):
+    return False
+  return not (hi is not None and (v >= hi if hi_open else v > hi))
+
+
+class _Checker:
+  """Collects problems; each typed getter returns the field's value, or `_BAD` after a problem."""
+
+  def __init__(self, config: Any):
+    self.config = config
+    self.problems: list[str] = []
+    self.flagged: set[str] = set()
+    self.values: dict[str, Any] = {}  # fields that passed their own check
+
+  def add(self, field: str, message: str) -> None:
+    self.flagged.add(field)
+    self.problems.append(f"{field}{message}")
+
+  def bad(self, field: str, value: Any, expected: str, show_type: bool = False) -> Any:
+    kind = f" ({type(value).__name__})" if show_type else ""
+    self.add(field, f"={value!r}{kind}: must be {expected}")
+    return _BAD
+
+  def has(self, field: str) -> bool:
+    return self.raw(field) is not _BAD
+
+  def raw(self, field: str) -> Any:
+    node = self.config
+    for part in field.split("."):
+      try:
+        node = node[part]
+      except (KeyError, TypeError, AttributeError, IndexError):
+        return _BAD
+    return node
+
+  def get(self, field: str) -> Any:
+    value = self.raw(field)
+    if value is _BAD:
+      self.add(field, ": missing from the config (start it from jaxattr.config's sections)")
+    return value
+
+  def good(self, field: str) -> Any:
+    """The value of a field that passed its check, else `_BAD`."""
+    return self.values.get(field, _BAD)
+
+  def done(self, field: str) -> bool:
+    """Whether `field` was checked already (stages share fields, e.g. encoder.checkpoint)."""
+    return field in self.flagged or field in self.values
+
+  def _keep(self, field: str, value: Any) -> Any:
+    self.values[field] = value
+    return value
+
+  def int_(self, field: str, lo: int | None = None, hi: int | None = None, *,
+           allow: tuple[int, ...] = (), what: str = "") -> Any:
+    if self.done(field):
+      return self.good(field)
+    v = self.get(field)
+    if v is _BAD:
+      return v
+    rng = _range_text(lo, hi, False, False)
+    expected = "an int" + (f" {rng}" if rng else "") + "".join(
+        f" or {a}" for a in allow) + (f" ({what})" if what else "")
+    if not _is_int(v):
+      return self.bad(field, v, expected, show_type=True)
+    if int(v) not in allow and not _in_range(v, lo, hi, False, False):
+      return self.bad(field, v, expected)
+    return self._keep(field, int(v))
+
+  def num_(self, field: str, lo: float | None = None, hi: float | None = None, *,
+           lo_open: bool = False, hi_open: bool = False, what: str = "") -> Any:
+    if self.done(field):
+      return self.good(field)
+    v = self.get(field)
+    if v is _BAD:
+      return v
+    rng = _range_text(lo, hi, lo_open, hi_open)
+    expected = "a finite number" + (f" {rng}" if rng else "") + (f" ({what})" if what else "")
+    if not _is_number(v):
+      return self.bad(field, v, expected, show_type=True)
+    if not math.isfinite(float(v)) or not _in_range(float(v), lo, hi, lo_open, hi_open):
+      return self.bad(field, v, expected)
+    return self._keep(field, float(v))
+
+  def bool_(self, field: str) -> Any:
+    if self.done(field):
+      return self.good(field)
+    v = self.get(field)
+    if v is _BAD:
+      return v
+    if not isinstance(v, (bool, np.bool_)):
+      return self.bad(field, v, "a bool (True or False)", show_type=True)
+    return self._keep(field, bool(v))
+
+  def str_(self, field: str, choices: Sequence[str] | None = None) -> Any:
+    if self.done(field):
+      return self.good(field)
+    v = self.get(field)
+    if v is _BAD:
+      return v
+    expected = f"one of {list(choices)}" if choices is not None else "a string"
+    if not isinstance(v, str):
+      return self.bad(field, v, expected, show_type=True)
+    if choices is not None and v not in choices:
+      return self.bad(field, v, expected)
+    return self._keep(field, v)
+
+  def names_(self, field: str, known: Sequence[str] | None = None, nonempty: bool = True) -> Any:
+    """A comma-separated list field (`config.names`): entries distinct and, given `known`, known."""
+    if self.done(field):
+      return self.good(field)
+    v = self.get(field)
+    if v is _BAD:
+      return v
+    if not (isinstance(v, str) or
+            (isinstance(v, (list, tuple)) and all(isinstance(s, str) for s in v))):
+      return self.bad(field, v, "a comma-separated string", show_type=True)
+    entries = config_lib.names(v)
+    allowed = f"any of {list(known)}" if known is not None else "names"
+    if nonempty and not entries:
+      return self.bad(field, v, f"a non-empty comma-separated list of {allowed}")
+    unknown = [e for e in entries if known is not None and e not in known]
+    if unknown:
+      return self.bad(field, v, f"a comma-separated list of {allowed}; unknown: {unknown}")
+    dups = sorted({e for e in entries if entries.count(e) > 1})
+    if dups:
+      return self.bad(field, v, f"a list of distinct entries; repeated: {dups}")
+    return self._keep(field, entries)
+
+  def ints_(self, field: str) -> Any:
+    """A tuple/list field of ints (attribution.target_list, support.grid)."""
+    if self.done(field):
+      return self.good(field)
+    v = self.get(field)
+    if v is _BAD:
+      return v
+    if not isinstance(v, (list, tuple, np.ndarray)) or not all(_is_int(x) for x in v):
+      return self.bad(field, v, "a tuple of ints", show_type=True)
+    return self._keep(field, [int(x) for x in v])
+
+
+# ------------------------------------------------------------------------------------------------
+# Sections.
+
+
+def _stages(stages: Sequence[str]) -> tuple[str, ...]:
+  if isinstance(stages, str):  # ("attribution") without its comma
+    stages = (stages,)
+  stages = tuple(stages)
+  unknown = [s for s in stages if s not in SECTIONS]
+  if unknown:
+    raise ValueError(f"validate.check: unknown stages {unknown}; known: {list(SECTIONS)}")
+  return stages
+
+
+def _check_data_section(c: _Checker) -> None:
+  source = c.str_("data.source")
+  if source is not _BAD:
+    kind, sep, arg = source.partition(":")
+    if kind not in DATA_KINDS or (kind != "digits" and not arg.strip()):
+      c.values.pop("data.source")
+      c.bad("data.source", source, "'digits', 'folder:PATH', 'npz:PATH' or 'tfds:NAME'")
+    elif kind == "digits" and sep:
+      c.values.pop("data.source")
+      c.bad("data.source", source, "'digits' without an argument")
+  for name in ("size", "limit_per_class"):
+    field = f"data.options.{name}"
+    if c.has(field) and c.raw(field) is not None:
+      c.int_(field, lo=1, what="or None")
+
+
+@functools.lru_cache(maxsize=1)
+def _pretrainable_encoders() -> tuple[str, ...]:
+  """Encoders `jaxattr.ssl.moco_model` can build: their constructors take width and num_splits."""
+  from jaxattr.models import ENCODERS  # pylint: disable=import-outside-toplevel
+
+  names = []
+  for name, ctor in ENCODERS.items():
+    cls = ctor.func if isinstance(ctor, functools.partial) else ctor
+    try:
+      fields = {f.name for f in dataclasses.fields(cls)}
+    except TypeError:
+      continue
+    if {"width", "num_splits"} <= fields:
+      names.append(name)
+  return tuple(names)
+
+
+def _check_pretrain(c: _Checker) -> None:
+  c.str_("encoder.name", _pretrainable_encoders())
+  width = c.num_("encoder.width", 0, lo_open=True, what="channel multiplier")
+  if width is not _BAD and int(64 * width) < 1:
+    c.bad("encoder.width", width, ">= 1/64 (the encoder's base channels are int(64 * width))")
+  splits = c.int_("encoder.num_splits", lo=1)
+  c.str_("encoder.checkpoint")
+  c.int_("pretrain.epochs", lo=1)
+  batch = c.int_("pretrain.batch_size", lo=1)
+  c.num_("pretrain.base_lr", 0, lo_open=True)
+  c.num_("pretrain.momentum", 0, 1, hi_open=True)
+  c.num_("pretrain.weight_decay", 0)
+  c.num_("pretrain.ema_momentum", 0, 1)
+  c.num_("pretrain.temperature", 0, lo_open=True)
+  bank = c.int_("pretrain.memory_bank_size", lo=1)
+  c.int_("pretrain.proj_hidden_dim", lo=1)
+  c.int_("pretrain.proj_out_dim", lo=1)
+  c.num_("pretrain.min_scale", 0, 1, lo_open=True)
+  c.int_("pretrain.knn_k", lo=1)
+  c.num_("pretrain.knn_temperature", 0, lo_open=True)
+  c.int_("pretrain.knn_every_epochs", lo=0, what="0 = only at the end")
+  c.int_("pretrain.checkpoint_every_steps", lo=1)
+  c.int_("pretrain.log_every_steps", lo=1)
+  c.int_("pretrain.max_steps", lo=1, allow=(-1,), what="-1 = all epochs")
+  if batch is not _BAD and splits is not _BAD and batch % splits:
+    c.add("pretrain.batch_size",
+          f"={batch}: must be a multiple of encoder.num_splits={splits} (SplitBatchNorm groups)")
+  if batch is not _BAD and bank is not _BAD and bank < batch:
+    c.add(
+        "pretrain.memory_bank_size",
+        f"={bank}: must be >= pretrain.batch_size={batch} (each step enqueues a whole batch of "
+        "keys into the FIFO bank; a larger batch overwrites its own slots)")
+
+
+def _check_features(c: _Checker) -> None:
+  c.int_("features.batch_size", lo=1, what="rounded up to a multiple of the devices")
+  c.str_("features.dtype", FEATURE_DTYPES)
+  path = c.str_("encoder.checkpoint")
+  if path not in (_BAD, "") and "://" not in path and not (os.path.isfile(
+      os.path.join(path, "meta.json")) and os.path.isdir(os.path.join(path, "variables"))):
+    what = "does not exist" if not os.path.exists(path) else "is not a variables checkpoint"
+    c.add(
+        "encoder.checkpoint",
+        f"={path!r}: {what}; must be '' (pretrain) or a directory with meta.json and variables/ "
+        "(write one with launch/convert.py)")
+
+
+def _check_attribution(c: _Checker) -> None:
+  from jaxattr.attribute import METHODS  # pylint: disable=import-outside-toplevel
+
+  c.names_("attribution.methods", METHODS)
+  c.int_("attribution.k", lo=1, what="training examples kept per target")
+  c.bool_("attribution.same_class")
+  targets = c.str_("attribution.targets", TARGET_SPECS)
+  c.int_("attribution.num_targets", lo=1 if targets == "random" else None)
+  target_list = c.ints_("attribution.target_list")
+  if targets == "list" and target_list is not _BAD:
+    neg = [t for t in target_list if t < 0]
+    dups = sorted({t for t in target_list if target_list.count(t) > 1})
+    if not target_list:
+      c.bad("attribution.target_list", (), "a non-empty tuple of test positions when "
+            "attribution.targets='list'")
+    elif neg or dups:
+      c.bad(
+          "attribution.target_list", tuple(target_list), "distinct test positions >= 0"
+          f"{f'; negative: {neg}' if neg else ''}{f'; repeated: {dups}' if dups else ''}")
+  c.num_("attribution.C", 0, lo_open=True)
+  c.num_("attribution.tol", 0, lo_open=True)
+  c.int_("attribution.max_iter", lo=1)
+  c.int_("attribution.max_rows", lo=1)
+  c.int_("attribution.chunk_size", lo=1, what="rounded up to a multiple of the devices")
+  c.bool_("attribution.allow_nonconverged")
+  # The grid of each method shows viz.num_targets targets: none at all fails to draw.
+  c.int_("viz.num_targets", lo=1)
+  c.int_("viz.top", lo=1)
+
+
+def _check_ensemble(c: _Checker) -> None:
+  c.str_("ensemble.model", CLASSIFIERS)
+  c.num_("ensemble.width", 0, lo_open=True, what="channel multiplier")
+  c.int_("ensemble.epochs", lo=1)
+  c.int_("ensemble.batch_size", lo=1)
+  c.num_("ensemble.peak_lr", 0, lo_open=True)
+  # Beyond ensemble.epochs the lr only ramps up (configs/digits.py:quick trains 1 epoch of its
+  # 1.5-epoch ramp), as `ensemble.check_config` allows.
+  c.num_("ensemble.peak_epoch", 0, what="the epoch of the lr peak")
+  c.int_("ensemble.schedule_examples", lo=0, what="0 = the dataset given")
+  c.num_("ensemble.momentum", 0, 1, hi_open=True)
+  c.num_("ensemble.weight_decay", 0)
+  c.num_("ensemble.label_smoothing", 0, 1, hi_open=True)
+  c.str_("ensemble.compute_dtype", COMPUTE_DTYPES)
+  c.int_("ensemble.translate", lo=0, what="pixels")
+  c.int_("ensemble.cutout", lo=0, what="pixels, 0 = off")
+  c.bool_("ensemble.flip")
+  c.int_("ensemble.models_per_wave", lo=0, what="0 = all; rounded up to a multiple of the devices")
+  c.str_("ensemble.formulation", FORMULATIONS)
+  c.str_("ensemble.cpu_ops", CPU_OPS)
+  c.int_("ensemble.eval_batch_size", lo=1)
+  c.num_("ensemble.log_every_s", 0, lo_open=True)
+
+
+def _check_support(c: _Checker, with_attribution: bool) -> None:
+  from jaxattr.counterfactual.bisection import METRICS  # pylint: disable=import-outside-toplevel
+
+  metrics = c.names_("support.metrics", METRICS)
+  specs = c.names_("support.methods")
+  requested = _support_targets(c)
+  num = c.int_("support.num_targets", lo=0, what="the first n targets, 0 = all")
+  if requested is not _BAD and requested is not None and num is not _BAD and num > len(requested):
+    c.add(
+        "support.num_targets", f"={num} exceeds the {len(requested)} targets of support.targets; "
+        f"lower it to at most {len(requested)}, or 0 for all")
+  c.int_("support.num_tests", lo=1)
+  c.int_("support.search_budget", lo=0)
+  k = c.int_("support.k", lo=1)
+  exhaustive = c.bool_("support.exhaustive")
+  grid = c.ints_("support.grid")
+  if exhaustive is True and grid is not _BAD and k is not _BAD:
+    if any(g < 1 or g > k for g in grid) or any(b <= a for a, b in zip(grid, grid[1:])):
+      c.bad(
+          "support.grid", tuple(grid), f"strictly ascending ints in [1, support.k={k}] with "
+          "support.exhaustive=True (entries outside would be dropped silently)")
+  c.int_("support.seed", lo=0)
+  c.int_("support.flip_models", lo=1 if metrics is not _BAD and "mislabel" in metrics else None)
+  c.int_("support.flip_seed", lo=0)
+  c.bool_("support.joint")
+  if specs is _BAD:
+    return
+  names = [s.partition("=")[0].strip() for s in specs]
+  for spec, name in zip(specs, names):
+    _, sep, path = spec.partition("=")
+    if not name or os.sep in name:
+      c.add("support.methods", f": entry {spec!r} must start with a method name (no '{os.sep}')")
+    if sep and not os.path.isfile(path.strip()):
+      c.add("support.methods", f": entry {spec!r}: top-k file {path.strip()!r} does not exist")
+    if sep and requested is None and c.has("support.targets"):
+      c.add(
+          "support.targets",
+          f"='': the reference-layout matrix of support.methods entry {spec!r} needs explicit "
+          "targets (a file or a list of test index values)")
+  dups = sorted({n for n in names if names.count(n) > 1})
+  if dups:
+    c.add("support.methods", f"={','.join(specs)!r}: method names {dups} repeat (one output "
+          "directory per name)")
+  if not with_attribution:
+    return  # The attribution outputs of an earlier run say what they hold (support checks them).
+  own = [s for s in specs if "=" not in s]
+  computed = c.good("attribution.methods")
+  if own and computed is not _BAD:
+    missing = [m for m in own if m not in computed]
+    if missing:
+      c.add(
+          "support.methods", f"={','.join(specs)!r}: {missing} are not computed by "
+          f"attribution.methods={','.join(computed)!r}; add them there or drop them here")
+  ak = c.good("attribution.k")
+  if own and k is not _BAD and ak is not _BAD and k > ak:
+    c.add(
+        "support.k", f"={k} exceeds attribution.k={ak}: the searched prefixes are the "
+        f"attribution's top-k; lower support.k or raise attribution.k")
+  # Without support.targets, the searched targets are the attribution's (its first n).
+  spec, num = c.good("attribution.targets"), c.good("support.num_targets")
+  count, listed = _BAD, c.good("attribution.target_list")
+  if spec == "random":
+    count = c.good("attribution.num_targets")
+  elif spec == "list" and listed is not _BAD and "attribution.target_list" not in c.flagged:
+    count = len(listed)  # ('all': the test split's size, checked against the data)
+  if own and requested is None and num is not _BAD and count is not _BAD and num > count:
+    _too_many_targets(c, num, count, spec)
+
+
+def _too_many_targets(c: _Checker, num: int, count: int, spec: str) -> None:
+  c.add(
+      "support.num_targets", f"={num} exceeds the {count} targets of attribution.targets="
+      f"{spec!r}; lower it to at most {count} (0 = all), or attribute more targets")
+
+
+def _support_targets(c: _Checker) -> Any:
+  """support.targets parsed: None for '', int64 array of test index values, or `_BAD`."""
+  from jaxattr.counterfactual import support  # pylint: disable=import-outside-toplevel
+
+  spec = c.str_("support.targets")
+  if spec is _BAD:
+    return _BAD
+  try:
+    ids = support.parse_targets(spec)
+  except (ValueError, OSError) as e:
+    c.values.pop("support.targets", None)
+    c.add(
+        "support.targets", f"={spec!r}: must be '', a .npy or text file of test index values, "
+        f"or a comma-separated list of ints ({e})")
+    return _BAD
+  if ids is None:
+    return c._keep("support.targets", None)  # pylint: disable=protected-access
+  values, repeats = np.unique(ids, return_counts=True)
+  dups = values[repeats > 1].tolist()
+  if not len(ids) or dups:
+    c.values.pop("support.targets", None)
+    c.add(
+        "support.targets", f"={spec!r}: must name at least one test index value, each once" +
+        (f"; repeated: {dups[:10]}" if dups else ""))
+    return _BAD
+  return c._keep("support.targets", ids)  # pylint: disable=protected-access
+
+
+def _check_finite(c: _Checker, fields: dict[str, None]) -> None:
+  """NaN / inf anywhere in the checked sections (fields flagged already are not repeated)."""
+
+  def walk(field: str, value: Any) -> None:
+    if field in c.flagged:
+      return
+    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
+      c.bad(field, value, "a finite number")
+    elif isinstance(value, (list, tuple)):
+      for x in value:
+        if isinstance(x, (float, np.floating)) and not math.isfinite(x):
+          c.bad(field, tuple(value), "free of NaN and inf")
+          return
+    elif hasattr(value, "items") and not isinstance(value, str):
+      for key, sub in value.items():
+        walk(f"{field}.{key}", sub)
+
+  for field in fields:
+    value = c.raw(field)
+    if value is not _BAD:
+      walk(field, value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Against the data.
+
+
+def _check_against_data(c: _Checker, train: Any, test: Any, stages: tuple[str, ...]) -> None:
+  source = c.raw("data.source")
+  where = f"of data.source={source!r}" if isinstance(source, str) else "of the data"
+  for split, ds in (("train", train), ("test", test)):
+    if ds is not None and not len(ds):
+      c.add("data.source", f"={source!r}: the {split} split is empty")
+  train = train if train is not None and len(train) else None
+  test = test if test is not None and len(test) else None
+  counts = None
+  if train is not None:
+    labels = np.asarray(train.labels)
+    counts = np.bincount(labels, minlength=max(train.num_classes, int(labels.max()) + 1))
+    present = np.flatnonzero(counts)
+    if {"attribution", "support", "flip"} & set(stages) and len(present) < 2:
+      c.add(
+          "data.source", f"={source!r}: the training split holds only class(es) "
+          f"{_class_list(train, present)}; attribution (ESVM negatives) and the counterfactual "
+          "models (a wrong class to flip to) need at least 2 classes")
+    if test is not None and {"attribution", "support"} & set(stages):
+      missing = np.setdiff1d(np.unique(test.labels), present)
+      if len(missing):
+        c.add(
+            "data.source", f"={source!r}: test classes {_class_list(test, missing)} have no "
+            "training images (no candidates to attribute them to); use data with every test "
+            "class in the training split")
+
+  if "pretrain" in stages and train is not None:
+    batch = c.good("pretrain.batch_size")
+    if batch is not _BAD and batch > len(train):
+      c.add(
+          "pretrain.batch_size", f"={batch} exceeds the {len(train)} training images {where}; "
+          "lower it (a multiple of encoder.num_splits)")
+  if "attribution" in stages:
+    _check_attribution_data(c, counts, train, test, where)
+  if {"support", "flip"} & set(stages) and train is not None:
+    side = min(train.images.shape[1:3])
+    cutout, translate = c.good("ensemble.cutout"), c.good("ensemble.translate")
+    if cutout is not _BAD and cutout > side:
+      c.add(
+          "ensemble.cutout", f"={cutout} exceeds the {side}-pixel side of the images {where}; "
+          "must be <= it (0 = off)")
+    if translate is not _BAD and translate >= side:
+      c.add("ensemble.translate", f"={translate}: must be < the {side}-pixel side of the images "
+            f"{where}")
+    _check_ensemble_batch(c, len(train), stages, where)
+  if "support" in stages:
+    _check_support_data(c, train, test, stages, where)
+
+
+def _class_list(ds: Any, classes: np.ndarray) -> str:
+  names = list(getattr(ds, "class_names", []))
+  shown = [
+      f"{int(i)} ({names[int(i)]!r})" if int(i) < len(names) else str(int(i)) for i in classes[:10]
+  ]
+  return "[" + ", ".join(shown) + (", ..." if len(classes) > 10 else "") + "]"
+
+
+def _attribution_target_positions(c: _Checker, n_test: int) -> Any:
+  """The test positions attribution will use (as `attribution.select_targets`), or `_BAD`."""
+  spec = c.good("attribution.targets")
+  if spec == "all":
+    return np.arange(n_test)
+  if spec == "random":
+    num, seed = c.good("attribution.num_targets"), c.good("seed")
+    if num is _BAD or seed is _BAD or num > n_test:
+      return _BAD
+    from jaxattr.attribute.attribution import select_targets  # pylint: disable=import-outside-toplevel
+    return select_targets("random", n_test, num, (), seed)
+  if spec == "list":
+    lst = c.good("attribution.target_list")
+    if lst is _BAD or "attribution.target_list" in c.flagged:
+      return _BAD
+    return np.asarray(lst, np.int64)
+  return _BAD
+
+
+def _check_attribution_data(c: _Checker, counts: np.ndarray | None, train: Any, test: Any,
+                            where: str) -> None:
+  spec, num = c.good("attribution.targets"), c.good("attribution.num_targets")
+  lst = c.good("attribution.target_list")
+  if "attribution.target_list" in c.flagged:
+    lst = _BAD
+  if test is not None:
+    n_test = len(test)
+    if spec == "random" and num is not _BAD and num > n_test:
+      c.add(
+          "attribution.num_targets", f"={num} exceeds the {n_test} test images {where}; lower "
+          "it (or use attribution.targets='all')")
+    if spec == "list" and lst is not _BAD:
+      out = [t for t in lst if t >= n_test]
+      if out:
+        c.add(
+            "attribution.target_list", f"={tuple(lst)!r}: positions {out[:10]} are outside the "
+            f"{n_test} test images {where} (positions must lie in [0, {n_test}))")
+  k, same = c.good("attribution.k"), c.good("attribution.same_class")
+  if train is None or k is _BAD or same is _BAD:
+    return
+  if not same:
+    if k > len(train):
+      c.add("attribution.k", f"={k} exceeds the {len(train)} training images {where}; lower "
+            "attribution.k")
+    return
+  # Classes that may hold targets: those of the listed positions, else every test class (all
+  # training classes when the test split is not given).
+  if test is None:
+    classes = np.arange(len(counts))
+  elif spec == "list" and lst is not _BAD:
+    classes = np.unique(np.asarray(test.labels)[[t for t in lst if t < len(test)]])
+  else:
+    classes = np.unique(test.labels)
+  classes = classes[classes < len(counts)]
+  classes = classes[counts[classes] > 0]  # classes without training images are flagged above
+  if not len(classes):
+    return
+  smallest = classes[np.argmin(counts[classes])]
+  if k > counts[smallest]:
+    c.add(
+        "attribution.k", f"={k} exceeds the {counts[smallest]} training images of class "
+        f"{_class_list(train, [smallest])[1:-1]}, the smallest class of the targets {where} "
+        "(same_class=True: a target's candidates are its class); lower attribution.k or set "
+        "attribution.same_class=False")
+
+
+def _check_ensemble_batch(c: _Checker, n: int, stages: tuple[str, ...], where: str) -> None:
+  batch = c.good("ensemble.batch_size")
+  if batch is _BAD:
+    return
+  metrics = c.good("support.metrics") if "support" in stages else ()
+  k = c.good("support.k")
+  if metrics is not _BAD and "removal" in metrics and k is not _BAD and k <= n:
+    if batch > n - k:
+      c.add(
+          "ensemble.batch_size", f"={batch} exceeds the {n - k} training images left when "
+          f"removal support drops support.k={k} of the {n} {where} (batches drop_last: such a "
+          "model would train no step); lower ensemble.batch_size or support.k")
+  elif batch > n:
+    c.add(
+        "ensemble.batch_size", f"={batch} exceeds the {n} training images {where} (batches "
+        "drop_last: a model would train no step); lower it")
+
+
+def _check_support_data(c: _Checker, train: Any, test: Any, stages: tuple[str, ...],
+                        where: str) -> None:
+  k = c.good("support.k")
+  if train is not None and k is not _BAD and k > len(train):
+    c.add("support.k", f"={k} exceeds the {len(train)} training images {where}; lower it")
+  requested = c.good("support.targets")
+  if test is None or requested is _BAD:
+    return
+  test_index = np.asarray(test.index, np.int64)
+  if requested is not None:
+    absent = np.setdiff1d(requested, test_index)
+    if len(absent):
+      c.add(
+          "support.targets", f": index values {absent[:10].tolist()} are not among the "
+          f"{len(test_index)} test images {where} (limit_per_class may have dropped them)")
+      return
+  num = c.good("support.num_targets")
+  specs = c.good("support.methods")
+  if "attribution" not in stages or specs is _BAD or all("=" in s for s in specs):
+    return
+  # Methods without '=' read this run's attribution outputs: its targets bound support's.
+  positions = _attribution_target_positions(c, len(test_index))
+  if positions is _BAD or (len(positions) and positions.max() >= len(test_index)):
+    return
+  have = test_index[positions]
+  source = f"attribution.targets={c.good('attribution.targets')!r}"
+  if requested is not None:
+    absent = np.setdiff1d(requested, have)
+    if len(absent):
+      c.add(
+          "support.targets", f": index values {absent[:10].tolist()} are not among the "
+          f"{len(have)} targets of {source}; pick targets among them or change "
+          "attribution.targets")
+  elif num is not _BAD and num > len(have) and c.good("attribution.targets") == "all":
+    _too_many_targets(c, num, len(have), "all")
