@@ -161,6 +161,7 @@ def _cases(
     first = p.run("pipeline", wd, src)
     if first.returncode:
       return first, wd, False
+    p.copies.add(wd)  # its outputs exist before the probed run
     _folder(root, value=7)  # same names, other pixels
     out = p.run("pipeline", wd, src)
     return out, wd, "up to date" not in out.stderr.split("stage pretrain")[-1][:200]
