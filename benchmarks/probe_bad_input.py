@@ -232,7 +232,7 @@ def _cases(
       ("attribution.chunk_size=0", "L", pipeline("--config.attribution.chunk_size=0")),
       ("pretrain.memory_bank_size=0", "L", pipeline("--config.pretrain.memory_bank_size=0")),
       ("ensemble.epochs=0", "L", pipeline("--config.ensemble.epochs=0")),
-      ("viz.top=0", "L", pipeline("--config.viz.top=0")),
+      ("viz.top=-1", "S", pipeline("--config.viz.top=-1", right=False)),
       ("data.options.size=0", "L", pipeline("--config.data.options.size=0")),
       ("truncated .tar.gz", "L", pipeline(f"--config.data.source=folder:{tgz}")),
       ("npz label outside the classes", "L", pipeline(f"--config.data.source=npz:{bad_label}")),
