@@ -18,6 +18,7 @@ from jaxattr import attribute, config as config_lib, data as data_lib, ownership
 # The module, which the package's `topk` (the function) hides from `from ... import`.
 from jaxattr.attribute import attribution, esvm, linalg, ranking as topk_lib, selection
 from jaxattr.attribute.options import SolverOptions
+from jaxattr.attribute.solver import PCG
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL = 1e-4  # the bound on decision values relative to sklearn
@@ -516,17 +517,19 @@ def test_padded_sizes_share_buckets_without_padding_past_the_largest_set():
 
 
 def test_solver_traces_its_newton_step_once_per_shape(monkeypatch):
-  # One active-set size (max_rows = approx_rows = 64) and min_batch above the 40 targets: every
-  # step of both solves has one shape, so one trace in all; a retrace (a new jitted function per
-  # call, a changing argument structure) would fail here.
+  # One active-set size (max_rows = 64; targets with more violators take CG steps) and
+  # min_batch above the 40 targets: every step of both solves has one shape per kind, so one
+  # trace each in all; a retrace (a new jitted function per call, a changing argument
+  # structure) would fail here.
   rng = np.random.default_rng(7)
   x = np.abs(rng.normal(size=(300, 20)) + 1.0).astype(np.float32)
   t = (x[:40] + 0.3 * rng.normal(size=(40, 20))).astype(np.float32)
   chex.clear_trace_counter()
   monkeypatch.setattr(esvm, "newton_step", chex.assert_max_traces(esvm.newton_step, n=1))
-  solver = attribute.Solver(SolverOptions(max_rows=64, approx_rows=64, min_batch=64))
+  monkeypatch.setattr(esvm, "pcg_step", chex.assert_max_traces(esvm.pcg_step, n=1))
+  solver = attribute.Solver(SolverOptions(max_rows=64, min_batch=64))
   first = solver(t, solver.prepare(x))
   second = solver(t, solver.prepare(x))
-  assert list(solver._steps) == [64] and (first[2] <= solver.options.tol).all()
+  assert set(solver._steps) == {64, PCG} and (first[2] <= solver.options.tol).all()
   for a, b in zip(first, second):
     np.testing.assert_array_equal(a, b)

@@ -153,7 +153,7 @@ def test_topk_nonconverged_raises_unless_allowed():
     ("max_iter", 2.5, r"attribution\.max_iter must be an integer"),
     ("max_rows", 0, r"attribution\.max_rows must be positive"),
     ("line_steps", 0, r"SolverOptions\.line_steps must be positive"),
-    ("approx_iters", -1, r"SolverOptions\.approx_iters must be non-negative"),
+    ("shared_gram_max", -1, r"SolverOptions\.shared_gram_max must be non-negative"),
     ("max_batch", 8.0, r"SolverOptions\.max_batch must be an integer"),
 ])
 def test_solver_options_name_the_config_field(field, value, message):

@@ -21,8 +21,7 @@ class NotConvergedError(AttributionError):
 # The fields that `SolverOptions.from_config` reads from `config.attribution`: errors name them
 # as that config field, the others as the dataclass field.
 CONFIG_FIELDS = ("C", "tol", "max_iter", "max_rows")
-_INT_FIELDS = ("max_iter", "max_rows", "line_steps", "shared_gram_max", "init_rows", "approx_rows",
-               "approx_iters", "min_batch")
+_INT_FIELDS = ("max_iter", "max_rows", "line_steps", "shared_gram_max", "init_rows", "min_batch")
 
 
 def option_name(field: str) -> str:
@@ -43,16 +42,12 @@ class SolverOptions:
     C: sklearn's C (finite, > 0).
     tol: a target has converged once its Newton step would move no decision value by more (> 0).
     max_iter: Newton iterations per target.
-    max_rows: r, the most margin violators an exact Newton step handles (an [r, r] Cholesky per
-      target); with more, steps are approximate (still convergent, more slowly).
+    max_rows: r, the most margin violators a Woodbury Newton step handles (an [r, r] Cholesky per
+      target); with more, the step is solved as exactly by CG in d-space (`esvm.pcg_step`).
     line_steps: most safeguarded Newton steps of the exact line search.
     shared_gram_max: candidate sets of at most this many rows form their [n, n] Gram once, shared
       by all targets; larger ones gather the active rows at every step.
     init_rows: the starting point counts this many smallest-norm candidates as violators.
-    approx_rows: `Solver` only: the active-set size of the approximate steps of targets with more
-      than max_rows violators in their first `approx_iters` iterations (their active set is then
-      far from the optimum's: more rows barely help but cost cubically more).
-    approx_iters: see approx_rows.
     min_batch: `Solver` only: the smallest padded batch of a step.
     max_batch: `Solver` only: the largest batch of a step (rounded down to a power of two times
       the devices). None: on CPU devices capped so that a step's arrays stay in cache
@@ -66,8 +61,6 @@ class SolverOptions:
   line_steps: int = 12
   shared_gram_max: int = 8192
   init_rows: int = 256
-  approx_rows: int = 64
-  approx_iters: int = 4
   min_batch: int = 16
   max_batch: int | None = None
 
@@ -82,7 +75,7 @@ class SolverOptions:
       value = getattr(self, name)
       if name == "max_batch" and value is None:
         continue
-      low = 0 if name in ("shared_gram_max", "approx_iters") else 1
+      low = 0 if name == "shared_gram_max" else 1
       if isinstance(value, numbers.Real) and not value >= low:  # also NaN
         raise AttributionError(f"{option_name(name)} must be " +
                                ("non-negative" if low == 0 else "positive") + f", got {value!r}")

@@ -20,6 +20,9 @@ import numpy as np
 from jaxattr.attribute import esvm
 from jaxattr.attribute.options import AttributionError, SolverOptions
 
+# The `_step` key of CG steps (`esvm.pcg_step`), for targets with more than max_rows violators.
+PCG = 0
+
 # Active-set sizes: a step costs an [r, r] Gram gather and Cholesky per target (cubic in r), so
 # each target uses the smallest size that holds its violators.
 ROW_BUCKETS = (64, 128, 160, 192, 224, 256, 320, 384, 512)
@@ -36,8 +39,8 @@ class Solver:
   """Solves many targets' Exemplar-SVMs against one candidate set, scheduling steps on the host.
 
   The iterates are those of `esvm.solve` wherever a target's violators fit in `max_rows` (exact
-  Newton steps); with more, the steps are approximate here too, with fewer rows at first
-  (`SolverOptions.approx_rows`). The per-target state (weights, decision values) stays on the
+  Newton steps); targets with more take exact steps by preconditioned CG in d-space
+  (`esvm.pcg_step`), grouped apart. The per-target state (weights, decision values) stays on the
   device(s); only batch indices and a few [targets] counters cross between host and device per
   step. The grouping is deterministic.
   """
@@ -53,7 +56,6 @@ class Solver:
     """
     self.options = o = options
     self.rows = tuple(r for r in ROW_BUCKETS if r < o.max_rows) + (o.max_rows,)
-    self.approx_rows = _bucket(min(o.approx_rows, o.max_rows), self.rows)
     self.mesh = mesh
     self.num_devices = 1 if mesh is None else mesh.size
     self.min_batch = -(-o.min_batch // self.num_devices) * self.num_devices
@@ -104,9 +106,15 @@ class Solver:
       def fn(t_all, tx_all, w_all, v_all, read, write, cset):
         # One Newton step of the targets `read`; their new weights and decision values are
         # written back to rows `write` of the state (out-of-range rows: padding, dropped).
-        new = esvm.newton_step(t_all[read], w_all[read], cset, min(rows, cset.x.shape[0]),
-                               self.options.line_steps, self.pure_solve, v=v_all[read],
-                               tx=tx_all[read] if cset.gram is not None else None)
+        # rows == PCG: CG in d-space (`esvm.pcg_step`), for targets with more than max_rows
+        # violators.
+        if rows == PCG:
+          new = esvm.pcg_step(t_all[read], w_all[read], cset, self.options.line_steps,
+                              v=v_all[read])
+        else:
+          new = esvm.newton_step(t_all[read], w_all[read], cset, min(rows, cset.x.shape[0]),
+                                 self.options.line_steps, self.pure_solve, v=v_all[read],
+                                 tx=tx_all[read] if cset.gram is not None else None)
         write = self._all(write)
         w_all = w_all.at[write].set(self._all(new.w), mode="drop")
         v_all = v_all.at[write].set(self._all(new.v), mode="drop")
@@ -178,14 +186,11 @@ class Solver:
       # The counts are exact: they come from the decision values the next step starts from.
       rows = np.asarray(self.rows)
       sizes = rows[np.minimum(np.searchsorted(rows, count[active]), len(rows) - 1)]
-      # More violators than max_rows: approximate steps, with few rows while the active set is
-      # still far from the optimum's, then with max_rows (such a target converges only
-      # linearly, faster with more rows).
-      big = count[active] > self.rows[-1]
-      sizes[big] = np.where(it[active][big] < o.approx_iters, self.approx_rows, self.rows[-1])
+      # More violators than max_rows: exact steps by CG in d-space (cost independent of r).
+      sizes[count[active] > self.rows[-1]] = PCG
       # Groups smaller than a minimal batch join the next larger size (a bigger active set is
       # still exact): fewer small calls and fewer compiled shapes.
-      present = np.unique(sizes)
+      present = np.unique(sizes[sizes != PCG])
       for small, larger in zip(present[:-1], present[1:]):
         if np.sum(sizes == small) < self.min_batch:
           sizes[sizes == small] = larger
@@ -193,7 +198,8 @@ class Solver:
       # bookkeeping overlaps the device's work.
       pending = []
       for r in np.unique(sizes):
-        for sel in self._split(active[sizes == r], self._batch_cap(int(r), cset.x.shape[0])):
+        cap = self._batch_cap(int(r) if r != PCG else cset.x.shape[1], cset.x.shape[0])
+        for sel in self._split(active[sizes == r], cap):
           read = self._padded(sel).astype(np.int32)
           write = np.where(np.arange(len(read)) < len(sel), read, len(pad)).astype(np.int32)
           w_all, v_all, out_step, out_count = self._step(int(r))(t_all, tx_all, w_all, v_all, read,
@@ -232,10 +238,3 @@ class Solver:
         parts.append(sel)
         break
     return parts
-
-
-def _bucket(value: int, sizes: tuple[int, ...]) -> int:
-  for size in sizes:
-    if size >= value:
-      return size
-  return sizes[-1]

@@ -1,0 +1,96 @@
+"""Exact Newton steps whatever the number of margin violators (`esvm.pcg_step`, issue #15):
+scikit-learn's solution on problems where most candidates violate, where d > n, and at raw
+feature norms; the two forms of the Newton system agree; results do not depend on the batch."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.svm import LinearSVC
+
+from benchmarks import esvm_families as fam
+from jaxattr import attribute
+from jaxattr.attribute import esvm
+from jaxattr.attribute.options import SolverOptions
+
+
+def _sklearn(target, candidates, C=0.1):
+  x = np.concatenate([target[None], candidates]).astype(np.float64)
+  y = np.r_[1, np.zeros(len(candidates))]
+  model = LinearSVC(C=C, class_weight="balanced", dual=False, tol=1e-8, max_iter=100_000)
+  return model.fit(x, y).decision_function(candidates.astype(np.float64))
+
+
+def _solve(targets, candidates, **options):
+  solver = attribute.Solver(SolverOptions(**options))
+  cset = solver.prepare(candidates)
+  w, it, step = solver(targets, cset)
+  v = np.asarray(cset.caller_order(np.asarray(w) @ np.asarray(cset.x).T))
+  return v, it, step, solver
+
+
+def _check(targets, candidates, v, it, step, num=3, atol=2e-5):
+  assert (step <= SolverOptions().tol).all() and it.mean() <= 10
+  for i in range(num):
+    ref = _sklearn(targets[i], candidates)
+    np.testing.assert_allclose(v[i], ref, atol=atol, rtol=0)
+    assert np.array_equal(np.argsort(-ref)[:20], np.argsort(-v[i])[:20])
+  return _sklearn(targets[0], candidates)
+
+
+def test_majority_of_violators_exact_in_few_iterations():
+  data = fam.hard_synthetic(dim=48, num_candidates=600, num_targets=8, num_classes=1).generate()
+  t, x = data.targets[0], data.candidates[0]
+  v, it, step, solver = _solve(t, x, max_rows=64)
+  ref = _check(t, x, v, it, step)
+  assert (ref > -1).sum() > 300  # most candidates violate at the optimum: CG steps, exact
+  assert 0 in solver._steps  # solver.PCG
+  # The single-program path (esvm_scores) gives the same scores.
+  scores = np.asarray(attribute.esvm_scores(t, x, SolverOptions(max_rows=64)))
+  np.testing.assert_allclose(scores, v, atol=2e-5, rtol=0)
+
+
+def test_more_dimensions_than_candidates():
+  data = fam.imagenet_shaped(norm=3.0, dim=256, num_candidates=120, num_targets=6, rank=32,
+                             num_classes=1).generate()
+  t, x = data.targets[0], data.candidates[0]
+  v, it, step, _ = _solve(t, x, max_rows=32)
+  _check(t, x, v, it, step)
+
+
+def test_raw_feature_norms_converge_or_raise():
+  data = fam.imagenet_shaped(norm=1000.0, dim=256, num_candidates=300, num_targets=6, rank=32,
+                             num_classes=1).generate()
+  t, x = data.targets[0], data.candidates[0]
+  v, it, step, _ = _solve(t, x)
+  converged = step <= SolverOptions().tol
+  for i in np.flatnonzero(converged)[:3]:  # converged means sklearn's answer, never a wrong one
+    ref = _sklearn(t[i], x)
+    np.testing.assert_allclose(v[i], ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
+  if not converged.all():
+    with pytest.raises(attribute.NotConvergedError):
+      attribute.esvm_scores(t, x)
+
+
+def test_woodbury_and_cg_steps_agree():
+  data = fam.hard_synthetic(dim=32, num_candidates=200, num_targets=6, num_classes=1).generate()
+  t, x = data.targets[0], data.candidates[0]
+  cset = esvm.prepare(jnp.asarray(x), SolverOptions())
+  ta = esvm._augment(jnp.asarray(t))
+  w = esvm.initial_weights(jnp.asarray(t), cset)
+  for _ in range(2):  # a few exact steps in, where both forms apply (r <= rows = n)
+    w = esvm.newton_step(ta, w, cset, 200, 12).w
+  a = esvm.newton_step(ta, w, cset, 200, 12)
+  b = esvm.pcg_step(ta, w, cset, 12, cg_tol=1e-7)
+  scale = np.abs(np.asarray(a.v)).max()
+  np.testing.assert_allclose(np.asarray(b.v), np.asarray(a.v), atol=1e-4 * scale, rtol=0)
+  np.testing.assert_array_equal(np.asarray(a.count), np.asarray(b.count))
+
+
+def test_results_do_not_depend_on_the_batch():
+  data = fam.hard_synthetic(dim=32, num_candidates=300, num_targets=20, num_classes=1).generate()
+  t, x = data.targets[0], data.candidates[0]
+  everything, _, _, _ = _solve(t, x, max_rows=32)
+  alone, _, _, _ = _solve(t[5:6], x, max_rows=32)
+  others, _, _, _ = _solve(t[[5, 0, 19, 3]], x, max_rows=32)
+  np.testing.assert_allclose(alone[0], everything[5], atol=1e-5, rtol=0)
+  np.testing.assert_allclose(others[0], everything[5], atol=1e-5, rtol=0)
