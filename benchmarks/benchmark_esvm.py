@@ -77,7 +77,7 @@ import numpy as np
 from absl import app, flags, logging
 from sklearn.exceptions import ConvergenceWarning
 
-from benchmarks import bench
+from benchmarks import bench, esvm_families
 from jaxattr import attribute, config, utils
 from jaxattr.attribute import SolverOptions, esvm
 
@@ -109,6 +109,17 @@ _REPEATS = flags.DEFINE_integer(
 _BATCH = flags.DEFINE_integer("extract_batch", 250, "Images per feature-extraction step.",
                               lower_bound=1)
 _OUT = flags.DEFINE_string("out", "bench_results/esvm.json", "Result JSON.")
+_FAMILY = flags.DEFINE_enum(
+    "family", "flax", ["flax", "hard_torch", "hard_synthetic", "imagenet_shaped"],
+    "Feature family (benchmarks/esvm_families.py): 'flax' = the random-init Flax ResNet-18 "
+    "features above (or --features_dir); 'hard_torch' = a random-init torchvision ResNet-18 on "
+    "the CIFAR-10 JPEGs scaled to the many-violator regime; 'hard_synthetic' = its synthetic "
+    "stand-in; 'imagenet_shaped' = 2048-d x 1,300 candidates per class (--family_norm).")
+_FAMILY_NORM = flags.DEFINE_float(
+    "family_norm", None, "Mean feature norm of the synthetic families (their default: "
+    "0.8 hard_synthetic, 29 imagenet_shaped).")
+_FAMILY_TARGETS = flags.DEFINE_integer(
+    "family_targets", 1000, "Targets per class of the synthetic families.", lower_bound=1)
 _EXTRACT_ONLY = flags.DEFINE_boolean("extract_only", False, "Only build the feature cache.")
 
 # Bumped when `_extract` changes what it computes: older caches are then never reused.
@@ -413,7 +424,10 @@ def compare(train, test) -> tuple[list[dict], dict]:
       "solver_iterations_mean": float(np.mean(stats.iterations)),
       "solver_iterations_max": int(np.max(stats.iterations)),
       "num_violators_max": int(np.max(stats.num_violators)),
-      "compare_nonconverged": int(len(res.nonconverged))
+      "num_violators_mean": float(np.mean(stats.num_violators)),
+      "compare_nonconverged": int(len(res.nonconverged)),
+      "topk_iterations_mean": float(res.stats["iterations"].mean()),
+      "topk_iterations_max": int(res.stats["iterations"].max())
   }
   return rows, agree
 
@@ -448,11 +462,41 @@ def all_targets(train, test) -> tuple[list[dict], dict]:
   }
 
 
+def family_features(name: str, norm: float | None,
+                    num_targets: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
+  """(train, test, info) of a feature family: candidates as the training split, targets as the
+  test split, per class; cached under bench_results by the family's key (`esvm_families`)."""
+  builders = {
+      "hard_torch": esvm_families.hard_torch,
+      "hard_synthetic": esvm_families.hard_synthetic,
+      "imagenet_shaped": esvm_families.imagenet_shaped
+  }
+  kwargs = {} if norm is None else {"norm": norm}
+  if name != "hard_torch":
+    kwargs["num_targets"] = num_targets
+  elif norm is not None:
+    raise app.UsageError("--family_norm applies to the synthetic families only")
+  data = esvm_families.cached(builders[name](**kwargs))
+
+  def split(arrays):
+    labels = np.concatenate([np.full(len(a), c, np.int32) for c, a in enumerate(arrays)])
+    return {
+        "features": np.concatenate(arrays),
+        "labels": labels,
+        "index": np.arange(len(labels), dtype=np.int64)
+    }
+
+  return split(data.candidates), split(data.targets), {"family": data.key}
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
-  train, test, info = load_or_extract(_FEATURES_DIR.value, _DATA.value, _WIDTH.value, _SEED.value,
-                                      _BATCH.value, _CACHE.value)
+  if _FAMILY.value == "flax":
+    train, test, info = load_or_extract(_FEATURES_DIR.value, _DATA.value, _WIDTH.value, _SEED.value,
+                                        _BATCH.value, _CACHE.value)
+  else:
+    train, test, info = family_features(_FAMILY.value, _FAMILY_NORM.value, _FAMILY_TARGETS.value)
   logging.info("features: %s; train %s, test %s", info, train["features"].shape,
                test["features"].shape)
   if _EXTRACT_ONLY.value:
@@ -476,12 +520,21 @@ def main(argv):
   for key in ("vs_primal", "vs_dual"):
     if key in extra:
       print(key, {k: round(v, 8) for k, v in extra[key].items()})
+  solver = {
+      k: round(extra[k], 2)
+      for k in ("topk_iterations_mean", "topk_iterations_max", "num_violators_mean",
+                "num_violators_max", "compare_nonconverged", "all_iterations_mean",
+                "all_iterations_max", "all_num_violators_max", "all_nonconverged")
+      if k in extra
+  }
+  print(f"features: {info}")
+  print(f"Newton iterations and margin violators at the optimum: {solver}")
   if "sklearn_dual_unconverged" in extra:
     print(f"sklearn fits stopped at max_iter={SKLEARN_MAX_ITER} (not converged): primal "
           f"{extra['sklearn_primal_unconverged']}, dual {extra['sklearn_dual_unconverged']}")
   names = ("mode", "features_dir", "data", "encoder_width", "seed", "extract_batch", "class_id",
            "num_targets_sklearn", "num_targets_dual", "num_targets_jax", "chunk_size", "tol",
-           "max_rows", "repeats")
+           "max_rows", "repeats", "family", "family_norm", "family_targets")
   settings = {
       "flags": {
           name: flags.FLAGS[name].value for name in names

@@ -94,3 +94,20 @@ def test_results_do_not_depend_on_the_batch():
   others, _, _, _ = _solve(t[[5, 0, 19, 3]], x, max_rows=32)
   np.testing.assert_allclose(alone[0], everything[5], atol=1e-5, rtol=0)
   np.testing.assert_allclose(others[0], everything[5], atol=1e-5, rtol=0)
+
+
+def test_float64_fallback_for_targets_float32_cannot_finish():
+  data = fam.imagenet_shaped(norm=1000.0, dim=256, num_candidates=300, num_targets=8, rank=32,
+                             num_classes=1).generate()
+  t, x = data.targets[0], data.candidates[0]
+  # 20 iterations: too few for float32 at this scale (it needs 42 to over 50), enough in float64
+  # (11-13).
+  v32, it32, step32, _ = _solve(t, x, max_iter=20, fallback64=False)
+  v, it, step, _ = _solve(t, x, max_iter=20)
+  redone = ~(step32 <= 1e-5)
+  assert redone.any(), it32
+  assert (step <= 1e-5).all() and (it[redone] > 20).all()
+  np.testing.assert_array_equal(v[~redone], v32[~redone])
+  for i in np.flatnonzero(redone)[:2]:
+    ref = _sklearn(t[i], x)
+    np.testing.assert_allclose(v[i], ref, atol=1e-4 * np.abs(ref).max(), rtol=0)

@@ -516,15 +516,27 @@ def _solve_scores(targets: jax.Array, candidates: jax.Array,
   return v, stats
 
 
+_finish = jax.jit(finish, static_argnames=("tol",))
+
+
+@functools.lru_cache(maxsize=8)
+def _solver(options: SolverOptions) -> Any:
+  """One `solver.Solver` per options (it keeps its compiled steps), for `esvm_scores`."""
+  from jaxattr.attribute import solver  # pylint: disable=g-import-not-at-top (imports esvm)
+  return solver.Solver(options)
+
+
 def esvm_scores(targets: jax.Array | np.ndarray, candidates: jax.Array | np.ndarray,
                 options: SolverOptions = SolverOptions(), *, return_stats: bool = False,
                 allow_nonconverged: bool = False):
   """Exemplar-SVM decision values of every candidate for every target, as sklearn computes them.
 
   Each target's SVM is `sklearn.svm.LinearSVC(C, class_weight='balanced')` fitted on the target
-  (label 1) against all candidates (label 0); this is its `decision_function` (`solve`, jitted).
+  (label 1) against all candidates (label 0); this is its `decision_function`. Concrete inputs
+  go through the same host-scheduled `solver.Solver` as `ranking.topk` (same steps, float64
+  fallback, throughput); under an enclosing `jax.jit` (tracers) the one-program `solve` runs.
   The inputs are checked first (`check_problem`), the result after the solve
-  (`check_solution`); under an enclosing `jax.jit` (tracers) only the shapes and dtypes are.
+  (`check_solution`); under an enclosing `jax.jit` only the shapes and dtypes are.
 
   Args:
     targets: [targets, d] float target features (one row per target: `t[None]` for one).
@@ -544,7 +556,14 @@ def esvm_scores(targets: jax.Array | np.ndarray, candidates: jax.Array | np.ndar
     NotConvergedError: some target did not converge (unless `allow_nonconverged`).
   """
   targets, candidates = check_problem(targets, candidates, options, where="esvm_scores")
-  v, stats = _solve_scores(targets, candidates, options)
+  if isinstance(targets, jax.core.Tracer) or isinstance(candidates, jax.core.Tracer):
+    v, stats = _solve_scores(targets, candidates, options)
+  else:
+    solver = _solver(options)
+    cset = solver.prepare(candidates)
+    w, it, step = solver(np.asarray(targets), cset)
+    v, stats = _finish(jnp.asarray(targets), jnp.asarray(w, cset.x.dtype), cset, jnp.asarray(it),
+                       jnp.asarray(step, cset.x.dtype), options.tol)
   if not isinstance(v, jax.core.Tracer):
     check_solution(v, stats.converged, options, "esvm_scores", allow_nonconverged)
   return (v, stats) if return_stats else v

@@ -52,6 +52,8 @@ class SolverOptions:
     max_batch: `Solver` only: the largest batch of a step (rounded down to a power of two times
       the devices). None: on CPU devices capped so that a step's arrays stay in cache
       (`solver.CPU_BATCH_ROWS`), on accelerators whole groups.
+    fallback64: `Solver` only: targets that float32 does not converge are solved again in float64
+      (feature norms of ~1,000 make the Newton systems too ill-conditioned for float32).
   """
 
   C: float = 0.1
@@ -63,6 +65,7 @@ class SolverOptions:
   init_rows: int = 256
   min_batch: int = 16
   max_batch: int | None = None
+  fallback64: bool = True
 
   def __post_init__(self):
     for name in ("C", "tol"):

@@ -16,9 +16,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from jaxattr.attribute import esvm
 from jaxattr.attribute.options import AttributionError, SolverOptions
+
+# With `SolverOptions.fallback64`: float32 iterations before a target continues in float64. A
+# target that float32 has not converged by then is one of the few that stall at its rounding
+# floor (a tolerance of 1e-5 with thousands of violators) or converge slowly (feature norms of
+# ~1,000); float64, warm-started, finishes them in 1-8 iterations.
+FLOAT32_ITERS = 20
 
 # The `_step` key of CG steps (`esvm.pcg_step`), for targets with more than max_rows violators.
 PCG = 0
@@ -160,27 +167,55 @@ class Solver:
 
     Returns:
       Host arrays: weights [targets, d + 1], iterations [targets], last Newton step [targets]
-      (`esvm.NewtonStep.step`). Nothing here raises for targets that did not converge (step >
-      options.tol) or came out non-finite: `ranking.topk` and `esvm.check_solution` do.
+      (`esvm.NewtonStep.step`). With `options.fallback64`, targets that float32 has not brought
+      to `options.tol` within FLOAT32_ITERS iterations (they stall at float32's rounding floor
+      or converge slowly: feature norms of ~1,000) continue in float64 from their float32
+      weights, for up to max_iter iterations more; their iterations count both phases.
+      Nothing here raises for targets that still did not converge (step > options.tol) or came
+      out non-finite: `ranking.topk` and `esvm.check_solution` do.
 
     Raises:
       AttributionError: targets that are not float [T, d] with the candidate set's d.
     """
-    o = self.options
     targets = np.asarray(targets)
     d = cset.x.shape[1] - 1
     if targets.ndim != 2 or targets.shape[1] != d or not np.issubdtype(targets.dtype, np.floating):
       raise AttributionError(f"Solver: targets must be a 2-D float array [T, d={d}] (the candidate "
                              f"set's d), got shape {targets.shape} {targets.dtype}")
-    targets = targets.astype(np.float32)
+    o = self.options
+    w, it, step = self._iterate(targets.astype(np.float32), cset,
+                                max_iter=min(o.max_iter, FLOAT32_ITERS) if o.fallback64 else None)
+    bad = np.flatnonzero(~(step <= self.options.tol))
+    if len(bad) and self.options.fallback64:
+      logging.info(
+          "ESVM: %d of %d targets not converged in float32 (max_iter %d); continuing them "
+          "in float64 from their float32 weights", len(bad), len(targets), self.options.max_iter)
+      with jax.enable_x64(True):
+        # The candidates are already in the solver's order; prepare keeps it (stable sort).
+        cset64 = self._prepare(cset.x[:, :-1].astype(jnp.float64), valid=cset.valid)
+        w64, it64, step64 = self._iterate(targets[bad].astype(np.float64), cset64,
+                                          w0=w[bad].astype(np.float64))
+      w[bad], it[bad], step[bad] = w64, it[bad] + it64, step64
+      logging.info("ESVM: float64 converged %d of %d", int(np.sum(step64 <= self.options.tol)),
+                   len(bad))
+    return w, it, step
+
+  def _iterate(self, targets: np.ndarray, cset: esvm.CandidateSet, w0: np.ndarray | None = None,
+               max_iter: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    # The host loop of `__call__` in the dtype of `targets` and `cset`, from `w0` [T, D] when
+    # given, else from `esvm.initial_weights`.
+    o = self.options
+    max_iter = o.max_iter if max_iter is None else max_iter
     n = len(targets)
     pad = self._padded(np.arange(n))
     t_all, tx_all, w_all, v_all, count = self._init(targets[pad], cset)
+    if w0 is not None:  # a warm start (the float64 fallback starts from float32's weights)
+      w_all, v_all, count = _restart(jnp.asarray(w0[pad], w_all.dtype), w_all, cset.x, cset.valid)
     count = np.array(count[:n])
     it = np.zeros((n,), np.int32)
-    step = np.full((n,), np.inf, np.float32)
+    step = np.full((n,), np.inf, targets.dtype)
     while True:
-      active = np.flatnonzero((step > o.tol) & (it < o.max_iter))
+      active = np.flatnonzero((step > o.tol) & (it < max_iter))
       if not len(active):
         break
       # The counts are exact: they come from the decision values the next step starts from.
@@ -238,3 +273,12 @@ class Solver:
         parts.append(sel)
         break
     return parts
+
+
+@jax.jit
+def _restart(w: jax.Array, w_init: jax.Array, x: jax.Array, valid: jax.Array):
+  # The state of given weights: (w, decision values w x^T, violator counts); rows of w with a
+  # NaN/inf (float32 broke down) start from `esvm.initial_weights` (w_init) instead.
+  w = jnp.where(jnp.all(jnp.isfinite(w), -1, keepdims=True), w, w_init)
+  v = w @ x.T
+  return w, v, jnp.sum((v > -1.0) & valid, -1)
