@@ -120,6 +120,9 @@ _FAMILY_NORM = flags.DEFINE_float(
     "0.8 hard_synthetic, 29 imagenet_shaped).")
 _FAMILY_TARGETS = flags.DEFINE_integer(
     "family_targets", 1000, "Targets per class of the synthetic families.", lower_bound=1)
+_FAMILY_CLASSES = flags.DEFINE_integer(
+    "family_classes", 2, "Classes of the synthetic families (--mode=all solves every target "
+    "against its class).", lower_bound=1)
 _EXTRACT_ONLY = flags.DEFINE_boolean("extract_only", False, "Only build the feature cache.")
 
 # Bumped when `_extract` changes what it computes: older caches are then never reused.
@@ -462,8 +465,8 @@ def all_targets(train, test) -> tuple[list[dict], dict]:
   }
 
 
-def family_features(name: str, norm: float | None,
-                    num_targets: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
+def family_features(name: str, norm: float | None, num_targets: int, num_classes: int = 2
+                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict]:
   """(train, test, info) of a feature family: candidates as the training split, targets as the
   test split, per class; cached under bench_results by the family's key (`esvm_families`)."""
   builders = {
@@ -473,9 +476,9 @@ def family_features(name: str, norm: float | None,
   }
   kwargs = {} if norm is None else {"norm": norm}
   if name != "hard_torch":
-    kwargs["num_targets"] = num_targets
-  elif norm is not None:
-    raise app.UsageError("--family_norm applies to the synthetic families only")
+    kwargs.update(num_targets=num_targets, num_classes=num_classes)
+  elif norm is not None or num_classes != 2:
+    raise app.UsageError("--family_norm and --family_classes apply to the synthetic families")
   data = esvm_families.cached(builders[name](**kwargs))
 
   def split(arrays):
@@ -496,7 +499,8 @@ def main(argv):
     train, test, info = load_or_extract(_FEATURES_DIR.value, _DATA.value, _WIDTH.value, _SEED.value,
                                         _BATCH.value, _CACHE.value)
   else:
-    train, test, info = family_features(_FAMILY.value, _FAMILY_NORM.value, _FAMILY_TARGETS.value)
+    train, test, info = family_features(_FAMILY.value, _FAMILY_NORM.value, _FAMILY_TARGETS.value,
+                                        _FAMILY_CLASSES.value)
   logging.info("features: %s; train %s, test %s", info, train["features"].shape,
                test["features"].shape)
   if _EXTRACT_ONLY.value:
@@ -534,7 +538,7 @@ def main(argv):
           f"{extra['sklearn_primal_unconverged']}, dual {extra['sklearn_dual_unconverged']}")
   names = ("mode", "features_dir", "data", "encoder_width", "seed", "extract_batch", "class_id",
            "num_targets_sklearn", "num_targets_dual", "num_targets_jax", "chunk_size", "tol",
-           "max_rows", "repeats", "family", "family_norm", "family_targets")
+           "max_rows", "repeats", "family", "family_norm", "family_targets", "family_classes")
   settings = {
       "flags": {
           name: flags.FLAGS[name].value for name in names

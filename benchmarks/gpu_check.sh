@@ -26,6 +26,15 @@ done
 timeout 240 python3 -m benchmarks.benchmark_esvm --data=$DATA --num_targets_jax=5000 \
   --num_targets_sklearn=20 --num_targets_dual=2 --cache="$OUT/esvm_features.npz" \
   --out="$OUT/esvm.json" 2>&1 | tee "$OUT/esvm.log" | tail -n 20
+# Issue 15: the ESVM on the harder feature families (synthetic: nothing to download or extract),
+# targets/s per family beside sklearn's primal loop on the host.
+for fam in "hard_synthetic" "imagenet_shaped --family_norm=3" "imagenet_shaped --family_norm=30" \
+           "imagenet_shaped --family_norm=1000"; do
+  name=$(echo "$fam" | tr -c 'a-z0-9\n' '_')
+  timeout 120 python3 -m benchmarks.benchmark_esvm --mode=compare --family=$fam \
+    --num_targets_jax=2000 --family_targets=2000 --num_targets_sklearn=10 \
+    --num_targets_dual=1 --out="$OUT/esvm_$name.json" 2>&1 | tee "$OUT/esvm_$name.log" | tail -n 12
+done
 # Issue 5: which formulation wins, then s/model for 32 full-width ResNet-9s (2 epochs).
 timeout 240 python3 -m benchmarks.benchmark_train --mode=gpu --num_models=32 --epochs=2 \
   --formulations=vmap,map --data=$DATA --out="$OUT/train.json" \

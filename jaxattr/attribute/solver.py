@@ -188,11 +188,17 @@ class Solver:
     bad = np.flatnonzero(~(step <= self.options.tol))
     if len(bad) and self.options.fallback64:
       logging.info(
-          "ESVM: %d of %d targets not converged in float32 (max_iter %d); continuing them "
-          "in float64 from their float32 weights", len(bad), len(targets), self.options.max_iter)
+          "ESVM: %d of %d targets not converged after %d float32 iterations; continuing "
+          "them in float64 from their float32 weights", len(bad), len(targets),
+          min(o.max_iter, FLOAT32_ITERS))
       with jax.enable_x64(True):
-        # The candidates are already in the solver's order; prepare keeps it (stable sort).
-        cset64 = self._prepare(cset.x[:, :-1].astype(jnp.float64), valid=cset.valid)
+        cset64 = _float64(cset, o.C)
+        shared = [a for a in (cset64.gram, cset64.ridge_inv, cset64.pcg_inv) if a is not None]
+        # float32 broke down (NaN weights, or an overflow in the shared matrices): the problem is
+        # too ill-conditioned for float32's shared matrices too, so float64 prepares its own.
+        if not np.isfinite(w[bad]).all() or not all(bool(jnp.isfinite(a).all()) for a in shared):
+          # The candidates are already in the solver's order; prepare keeps it (stable sort).
+          cset64 = self._prepare(cset.x[:, :-1].astype(jnp.float64), valid=cset.valid)
         w64, it64, step64 = self._iterate(targets[bad].astype(np.float64), cset64,
                                           w0=w[bad].astype(np.float64))
       w[bad], it[bad], step[bad] = w64, it[bad] + it64, step64
@@ -282,3 +288,15 @@ def _restart(w: jax.Array, w_init: jax.Array, x: jax.Array, valid: jax.Array):
   w = jnp.where(jnp.all(jnp.isfinite(w), -1, keepdims=True), w, w_init)
   v = w @ x.T
   return w, v, jnp.sum((v > -1.0) & valid, -1)
+
+
+def _float64(cset: esvm.CandidateSet, C: float) -> esvm.CandidateSet:
+  """`cset` in float64 without preparing it again (for D = 2049 a float64 `prepare` costs ~1 s):
+  the candidates (float32 values) and class weights are exact; the Gram, the starting point's
+  inverse and the preconditioner keep float32's accuracy. The preconditioner needs no more, and
+  a Gram off by ~1e-7 relative makes a Woodbury step inexact by as much, far inside the active-set
+  certificate's slack (`esvm.CERT_SLACK`)."""
+  out = jax.tree_util.tree_map(
+      lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, cset)
+  count = jnp.sum(cset.valid).astype(jnp.float64)
+  return out._replace(c_pos=C * (count + 1.0) / 2.0, c_neg=C * (count + 1.0) / (2.0 * count))
