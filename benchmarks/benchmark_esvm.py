@@ -12,7 +12,7 @@ attribution quality.
 Modes (--mode):
   compare: targets = the first test images of class --class_id, candidates = that class's 5,000
     training images. sklearn LinearSVC(C=0.1, class_weight='balanced', tol=1e-6,
-    max_iter=10000) fitted per target, primal (dual='auto' picks it: n > d) on
+    max_iter=10000) fitted per target, primal (dual=False, whatever n and d) on
     --num_targets_sklearn targets and dual=True (what scikit-learn 1.1, the reference's
     environment, ran) on --num_targets_dual targets; jaxattr on --num_targets_jax targets, two
     ways: end to end through `jaxattr.attribute.topk` (candidate preparation, solve, top-1280
@@ -306,7 +306,7 @@ def compare(train, test) -> tuple[list[dict], dict]:
                                       allow_nonconverged=True)
   ours = np.asarray(ours, np.float64)
 
-  converged = {"auto": [], True: []}
+  converged = {False: [], True: []}
 
   def run_sklearn(indices, dual):
     times, values = [], []
@@ -329,7 +329,7 @@ def compare(train, test) -> tuple[list[dict], dict]:
       fn()
       timings[name].append(time.perf_counter() - t0)
       loads[name].append(os.getloadavg()[0])
-    times, vals = run_sklearn(part, "auto")
+    times, vals = run_sklearn(part, False)
     timings["primal"] += times
     sk_values += vals
     loads["primal"].append(os.getloadavg()[0])
@@ -420,7 +420,7 @@ def compare(train, test) -> tuple[list[dict], dict]:
       "values_vs_esvm_scores_max_abs_diff": float(np.abs(values[:n_sk] - ours).max()),
       # Fits that reached max_iter (liblinear's ConvergenceWarning); their decision values
       # are off by up to ~1e-3, which shows in the agreement figures.
-      "sklearn_primal_unconverged": int(np.sum(~np.asarray(converged["auto"]))),
+      "sklearn_primal_unconverged": int(np.sum(~np.asarray(converged[False]))),
       "sklearn_dual_unconverged": int(np.sum(~np.asarray(converged[True]))),
       "sklearn_primal_s": sk_times.tolist(),
       "sklearn_dual_s": dual_times.tolist(),

@@ -530,6 +530,7 @@ def test_solver_traces_its_newton_step_once_per_shape(monkeypatch):
   solver = attribute.Solver(SolverOptions(max_rows=64, min_batch=64))
   first = solver(t, solver.prepare(x))
   second = solver(t, solver.prepare(x))
-  assert set(solver._steps) == {64, PCG} and (first[2] <= solver.options.tol).all()
+  assert 64 in solver._steps and set(solver._steps) <= {64, PCG}
+  assert (first[2] <= solver.options.tol).all()
   for a, b in zip(first, second):
     np.testing.assert_array_equal(a, b)
