@@ -321,10 +321,21 @@ def newton_step(t: jax.Array, w: jax.Array, cset: CandidateSet, rows: int, line_
                        jnp.take_along_axis(coef, jnp.minimum(pos, rows - 1), 1), 0.0)
     btc = spread @ x  # B^T coef
     s = -_half_precondition(gh - 2.0 * c_neg * _half_precondition(btc, t, gamma), t, gamma)
+  return _advance(t, w, s, v, u, cset, line_steps, violators, count, count <= rows)
+
+
+def _advance(t, w, s, v, u, cset: CandidateSet, line_steps: int, violators, count,
+             exact) -> NewtonStep:
+  """The exact line search along the step direction s [B, D] and the convergence bound.
+
+  `exact` [B]: s is the Newton step (to the solve's rounding), so the active-set certificate
+  below may bound the next one.
+  """
+  x, valid = cset.x, cset.valid
   xs, ts = s @ x.T, _rowdot(t, s)
   # The convergence test: ||[x; t] H^-1 g||_inf, how far any decision value may still move.
   step = jnp.maximum(jnp.max(jnp.abs(jnp.where(valid, xs, 0.0)), -1), jnp.abs(ts))
-  a = _line_search(w, s, v, u, xs, ts, valid, c_pos, c_neg, line_steps)
+  a = _line_search(w, s, v, u, xs, ts, valid, cset.c_pos, cset.c_neg, line_steps)
   v_next = v + a[:, None] * xs
   next_violators = (v_next > -1.0) & valid
   next_count = jnp.sum(next_violators, -1)
@@ -333,8 +344,7 @@ def newton_step(t: jax.Array, w: jax.Array, cset: CandidateSet, rows: int, line_
   # the Newton step there is exactly (1 - a) s and the target skips a verifying iteration. The
   # float32 solve is itself off by a relative error (~1e-3 on ill-conditioned sets) that |1 - a|
   # shows only in part, hence the inflated bound.
-  same = (jnp.all(next_violators == violators, -1) & (count <= rows) &
-          ((u + a * ts < 1.0) == (u < 1.0)))
+  same = (jnp.all(next_violators == violators, -1) & exact & ((u + a * ts < 1.0) == (u < 1.0)))
   next_step = jnp.where(same, (CERT_FACTOR * jnp.abs(1.0 - a) + CERT_SLACK) * step, jnp.inf)
   return NewtonStep(w + a[:, None] * s, jnp.minimum(step, next_step), count, next_count, v_next)
 
@@ -415,17 +425,10 @@ def pcg_step(t: jax.Array, w: jax.Array, cset: CandidateSet, line_steps: int, v:
 
   _, s, _, _, _, rz = jax.lax.while_loop(cond, body, (0, jnp.zeros_like(g), r, z, z, rz0))
   solved = rz <= limit
-  xs, ts = s @ x.T, _rowdot(t, s)
-  step = jnp.maximum(jnp.max(jnp.abs(jnp.where(valid, xs, 0.0)), -1), jnp.abs(ts))
-  a = _line_search(w, s, v, u, xs, ts, valid, c_pos, c_neg, line_steps)
-  v_next = v + a[:, None] * xs
-  next_violators = (v_next > -1.0) & valid
-  next_count = jnp.sum(next_violators, -1)
-  # `newton_step`'s active-set certificate: the CG step is exact to cg_tol, far inside its slack.
-  same = jnp.all(next_violators == violators, -1) & ((u + a * ts < 1.0) == (u < 1.0))
-  next_step = jnp.where(same, (CERT_FACTOR * jnp.abs(1.0 - a) + CERT_SLACK) * step, jnp.inf)
-  return NewtonStep(w + a[:, None] * s, jnp.where(solved, jnp.minimum(step, next_step), jnp.inf),
-                    count, next_count, v_next)
+  # The CG step is exact to cg_tol, far inside the certificate's slack; an unsolved one is not
+  # a step the convergence test may pass on.
+  new = _advance(t, w, s, v, u, cset, line_steps, violators, count, solved)
+  return new._replace(step=jnp.where(solved, new.step, jnp.inf))
 
 
 def _gram_block(gram: jax.Array, idx: jax.Array, mask: jax.Array) -> jax.Array:
