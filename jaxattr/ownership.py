@@ -131,14 +131,16 @@ def features_fields(config: ml_collections.ConfigDict, workdir: str) -> dict[str
   })
 
 
-def attribution_fields(config: ml_collections.ConfigDict, workdir: str,
-                       method: str) -> dict[str, Any]:
+def attribution_fields(config: ml_collections.ConfigDict, workdir: str, method: str,
+                       features: str | None = None) -> dict[str, Any]:
   """What WORKDIR/attribution/<method> depends on; the features' record must match first.
 
   Raises:
     StageMismatchError: WORKDIR/features are missing, unrecorded or of another config or data.
   """
-  feats = require(workdir, "features", lambda: features_fields(config, workdir))
+  # `features`: the features' fingerprint when the caller has checked it already (one data
+  # fingerprint per run, not one per method).
+  feats = features or require(workdir, "features", lambda: features_fields(config, workdir))
   fields = {"features.fingerprint": feats, "method": method, "seed": config.seed}
   fields.update(_section(config, "attribution"))
   fields.pop("attribution.methods")  # each method has its own record

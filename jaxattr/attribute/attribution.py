@@ -96,7 +96,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
     if not os.path.exists(os.path.join(workdir, "features", f"{split}.npz")):
       raise AttributionError(f"feature file not found: {workdir}/features/{split}.npz (run "
                              "launch/features.py, or launch/pipeline.py, with this config)")
-  fields = {m: ownership.attribution_fields(config, workdir, m) for m in methods}
+  feats_fp = ownership.require(workdir, "features",
+                               lambda: ownership.features_fields(config, workdir))
+  fields = {m: ownership.attribution_fields(config, workdir, m, feats_fp) for m in methods}
   results = {}
   for m in methods:
     if ownership.current(workdir, "attribution", fields[m], OUTPUTS, method=m):
