@@ -54,6 +54,7 @@ so the residual blocks add up into one dominant direction.)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -134,32 +135,63 @@ class SyntheticPostReLU:
   def key(self) -> str:
     return _key("synthetic_post_relu", dataclasses.asdict(self))
 
-  def generate(self) -> FamilyData:
+  def _shared(self, rng: np.random.Generator) -> dict[str, Any]:
+    # What all classes share: the mean profile, the residual's basis and spectrum, the scales.
     d, r = self.dim, min(self.rank, self.dim)
-    rng = np.random.default_rng([self.seed, d, self.num_candidates, self.num_targets])
     mu = rng.gamma(self.mean_shape, 1.0, d)
     mu[rng.random(d) < self.dead] *= -1.0
     q, _ = np.linalg.qr(rng.standard_normal((d, r)))
     sigma = np.arange(1, r + 1, dtype=np.float64)**-self.decay
     sigma /= np.linalg.norm(sigma)
     scale = self.spread * np.linalg.norm(mu)
-    low, iso = scale * np.sqrt(1.0 - self.noise), scale * np.sqrt(self.noise / d)
-    offset = self.shift * np.mean(np.abs(mu))
-    raw = []
-    for _ in range(self.num_classes):
-      mu_c = mu * np.exp(self.class_sd * rng.standard_normal(d))
-      parts = []
-      for count in (self.num_targets, self.num_candidates):
-        gain = np.exp(self.gain_sd * rng.standard_normal(count) - 0.5 * self.gain_sd**2)
-        z = rng.standard_normal((count, r)) * sigma
-        pre = (gain[:, None] * mu_c + low * (z @ q.T) + iso * rng.standard_normal(
-            (count, d)) - offset)
-        parts.append(np.maximum(pre, 0.0))
-      raw.append(parts)
+    return dict(mu=mu, q=q, sigma=sigma, low=scale * np.sqrt(1.0 - self.noise),
+                iso=scale * np.sqrt(self.noise / d), offset=self.shift * np.mean(np.abs(mu)))
+
+  def _class(self, shared: dict[str, Any], rng: np.random.Generator) -> list[np.ndarray]:
+    # One class's unscaled [targets, candidates].
+    d, r = self.dim, min(self.rank, self.dim)
+    mu_c = shared["mu"] * np.exp(self.class_sd * rng.standard_normal(d))
+    parts = []
+    for count in (self.num_targets, self.num_candidates):
+      gain = np.exp(self.gain_sd * rng.standard_normal(count) - 0.5 * self.gain_sd**2)
+      z = rng.standard_normal((count, r)) * shared["sigma"]
+      pre = (gain[:, None] * mu_c + shared["low"] * (z @ shared["q"].T) +
+             shared["iso"] * rng.standard_normal((count, d)) - shared["offset"])
+      parts.append(np.maximum(pre, 0.0))
+    return parts
+
+  def _rng(self, *extra: int) -> np.random.Generator:
+    return np.random.default_rng([
+        self.seed, self.dim, self.num_candidates, self.num_targets, *extra
+    ])
+
+  def generate(self) -> FamilyData:
+    rng = self._rng()
+    shared = self._shared(rng)
+    raw = [self._class(shared, rng) for _ in range(self.num_classes)]
     s = self.norm / np.mean(np.concatenate([np.linalg.norm(x, axis=1) for _, x in raw]))
     targets = tuple((s * t).astype(np.float32) for t, _ in raw)
     candidates = tuple((s * x).astype(np.float32) for _, x in raw)
     return FamilyData(self.key(), targets, candidates)
+
+  def class_problem(self, c: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class c's (targets [T, d], candidates [n, d]) float32 alone, for sweeps over more classes
+    than memory holds: the classes share `generate`'s profile and basis, but each draws from its
+    own generator (so they differ from `generate`'s), and the scale makes class 0's candidates'
+    mean norm `norm`."""
+    if not 0 <= c < self.num_classes:
+      raise ValueError(f"class {c} outside 0..{self.num_classes - 1}")
+    shared, s = _synthetic_shared(self)
+    targets, candidates = self._class(shared, self._rng(1, c))
+    return (s * targets).astype(np.float32), (s * candidates).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=4)
+def _synthetic_shared(family: SyntheticPostReLU) -> tuple[dict[str, Any], float]:
+  # `SyntheticPostReLU.class_problem`'s shared draws and scale, once per family.
+  shared = family._shared(family._rng())  # pylint: disable=protected-access
+  _, candidates = family._class(shared, family._rng(1, 0))  # pylint: disable=protected-access
+  return shared, family.norm / float(np.mean(np.linalg.norm(candidates, axis=1)))
 
 
 def hard_synthetic(norm: float = 0.8, **overrides: Any) -> SyntheticPostReLU:
@@ -211,13 +243,14 @@ class TorchResNet18:
 
   torch.manual_seed(seed) then `torchvision.models.resnet18()` (default init), fc removed, eval
   mode, ImageNet mean/std on [0, 1] pixels, 32x32 input: 512-d post-ReLU avgpool features.
-  Targets: the first `num_targets` test images of each class; candidates: the first
+  Targets: the first `num_targets` test images of each class (all 1,000 by default, as the
+  other families: the candidate set's preparation is shared by that many); candidates: the first
   `num_candidates` training images.
   """
 
   classes: tuple[int, ...] = (0, 1)
   num_candidates: int = 5000
-  num_targets: int = 100
+  num_targets: int = 1000
   seed: int = 0
   scale: float = 1.0
   batch: int = 500

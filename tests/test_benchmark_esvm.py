@@ -67,3 +67,20 @@ def test_benchmark_esvm_rejects_bad_flags(tmp_path):
              f"--out={tmp_path / 'x.json'}", timeout=120)
   assert res.returncode != 0 and "--class_id=5" in res.stderr
   assert not (tmp_path / "x.json").exists()
+
+
+def test_imagenet_sweep_small(tmp_path):
+  """benchmarks/esvm_imagenet_sweep.py on a few small classes: every target solved, compared
+  with sklearn where sampled, the JSON written."""
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  env["JAX_PLATFORMS"] = "cpu"
+  out = tmp_path / "sweep.json"
+  res = subprocess.run([
+      sys.executable, "-m", "benchmarks.esvm_imagenet_sweep", "--classes=3", "--targets=4",
+      "--candidates=40", "--dim=24", "--k=10", "--sklearn_every=2", f"--out={out}"
+  ], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert "jaxattr topk (per class)" in res.stdout and "sklearn LinearSVC primal" in res.stdout
+  settings = json.loads(out.read_text())["settings"]
+  assert settings["nonconverged"] == 0 and settings["top100_identical_share"] == 1.0
+  assert settings["all_targets_seconds"] > 0 and settings["iterations_mean"] >= 1

@@ -9,7 +9,7 @@ from sklearn.svm import LinearSVC
 
 from benchmarks import esvm_families as fam
 from jaxattr import attribute
-from jaxattr.attribute import esvm
+from jaxattr.attribute import esvm, solver as solver_lib
 from jaxattr.attribute.options import SolverOptions
 
 
@@ -96,12 +96,18 @@ def test_results_do_not_depend_on_the_batch():
   np.testing.assert_allclose(others[0], everything[5], atol=1e-5, rtol=0)
 
 
-def test_float64_fallback_for_targets_float32_cannot_finish():
+def _raw_norm_problem():
   data = fam.imagenet_shaped(norm=1000.0, dim=256, num_candidates=300, num_targets=8, rank=32,
                              num_classes=1).generate()
-  t, x = data.targets[0], data.candidates[0]
-  # 20 iterations: too few for float32 at this scale (it needs 42 to over 50), enough in float64
-  # (11-13).
+  return data.targets[0], data.candidates[0]
+
+
+def test_float64_continuation_for_targets_float32_cannot_finish(monkeypatch):
+  # The continuation itself: below FLOAT64_CONDITION (here: always) a target starts in float32
+  # and continues in float64 from its float32 weights after FLOAT32_ITERS iterations.
+  monkeypatch.setattr(solver_lib, "FLOAT64_CONDITION", np.inf)
+  t, x = _raw_norm_problem()
+  # 20 iterations: too few for float32 at this scale (it needs 42 to over 50), enough in float64.
   v32, it32, step32, _ = _solve(t, x, max_iter=20, fallback64=False)
   v, it, step, _ = _solve(t, x, max_iter=20)
   redone = ~(step32 <= 1e-5)
@@ -111,3 +117,30 @@ def test_float64_fallback_for_targets_float32_cannot_finish():
   for i in np.flatnonzero(redone)[:2]:
     ref = _sklearn(t[i], x)
     np.testing.assert_allclose(v[i], ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
+
+
+def test_ill_conditioned_sets_are_solved_in_float64_from_the_start():
+  t, x = _raw_norm_problem()
+  options = SolverOptions()
+  cset = solver_lib.Solver(options).prepare(x)
+  assert float(solver_lib._condition(cset.x, cset.c_neg)) > solver_lib.FLOAT64_CONDITION
+  v, it, step, _ = _solve(t, x, max_iter=20)
+  assert (step <= 1e-5).all() and it.max() <= 20, it
+  for i in range(3):
+    ref = _sklearn(t[i], x)
+    np.testing.assert_allclose(v[i], ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
+
+
+def test_preconditioner_through_the_gram_equals_the_direct_inverse():
+  # Fewer candidates than dimensions: `esvm.with_pcg` inverts K = I + c X^T X through the
+  # [n, n] Gram (Woodbury); it must be the same matrix as the direct [D, D] inverse.
+  import jax  # pylint: disable=g-import-not-at-top
+  data = fam.imagenet_shaped(norm=3.0, dim=64, num_candidates=40, num_targets=1,
+                             num_classes=1).generate()
+  with jax.enable_x64(True):
+    cset = esvm.prepare(jnp.asarray(data.candidates[0], jnp.float64), SolverOptions(), pcg=False)
+    via_gram = np.asarray(esvm.with_pcg(cset).pcg_inv)
+    c = 2.0 * cset.c_neg * esvm.PCG_RHO
+    direct = np.linalg.inv(np.eye(cset.x.shape[1]) + c * np.asarray(cset.x.T @ cset.x))
+  assert cset.x.shape[0] < cset.x.shape[1]
+  np.testing.assert_allclose(via_gram, direct, atol=1e-10 * np.abs(direct).max(), rtol=0)

@@ -95,3 +95,16 @@ def test_torch_family_on_real_cifar(cifar_tar):
   assert [x.shape for x in out.candidates] == [(8, 512)] * 2
   assert [t.shape for t in out.targets] == [(2, 512)] * 2
   assert family.key() != families.hard_torch(num_candidates=8, num_targets=2).key()
+
+
+def test_class_problem_one_class_at_a_time():
+  family = families.imagenet_shaped(norm=5.0, dim=32, num_candidates=50, num_targets=4,
+                                    num_classes=3)
+  t0, x0 = family.class_problem(0)
+  t2, x2 = family.class_problem(2)
+  assert t0.shape == (4, 32) and x0.shape == (50, 32) and x0.dtype == np.float32
+  np.testing.assert_allclose(np.linalg.norm(x0, axis=1).mean(), 5.0, rtol=1e-5)
+  assert not np.array_equal(x0, x2) and (x2 >= 0).all()
+  np.testing.assert_array_equal(family.class_problem(2)[1], x2)  # deterministic
+  with pytest.raises(ValueError, match="class 3"):
+    family.class_problem(3)

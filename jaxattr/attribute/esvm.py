@@ -75,21 +75,22 @@ class CandidateSet(NamedTuple):
     x: [n, D] augmented candidates (D = d + 1), padding rows all zero (they add nothing to sums).
     valid: [n] bool, False on padding rows.
     gram: x x^T [n, n] (upper triangle), shared by all targets; None: steps gather rows instead.
-    ridge_inv: [D, D] A^-1, A = I + 2 c_neg x_K^T x_K over the `init_rows` smallest-norm
-      candidates: inverted once so that `initial_weights` is matrix products.
+    ridge_chol: [D, D] the lower Cholesky factor of A = I + 2 c_neg x_K^T x_K over the K =
+      `SolverOptions.init_rows` smallest-norm candidates, for `initial_weights`.
     ridge_rhs: [D] A^-1 x_K^T 1.
     c_pos, c_neg: the balanced class weights (scalars).
     inverse: int32 [n]: row inverse[i] is the caller's candidate i. Valid candidates come sorted
       by norm, smallest first: near the origin a decision value is near the intercept for every
       target, so these violate for most targets and their Gram corner is what steps read most.
     pcg_inv: [D, D] K^-1, K = I + 2 c_neg PCG_RHO x^T x: the shared preconditioner of `pcg_step`
-      (the Hessian with a fraction PCG_RHO of every candidate violating), target-independent.
+      (the Hessian with a fraction PCG_RHO of every candidate violating), target-independent;
+      None until `with_pcg` (only sets where some target has many violators need it).
   """
 
   x: jax.Array
   valid: jax.Array
   gram: jax.Array | None
-  ridge_inv: jax.Array
+  ridge_chol: jax.Array
   ridge_rhs: jax.Array
   c_pos: jax.Array
   c_neg: jax.Array
@@ -101,12 +102,12 @@ class CandidateSet(NamedTuple):
     return a[..., self.inverse]
 
 
-def prepare(candidates: jax.Array, options: SolverOptions,
-            valid: jax.Array | None = None) -> CandidateSet:
+def prepare(candidates: jax.Array, options: SolverOptions, valid: jax.Array | None = None,
+            pcg: bool = True) -> CandidateSet:
   """Augments the candidates [n, d], masks padding, forms what all targets share (traceable).
 
   `valid` (bool [n]) marks real rows; the class weights count only those. Of the options, C,
-  shared_gram_max and init_rows are read.
+  shared_gram_max and init_rows are read. pcg=False leaves `CandidateSet.pcg_inv` to `with_pcg`.
   """
   C = options.C
   n = candidates.shape[0]
@@ -123,13 +124,37 @@ def prepare(candidates: jax.Array, options: SolverOptions,
   c_pos, c_neg = C * (count + 1) / 2.0, C * (count + 1) / (2.0 * count)
   x = _augment(candidates) * valid[:, None].astype(dtype)
   gram = _upper_gram(x) if n <= options.shared_gram_max else None
-  x_k = x[:max(1, min(int(options.init_rows), n))]  # valid rows first; padding rows are zero
-  a = jnp.eye(x.shape[1], dtype=dtype) + 2.0 * c_neg * (x_k.T @ x_k)
-  chol = jnp.linalg.cholesky(a)
-  inv = jax.scipy.linalg.cho_solve((chol, True), jnp.eye(x.shape[1], dtype=dtype))
-  inv = 0.5 * (inv + inv.T)
-  return CandidateSet(x, valid, gram, inv, inv @ jnp.sum(x_k, 0), c_pos, c_neg, inverse,
-                      _spd_inverse(2.0 * c_neg * PCG_RHO * (x.T @ x)))
+  rows = max(1, min(int(options.init_rows), n))
+  ridge_chol, ridge_rhs = _ridge(x, c_neg, rows, rows)  # valid rows first; padding rows are zero
+  cset = CandidateSet(x, valid, gram, ridge_chol, ridge_rhs, c_pos, c_neg, inverse)
+  return with_pcg(cset) if pcg else cset
+
+
+def with_pcg(cset: CandidateSet) -> CandidateSet:
+  """`cset` with `pcg_inv`, the preconditioner of `pcg_step`, formed once per set when a step
+  first needs it.
+
+  K = I + c X^T X (c = 2 c_neg PCG_RHO) inverted directly ([D, D]) when n >= D; with fewer
+  candidates than dimensions (ImageNet classes: 1,300 x 2,049) through the shared Gram instead,
+  K^-1 = I - X^T (I / c + X X^T)^-1 X, an [n, n] inverse: half the work of the direct form.
+  """
+  x, c = cset.x, 2.0 * cset.c_neg * PCG_RHO
+  n, d = x.shape
+  if n >= d or cset.gram is None:
+    return cset._replace(pcg_inv=_spd_inverse(c * (x.T @ x)))
+  gram = jnp.triu(cset.gram) + jnp.triu(cset.gram, 1).T  # `_upper_gram`: the upper triangle
+  m_inv = _spd_inverse(c * gram) * c  # (I / c + G)^-1 = c (I + c G)^-1
+  inv = jnp.eye(d, dtype=x.dtype) - (x.T @ m_inv) @ x
+  return cset._replace(pcg_inv=0.5 * (inv + inv.T))
+
+
+def _ridge(x: jax.Array, c_neg: jax.Array, k: jax.Array | int,
+           rows: int) -> tuple[jax.Array, jax.Array]:
+  """(lower Cholesky factor of A, A^-1 x_K^T 1) of `initial_weights` with the first k (<= rows,
+  static) rows of x."""
+  x_k = x[:rows] * (jnp.arange(rows) < k)[:, None].astype(x.dtype)
+  chol = jnp.linalg.cholesky(jnp.eye(x.shape[1], dtype=x.dtype) + 2.0 * c_neg * (x_k.T @ x_k))
+  return chol, jax.scipy.linalg.cho_solve((chol, True), jnp.sum(x_k, 0))
 
 
 def _spd_inverse(a: jax.Array) -> jax.Array:
@@ -159,13 +184,13 @@ def initial_weights(targets: jax.Array, cset: CandidateSet) -> jax.Array:
   inside their margin and the others ignored.
 
   A ridge regression whose Hessian A + 2 c_pos t t^T differs between targets by a rank-one term:
-  one shared inverse plus Sherman-Morrison. Those candidates are most targets' violators at the
-  optimum (`CandidateSet.inverse`), so this starts closer than counting all of them, or w = 0
+  one shared Cholesky factor plus Sherman-Morrison. Those candidates are most targets' violators
+  at the optimum (`CandidateSet.inverse`), so this starts closer than counting all of them, or w = 0
   (which swings to w ~ t, every negative violating). The Newton steps make the result exact.
   """
   t = _augment(targets.astype(cset.x.dtype))
   k = 2.0 * cset.c_pos
-  p = t @ cset.ridge_inv  # A^-1 t  [targets, D] (A symmetric)
+  p = jax.scipy.linalg.cho_solve((cset.ridge_chol, True), t.T).T  # A^-1 t  [targets, D]
   a_b = k * p - 2.0 * cset.c_neg * cset.ridge_rhs  # A^-1 b, b = k t - 2 c_neg x_K^T 1
   tb = jnp.sum(t * a_b, -1, keepdims=True)
   tp = jnp.sum(t * p, -1, keepdims=True)

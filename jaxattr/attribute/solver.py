@@ -35,6 +35,13 @@ FLOAT32_ITERS = 20
 EARLY_ITERS = 4
 EARLY_ROWS = 64
 
+# Candidate sets with 2 c_neg sum_i ||x_i||^2 (a bound on the Hessian's condition number) above
+# this skip float32: from feature norms of ~1,000 (ImageNet-shaped classes: ~1e8) float32 steps
+# lose most of their digits and take ~20 iterations before the float64 continuation finishes
+# them (24 in all, on average); float64 from the start takes 9.7. Features of norms up to ~30
+# (<= ~2e5) stay below.
+FLOAT64_CONDITION = 1e6
+
 # The `_step` key of CG steps (`esvm.pcg_step`), for targets with more than max_rows violators.
 PCG = 0
 
@@ -48,6 +55,10 @@ ROW_BUCKETS = (64, 128, 160, 192, 224, 256, 320, 384, 512)
 # groups.
 CPU_BATCH_ROWS = 1 << 14
 CPU_BATCH_VALUES = 1 << 20
+# CG steps (`esvm.pcg_step`) are [B, D] x [D, n] products with the whole candidate set, which
+# larger batches reuse better: measured on 1,000 targets, batches of 256 (per device) instead of 16
+# ran 1.6x (5,000 x 513, most violating) to 2.6x (1,300 x 2,049) faster; 64-1,024 within ~10%.
+CPU_PCG_BATCH = 256
 
 
 class Solver:
@@ -83,7 +94,7 @@ class Solver:
     # (`esvm._spd_solve_pure`): such meshes solve without LAPACK, and prepare the candidate set
     # (a Cholesky) on one device, then copy it to all. Accelerators keep LAPACK/cuSOLVER.
     self.pure_solve = self.num_devices > 1 and self.on_cpu
-    self._prepare = jax.jit(functools.partial(esvm.prepare, options=o))
+    self._prepare = jax.jit(functools.partial(esvm.prepare, options=o, pcg=False))
     self._init = self._sharded(self._initial, (True, False), (False,) * 5)
 
   def _sharded(self, fn, in_specs, out_specs, donate_argnums=()):
@@ -158,6 +169,25 @@ class Solver:
     cset = self._prepare(jax.device_put(candidates, first), valid=valid)
     return jax.device_put(cset, self._replicated)
 
+  def _in_float64(self, cset: esvm.CandidateSet) -> bool:
+    # Whether this set's targets are solved in float64 from the start (`FLOAT64_CONDITION`).
+    return self.options.fallback64 and float(_condition(cset.x, cset.c_neg)) > FLOAT64_CONDITION
+
+  def _on_first(self, fn, cset: esvm.CandidateSet, *args) -> esvm.CandidateSet:
+    # fn(cset, *args) computed on one device (a Cholesky: see `pure_solve`), then replicated.
+    if self.mesh is None:
+      return fn(cset, *args)
+    out = fn(jax.device_put(cset, self.mesh.devices.flat[0]), *args)
+    return jax.device_put(out, self._replicated)
+
+  def _prepare64(self, cset: esvm.CandidateSet) -> esvm.CandidateSet:
+    # `cset` prepared again in float64 (call under jax.enable_x64): an ill-conditioned set's
+    # float32 Gram and starting-point factor are not accurate enough even for a start (with
+    # rank-deficient features and a large C, not even finite). Only weights leave the float64
+    # solve, so its own candidate order (float64 norms) does not matter.
+    return self._on_first(lambda c: self._prepare(c.x[:, :-1].astype(jnp.float64), valid=c.valid),
+                          cset)
+
   def _padded(self, sel: np.ndarray) -> np.ndarray:
     # A batch padded to a power of two (few compiled shapes); padding repeats a real target,
     # whose duplicate result is dropped.
@@ -191,22 +221,23 @@ class Solver:
       raise AttributionError(f"Solver: targets must be a 2-D float array [T, d={d}] (the candidate "
                              f"set's d), got shape {targets.shape} {targets.dtype}")
     o = self.options
-    w, it, step = self._iterate(targets.astype(np.float32), cset,
-                                max_iter=min(o.max_iter, FLOAT32_ITERS) if o.fallback64 else None)
+    if self._in_float64(cset):  # ill-conditioned for float32 (`FLOAT64_CONDITION`)
+      with jax.enable_x64(True):
+        return self._iterate(targets.astype(np.float64), self._prepare64(cset))
+    float32_iters = min(o.max_iter, FLOAT32_ITERS) if o.fallback64 else None
+    w, it, step = self._iterate(targets.astype(np.float32), cset, max_iter=float32_iters)
     bad = np.flatnonzero(~(step <= self.options.tol))
     if len(bad) and self.options.fallback64:
       logging.info(
           "ESVM: %d of %d targets not converged after %d float32 iterations; continuing "
-          "them in float64 from their float32 weights", len(bad), len(targets),
-          min(o.max_iter, FLOAT32_ITERS))
+          "them in float64 from their float32 weights", len(bad), len(targets), float32_iters)
       with jax.enable_x64(True):
         cset64 = _float64(cset, o.C)
-        shared = [a for a in (cset64.gram, cset64.ridge_inv, cset64.pcg_inv) if a is not None]
+        shared = [a for a in (cset64.gram, cset64.ridge_chol, cset64.pcg_inv) if a is not None]
         # float32 broke down (NaN weights, or an overflow in the shared matrices): the problem is
         # too ill-conditioned for float32's shared matrices too, so float64 prepares its own.
         if not np.isfinite(w[bad]).all() or not all(bool(jnp.isfinite(a).all()) for a in shared):
-          # The candidates are already in the solver's order; prepare keeps it (stable sort).
-          cset64 = self._prepare(cset.x[:, :-1].astype(jnp.float64), valid=cset.valid)
+          cset64 = self._prepare64(cset)
         w64, it64, step64 = self._iterate(targets[bad].astype(np.float64), cset64,
                                           w0=w[bad].astype(np.float64))
       w[bad], it[bad], step[bad] = w64, it[bad] + it64, step64
@@ -248,11 +279,13 @@ class Solver:
       for small, larger in zip(present[:-1], present[1:]):
         if np.sum(sizes == small) < self.min_batch:
           sizes[sizes == small] = larger
+      if PCG in sizes and cset.pcg_inv is None:
+        cset = self._on_first(_with_pcg, cset)  # formed once per call, when first needed
       # Every batch of this round is dispatched before any result is read, so that the host's
       # bookkeeping overlaps the device's work.
       pending = []
       for r in np.unique(sizes):
-        cap = self._batch_cap(int(r) if r != PCG else cset.x.shape[1], cset.x.shape[0])
+        cap = self._batch_cap(int(r), cset.x.shape[0])
         for sel in self._split(active[sizes == r], cap):
           read = self._padded(sel).astype(np.int32)
           write = np.where(np.arange(len(read)) < len(sel), read, len(pad)).astype(np.int32)
@@ -268,6 +301,8 @@ class Solver:
     """The most targets of one step with r = rows (`SolverOptions.max_batch`); None: no cap."""
     if self.options.max_batch is not None:
       per_device = max(1, self.options.max_batch // self.num_devices)
+    elif self.on_cpu and rows == PCG:
+      per_device = CPU_PCG_BATCH
     elif self.on_cpu:
       per_device = min(CPU_BATCH_ROWS // rows, CPU_BATCH_VALUES // num_candidates)
     else:
@@ -295,6 +330,15 @@ class Solver:
 
 
 @jax.jit
+def _condition(x: jax.Array, c_neg: jax.Array) -> jax.Array:
+  # 2 c_neg sum_i ||x_i||^2 >= the largest eigenvalue of the Hessian's candidate term.
+  return 2.0 * c_neg * jnp.sum(jnp.square(x.astype(jnp.float32)))
+
+
+_with_pcg = jax.jit(esvm.with_pcg)
+
+
+@jax.jit
 def _restart(w: jax.Array, w_init: jax.Array, x: jax.Array, valid: jax.Array):
   # The state of given weights: (w, decision values w x^T, violator counts); rows of w with a
   # NaN/inf (float32 broke down) start from `esvm.initial_weights` (w_init) instead.
@@ -306,7 +350,7 @@ def _restart(w: jax.Array, w_init: jax.Array, x: jax.Array, valid: jax.Array):
 def _float64(cset: esvm.CandidateSet, C: float) -> esvm.CandidateSet:
   """`cset` in float64 without preparing it again (for D = 2049 a float64 `prepare` costs ~1 s):
   the candidates (float32 values) and class weights are exact; the Gram, the starting point's
-  inverse and the preconditioner keep float32's accuracy. The preconditioner needs no more, and
+  factor and the preconditioner keep float32's accuracy. The preconditioner needs no more, and
   a Gram off by ~1e-7 relative makes a Woodbury step inexact by as much, far inside the active-set
   certificate's slack (`esvm.CERT_SLACK`)."""
   out = jax.tree_util.tree_map(

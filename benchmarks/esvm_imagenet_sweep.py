@@ -1,0 +1,142 @@
+r"""An ImageNet-sized ESVM sweep: every target of 1,000 classes x 1,300 candidates x 2048-d.
+
+Issue #15's goal: all 50,000 targets (ImageNet's validation set: 50 per class) ranked against
+their class's 1,300 training candidates in under 10 minutes on this CPU. The features are
+`esvm_families.imagenet_shaped` (a random-init ResNet-50's avgpool statistics), generated one
+class at a time (`esvm_families.SyntheticPostReLU.class_problem`: 1,000 classes of them would
+take 11 GB), outside the timed region. Each class is one `attribute.topk` call (the candidate
+set's preparation, the solves, the top-k), the way a sweep over per-class feature files runs.
+Beside it, in the same run, scikit-learn's primal LinearSVC fits `--sklearn_per_class` targets
+of every `--sklearn_every`-th class, for the ratio and sklearn's projected time of the sweep.
+
+  python3 -m benchmarks.esvm_imagenet_sweep            # the goal: 1,000 classes, norm 29
+  python3 -m benchmarks.esvm_imagenet_sweep --classes=20 --norm=1000
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+from absl import app, flags, logging
+
+from benchmarks import bench, esvm_families
+from benchmarks.sklearn_reference import sklearn_fit
+from jaxattr import attribute
+from jaxattr.attribute.options import SolverOptions
+
+_CLASSES = flags.DEFINE_integer("classes", 1000, "Classes (ImageNet: 1,000).", lower_bound=1)
+_TARGETS = flags.DEFINE_integer("targets", 50, "Targets per class (ImageNet val: 50).",
+                                lower_bound=1)
+_CANDIDATES = flags.DEFINE_integer("candidates", 1300, "Candidates per class.", lower_bound=2)
+_DIM = flags.DEFINE_integer("dim", 2048, "Feature dimension (ResNet-50: 2048).", lower_bound=1)
+_NORM = flags.DEFINE_float("norm", 29.0, "Mean feature norm (imagenet_shaped: 3, 29 or 1000).")
+_K = flags.DEFINE_integer("k", 1280, "Top-k per target.", lower_bound=1)
+_SK_EVERY = flags.DEFINE_integer("sklearn_every", 50, "sklearn fits targets of every n-th class.",
+                                 lower_bound=1)
+_SK_PER_CLASS = flags.DEFINE_integer("sklearn_per_class", 1, "sklearn fits per sampled class.",
+                                     lower_bound=0)
+_OUT = flags.DEFINE_string("out", "bench_results/esvm_imagenet_sweep.json", "Result JSON.")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.INFO)
+  family = esvm_families.imagenet_shaped(norm=_NORM.value, dim=_DIM.value,
+                                         num_candidates=_CANDIDATES.value,
+                                         num_targets=_TARGETS.value, num_classes=_CLASSES.value)
+  options = SolverOptions()
+  load_before = os.getloadavg()
+  k = min(_K.value, _CANDIDATES.value)
+  jax_seconds, sk_seconds, generate_seconds = [], [], 0.0
+  iterations, violators, nonconverged, overlaps = [], [], 0, []
+  for c in range(_CLASSES.value):
+    t0 = time.perf_counter()
+    targets, candidates = family.class_problem(c)
+    generate_seconds += time.perf_counter() - t0
+    labels = np.full(len(candidates), c, np.int32)
+    test_labels = np.full(len(targets), c, np.int32)
+
+    def run():
+      return attribute.topk(candidates, labels, targets, test_labels, method="esvm", k=k,
+                            options=options, allow_nonconverged=True)
+
+    if c == 0:
+      run()  # compiles (the shapes are the same for every class)
+    t0 = time.perf_counter()
+    res = run()
+    jax_seconds.append(time.perf_counter() - t0)
+    iterations.append(res.stats["iterations"])
+    violators.append(res.stats["num_violators"])
+    nonconverged += int(len(res.nonconverged))
+    if c % _SK_EVERY.value == 0:
+      for i in range(min(_SK_PER_CLASS.value, len(targets))):
+        t0 = time.perf_counter()
+        ref, _ = sklearn_fit(targets[i].astype(np.float64), candidates.astype(np.float64), False)
+        sk_seconds.append(time.perf_counter() - t0)
+        top = min(100, k)
+        overlaps.append(
+            float(np.array_equal(np.argsort(-ref, kind="stable")[:top], res.indices[i, :top])))
+    if (c + 1) % max(1, _CLASSES.value // 20) == 0 or c + 1 == _CLASSES.value:
+      done = (c + 1) * len(targets)
+      logging.info(
+          "class %d/%d: %d targets in %.1f s of solving (%.1f targets/s); %d not "
+          "converged", c + 1, _CLASSES.value, done, sum(jax_seconds), done / sum(jax_seconds),
+          nonconverged)
+  total_targets = _CLASSES.value * _TARGETS.value
+  seconds = float(sum(jax_seconds))
+  its, viol = np.concatenate(iterations), np.concatenate(violators)
+  sk_per_target = float(np.mean(sk_seconds)) if sk_seconds else float("nan")
+  load = os.getloadavg()[0]
+  rows = [{
+      "solver": "jaxattr topk (per class)",
+      "targets": total_targets,
+      "seconds": seconds,
+      "targets/s": total_targets / seconds,
+      "vs sklearn": total_targets / seconds * sk_per_target,
+      "load1": load
+  }, {
+      "solver": "sklearn LinearSVC primal",
+      "targets": len(sk_seconds),
+      "seconds": float(sum(sk_seconds)),
+      "targets/s": 1.0 / sk_per_target,
+      "vs sklearn": 1.0,
+      "load1": load
+  }]
+  print(
+      bench.format_table(rows,
+                         ["solver", "targets", "seconds", "targets/s", "vs sklearn", "load1"]))
+  summary = {
+      "all_targets_seconds": seconds,
+      "goal_seconds": 600.0,
+      "sklearn_projected_seconds": sk_per_target * total_targets,
+      "iterations_mean": float(its.mean()),
+      "iterations_max": int(its.max()),
+      "num_violators_mean": float(viol.mean()),
+      "num_violators_max": int(viol.max()),
+      "nonconverged": nonconverged,
+      "top100_identical_share": float(np.mean(overlaps)) if overlaps else None,
+      "per_class_seconds_median": float(np.median(jax_seconds)),
+      "generate_seconds_untimed": generate_seconds,
+  }
+  print(f"features: {family.key()} (per class, class_problem)")
+  print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items()})
+  settings = {
+      "flags": {
+          name: flags.FLAGS[name].value
+          for name in ("classes", "targets", "candidates", "dim", "norm", "k", "sklearn_every",
+                       "sklearn_per_class")
+      },
+      "family": family.key(),
+      "loadavg_before": load_before,
+      "loadavg_after": os.getloadavg(),
+      "cpu_count": os.cpu_count(),
+      **summary
+  }
+  bench.write_result(_OUT.value, "esvm_imagenet_sweep", rows, settings)
+  logging.info("wrote %s", _OUT.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
