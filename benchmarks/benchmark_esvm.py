@@ -120,8 +120,8 @@ _FAMILY_NORM = flags.DEFINE_float(
 _FAMILY_TARGETS = flags.DEFINE_integer(
     "family_targets", 1000, "Targets per class of the synthetic families.", lower_bound=1)
 _FAMILY_CLASSES = flags.DEFINE_integer(
-    "family_classes", 2, "Classes of the synthetic families (--mode=all solves every target "
-    "against its class).", lower_bound=1)
+    "family_classes", 2, "Classes of the synthetic families, or of hard_torch's CIFAR-10 (10: "
+    "every test target; --mode=all solves every target against its class).", lower_bound=1)
 _EXTRACT_ONLY = flags.DEFINE_boolean("extract_only", False, "Only build the feature cache.")
 
 # Bumped when `_extract` changes what it computes: older caches are then never reused.
@@ -458,8 +458,12 @@ def family_features(name: str, norm: float | None, num_targets: int, num_classes
   kwargs = {} if norm is None else {"norm": norm}
   if name != "hard_torch":
     kwargs.update(num_targets=num_targets, num_classes=num_classes)
-  elif norm is not None or num_classes != 2:
-    raise app.UsageError("--family_norm and --family_classes apply to the synthetic families")
+  elif norm is not None:
+    raise app.UsageError("--family_norm applies to the synthetic families")
+  elif num_classes != 2:  # CIFAR-10's classes 0..n-1 (10: every test target, for --mode=all)
+    if not 1 <= num_classes <= 10:
+      raise app.UsageError(f"--family_classes={num_classes}: hard_torch has CIFAR-10's 1-10")
+    kwargs.update(classes=tuple(range(num_classes)))
   data = esvm_families.cached(builders[name](**kwargs))
 
   def split(arrays):
