@@ -28,6 +28,9 @@ def data_section() -> ml_collections.ConfigDict:
   c.options = ml_collections.ConfigDict()
   c.options.size = config_dict.placeholder(int)  # resize to size x size pixels (None = native)
   c.options.limit_per_class = config_dict.placeholder(int)  # first n per class (None = all)
+  # Stream the images of a 'folder:DIR' tree through decode workers instead of loading a split
+  # into memory (ImageNet); the features stage then writes memory-mapped .npy files.
+  c.stream = False
   return c
 
 
@@ -69,6 +72,26 @@ def features_section() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.batch_size = 512  # images per step over all devices (rounded up to a multiple of them)
   c.dtype = "float32"  # compute dtype, 'float32' | 'bfloat16' (features are stored as float32)
+  # Streamed data only (data.stream): the dtype on disk, rows per resumable chunk, decode worker
+  # processes (0 = threads of this process), decode threads per process, and whether an
+  # unreadable image is skipped (zero image, counted, `ok` False) instead of stopping the run.
+  c.store_dtype = "float32"  # 'float32' | 'float16'
+  c.chunk_rows = 10000
+  c.workers = 0
+  c.threads = 4
+  c.skip_unreadable = False
+  return c
+
+
+def resident_section() -> ml_collections.ConfigDict:
+  """`config.resident`: the small resident copy of a streamed split (`launch/prepare.py`)."""
+  c = ml_collections.ConfigDict()
+  c.side = 64  # pixels per side: 32 | 64 | 96 | 128 (shorter side resized, centre crop)
+  c.chunk_rows = 10000  # images per resumable chunk
+  c.batch_size = 256  # images per decode batch
+  c.workers = 0  # decode processes (0 = threads of this process)
+  c.threads = 4  # decode threads per process
+  c.skip_unreadable = False  # store an unreadable image as zeros (ok=False) instead of stopping
   return c
 
 
@@ -155,6 +178,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.encoder = encoder_section()
   c.pretrain = pretrain_section()
   c.features = features_section()
+  c.resident = resident_section()
   c.attribution = attribution_section()
   c.ensemble = trainer_section()
   c.support = support_section()

@@ -9,10 +9,15 @@
   scikit-learn's order, and ``index`` is the position in that split.
 * ``folder:PATH``: a class-per-subfolder tree ``PATH/{train,test}/<class>/<image>``, where PATH is a
   directory or a ``.tar``/``.tar.gz``/``.tgz`` archive of one (optionally below one top folder).
-  Canonical order: sorted class folder, then sorted file name (as torchvision ImageFolder). Files
-  without an image suffix are ignored; an image directly in a split folder or below a class
-  folder's subfolder is an error, as is a truncated or corrupt archive. Option ``workers``
-  (decode threads of a directory, default 4).
+  ImageNet's layouts too (`jaxattr.folders`): ``val/`` as the test split, in class folders or flat
+  (``val/ILSVRC2012_val_*.JPEG``, labelled by ``LOC_val_solution.csv`` or the devkit's ground
+  truth and ``meta.mat``). Canonical order: sorted class folder, then sorted file name (as
+  torchvision ImageFolder). Files without an image suffix are ignored; an image directly in a
+  class-folder split or below a class folder's subfolder is an error, as is a truncated or
+  corrupt archive. Every image decodes to RGB (grayscale, CMYK, a PNG named .JPEG). Options
+  ``workers`` (decode threads of a directory, default 4) and ``val_labels`` (a flat validation
+  folder's label file, when it is not in the tree). `jaxattr.stream` opens a directory tree
+  lazily (names and labels, no pixels) for splits that do not fit in memory.
 * ``npz:PATH``: arrays ``x_train, y_train, x_test, y_test`` (+ optional ``class_names``: 1-D,
   strings, or bytes decoded as UTF-8).
   ``x_*``: [N, H, W], [N, H, W, 1] or [N, H, W, 3] with N >= 1, either integers in [0, 255] or
@@ -48,12 +53,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
-SPLITS = ("train", "test")
-
-
-class DataError(ValueError):
-  """Bad or missing input data; the message names the file, key or split."""
+from jaxattr import folders
+from jaxattr.folders import IMAGE_SUFFIXES, SPLITS, DataError  # noqa: F401 (re-exported)
 
 
 @dataclasses.dataclass
@@ -162,7 +163,12 @@ SOURCE_FORMS = "'digits', 'folder:PATH', 'npz:PATH' or 'tfds:NAME'"
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 COMMON_OPTIONS = ("size", "limit_per_class")
 # The options each kind of source takes besides COMMON_OPTIONS.
-SOURCE_OPTIONS = {"digits": (), "folder": ("workers",), "npz": (), "tfds": ("data_dir",)}
+SOURCE_OPTIONS = {
+    "digits": (),
+    "folder": ("workers", "val_labels"),
+    "npz": (),
+    "tfds": ("data_dir",)
+}
 
 
 def parse_source(source: str) -> tuple[str, str]:
@@ -230,6 +236,12 @@ def check_options(kind: str, options: dict[str, Any]) -> None:
                       f"class), or None to keep all; got {value!r}")
     if name == "workers" and not (_is_int(value) and value >= 1):
       raise DataError(f"data.options.workers must be an int >= 1 (decode threads); got {value!r}")
+    if name == "val_labels" and not (isinstance(value,
+                                                (str, os.PathLike)) and os.path.isfile(value)):
+      raise DataError(f"data.options.val_labels must be the path of an existing file "
+                      f"({folders.LOC_CSV}, or the devkit's {folders.DEVKIT_TRUTH} with "
+                      f"{folders.DEVKIT_META} beside it), or None to look in the tree; got "
+                      f"{value!r}")
     if name == "data_dir" and not isinstance(value, (str, os.PathLike)):
       raise DataError(f"data.options.data_dir must be a directory path, or None for tfds' "
                       f"default; got {value!r}")
@@ -285,91 +297,19 @@ def _limited(files: list[str], labels: np.ndarray,
 
 
 def _load_folder(path: str, split: str, size: int | None = None, limit: int | None = None,
-                 workers: int = 4) -> Dataset:
+                 workers: int = 4, val_labels: str | None = None) -> Dataset:
   if not os.path.isdir(path):  # an archive: `parse_source` checked the path and its suffix
     st = os.stat(path)
     # A shallow copy: callers may rebind fields, the cached arrays stay shared (read-only).
     return dataclasses.replace(
-        _load_tar_cached(os.path.abspath(path), st.st_mtime_ns, st.st_size, split, size, limit))
-  entries = _scan_directory(path)
+        _load_tar_cached(os.path.abspath(path), st.st_mtime_ns, st.st_size, split, size, limit,
+                         val_labels))
+  entries = folders.scan_directory(path)
   reader = _DirReader(path)
-  files, labels, class_names = _layout(entries, split, path)
+  files, labels, class_names = folders.layout(entries, split, path, reader.read, val_labels)
   files, labels, index = _limited(files, labels, limit)
   images = _decode_all(reader, files, size, workers)
   return Dataset(images=images, labels=labels, class_names=class_names, index=index)
-
-
-def _scan_directory(root: str) -> list[str]:
-  out = []
-  for dirpath, _, filenames in os.walk(root):
-    rel = os.path.relpath(dirpath, root)
-    for name in filenames:
-      out.append(os.path.normpath(os.path.join(rel, name)).replace(os.sep, "/"))
-    if rel != "." and not filenames:
-      out.append(rel.replace(os.sep, "/") + "/")  # keeps empty folders visible
-  return out
-
-
-def _layout(entries: Sequence[str], split: str,
-            where: str) -> tuple[list[str], np.ndarray, list[str]]:
-  """Splits archive/directory entries into (files of `split`, labels, class names).
-
-  Classes are the sorted class folders of the train split, so both splits share label ids.
-  Entries may lie below one top-level folder (``cifar10/train/...``).
-  """
-  prefix = _find_prefix(entries, where)
-  per_split: dict[str, dict[str, list[str]]] = {s: {} for s in SPLITS}
-  for e in entries:
-    if not e.startswith(prefix):
-      continue
-    parts = e[len(prefix):].split("/")
-    if len(parts) < 2 or parts[0] not in SPLITS:
-      continue
-    s, cls = parts[0], parts[1]
-    is_image = parts[-1].lower().endswith(IMAGE_SUFFIXES)
-    if len(parts) == 2:  # a file directly in the split folder (folders end with '/')
-      if is_image:
-        raise DataError(f"folder source {where}: image '{e}' lies directly in '{prefix}{s}/'; "
-                        f"move it into its class folder '{prefix}{s}/<class>/'")
-      continue
-    if not cls:
-      continue
-    bucket = per_split[s].setdefault(cls, [])
-    if len(parts) > 3 and is_image:
-      raise DataError(f"folder source {where}: image '{e}' lies in a subfolder of its class folder "
-                      f"'{prefix}{s}/{cls}/'; images must lie directly in the class folder")
-    if len(parts) == 3 and is_image:
-      bucket.append(e)
-  if not per_split[split]:
-    found = [s for s in SPLITS if per_split[s]]
-    raise DataError(f"folder source {where}: no '{prefix}{split}/<class>/' folders found "
-                    f"(splits present: {found or 'none'})")
-  class_names = sorted(per_split["train"] or per_split[split])
-  for s in SPLITS:
-    for cls, files in per_split[s].items():
-      if not files:
-        raise DataError(f"folder source {where}: class folder '{prefix}{s}/{cls}/' has no images")
-      if cls not in class_names:
-        raise DataError(f"folder source {where}: class '{cls}' of split '{s}' is not a class of "
-                        f"the train split {class_names}")
-  files, labels = [], []
-  for label, cls in enumerate(class_names):
-    for f in sorted(per_split[split].get(cls, [])):
-      files.append(f)
-      labels.append(label)
-  return files, np.asarray(labels, np.int32), class_names
-
-
-def _find_prefix(entries: Sequence[str], where: str) -> str:
-  tops = {e.split("/")[0] for e in entries}
-  if tops & set(SPLITS):
-    return ""
-  if len(tops) == 1:
-    top = tops.pop()
-    if {e.split("/")[1] for e in entries if e.count("/") >= 1} & set(SPLITS):
-      return top + "/"
-  raise DataError(f"folder source {where}: expected train/ and test/ folders at the top "
-                  f"(or below one top folder), found {sorted(tops)[:5]}")
 
 
 class _DirReader:
@@ -422,7 +362,7 @@ def _decode_all(reader: _DirReader, files: Sequence[str], size: int | None,
 
 @functools.lru_cache(maxsize=4)
 def _load_tar_cached(path: str, mtime_ns: int, nbytes: int, split: str, size: int | None,
-                     limit: int | None) -> Dataset:
+                     limit: int | None, val_labels: str | None = None) -> Dataset:
   del mtime_ns, nbytes  # only part of the cache key
   try:
     tar = tarfile.open(path, "r:*")
@@ -434,7 +374,15 @@ def _load_tar_cached(path: str, mtime_ns: int, nbytes: int, split: str, size: in
       members = tar.getmembers()
       _check_tar_end(tar, path)
       entries = [m.name.lstrip("./") + ("/" if m.isdir() else "") for m in members]
-      files, labels, class_names = _layout(entries, split, path)
+      by_name = dict(zip(entries, members))
+
+      def read(name: str) -> bytes:
+        f = tar.extractfile(by_name[name])
+        if f is None:
+          raise DataError(f"{path}:{name}: not a regular file")
+        return f.read()
+
+      files, labels, class_names = folders.layout(entries, split, path, read, val_labels)
       files, labels, index = _limited(files, labels, limit)
       # Sequential reads (gzip streams cannot seek cheaply), threaded decodes.
       wanted = set(files)

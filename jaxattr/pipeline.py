@@ -18,10 +18,10 @@ from absl import logging
 
 from jaxattr import (
     config as config_lib,
-    data as data_lib,
     features,
     pretrain,
     report,
+    stream,
     utils,
     validate,
 )
@@ -67,7 +67,7 @@ def _mtime(path: str) -> int | None:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs every stage that is not up to date; returns WORKDIR/summary.json's content."""
-  train, test = data_lib.load_splits(config.data)
+  train, test = stream.splits(config.data)  # streamed (`data.stream`): file lists, no pixels
   validate.check(config, train, test)  # every stage's fields, before any work
   os.makedirs(workdir, exist_ok=True)
   utils.save_json(os.path.join(workdir, "config.json"), config.to_dict())

@@ -378,6 +378,21 @@ def _check_data_section(c: _Checker) -> None:
     field = f"data.options.{name}"
     if c.has(field) and c.raw(field) is not None:
       c.int_(field, lo=1, what="or None")
+  if c.has("data.stream"):
+    stream = c.bool_("data.stream")
+    if stream is True and source is not _BAD and not (source.startswith("folder:") and
+                                                      os.path.isdir(source[len("folder:"):])):
+      c.add(
+          "data.stream", f"=True needs data.source='folder:DIR' with DIR a directory tree, got "
+          f"{source!r} (archives, digits, npz and tfds sources load in memory: set it False)")
+    if stream is True and c.has("encoder.checkpoint") and not c.raw("encoder.checkpoint"):
+      c.add(
+          "data.stream", "=True: pretraining reads its data in memory; set encoder.checkpoint "
+          "(e.g. a MoCo v2 ResNet-50 converted by launch/convert.py), or data.stream=False")
+    if stream is True and c.has("support.metrics") and config_lib.names(c.raw("support.metrics")):
+      c.add(
+          "data.stream", "=True: the support stage trains on images held in memory; set "
+          "support.metrics='' (attribution only), or data.stream=False")
 
 
 @functools.lru_cache(maxsize=1)
@@ -434,6 +449,12 @@ def _check_pretrain(c: _Checker) -> None:
 def _check_features(c: _Checker) -> None:
   c.int_("features.batch_size", lo=1, what="rounded up to a multiple of the devices")
   c.str_("features.dtype", FEATURE_DTYPES)
+  if c.has("features.store_dtype"):
+    c.str_("features.store_dtype", ("float32", "float16"))
+    c.int_("features.chunk_rows", lo=1, what="rows per resumable chunk of streamed features")
+    c.int_("features.workers", lo=0, what="decode processes; 0 = threads of this process")
+    c.int_("features.threads", lo=1, what="decode threads per process")
+    c.bool_("features.skip_unreadable")
   path = c.str_("encoder.checkpoint")
   if path not in (_BAD, "") and "://" not in path and not (os.path.isfile(
       os.path.join(path, "meta.json")) and os.path.isdir(os.path.join(path, "variables"))):

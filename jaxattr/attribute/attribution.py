@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from jaxattr import config as config_lib, data as data_lib, ownership, utils, validate, viz
+from jaxattr import config as config_lib, data as data_lib, ownership, stream, utils, validate, viz
 from jaxattr.attribute.options import SolverOptions
 from jaxattr.attribute.ranking import AttributionError, TopK, check_inputs, topk
 
@@ -27,7 +27,8 @@ OUTPUTS = ("topk.npy", "scores.npy", "targets.npy", "target_index.npy", "attribu
 
 
 def load_features(workdir: str, split: str) -> dict[str, np.ndarray]:
-  """WORKDIR/features/<split>.npz as a dict; a clear error when missing or incomplete.
+  """WORKDIR/features/<split>.npz as a dict (streamed features memory-mapped from
+  <split>.features.npy); a clear error when missing or incomplete.
 
   Returns:
     'features' float [N, d], 'labels' [N], 'index' int64 [N] (positions when the file has none)
@@ -36,11 +37,15 @@ def load_features(workdir: str, split: str) -> dict[str, np.ndarray]:
   path = os.path.join(workdir, "features", f"{split}.npz")
   if not os.path.exists(path):
     raise AttributionError(f"feature file not found: {path} (run launch/features.py)")
+  mapped = os.path.join(workdir, "features", f"{split}.features.npy")
   with np.load(path, allow_pickle=False) as z:
-    missing = {"features", "labels"} - set(z.files)
-    if missing:
-      raise AttributionError(f"{path} lacks arrays {sorted(missing)}; has {z.files}")
     out = {name: z[name] for name in z.files}
+  if "features" not in out and os.path.exists(mapped):
+    # Streamed features (`data.stream`): memory-mapped, so a class's rows are read when used.
+    out["features"] = np.load(mapped, mmap_mode="r")
+  missing = {"features", "labels"} - set(out)
+  if missing:
+    raise AttributionError(f"{path} lacks arrays {sorted(missing)}; has {sorted(out)}")
   out.setdefault("index", np.arange(len(out["features"]), dtype=np.int64))
   if len(out["index"]) != len(out["features"]):
     raise AttributionError(
@@ -117,7 +122,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
                  feats["test"]["labels"], targets, method, cfg.k, cfg.same_class,
                  feats["train"]["index"])
   if train is None or test is None:
-    train, test = data_lib.load_splits(config.data)
+    train, test = stream.splits(config.data)  # streamed data: file lists, images read when shown
     # Where the stage loads the data, it checks its fields (the main job checks all at once).
     validate.check(config, train, test, stages=("attribution",))
   for split, ds in (("train", train), ("test", test)):
