@@ -136,16 +136,16 @@ def open_split(source: str, split: str, *, limit_per_class: int | None = None,
                    split=split)
 
 
-def decode_rgb(data: bytes, where: str, draft_size: tuple[int, int] | None = None) -> Any:
+def decode_rgb(data: bytes, where: str, draft_side: int | None = None) -> Any:
   """A PIL RGB image of encoded bytes (JPEG, PNG, ... by content, whatever the suffix; grayscale
-  and CMYK converted). draft_size: let a JPEG decode at 1/2, 1/4 or 1/8 scale, no smaller than
-  that (w, h) (libjpeg scales in the DCT domain: a fraction of the work)."""
+  and CMYK converted). draft_side: let a JPEG decode at 1/2, 1/4 or 1/8 scale, as long as its
+  shorter side stays >= draft_side (libjpeg scales in the DCT domain: a fraction of the work)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
   try:
     im = Image.open(io.BytesIO(data))
-    if draft_size is not None and im.format == "JPEG":
-      im.draft("RGB", draft_size)
+    if draft_side is not None and im.format == "JPEG":
+      im.draft("RGB", resized_shape(*im.size, draft_side))
     return im.convert("RGB")
   except Exception as e:  # Pillow raises several types
     raise DataError(f"unreadable image {where}: {e}") from e
@@ -182,17 +182,11 @@ class ResizeCrop:
                       f"{self.resize}")
 
   def __call__(self, item: tuple[str, int, int, int]) -> dict[str, np.ndarray]:
-    from PIL import Image  # pylint: disable=g-import-not-at-top
 
     path, label, index, position = item
     try:
       with open(path, "rb") as f:
-        data = f.read()
-      draft = None
-      if self.draft:
-        with Image.open(io.BytesIO(data)) as probe:
-          draft = resized_shape(*probe.size, self.resize)
-      image = self.shape(decode_rgb(data, path, draft))
+        image = self.shape(decode_rgb(f.read(), path, self.resize if self.draft else None))
       ok = True
     except (DataError, OSError) as e:
       if not self.skip_unreadable:
