@@ -53,11 +53,14 @@ def _tree() -> str:
   return root
 
 
-def _jaxattr_pass(split, transform, workers: int, threads: int) -> int:
-  n = 0
+def _jaxattr_pass(split, transform, workers: int, threads: int) -> tuple[int, float, int]:
+  # (images, seconds until the first batch, its size): the start-up (worker spawn) apart.
+  t0, n, first = time.perf_counter(), 0, None
   for b in stream.batches(split, transform, _BATCH.value, workers=workers, threads=threads):
+    if first is None:
+      first = (time.perf_counter() - t0, len(b["image"]))
     n += len(b["image"])
-  return n
+  return n, *first
 
 
 def _torch_loader(root: str, transform, workers: int):
@@ -69,11 +72,13 @@ def _torch_loader(root: str, transform, workers: int):
                                      shuffle=False)
 
 
-def _torch_pass(loader) -> int:
-  n = 0
-  for images, _ in loader:
+def _torch_pass(make_loader) -> tuple[int, float, int]:
+  t0, n, first = time.perf_counter(), 0, None
+  for images, _ in make_loader():
+    if first is None:
+      first = (time.perf_counter() - t0, len(images))
     n += len(images)
-  return n
+  return n, *first
 
 
 def main(argv):
@@ -106,20 +111,25 @@ def main(argv):
     cases.append((f"loader {w} worker(s)", f"jaxattr grain, {w} thread(s) in-process",
                   lambda w=w: _jaxattr_pass(split, ours_eval, 0, w)))
     cases.append((f"loader {w} worker(s)", f"torchvision DataLoader, {w} worker(s)",
-                  lambda w=w: _torch_pass(_torch_loader(root, eval_tf, w))))
+                  lambda w=w: _torch_pass(lambda: _torch_loader(root, eval_tf, w))))
   cases.append((f"prepare {side} px, 1 process", "jaxattr draft decode + resize",
                 lambda: _jaxattr_pass(split, ours_small, 0, 1)))
   cases.append((f"prepare {side} px, 1 process", "torchvision ImageFolder full decode + resize",
-                lambda: _torch_pass(_torch_loader(root, small_tf, 0))))
+                lambda: _torch_pass(lambda: _torch_loader(root, small_tf, 0))))
   for _, _, fn in cases:  # warm-up: page cache, imports
     fn()
   times = {i: [] for i in range(len(cases))}
+  steady = {i: [] for i in range(len(cases))}
+  startup = {i: [] for i in range(len(cases))}
   loads = []
   for _ in range(_REPEATS.value):
     for i, (_, _, fn) in enumerate(cases):
       t0 = time.perf_counter()
-      got = fn()
-      times[i].append(time.perf_counter() - t0)
+      got, first_s, first_n = fn()
+      total = time.perf_counter() - t0
+      times[i].append(total)
+      startup[i].append(first_s)
+      steady[i].append((got - first_n) / max(total - first_s, 1e-9))
       assert got == n, (got, n)
     loads.append(os.getloadavg()[0])
   rows = []
@@ -131,13 +141,16 @@ def main(argv):
         "images": n,
         "images/s": n / s["median_s"],
         "min images/s": n / s["max_s"],
-        "max images/s": n / s["min_s"]
+        "max images/s": n / s["min_s"],
+        "first batch s": float(np.median(startup[i])),
+        "steady images/s": float(np.median(steady[i]))
     })
   for task in dict.fromkeys(r["task"] for r in rows):
     group = [r for r in rows if r["task"] == task]
     ref = next(r for r in group if r["who"].startswith("torchvision"))
     for r in group:
       r["vs torchvision"] = r["images/s"] / ref["images/s"]
+      r["steady vs torchvision"] = r["steady images/s"] / ref["steady images/s"]
   # How far the draft decode is from a full decode + the same resize (uint8 grey levels).
   diffs = []
   for i in range(0, n, max(1, n // 64)):
@@ -152,8 +165,10 @@ def main(argv):
   }
   print(
       bench.format_table(rows, [
-          "task", "who", "images", "images/s", "min images/s", "max images/s", "vs torchvision"
+          "task", "who", "images", "images/s", "min images/s", "max images/s", "vs torchvision",
+          "first batch s", "steady images/s", "steady vs torchvision"
       ]))
+  print("images/s: the whole pass, worker start-up included; steady: after the first batch")
   print(f"draft vs full decode at {side} px (grey levels over {len(diffs)} images): {draft}")
   print(f"load1 per round: {[round(x, 2) for x in loads]} (2 cores; other jobs share them)")
   bench.write_result(

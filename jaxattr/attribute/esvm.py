@@ -602,10 +602,19 @@ def nonfinite_rows(x: Any) -> np.ndarray:
   if isinstance(x, jax.Array):
     return np.flatnonzero(~np.asarray(jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), -1)))
   x = np.asarray(x).reshape(len(x), -1)
-  ok = np.isfinite(x)
-  if x.dtype.itemsize > 4:
-    ok &= np.abs(np.where(ok, x, 0)) <= np.finfo(np.float32).max
-  return np.flatnonzero(~ok.all(-1))
+  bad = []
+  # In blocks of rows: memory-mapped features (ImageNet: 1.28M x 2048) are read block by block,
+  # never whole.
+  for start in range(0, len(x), NONFINITE_BLOCK):
+    part = np.asarray(x[start:start + NONFINITE_BLOCK])
+    ok = np.isfinite(part)
+    if part.dtype.itemsize > 4:
+      ok &= np.abs(np.where(ok, part, 0)) <= np.finfo(np.float32).max
+    bad.append(start + np.flatnonzero(~ok.all(-1)))
+  return np.concatenate(bad) if bad else np.zeros((0,), np.int64)
+
+
+NONFINITE_BLOCK = 1 << 16
 
 
 def check_problem(targets: Any, candidates: Any, options: SolverOptions, valid: Any = None, *,
