@@ -82,6 +82,18 @@ class ChunkStore:
     """The chunks already written."""
     return {j for j in range(self.num_chunks) if os.path.exists(self._marker(j))}
 
+  def missing(self, meter: Any = None) -> Any:
+    """Yields (j, start, stop) of every chunk not yet written, in order; `meter`
+    (`utils.Throughput`) is credited with the rows of the chunks already written."""
+    done = self.done()
+    for j in range(self.num_chunks):
+      start, stop = self.chunk(j)
+      if j in done:
+        if meter is not None:
+          meter.update(stop - start)
+        continue
+      yield j, start, stop
+
   def write(self, j: int, rows: np.ndarray, **extras: np.ndarray) -> None:
     """Writes chunk j's rows (flushed to disk), then its marker with `extras`."""
     start, stop = self.chunk(j)

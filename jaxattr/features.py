@@ -150,18 +150,12 @@ def extract_stream(split: stream.FileSplit, step, batch_size: int, path: str, *,
     replaced an unreadable image by zeros).
   """
   store = chunkstore.ChunkStore(path, (len(split), feature_dim), store_dtype, chunk_rows, key)
-  done = store.done()
   meter = utils.Throughput(f"extract {split.split} (streamed)", len(split), "images")
   transform = stream.ResizeCrop(resize=resize, crop=crop, skip_unreadable=skip_unreadable)
-  for j in range(store.num_chunks):
-    start, stop = store.chunk(j)
-    if j in done:
-      meter.update(stop - start)
-      continue
-    parts, oks = [], []
-    loader = stream.ordered(
-        stream.batches(split, transform, batch_size, start=start, stop=stop, workers=workers,
-                       threads=threads), start, stop, batch_size)
+  for j, start, stop in store.missing(meter):
+    parts = []
+    loader = stream.read_range(split, transform, batch_size, start, stop, workers=workers,
+                               threads=threads)
     batches = ((b["image"], b["ok"]) for b in loader)
     flags = []
 

@@ -64,15 +64,10 @@ def prepare(split: stream.FileSplit, directory: str, side: int, *, key: str,
   done = store.done()
   meter = utils.Throughput(f"prepare {split.split} at {side} px", len(split), "images")
   t0 = time.perf_counter()
-  for j in range(store.num_chunks):
-    start, stop = store.chunk(j)
-    if j in done:
-      meter.update(stop - start)
-      continue
+  for j, start, stop in store.missing(meter):
     images, ok = [], []
-    for b in stream.ordered(
-        stream.batches(split, transform, batch_size, start=start, stop=stop, workers=workers,
-                       threads=threads), start, stop, batch_size):
+    for b in stream.read_range(split, transform, batch_size, start, stop, workers=workers,
+                               threads=threads):
       images.append(b["image"])
       ok.append(b["ok"])
       meter.update(len(b["image"]))

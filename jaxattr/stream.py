@@ -274,6 +274,14 @@ def ordered(batches: Any, start: int, stop: int,
                        f"({len(pending)} out of range)")
 
 
+def read_range(split: FileSplit, transform: Any, batch_size: int, start: int, stop: int, *,
+               workers: int = 0, threads: int = 4) -> Iterator[dict[str, np.ndarray]]:
+  """`batches` of rows [start, stop), `ordered` by position."""
+  return ordered(
+      batches(split, transform, batch_size, start=start, stop=stop, workers=workers,
+              threads=threads), start, stop, batch_size)
+
+
 def shard_chunks(num_rows: int, chunk_rows: int, process_index: int = 0,
                  process_count: int = 1) -> list[tuple[int, int, int]]:
   """[(chunk id, start, stop)] of this process: chunks of `chunk_rows` rows, dealt round-robin
