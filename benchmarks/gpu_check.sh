@@ -35,6 +35,12 @@ for fam in "hard_synthetic" "imagenet_shaped --family_norm=3" "imagenet_shaped -
     --num_targets_jax=2000 --family_targets=2000 --num_targets_sklearn=10 \
     --num_targets_dual=1 --out="$OUT/esvm_$name.json" 2>&1 | tee "$OUT/esvm_$name.log" | tail -n 12
 done
+# Issues 15-16: 100 ImageNet-shaped classes x 50 targets, one topk call per class (the full
+# 1,000-class sweep: --classes=1000); the streaming loader beside torchvision's DataLoader.
+timeout 150 python3 -m benchmarks.esvm_imagenet_sweep --classes=100 --sklearn_every=25 \
+  --out="$OUT/esvm_imagenet_sweep.json" 2>&1 | tee "$OUT/esvm_imagenet_sweep.log" | tail -n 8
+timeout 150 python3 -m benchmarks.benchmark_loader --classes=4 --per_class=48 --repeats=2 \
+  --workers=1,4 --out="$OUT/loader.json" 2>&1 | tee "$OUT/loader.log" | tail -n 14
 # Issue 5: which formulation wins, then s/model for 32 full-width ResNet-9s (2 epochs).
 timeout 240 python3 -m benchmarks.benchmark_train --mode=gpu --num_models=32 --epochs=2 \
   --formulations=vmap,map --data=$DATA --out="$OUT/train.json" \
