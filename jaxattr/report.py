@@ -59,7 +59,7 @@ def write_report(workdir: str, config: Any = None, train: Any = None, test: Any 
       (f"<h1>jaxattr report</h1><p class='muted'>{html.escape(os.path.abspath(workdir))} "
        f"&middot; generated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}</p>"),
       _timings(workdir),
-      _support(workdir),
+      _support(workdir, cfg),
       _examples(workdir, train, test, data_note, num_examples),
       _config_section(cfg),
   ]
@@ -93,10 +93,14 @@ def _timings(workdir: str) -> str:
   return head + _table(["stage", "wall time"], rows)
 
 
-def _support(workdir: str) -> str:
+def _support(workdir: str, cfg: dict | None = None) -> str:
   root = os.path.join(workdir, "support")
   head = "<h2>Counterfactual support</h2>"
   metrics = [m for m in bisection.METRICS if os.path.isdir(os.path.join(root, m))]
+  configured = ((cfg or {}).get("support") or {}).get("metrics", None)
+  if not metrics and configured is not None and not str(configured).strip():
+    return head + _note("This run measures no counterfactual support (support.metrics is ''); "
+                        "set --config.support.metrics=removal,mislabel to measure it.")
   if not metrics:
     return head + _note("No support results yet (WORKDIR/support/ is empty): run the support "
                         "stage (launch/support.py).")
@@ -171,9 +175,10 @@ def _examples(workdir: str, train: Any, test: Any, data_note: str, num_examples:
     return head + _note(f"Images unavailable: {data_note}")
   parts = [
       head,
-      (f"<p>For {num_examples} targets per method: the target (left), its top-{TOP} "
-       "attributed training images with their scores, and the training images whose "
-       "removal flipped it (the top-<i>support</i> prefix of the ranking).</p>")
+      (f"<p>For {num_examples} targets per method: the target (left), its top-ranked "
+       f"(up to {TOP}) attributed training images with their scores" +
+       (", and the training images whose removal flipped it (the top-<i>support</i> prefix of "
+        "the ranking)" if os.path.isdir(os.path.join(workdir, "support")) else "") + ".</p>")
   ]
   for method in methods:
     parts.append(f"<h3>{html.escape(method)}</h3>")
@@ -209,7 +214,8 @@ def _examples(workdir: str, train: Any, test: Any, data_note: str, num_examples:
       parts.append(f"<div class='row'>{''.join(cells)}</div>")
       s = removal.get(int(target))
       if s is None:
-        parts.append(_note("removal support: not measured for this target."))
+        if removal:  # measured for other targets
+          parts.append(_note("removal support: not measured for this target."))
       elif s < 0:
         parts.append(
             _note(f"removal support: not flipped within k (all {topk.shape[1]} "
@@ -266,15 +272,17 @@ def _datasets(cfg: dict[str, Any] | None, train: Any, test: Any) -> tuple[Any, A
   source = section.get("source")
   if not source:
     return None, None, "no train/test datasets given and the config has no data.source."
-  from jaxattr import data  # pylint: disable=g-import-not-at-top
+  from jaxattr import stream  # pylint: disable=g-import-not-at-top
   # `options` too (size, limit_per_class): without them the images and their `index` values
-  # would not be those the run attributed.
+  # would not be those the run attributed. A streamed source is listed, its images read when
+  # shown.
   data_config = ml_collections.ConfigDict({
       "source": source,
-      "options": section.get("options") or {}
+      "options": section.get("options") or {},
+      "stream": bool(section.get("stream", False))
   })
   try:
-    loaded = data.load_splits(data_config)
+    loaded = stream.splits(data_config)
   except Exception as e:  # any failure: the report says so instead of images
     return None, None, f"loading {source!r} failed: {e}"
   train = train if train is not None else loaded[0]

@@ -121,6 +121,13 @@ def test_report_without_results_says_what_is_missing(tmp_path):
   assert "No config given" in page
 
 
+def test_report_of_a_config_without_support_says_so(tmp_path):
+  # configs/imagenet.py measures no support (support.metrics ''): not "run the support stage".
+  page = read(report.write_report(str(tmp_path), config={"support": {"metrics": ""}}))
+  assert "measures no counterfactual support" in page
+  assert "No support results yet" not in page
+
+
 def test_report_with_support_in_progress_and_no_images(tmp_path):
   wd = str(tmp_path)
   make_workdir(wd)
