@@ -81,6 +81,17 @@ def _torch_pass(make_loader) -> tuple[int, float, int]:
   return n, *first
 
 
+def _ints(name: str, values: list[str], lo: int) -> list[int]:
+  """A comma-separated int flag's values, or a usage error naming the flag."""
+  try:
+    out = [int(v) for v in values]
+  except ValueError:
+    out = []
+  if not out or min(out) < lo:
+    raise app.UsageError(f"--{name}={','.join(values)}: expected comma-separated integers >= {lo}")
+  return out
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
@@ -88,6 +99,7 @@ def main(argv):
   from torchvision import transforms  # pylint: disable=g-import-not-at-top
 
   torch.set_num_threads(1)
+  worker_counts = _ints("workers", _WORKERS.value, 0)  # checked before any work
   root = _tree()
   split = stream.open_split(f"folder:{root}", "train")
   n = len(split)
@@ -105,7 +117,7 @@ def main(argv):
   ours_eval = stream.ResizeCrop(256, 224)
   ours_small = stream.ResizeCrop(side, side, draft=True)
   cases = []
-  for w in (int(x) for x in _WORKERS.value):
+  for w in worker_counts:
     cases.append((f"loader {w} worker(s)", f"jaxattr grain, {w} process(es)",
                   lambda w=w: _jaxattr_pass(split, ours_eval, w, 1)))
     cases.append((f"loader {w} worker(s)", f"jaxattr grain, {w} thread(s) in-process",
