@@ -454,7 +454,7 @@ def test_solver_batch_caps_split_groups_without_changing_results():
 
 
 def test_pure_spd_solve_matches_lapack():
-  # The LAPACK-free solve of multi-device CPU meshes (linalg.spd_solve_pure) against the LAPACK
+  # The LAPACK-free solve of multi-device CPU meshes (linalg.cholesky pure=True) against the LAPACK
   # one, on Woodbury-like systems I + c G G^T with identity rows where the active set is padded.
 
   rng = np.random.default_rng(3)

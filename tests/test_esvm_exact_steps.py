@@ -142,3 +142,47 @@ def test_ill_conditioned_sets_are_solved_in_float64_from_the_start():
   for i in range(3):
     ref = _sklearn(t[i], x)
     np.testing.assert_allclose(v[i], ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
+
+
+def test_candidate_space_and_dspace_cg_agree_with_woodbury():
+  # ImageNet's shape in small (fewer candidates than dimensions): `pcg_step` takes CG in candidate
+  # space through the Gram; forced into d-space (the shared [D, D] preconditioner) and as a
+  # Woodbury step with every violator, the same Newton step.
+  data = fam.imagenet_shaped(norm=29.0, dim=256, num_candidates=120, num_targets=6, rank=32,
+                             num_classes=1).generate()
+  t, x = data.targets[0], data.candidates[0]
+  cset = esvm.prepare(jnp.asarray(x), SolverOptions())
+  assert esvm.gram_cg(cset) and cset.gram_basis is not None and cset.pcg_inv is None
+  dspace = cset._replace(gram_basis=None, feature_basis=None, pcg_inv=esvm.with_pcg(
+      cset._replace(gram=None)).pcg_inv)
+  ta = esvm._augment(jnp.asarray(t))
+  w = esvm.initial_weights(jnp.asarray(t), cset)
+  for _ in range(2):
+    w = esvm.newton_step(ta, w, cset, 120, 12).w
+  a = esvm.newton_step(ta, w, cset, 120, 12)
+  b = esvm.pcg_step(ta, w, cset, 12, cg_tol=1e-7)
+  c = esvm.pcg_step(ta, w, dspace, 12, cg_tol=1e-7)
+  assert (np.asarray(a.count) > 30).all()  # a real system, not a handful of violators
+  scale = np.abs(np.asarray(a.v)).max()
+  for other in (b, c):
+    np.testing.assert_allclose(np.asarray(other.v), np.asarray(a.v), atol=1e-4 * scale, rtol=0)
+    np.testing.assert_array_equal(np.asarray(other.count), np.asarray(a.count))
+  # The pure (LAPACK-free) factors of multi-device CPU meshes give the same step.
+  p = esvm.pcg_step(ta, w, cset, 12, cg_tol=1e-7, pure_solve=True)
+  np.testing.assert_allclose(np.asarray(p.v), np.asarray(b.v), atol=1e-5 * scale, rtol=0)
+
+
+def test_stalled_float32_targets_continue_in_float64(monkeypatch, caplog):
+  # A target whose float32 steps stall just above tol (float32's rounding floor) leaves float32
+  # at once for the float64 continuation instead of iterating to FLOAT32_ITERS; forced here by
+  # calling every unconverged target with a finite step stalled.
+  data = fam.hard_synthetic(dim=48, num_candidates=600, num_targets=8, num_classes=1).generate()
+  t, x = data.targets[0], data.candidates[0]
+  v_ref, _, _, _ = _solve(t, x, max_rows=64)
+  monkeypatch.setattr(solver_lib, "STALL_NEAR", np.inf)
+  monkeypatch.setattr(solver_lib, "STALL_RATIO", 1e-30)
+  caplog.set_level("INFO")
+  v, it, step, _ = _solve(t, x, max_rows=64)
+  assert "continuing them in float64" in caplog.text
+  assert (step <= SolverOptions().tol).all()
+  np.testing.assert_allclose(v, v_ref, atol=5e-5, rtol=0)

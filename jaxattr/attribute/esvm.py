@@ -11,7 +11,8 @@ batches of targets (`newton_step`). The generalised Hessian is H = P + 2 c_neg B
 P = I + 2 c_pos [t.w < 1] t t^T and B the margin violators' rows (w.x_i > -1); near the optimum
 few candidates usually violate, so Woodbury gives the exact step from an [r, r] Cholesky (r <=
 `max_rows`); with more violators (weak encoders, small feature norms), `pcg_step` solves the
-same system by CG in d-space with a shared preconditioner, exact too at a cost independent of r.
+same system by preconditioned CG, exact too at a cost independent of r: in d-space, or for sets
+with fewer candidates than ~2 D (ImageNet's classes) in candidate space through the shared Gram.
 Convergence is the Newton step in decision-value units (`NewtonStep.step`): in
 float32 the plain ||g|| stalls near eps c_pos ||t||^2 ||w||.
 
@@ -84,7 +85,13 @@ class CandidateSet(NamedTuple):
       target, so these violate for most targets and their Gram corner is what steps read most.
     pcg_inv: [D, D] K^-1, K = I + 2 c_neg PCG_RHO x^T x: the shared preconditioner of `pcg_step`
       (the Hessian with a fraction PCG_RHO of every candidate violating), target-independent;
-      None until `with_pcg` (only sets where some target has many violators need it).
+      None until `with_pcg` (only sets where some target has many violators need it), and None
+      for sets that take CG steps in candidate space instead (`gram_cg`).
+    gram_basis: [n, k] V = U sqrt(2 c_neg Lambda) for the Gram's top-k eigenpairs (U, Lambda):
+      V V^T ~ 2 c_neg x x^T. The shared part of the preconditioner of `pcg_step` in candidate
+      space (`gram_cg` sets); None until `with_pcg`, and for other sets.
+    feature_basis: [D, k] W = x^T U Lambda^-1/2, orthonormal: the same directions in d-space
+      (x ~ U Lambda^1/2 W^T), which place a target's rank-one term in that preconditioner.
   """
 
   x: jax.Array
@@ -96,6 +103,13 @@ class CandidateSet(NamedTuple):
   c_neg: jax.Array
   inverse: jax.Array
   pcg_inv: jax.Array | None = None
+  gram_basis: jax.Array | None = None
+  feature_basis: jax.Array | None = None
+
+  @property
+  def has_pcg(self) -> bool:
+    """Whether `with_pcg` has formed the preconditioner of `pcg_step`."""
+    return self.pcg_inv is not None or self.gram_basis is not None
 
   def caller_order(self, a: jax.Array) -> jax.Array:
     """A [..., n] candidate-indexed array of the solver's order in the caller's order."""
@@ -107,7 +121,7 @@ def prepare(candidates: jax.Array, options: SolverOptions, valid: jax.Array | No
   """Augments the candidates [n, d], masks padding, forms what all targets share (traceable).
 
   `valid` (bool [n]) marks real rows; the class weights count only those. Of the options, C,
-  shared_gram_max and init_rows are read. pcg=False leaves `CandidateSet.pcg_inv` to `with_pcg`.
+  shared_gram_max and init_rows are read. pcg=False leaves the CG preconditioner to `with_pcg`.
   """
   C = options.C
   n = candidates.shape[0]
@@ -131,16 +145,61 @@ def prepare(candidates: jax.Array, options: SolverOptions, valid: jax.Array | No
 
 
 def with_pcg(cset: CandidateSet) -> CandidateSet:
-  """`cset` with `pcg_inv`, the preconditioner of `pcg_step` (an [n, D] x [D, n] product and a
-  [D, D] inverse: formed once per set, when a step first needs it).
+  """`cset` with the preconditioner of `pcg_step`, formed once per set when a step first needs it.
 
-  Inverted directly, through a Cholesky factor, also when n < D: the Woodbury form through the
-  [n, n] Gram, I - X^T (I / c + X X^T)^-1 X, costs half as much but cancels most of float32's
-  digits in the stiff directions, and a preconditioner that is not positive definite lets CG's
-  preconditioned residual pass the test while the step is wrong (measured: decision values off
-  by 2e-2 on ImageNet-shaped classes at norm 29).
+  Candidate-space sets (`gram_cg`): `gram_basis`, from the shared Gram by a randomized subspace
+  iteration (two [n, n] x [n, k + 8] products and small QR/eigh: milliseconds). Others: `pcg_inv`,
+  an [n, D] x [D, n] product and a [D, D] inverse, inverted directly through a Cholesky factor:
+  the Woodbury form through the Gram, I - X^T (I / c + X X^T)^-1 X, costs half as much but cancels
+  most of float32's digits in the stiff directions, and a preconditioner that is not positive
+  definite lets CG's preconditioned residual pass the test while the step is wrong (measured:
+  decision values off by 2e-2 on ImageNet-shaped classes at norm 29).
   """
+  if gram_cg(cset):
+    v, w = _gram_basis(cset.x, cset.gram, cset.c_neg, GRAM_CG_RANK)
+    return cset._replace(gram_basis=v, feature_basis=w)
   return cset._replace(pcg_inv=_spd_inverse(2.0 * cset.c_neg * PCG_RHO * (cset.x.T @ cset.x)))
+
+
+# `pcg_step` in candidate space (`gram_cg`): rank of the shared preconditioner's basis. Measured on
+# ImageNet-shaped classes (norm 29, 250-370 violators): the Gram has one dominant eigenvalue (the
+# features' mean direction, 2 c_neg lambda ~ 1e5) and then a fast decay (41, 17, 10, ...); CG takes
+# 12-15 iterations without a preconditioner, 5 with rank 16, 4 with 32 and 64.
+GRAM_CG_RANK = 32
+# Sets of at most this many candidates hold their whole Gram (`_upper_gram`), which candidate-space
+# CG reads as a symmetric matrix.
+GRAM_FULL = 2048
+
+
+def gram_cg(cset: CandidateSet) -> bool:
+  """Whether `pcg_step` runs CG in candidate space (static: shapes only).
+
+  A CG iteration costs an [n, n] product with the shared Gram there, against two [n, D] products
+  and a [D, D] one in d-space: cheaper when the set has fewer candidates than ~2 D (ImageNet's
+  classes of 732-1,300 images at D = 2,049).
+  """
+  n, dim = cset.x.shape
+  k = min(GRAM_CG_RANK, n)
+  return (cset.gram is not None and n <= GRAM_FULL and n * n + 2 * n * k < 2 * n * dim + dim * dim)
+
+
+def _gram_basis(x: jax.Array, gram: jax.Array, c_neg: jax.Array,
+                rank: int) -> tuple[jax.Array, jax.Array]:
+  """(`CandidateSet.gram_basis`, `CandidateSet.feature_basis`) for the top-k eigenpairs of the
+  Gram x x^T, by a randomized subspace iteration (seeded: deterministic) and Rayleigh-Ritz. Any
+  basis gives a positive definite preconditioner; a good one, fewer iterations."""
+  n = gram.shape[0]
+  q = min(rank + 8, n)
+  k = min(rank, q)
+  y = gram @ jax.random.normal(jax.random.PRNGKey(0), (n, q), gram.dtype)
+  y = jnp.linalg.qr(gram @ jnp.linalg.qr(y)[0])[0]
+  small = y.T @ gram @ y
+  lam, vec = jnp.linalg.eigh(0.5 * (small + small.T))
+  u, lam = y @ vec[:, -k:], lam[-k:]
+  keep = lam > 1e-6 * jnp.max(lam)  # drop null directions (rank-deficient features)
+  lam = jnp.where(keep, lam, 0.0)
+  feature = (x.T @ u) * jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, lam, 1.0)), 0.0)
+  return u * jnp.sqrt(2.0 * c_neg * lam), feature
 
 
 def _ridge(x: jax.Array, c_neg: jax.Array, k: jax.Array | int,
@@ -162,11 +221,12 @@ def _spd_inverse(a: jax.Array) -> jax.Array:
 def _upper_gram(x: jax.Array, block: int = 1024) -> jax.Array:
   """x x^T where only the upper triangle is meaningful (below it: zeros or x x^T entries).
 
-  `_gram_block` reads nothing else, so large sets form only each row block's products with the
-  rows from its own start on (its rounding need not be symmetric either).
+  `_gram_block` reads nothing else, so sets of more than GRAM_FULL rows form only each row block's
+  products with the rows from its own start on (its rounding need not be symmetric either);
+  smaller ones the whole product (`gram_cg` reads it whole).
   """
   n = x.shape[0]
-  if n <= 2 * block:
+  if n <= GRAM_FULL:
     return x @ x.T
   gram = jnp.zeros((n, n), x.dtype)
   for start in range(0, n, block):
@@ -290,7 +350,7 @@ def newton_step(t: jax.Array, w: jax.Array, cset: CandidateSet, rows: int, line_
     cset: the prepared candidate set.
     rows: r, the active-set size of the exact Newton step (static).
     line_steps: most safeguarded Newton steps of the exact line search.
-    pure_solve: solve the [r, r] systems without LAPACK (`linalg.spd_solve_pure`).
+    pure_solve: solve the [r, r] systems without LAPACK (`linalg.cholesky`).
     v: optional decision values w x^T [B, n], the previous step's `NewtonStep.v`.
     tx: optional t x^T [B, n], fixed per target (read with the Gram only).
   """
@@ -378,32 +438,42 @@ CG_TOL = 1e-5
 CG_MAX = 200
 
 
-def pcg_step(t: jax.Array, w: jax.Array, cset: CandidateSet, line_steps: int, v: jax.Array |
-             None = None, cg_tol: float = CG_TOL, cg_max: int = CG_MAX) -> NewtonStep:
-  """One exact Newton iteration whatever the number of violators: preconditioned CG in d-space.
+def pcg_step(t: jax.Array, w: jax.Array, cset: CandidateSet, line_steps: int,
+             v: jax.Array | None = None, cg_tol: float = CG_TOL, cg_max: int = CG_MAX,
+             tx: jax.Array | None = None, pure_solve: bool = False) -> NewtonStep:
+  """One exact Newton iteration whatever the number of violators: preconditioned CG.
 
-  Solves H s = -g with H = I + 2 c_pos [t.w < 1] t t^T + 2 c_neg X^T diag(violators) X by
-  conjugate gradients whose products with H are batched [B, D] x [D, n] matrix products, with
-  the shared preconditioner K = I + 2 c_neg PCG_RHO X^T X (`CandidateSet.pcg_inv`) plus the
-  target's rank-one term (Sherman-Morrison). Cost per CG iteration: two passes over the
-  candidates, independent of the number of violators r, so it replaces the [r, r] Woodbury
-  system of `newton_step` when r is large. The same exact line search and active-set
-  certificate follow (in float32 the step itself stalls near 1e-5 once the active set is
-  final; the certificate bounds the next one instead). A step whose CG
-  did not reach `cg_tol` within `cg_max` iterations reports step = inf: such a target cannot
-  pass the convergence test (it is reported as not converged, never silently approximate).
-  Per target independent of the batch: every reduction is per row.
+  Solves H s = -g, H = I + 2 c_pos [t.w < 1] t t^T + 2 c_neg X^T diag(violators) X, by conjugate
+  gradients whose products are batched matrix products, in one of two equivalent forms chosen per
+  candidate set by cost (`gram_cg`), each at a cost per iteration independent of the number of
+  violators r, so it replaces the [r, r] Cholesky of `newton_step` when r is large:
+
+  - d-space (`_dspace_cg`): on H itself, two passes over the candidates per iteration, with the
+    shared preconditioner K = I + 2 c_neg PCG_RHO X^T X (`CandidateSet.pcg_inv`) plus the
+    target's rank-one term (Sherman-Morrison).
+  - candidate space (`_gram_space_cg`), for sets with fewer candidates than ~2 D: on the Woodbury
+    system of `newton_step` over all r violators, I + 2 c_neg B P^-1 B^T, through the shared Gram
+    ([n, n] products), preconditioned by its top eigenvectors restricted to the target's violators.
+
+  The same exact line search and active-set certificate follow (in float32 the step itself stalls
+  near 1e-5 once the active set is final; the certificate bounds the next one instead). A step
+  whose CG did not reach `cg_tol` within `cg_max` iterations reports step = inf: such a target
+  cannot pass the convergence test (it is reported as not converged, never silently
+  approximate). Per target independent of the batch: every reduction is per row.
 
   Args:
     t, w: [B, D] augmented targets and their current weights.
-    cset: the prepared candidate set (with `pcg_inv`).
+    cset: the prepared candidate set (with `with_pcg`'s preconditioner).
     line_steps: most safeguarded Newton steps of the exact line search.
     v: optional decision values w x^T [B, n].
-    cg_tol: relative residual at which CG stops.
+    cg_tol: relative residual at which CG stops (in the preconditioned norm).
     cg_max: most CG iterations.
+    tx: optional t x^T [B, n] (candidate space only).
+    pure_solve: the candidate-space preconditioner's [k, k] factors without LAPACK
+      (`linalg.cholesky`).
   """
   x, valid = cset.x, cset.valid
-  c_pos, c_neg, kinv = cset.c_pos, cset.c_neg, cset.pcg_inv
+  c_pos, c_neg = cset.c_pos, cset.c_neg
   v = w @ x.T if v is None else v
   u = _rowdot(t, w)
   violators = (v > -1.0) & valid
@@ -411,17 +481,23 @@ def pcg_step(t: jax.Array, w: jax.Array, cset: CandidateSet, line_steps: int, v:
   m = violators.astype(x.dtype)
   g = _gradient(w, v, u, t, x, c_pos, c_neg)
   a_pos = 2.0 * c_pos * (u < 1.0)
-  kt = t @ kinv
-  tkt = _rowdot(t, kt)
+  if cset.gram_basis is not None:
+    s, solved = _gram_space_cg(t, g, m, a_pos, cset, cg_tol, cg_max, tx, pure_solve)
+  else:
+    s, solved = _dspace_cg(t, g, m, a_pos, cset, cg_tol, cg_max)
+  # The CG step is exact to cg_tol, far inside the certificate's slack; an unsolved one is not
+  # a step the convergence test may pass on.
+  new = _advance(t, w, s, v, u, cset, line_steps, violators, count, solved)
+  return new._replace(step=jnp.where(solved, new.step, jnp.inf))
 
-  def precondition(r):
-    kr = r @ kinv
-    return kr - (a_pos * _rowdot(t, kr) / (1.0 + a_pos * tkt))[:, None] * kt
 
-  def hessian(p):
-    return p + (a_pos * _rowdot(t, p))[:, None] * t + 2.0 * c_neg * (((p @ x.T) * m) @ x)
+def _cg(matvec, precondition, rhs, cg_tol, cg_max):
+  """Preconditioned CG on every row of rhs [B, m] from 0: (solution [B, m], solved [B]).
 
-  r = -g
+  A row stops (its iterate frozen) once its residual's preconditioned norm is below cg_tol
+  times the initial one; the loop ends when all rows have stopped or after cg_max iterations.
+  """
+  r = rhs
   z = precondition(r)
   rz0 = _rowdot(r, z)
   limit = (cg_tol * cg_tol) * rz0
@@ -433,7 +509,7 @@ def pcg_step(t: jax.Array, w: jax.Array, cset: CandidateSet, line_steps: int, v:
   def body(state):
     k, s, r, z, p, rz = state
     live = rz > limit
-    hp = hessian(p)
+    hp = matvec(p)
     alpha = jnp.where(live, rz / jnp.where(live, _rowdot(p, hp), 1.0), 0.0)
     s = s + alpha[:, None] * p
     r = r - alpha[:, None] * hp
@@ -443,12 +519,78 @@ def pcg_step(t: jax.Array, w: jax.Array, cset: CandidateSet, line_steps: int, v:
     p = jnp.where(live[:, None], z + beta[:, None] * p, p)
     return k + 1, s, r, z, p, jnp.where(live, rz_new, rz)
 
-  _, s, _, _, _, rz = jax.lax.while_loop(cond, body, (0, jnp.zeros_like(g), r, z, z, rz0))
-  solved = rz <= limit
-  # The CG step is exact to cg_tol, far inside the certificate's slack; an unsolved one is not
-  # a step the convergence test may pass on.
-  new = _advance(t, w, s, v, u, cset, line_steps, violators, count, solved)
-  return new._replace(step=jnp.where(solved, new.step, jnp.inf))
+  _, s, _, _, _, rz = jax.lax.while_loop(cond, body, (0, jnp.zeros_like(rhs), r, z, z, rz0))
+  return s, rz <= limit
+
+
+def _dspace_cg(t, g, m, a_pos, cset: CandidateSet, cg_tol, cg_max):
+  # H s = -g in d-space ([B, D] iterates), preconditioned by K^-1 (`CandidateSet.pcg_inv`) with
+  # the target's rank-one term added by Sherman-Morrison.
+  x, c_neg, kinv = cset.x, cset.c_neg, cset.pcg_inv
+  kt = t @ kinv
+  tkt = _rowdot(t, kt)
+
+  def precondition(r):
+    kr = r @ kinv
+    return kr - (a_pos * _rowdot(t, kr) / (1.0 + a_pos * tkt))[:, None] * kt
+
+  def hessian(p):
+    return p + (a_pos * _rowdot(t, p))[:, None] * t + 2.0 * c_neg * (((p @ x.T) * m) @ x)
+
+  return _cg(hessian, precondition, -g, cg_tol, cg_max)
+
+
+def _gram_space_cg(t, g, m, a_pos, cset: CandidateSet, cg_tol, cg_max, tx, pure_solve):
+  # The Newton step of `newton_step`'s Gram form with all r violators, its [r, r] system
+  # I + 2 c_neg B P^-1 B^T solved by CG over [B, n] iterates that are zero off the violators.
+  # Preconditioner: the same matrix with x replaced by its top-k part U Lambda^1/2 W^T
+  # (`CandidateSet.gram_basis` V, `feature_basis` W), I + V_B Mid V_B^T with
+  # Mid = W^T P^-1 W = I - kappa a a^T, a = W^T t: the target's stiff rank-one term matters, as t
+  # lies mostly along the candidates' dominant direction. Applied by Woodbury with a per-target
+  # [k, k] Cholesky factor of I + Mid^1/2 V_B^T V_B Mid^1/2 (positive definite by construction;
+  # triangular solves, not an explicit inverse, which would lose that in float32 along the
+  # dominant direction).
+  x, gram, basis, c_neg = cset.x, cset.gram, cset.gram_basis, cset.c_neg
+  dtype = x.dtype
+  tt = _rowdot(t, t)
+  gamma = (1.0 - jax.lax.rsqrt(1.0 + a_pos * tt)) / tt
+  gh = _half_precondition(g, t, gamma)
+  h = _half_precondition(gh, t, gamma)  # P^-1 g
+  if tx is None:
+    xh, tx = jnp.split(jnp.concatenate([h, t]) @ x.T, 2)
+  else:
+    xh = h @ x.T
+  bt = tx * m  # B t
+  kappa = 2.0 * gamma - gamma * gamma * tt  # P^-1 = I - kappa t t^T
+
+  def matvec(q):  # (I + 2 c_neg B P^-1 B^T) q, q zero off the violators
+    return q + 2.0 * c_neg * (m * (q @ gram) - (kappa * _rowdot(bt, q))[:, None] * bt)
+
+  # Mid^1/2 = I - beta a a^T, with (1 - beta |a|^2)^2 = 1 - kappa |a|^2 (>= 0: |a| <= |t|).
+  a = t @ cset.feature_basis  # [B, k]
+  aa = _rowdot(a, a)
+  root = jnp.sqrt(jnp.maximum(1.0 - kappa * aa, 0.0))
+  beta = jnp.where(aa > 0, (1.0 - root) / jnp.where(aa > 0, aa, 1.0), 0.0)
+
+  def half_mid(y):
+    return y - (beta * _rowdot(a, y))[:, None] * a
+
+  k = basis.shape[1]
+  vbv = jnp.einsum("nk,bnl->bkl", basis, m[:, :, None] * basis)  # V_B^T V_B
+  mid_a = jnp.einsum("bkl,bl->bk", vbv, a)
+  # Mid^1/2 S Mid^1/2 for symmetric S = V_B^T V_B, expanded (S a = mid_a).
+  inner = (vbv - beta[:, None, None] *
+           (a[:, :, None] * mid_a[:, None, :] + mid_a[:, :, None] * a[:, None, :]) +
+           (beta * beta * _rowdot(a, mid_a))[:, None, None] * (a[:, :, None] * a[:, None, :]))
+  chol = linalg.cholesky(jnp.eye(k, dtype=dtype) + inner, pure_solve)
+
+  def precondition(r):
+    y = half_mid(linalg.cho_solve(chol, half_mid(r @ basis), pure_solve))
+    return r - m * (y @ basis.T)
+
+  coef, solved = _cg(matvec, precondition, xh * m, cg_tol, cg_max)
+  btc = coef @ x  # B^T coef
+  return -_half_precondition(gh - 2.0 * c_neg * _half_precondition(btc, t, gamma), t, gamma), solved
 
 
 def _gram_block(gram: jax.Array, idx: jax.Array, mask: jax.Array) -> jax.Array:
@@ -519,7 +661,7 @@ def solve(targets: jax.Array, candidates: jax.Array, options: SolverOptions = So
     live = (it < max_iter) & (step > tol)
     # More violators than `rows` for a live target: the whole batch takes exact CG steps.
     many = jnp.any(live & (jnp.sum((v > -1.0) & cset.valid, -1) > rows))
-    new = jax.lax.cond(many, lambda: pcg_step(t, w, cset, options.line_steps, v=v),
+    new = jax.lax.cond(many, lambda: pcg_step(t, w, cset, options.line_steps, v=v, tx=tx),
                        lambda: newton_step(t, w, cset, rows, options.line_steps, v=v, tx=tx))
     return (jnp.where(live[:, None], new.w, w), jnp.where(live[:, None], new.v,
                                                           v), it + live.astype(it.dtype),

@@ -12,26 +12,22 @@ import jax.numpy as jnp
 def spd_solve(m: jax.Array, b: jax.Array, pure: bool = False) -> jax.Array:
   """m^-1 b for SPD m [B, r, r] and b [B, r], by Cholesky; only m's lower triangle is read.
 
-  With `pure`, `spd_solve_pure` (no LAPACK call) instead. The triangular solves take b as a row
-  ([B, 1, r]): XLA:CPU runs that form faster than the column form of jax.scipy's cho_solve.
+  With `pure`, no LAPACK call (`cholesky`).
   """
-  if pure:
-    return spd_solve_pure(m, b)
-  chol = jax.lax.linalg.cholesky(m, symmetrize_input=False)
-  y = jax.lax.linalg.triangular_solve(chol, b[:, None, :], left_side=False, lower=True,
-                                      transpose_a=True)  # y^T = b^T L^-T, i.e. L y = b
-  return jax.lax.linalg.triangular_solve(chol, y, left_side=False, lower=True)[:, 0]  # L^T c = y
+  return cho_solve(cholesky(m, pure), b, pure)
 
 
-def spd_solve_pure(m: jax.Array, b: jax.Array) -> jax.Array:
-  """m^-1 b as `spd_solve`, from XLA loops and products only (no LAPACK custom call).
+def cholesky(m: jax.Array, pure: bool = False) -> jax.Array:
+  """The lower Cholesky factors [B, r, r] of SPD m [B, r, r]; only m's lower triangle is read.
 
-  Several XLA:CPU devices running jaxlib's batched LAPACK kernels at once can deadlock its thread
-  pool (benchmarks/repro_lapack_deadlock.py); this left-looking Cholesky, slower than LAPACK, is
-  for such multi-device CPU meshes only.
+  With `pure`, a left-looking Cholesky from XLA loops and products only, slower than LAPACK:
+  several XLA:CPU devices running jaxlib's batched LAPACK kernels at once can deadlock its thread
+  pool (benchmarks/repro_lapack_deadlock.py), so multi-device CPU meshes take this one.
   """
-  m, b = jnp.asarray(m), jnp.asarray(b)
-  bsz, r, _ = m.shape
+  if not pure:
+    return jax.lax.linalg.cholesky(m, symmetrize_input=False)
+  m = jnp.asarray(m)
+  r = m.shape[-1]
   rows = jnp.arange(r)
 
   def column(j, chol):
@@ -40,7 +36,21 @@ def spd_solve_pure(m: jax.Array, b: jax.Array) -> jax.Array:
     col = jnp.where(rows[None, :] >= j, col, 0.0)
     return chol.at[:, :, j].set(col * jax.lax.rsqrt(col[:, j])[:, None])
 
-  chol = jax.lax.fori_loop(0, r, column, jnp.zeros_like(m))
+  return jax.lax.fori_loop(0, r, column, jnp.zeros_like(m))
+
+
+def cho_solve(chol: jax.Array, b: jax.Array, pure: bool = False) -> jax.Array:
+  """(L L^T)^-1 b for lower Cholesky factors L [B, r, r] and b [B, r].
+
+  The triangular solves take b as a row ([B, 1, r]): XLA:CPU runs that form faster than the
+  column form of jax.scipy's cho_solve. With `pure`, XLA loops instead of LAPACK (`cholesky`).
+  """
+  if not pure:
+    y = jax.lax.linalg.triangular_solve(chol, b[:, None, :], left_side=False, lower=True,
+                                        transpose_a=True)  # y^T = b^T L^-T, i.e. L y = b
+    return jax.lax.linalg.triangular_solve(chol, y, left_side=False, lower=True)[:, 0]  # L^T c = y
+  b = jnp.asarray(b)
+  bsz, r = b.shape
 
   def forward(j, y):  # L y = b; y is still zero from j on, so the sum runs over i < j
     row = chol[:, j, :]

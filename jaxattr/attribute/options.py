@@ -43,7 +43,7 @@ class SolverOptions:
     tol: a target has converged once its Newton step would move no decision value by more (> 0).
     max_iter: Newton iterations per target.
     max_rows: r, the most margin violators a Woodbury Newton step handles (an [r, r] Cholesky per
-      target); with more, the step is solved as exactly by CG in d-space (`esvm.pcg_step`).
+      target); with more, the step is solved as exactly by preconditioned CG (`esvm.pcg_step`).
     line_steps: most safeguarded Newton steps of the exact line search.
     shared_gram_max: candidate sets of at most this many rows form their [n, n] Gram once, shared
       by all targets; larger ones gather the active rows at every step.
