@@ -9,8 +9,15 @@ set's preparation, the solves, the top-k), the way a sweep over per-class featur
 Beside it, in the same run, scikit-learn's primal LinearSVC fits `--sklearn_per_class` targets
 of every `--sklearn_every`-th class, for the ratio and sklearn's projected time of the sweep.
 
+With `--memmap_dir=DIR` the sweep runs as the attribution stage does on streamed features: all
+classes are first written (untimed) to memory-mappable float16 arrays in DIR (1.3M x 2048 train
+rows: 5.3 GB; the stage's `features/{split}.features.npy` format), then ONE `attribute.topk` call
+ranks all 50,000 targets from the memory maps, class by class, with resumable chunks; the peak of
+the process's anonymous memory (not the file pages the maps cache) is sampled throughout.
+
   python3 -m benchmarks.esvm_imagenet_sweep            # the goal: 1,000 classes, norm 29
   python3 -m benchmarks.esvm_imagenet_sweep --classes=20 --norm=1000
+  python3 -m benchmarks.esvm_imagenet_sweep --memmap_dir=/tmp/sweep   # from memory maps
 """
 
 from __future__ import annotations
@@ -38,6 +45,164 @@ _SK_EVERY = flags.DEFINE_integer("sklearn_every", 50, "sklearn fits targets of e
 _SK_PER_CLASS = flags.DEFINE_integer("sklearn_per_class", 1, "sklearn fits per sampled class.",
                                      lower_bound=0)
 _OUT = flags.DEFINE_string("out", "bench_results/esvm_imagenet_sweep.json", "Result JSON.")
+_MEMMAP = flags.DEFINE_string(
+    "memmap_dir", None, "Write the features to memory maps here, then rank every target with one "
+    "topk call over them (the attribution stage's way).")
+
+
+class AnonPeak:
+  """Samples the process's anonymous resident memory (RssAnon) every 0.2 s in a thread: the
+  memory the run holds, without the file pages of memory maps, which the kernel can drop."""
+
+  def __init__(self):
+    import threading  # pylint: disable=g-import-not-at-top
+
+    self.peak, self._stop = 0, threading.Event()
+    self._thread = threading.Thread(target=self._run, daemon=True)
+    self._thread.start()
+
+  @staticmethod
+  def now() -> int:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("RssAnon:"):
+          return int(line.split()[1]) * 1024
+    return 0
+
+  def _run(self):
+    while not self._stop.wait(0.2):
+      self.peak = max(self.peak, self.now())
+
+  def stop(self) -> int:
+    self._stop.set()
+    self._thread.join()
+    return max(self.peak, self.now())
+
+
+def write_memmaps(family, directory: str) -> dict[str, np.ndarray]:
+  """Every class of `family` in float16 memory maps under `directory` (written to temporary names,
+  renamed when complete; reused when present and complete), and the labels."""
+  n, t, d, classes = family.num_candidates, family.num_targets, family.dim, family.num_classes
+  os.makedirs(directory, exist_ok=True)
+  paths = {s: os.path.join(directory, f"{s}.features.npy") for s in ("train", "test")}
+  shapes = {"train": (classes * n, d), "test": (classes * t, d)}
+  labels = {
+      "train": np.repeat(np.arange(classes, dtype=np.int32), n),
+      "test": np.repeat(np.arange(classes, dtype=np.int32), t)
+  }
+  key = os.path.join(directory, "key.txt")
+  if all(os.path.exists(p) for p in paths.values()) and os.path.exists(key):
+    with open(key) as f:
+      if f.read() == family.key():
+        return labels
+  maps = {}
+  for s, path in paths.items():
+    maps[s] = np.lib.format.open_memmap(path + ".partial", "w+", np.float16, shapes[s])
+  t0 = time.perf_counter()
+  for c in range(classes):
+    targets, candidates = family.class_problem(c)
+    maps["train"][c * n:(c + 1) * n] = candidates
+    maps["test"][c * t:(c + 1) * t] = targets
+    if (c + 1) % 50 == 0:
+      logging.info("memmaps: %d/%d classes written (%.0f s)", c + 1, classes,
+                   time.perf_counter() - t0)
+  for s, m in maps.items():
+    m.flush()
+    del m
+    os.replace(paths[s] + ".partial", paths[s])
+  with open(key, "w") as f:
+    f.write(family.key())
+  return labels
+
+
+def sweep_from_memmaps(family, directory: str, k: int, options: SolverOptions) -> None:
+  """The `--memmap_dir` mode (module docstring)."""
+  labels = write_memmaps(family, directory)
+  train = np.load(os.path.join(directory, "train.features.npy"), mmap_mode="r")
+  test = np.load(os.path.join(directory, "test.features.npy"), mmap_mode="r")
+  chunk_dir = os.path.join(directory, "chunks")
+  if os.path.isdir(chunk_dir):
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.rmtree(chunk_dir)  # a timed run starts afresh
+  load_before = os.getloadavg()
+  # Compile outside the timed run (one class, the shapes every class has).
+  first = labels["test"] == 0
+  attribute.topk(np.asarray(train[labels["train"] == 0],
+                            np.float32), labels["train"][labels["train"] == 0],
+                 np.asarray(test[first], np.float32), labels["test"][first], method="esvm", k=k,
+                 options=options, allow_nonconverged=True)
+  base = AnonPeak.now()
+  peak = AnonPeak()
+  t0 = time.perf_counter()
+  res = attribute.topk(train, labels["train"], test, labels["test"], method="esvm", k=k,
+                       options=options, chunk_dir=chunk_dir, allow_nonconverged=True)
+  seconds = time.perf_counter() - t0
+  peak_bytes = peak.stop()
+  sk_seconds, overlaps = [], []
+  for c in range(0, family.num_classes, _SK_EVERY.value):
+    cand = np.asarray(train[labels["train"] == c], np.float64)
+    rows = np.flatnonzero(labels["test"] == c)[:_SK_PER_CLASS.value]
+    for i in rows:
+      t1 = time.perf_counter()
+      ref, _ = sklearn_fit(np.asarray(test[i], np.float64), cand, False)
+      sk_seconds.append(time.perf_counter() - t1)
+      top = min(100, k)
+      order = np.flatnonzero(labels["train"] == c)[np.argsort(-ref, kind="stable")[:top]]
+      overlaps.append(float(np.array_equal(order, res.indices[i, :top])))
+  total = len(labels["test"])
+  sk_per_target = float(np.mean(sk_seconds)) if sk_seconds else float("nan")
+  load = os.getloadavg()[0]
+  its, viol = res.stats["iterations"], res.stats["num_violators"]
+  one_class = family.num_candidates * family.dim * 4
+  rows = [{
+      "solver": "jaxattr topk (memory maps)",
+      "targets": total,
+      "seconds": seconds,
+      "targets/s": total / seconds,
+      "vs sklearn": total / seconds * sk_per_target,
+      "load1": load
+  }, {
+      "solver": "sklearn LinearSVC primal",
+      "targets": len(sk_seconds),
+      "seconds": float(sum(sk_seconds)),
+      "targets/s": 1.0 / sk_per_target,
+      "vs sklearn": 1.0,
+      "load1": load
+  }]
+  print(
+      bench.format_table(rows,
+                         ["solver", "targets", "seconds", "targets/s", "vs sklearn", "load1"]))
+  summary = {
+      "all_targets_seconds": seconds,
+      "goal_seconds": 600.0,
+      "sklearn_projected_seconds": sk_per_target * total,
+      "iterations_mean": float(its.mean()),
+      "iterations_max": int(its.max()),
+      "num_violators_mean": float(viol.mean()),
+      "nonconverged": int(len(res.nonconverged)),
+      "top100_identical_share": float(np.mean(overlaps)) if overlaps else None,
+      "anon_memory_before_mib": base / 2**20,
+      "anon_memory_peak_mib": peak_bytes / 2**20,
+      "train_features_file_mib": train.nbytes / 2**20,
+      "one_class_float32_mib": one_class / 2**20,
+      "output_mib": (res.indices.nbytes + res.scores.nbytes) / 2**20,
+  }
+  print(f"features: {family.key()} (memory maps in {directory})")
+  print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items()})
+  bench.write_result(
+      _OUT.value, "esvm_imagenet_sweep_memmap", rows, {
+          "flags": {
+              name: flags.FLAGS[name].value
+              for name in ("classes", "targets", "candidates", "dim", "norm", "k", "sklearn_every",
+                           "sklearn_per_class", "memmap_dir")
+          },
+          "family": family.key(),
+          "loadavg_before": load_before,
+          "loadavg_after": os.getloadavg(),
+          "cpu_count": os.cpu_count(),
+          **summary
+      })
+  logging.info("wrote %s", _OUT.value)
 
 
 def main(argv):
@@ -47,8 +212,11 @@ def main(argv):
                                          num_candidates=_CANDIDATES.value,
                                          num_targets=_TARGETS.value, num_classes=_CLASSES.value)
   options = SolverOptions()
-  load_before = os.getloadavg()
   k = min(_K.value, _CANDIDATES.value)
+  if _MEMMAP.value:
+    sweep_from_memmaps(family, _MEMMAP.value, k, options)
+    return
+  load_before = os.getloadavg()
   jax_seconds, sk_seconds, generate_seconds = [], [], 0.0
   iterations, violators, nonconverged, overlaps = [], [], 0, []
   for c in range(_CLASSES.value):

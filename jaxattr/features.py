@@ -136,8 +136,8 @@ def _shape_images(images: np.ndarray, resize: int, crop: int) -> np.ndarray:
   return np.stack([shaper.shape(Image.fromarray(im)) for im in images])
 
 
-def extract_stream(split: stream.FileSplit, step, batch_size: int, path: str, *, resize: int,
-                   crop: int, key: str, store_dtype: str = "float32", chunk_rows: int = 10000,
+def extract_stream(split: stream.Split, step, batch_size: int, path: str, *, resize: int, crop: int,
+                   key: str, store_dtype: str = "float32", chunk_rows: int = 10000,
                    workers: int = 0, threads: int = 4, skip_unreadable: bool = False,
                    feature_dim: int) -> tuple[np.ndarray, np.ndarray]:
   """Features of a streamed split written to `path` (.npy) chunk by chunk (`ChunkStore`).

@@ -33,8 +33,8 @@ def paths(directory: str, split: str, side: int) -> tuple[str, str]:
           os.path.join(directory, f"{split}_{side}.npz"))
 
 
-def prepare(split: stream.FileSplit, directory: str, side: int, *, key: str,
-            chunk_rows: int = 10000, batch_size: int = 256, workers: int = 0, threads: int = 4,
+def prepare(split: stream.Split, directory: str, side: int, *, key: str, chunk_rows: int = 10000,
+            batch_size: int = 256, workers: int = 0, threads: int = 4,
             skip_unreadable: bool = False) -> dict[str, Any]:
   """Decodes `split` into its resident copy under `directory` (resuming a killed run of `key`).
 

@@ -2,10 +2,12 @@
 
 `open_split(source, split)` lists a directory tree's split (`jaxattr.folders`: ImageNet's layouts
 included) as a `FileSplit`: file names, labels and indices, no pixels (ImageNet's 1.28M training
-images are ~140 GB of JPEGs). `batches` reads a range of it through grain: a random-access source,
-a picklable decode transform (`ResizeCrop`), batching, and either threads in this process or
-`workers` spawned processes with bounded prefetch; `shard_chunks` spreads fixed chunks of rows
-over processes. In-memory sources (digits, CIFAR) keep `jaxattr.data.load`.
+images are ~140 GB of JPEGs); a prepared tfds dataset (e.g. `tfds:imagenet2012`, array_record
+format) as a `TfdsSplit` in the same order, read without TensorFlow. `batches` reads a range of
+it through grain: a random-access source, a picklable decode transform (`ResizeCrop`), batching,
+and either threads in this process or `workers` spawned processes with bounded prefetch;
+`shard_chunks` spreads fixed chunks of rows over processes. In-memory sources (digits, CIFAR)
+keep `jaxattr.data.load`.
 
 grain's multi-process prefetch reads absl flags: parse them before the first `batches` call with
 workers > 0 (the launchers do; elsewhere `absl.flags.FLAGS(sys.argv[:1])`).
@@ -14,13 +16,14 @@ workers > 0 (the launchers do; elsewhere `absl.flags.FLAGS(sys.argv[:1])`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import os
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
-from jaxattr import data as data_lib, folders
+from jaxattr import data as data_lib, folders, utils
 from jaxattr.folders import DataError
 
 
@@ -70,11 +73,93 @@ class FileSplit:
                                labels=self.labels[positions], index=self.index[positions])
 
 
+class Encoded(NamedTuple):
+  """An image's encoded bytes and a name for messages: item 0 of a `TfdsSplit` item, where a
+  `FileSplit` item has the file's path."""
+
+  name: str
+  data: bytes
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TfdsSplit:
+  """A split of a prepared tensorflow-datasets dataset, opened lazily (`open_split('tfds:NAME')`).
+
+  Records are put in the order of a directory tree of the same images (`jaxattr.folders`: by
+  class, then file name, as torchvision's ImageFolder), which needs each record's `file_name` and
+  `label` once (`open_split` reads them, without decoding an image). A grain random-access source
+  like `FileSplit`: item i is (`Encoded` bytes read when indexed, label, index, position).
+  Picklable: the tfds data source is reopened in each process.
+
+  Attributes:
+    name, data_dir: the tfds dataset and its data directory (None: tfds' default).
+    tfds_split: the tfds split read ('validation' for ImageNet's test split).
+    records: int64 [N], the record of each item.
+    files: each item's `file_name`.
+    labels, class_names, index, source, split: as `FileSplit`.
+  """
+
+  name: str
+  data_dir: str | None
+  tfds_split: str
+  records: np.ndarray
+  files: tuple[str, ...]
+  labels: np.ndarray
+  class_names: tuple[str, ...]
+  index: np.ndarray
+  source: str = ""
+  split: str = ""
+
+  def __len__(self) -> int:
+    return len(self.files)
+
+  def __getitem__(self, i: int) -> tuple[Encoded, int, int, int]:
+    """(`Encoded` image bytes, label, index, position i)."""
+    record = _tfds_source(self.name, self.data_dir, self.tfds_split)[int(self.records[i])]
+    where = f"{self.source}:{self.tfds_split}:{self.files[i]}"
+    return (Encoded(where, bytes(record["image"])), int(self.labels[i]), int(self.index[i]), int(i))
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  @property
+  def images(self) -> "Thumbnails":
+    """The images, decoded one at a time when indexed (grids and reports show a few)."""
+    return Thumbnails(self)
+
+  def subset(self, positions: np.ndarray) -> "TfdsSplit":
+    """The items at `positions` (positions in this split, not `index` values)."""
+    positions = np.asarray(positions, np.int64)
+    return dataclasses.replace(self, records=self.records[positions], files=tuple(
+        self.files[i] for i in positions), labels=self.labels[positions],
+                               index=self.index[positions])
+
+
+# What `open_split` returns: a lazily opened split of either kind of source.
+Split = FileSplit | TfdsSplit
+
+
+@functools.lru_cache(maxsize=8)
+def _tfds_source(name: str, data_dir: str | None, tfds_split: str) -> Any:
+  # The data source of a prepared tfds split, images left encoded (one per process).
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  builder = data_lib.prepared_tfds_builder(name, data_dir)
+  try:
+    return builder.as_data_source(tfds_split, decoders={"image": tfds.decode.SkipDecoding()})
+  except Exception as e:  # tfds raises several types for a format without random access
+    raise DataError(
+        f"tfds:{name}: split {tfds_split!r} cannot be read record by record ({e}); streaming "
+        "needs the array_record format: prepare it with `tfds build "
+        f"{name} --file_format=array_record`") from e
+
+
 class Thumbnails:
   """`FileSplit.images`: image i as uint8 [THUMBNAIL, THUMBNAIL, 3] (shorter side resized, centre
   cropped), read when indexed."""
 
-  def __init__(self, split: FileSplit):
+  def __init__(self, split: Split):
     self.split = split
 
   def __len__(self) -> int:
@@ -89,7 +174,7 @@ THUMBNAIL = 96
 
 
 def splits(config_data: Any) -> tuple[Any, Any]:
-  """(train, test) of a config's `data` section: `FileSplit`s when `data.stream`, else the
+  """(train, test) of a config's `data` section: `open_split`'s when `data.stream`, else the
   in-memory `jaxattr.data.load_splits`."""
   if not config_data.get("stream", False):
     return data_lib.load_splits(config_data)
@@ -99,28 +184,37 @@ def splits(config_data: Any) -> tuple[Any, Any]:
 
 
 def open_split(source: str, split: str, *, limit_per_class: int | None = None,
-               val_labels: str | None = None, **ignored: Any) -> FileSplit:
-  """Lists one split of a `folder:DIR` source without reading any image.
+               val_labels: str | None = None, data_dir: str | None = None, **ignored: Any) -> Split:
+  """Lists one split of a `folder:DIR` or `tfds:NAME` source without decoding any image.
 
   Args:
-    source: 'folder:DIR' with DIR a directory (archives are read whole by `jaxattr.data.load`).
-    split: 'train' or 'test' (ImageNet's val/ is the test split).
+    source: 'folder:DIR' with DIR a directory (archives are read whole by `jaxattr.data.load`), or
+      'tfds:NAME', a prepared tfds dataset in the array_record format (`TfdsSplit`).
+    split: 'train' or 'test' (ImageNet's val/, or tfds' 'validation', is the test split).
     limit_per_class: keep the first n files of each class (`index` still counts all).
     val_labels: a flat validation folder's label file (`jaxattr.folders`).
+    data_dir: tfds' data directory (None: its default).
     **ignored: other `config.data.options` (size, workers: the transform and loader set those).
 
   Raises:
-    DataError: a source that is not a folder directory, a bad option, or the layout's problems.
+    DataError: a source that cannot be streamed, a bad option, or the layout's problems.
   """
   del ignored
   if split not in folders.SPLITS:
     raise DataError(f"unknown split {split!r} for {source!r}; expected one of {folders.SPLITS}")
   kind, path = data_lib.parse_source(source)
+  given = {"limit_per_class": limit_per_class}
+  given.update({
+      k: v for k, v in (("val_labels", val_labels), ("data_dir", data_dir)) if v is not None
+  })
+  if kind == "tfds":
+    data_lib.check_options("tfds", given)
+    return _open_tfds(source, path, split, data_dir, limit_per_class)
   if kind != "folder" or not os.path.isdir(path):
     raise DataError(f"data source {source!r} cannot be streamed: streaming reads a 'folder:DIR' "
-                    "directory tree (extract an archive first; digits, npz and CIFAR-sized "
-                    "sources load in memory: set data.stream=False)")
-  data_lib.check_options("folder", {"limit_per_class": limit_per_class, "val_labels": val_labels})
+                    "directory tree or a prepared 'tfds:NAME' (extract an archive first; digits, "
+                    "npz and CIFAR-sized sources load in memory: set data.stream=False)")
+  data_lib.check_options("folder", given)
   entries = folders.scan_directory(path)
 
   def read(name: str) -> bytes:
@@ -134,6 +228,54 @@ def open_split(source: str, split: str, *, limit_per_class: int | None = None,
   return FileSplit(root=path, files=tuple(files[i] for i in positions), labels=labels[positions],
                    class_names=tuple(class_names), index=positions.astype(np.int64), source=source,
                    split=split)
+
+
+def _open_tfds(source: str, name: str, split: str, data_dir: str | None,
+               limit_per_class: int | None) -> TfdsSplit:
+  """`open_split` of 'tfds:NAME': reads every record's file_name and label once (images left
+  encoded; for ImageNet's train split a pass over its ~140 GB, logged with its progress)."""
+  builder = data_lib.prepared_tfds_builder(name, data_dir)
+  available = sorted(builder.info.splits)
+  tfds_split = split
+  if split == "test":
+    tfds_split = next((s for s in ("validation", "test") if s in available), "test")
+  if tfds_split not in available:
+    raise DataError(f"tfds dataset {name!r} has no split {tfds_split!r} for the {split} split "
+                    f"(splits: {available})")
+  features = builder.info.features
+  missing = [k for k in ("image", "label", "file_name") if k not in features]
+  if missing:
+    raise DataError(f"tfds dataset {name!r} has no {missing} feature(s) (features: "
+                    f"{sorted(features)}); streaming orders records by file name, as "
+                    "imagenet2012 holds them; load it in memory instead (data.stream=False)")
+  ds = _tfds_source(name, data_dir, tfds_split)
+  n = len(ds)
+  if not n:
+    raise DataError(f"tfds dataset {name!r}: split {tfds_split!r} has no examples")
+  names, labels = [], np.empty((n,), np.int64)
+  meter = utils.Throughput(f"listing tfds:{name}:{tfds_split}", n, "records")
+  for i in range(n):
+    record = ds[i]
+    raw = record["file_name"]
+    names.append(raw.decode() if isinstance(raw, (bytes, np.bytes_)) else str(raw))
+    labels[i] = int(record["label"])
+    meter.update(1, force=i + 1 == n)
+  class_names = tuple(features["label"].names)
+  if labels.min() < 0 or labels.max() >= len(class_names):
+    raise DataError(f"tfds dataset {name!r}: split {tfds_split!r} has labels outside "
+                    f"[0, {len(class_names)}) (e.g. {int(labels.min())}); an unlabelled split "
+                    "cannot be a test split")
+  # A tree's order (`folders.layout`): by class, then file name.
+  records = np.asarray(sorted(range(n), key=lambda i: (labels[i], names[i].rsplit("/", 1)[-1])),
+                       np.int64)
+  positions = np.arange(n)
+  if limit_per_class is not None:
+    positions = data_lib._first_per_class(labels[records].astype(np.int32), int(limit_per_class))  # pylint: disable=protected-access
+  records = records[positions]
+  return TfdsSplit(name=name, data_dir=data_dir, tfds_split=tfds_split, records=records,
+                   files=tuple(names[i] for i in records), labels=labels[records].astype(
+                       np.int32), class_names=class_names, index=positions.astype(np.int64),
+                   source=source, split=split)
 
 
 def decode_rgb(data: bytes, where: str, draft_side: int | None = None) -> Any:
@@ -160,7 +302,7 @@ def resized_shape(width: int, height: int, side: int) -> tuple[int, int]:
 
 @dataclasses.dataclass(frozen=True)
 class ResizeCrop:
-  """Reads, decodes and shapes one item of a `FileSplit`: torchvision's Resize(resize) then
+  """Reads, decodes and shapes one item of a `Split`: torchvision's Resize(resize) then
   CenterCrop(crop) (PIL bilinear, antialiased when shrinking), uint8 RGB [crop, crop, 3].
 
   Attributes:
@@ -185,8 +327,12 @@ class ResizeCrop:
 
     path, label, index, position = item
     try:
-      with open(path, "rb") as f:
-        image = self.shape(decode_rgb(f.read(), path, self.resize if self.draft else None))
+      if isinstance(path, Encoded):
+        path, encoded = path.name, path.data
+      else:
+        with open(path, "rb") as f:
+          encoded = f.read()
+      image = self.shape(decode_rgb(encoded, path, self.resize if self.draft else None))
       ok = True
     except (DataError, OSError) as e:
       if not self.skip_unreadable:
@@ -213,7 +359,7 @@ class ResizeCrop:
     return np.asarray(image.crop((left, top, left + self.crop, top + self.crop)), np.uint8)
 
 
-def batches(split: FileSplit, transform: Any, batch_size: int, *, start: int = 0,
+def batches(split: Split, transform: Any, batch_size: int, *, start: int = 0,
             stop: int | None = None, workers: int = 0, threads: int = 4,
             prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
   """Batches of `transform(split[i])` for i in [start, stop), through grain.
@@ -274,7 +420,7 @@ def ordered(batches: Any, start: int, stop: int,
                        f"({len(pending)} out of range)")
 
 
-def read_range(split: FileSplit, transform: Any, batch_size: int, start: int, stop: int, *,
+def read_range(split: Split, transform: Any, batch_size: int, start: int, stop: int, *,
                workers: int = 0, threads: int = 4) -> Iterator[dict[str, np.ndarray]]:
   """`batches` of rows [start, stop), `ordered` by position."""
   return ordered(

@@ -380,11 +380,12 @@ def _check_data_section(c: _Checker) -> None:
       c.int_(field, lo=1, what="or None")
   if c.has("data.stream"):
     stream = c.bool_("data.stream")
-    if stream is True and source is not _BAD and not (source.startswith("folder:") and
-                                                      os.path.isdir(source[len("folder:"):])):
+    if stream is True and source is not _BAD and not source.startswith("tfds:") and not (
+        source.startswith("folder:") and os.path.isdir(source[len("folder:"):])):
       c.add(
-          "data.stream", f"=True needs data.source='folder:DIR' with DIR a directory tree, got "
-          f"{source!r} (archives, digits, npz and tfds sources load in memory: set it False)")
+          "data.stream", f"=True needs data.source='folder:DIR' with DIR a directory tree, or a "
+          f"prepared 'tfds:NAME', got {source!r} (archives, digits and npz sources load in "
+          "memory: set it False)")
     if stream is True and c.has("encoder.checkpoint") and not c.raw("encoder.checkpoint"):
       c.add(
           "data.stream", "=True: pretraining reads its data in memory; set encoder.checkpoint "

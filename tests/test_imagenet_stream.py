@@ -279,6 +279,63 @@ def test_features_stage_streams_a_tree_with_the_encoders_size(imagenet, tmp_path
   assert features.run(c, workdir)["fingerprint"] == summary["fingerprint"]
 
 
+_STREAM_SCRIPT = r"""
+import json, sys
+import jax, numpy as np
+from jaxattr import checkpoint, config as config_lib, features
+from jaxattr.attribute import attribution
+from jaxattr.models import get_encoder
+root, workdir = sys.argv[1:3]
+kwargs = {"width": 0.0625, "stage_sizes": [1]}
+model = get_encoder("lightly_resnet18", **kwargs)
+v = model.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32), train=False)
+ckpt = workdir + "_encoder"
+checkpoint.save_variables(ckpt, v, {"encoder": "lightly_resnet18", "encoder_kwargs": kwargs,
+                                    "image_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3})
+c = config_lib.base_config()
+c.data.source = "folder:" + root
+c.data.stream = True
+c.encoder.checkpoint = ckpt
+c.features.batch_size = 6
+c.features.chunk_rows = 5
+features.run(c, workdir)
+for split in ("train", "test"):
+  f = attribution.load_features(workdir, split)
+  np.save(workdir + "_" + split + ".npy", np.asarray(f["features"]))
+  np.save(workdir + "_" + split + "_index.npy", np.asarray(f["index"]))
+print(json.dumps({"devices": jax.device_count()}))
+"""
+
+
+def test_streamed_features_on_four_fake_devices_equal_one(imagenet, tmp_path):
+  # The features stage shards each streamed batch over all local devices (padded to a multiple
+  # of them): 4 fake CPU devices give one device's features, rows and order.
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+
+  from tests.conftest import REPO, repo_env  # pylint: disable=g-import-not-at-top
+
+  root, _ = imagenet
+  out = {}
+  for devices in (1, 4):
+    env = dict(repo_env(), JAX_NUM_CPU_DEVICES=str(devices), JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    workdir = str(tmp_path / f"w{devices}")
+    res = subprocess.run([sys.executable, "-c", _STREAM_SCRIPT, root, workdir], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1])["devices"] == devices
+    out[devices] = {
+        split: (np.load(f"{workdir}_{split}.npy"), np.load(f"{workdir}_{split}_index.npy"))
+        for split in ("train", "test")
+    }
+  for split in ("train", "test"):
+    (f1, i1), (f4, i4) = out[1][split], out[4][split]
+    np.testing.assert_array_equal(i1, i4)
+    assert f1.shape == f4.shape and np.isfinite(f1).all()
+    np.testing.assert_allclose(f4, f1, rtol=1e-5, atol=1e-5)
+
+
 def test_resident_copy_resumes_and_matches_the_transform(imagenet, tmp_path, monkeypatch):
   from jaxattr import chunkstore, resident  # pylint: disable=g-import-not-at-top
 
@@ -332,3 +389,73 @@ def test_tiny_imagenet_config_end_to_end(imagenet, tmp_path):
     res = attribution._read(os.path.join(workdir, "attribution", method))  # pylint: disable=protected-access
     assert res.indices.shape == (len(listing["val"]), 2)
   assert os.path.exists(os.path.join(workdir, "report.html"))
+
+
+def _fake_tfds(monkeypatch, root, features=("image", "label", "file_name")):
+  # A prepared tfds dataset of the tree's images, as imagenet2012 holds them (records shuffled,
+  # 'validation' for the test split), behind a fake builder (preparing a real one needs TF).
+  import types  # pylint: disable=g-import-not-at-top
+
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  splits = {}
+  for ours, theirs in (("train", "train"), ("test", "validation")):
+    fs = stream.open_split(f"folder:{root}", ours)
+    records = []
+    for i in np.random.default_rng(0).permutation(len(fs)):
+      path, label, _, _ = fs[i]
+      with open(path, "rb") as f:
+        record = {"image": f.read(), "label": label, "file_name": os.path.basename(path).encode()}
+      records.append({k: v for k, v in record.items() if k in features})
+    splits[theirs] = records
+  names = stream.open_split(f"folder:{root}", "train").class_names
+  info = types.SimpleNamespace(
+      splits={s: None for s in splits},
+      features={k: types.SimpleNamespace(names=list(names)) for k in features})
+
+  class Builder:
+
+    def __init__(self):
+      self.info = info
+
+    def is_prepared(self):
+      return True
+
+    def as_data_source(self, split, decoders=None):
+      assert decoders is not None and "image" in decoders  # images stay encoded
+      return splits[split]
+
+  monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: Builder())
+  stream._tfds_source.cache_clear()  # pylint: disable=protected-access
+
+
+def test_tfds_imagenet_streams_in_the_trees_order(imagenet, monkeypatch):
+  root, _ = imagenet
+  _fake_tfds(monkeypatch, root)
+  shaper = stream.ResizeCrop(resize=20, crop=16)
+  for split in ("train", "test"):
+    folder = stream.open_split(f"folder:{root}", split)
+    ts = stream.open_split("tfds:imagenet2012", split)
+    assert ts.tfds_split == ("train" if split == "train" else "validation")
+    assert list(ts.files) == [os.path.basename(f) for f in folder.files]
+    np.testing.assert_array_equal(ts.labels, folder.labels)
+    np.testing.assert_array_equal(ts.index, folder.index)
+    assert ts.class_names == folder.class_names
+    got = list(stream.read_range(ts, shaper, 4, 0, len(ts)))
+    want = list(stream.read_range(folder, shaper, 4, 0, len(folder)))
+    for a, b in zip(got, want):
+      np.testing.assert_array_equal(a["image"], b["image"])
+      np.testing.assert_array_equal(a["index"], b["index"])
+  limited = stream.open_split("tfds:imagenet2012", "train", limit_per_class=2)
+  assert np.bincount(limited.labels).max() == 2
+  stream._tfds_source.cache_clear()  # pylint: disable=protected-access
+
+
+def test_tfds_without_file_names_or_with_folder_options_is_refused(imagenet, monkeypatch):
+  root, _ = imagenet
+  _fake_tfds(monkeypatch, root, features=("image", "label"))
+  with pytest.raises(DataError, match=r"no \['file_name'\] feature"):
+    stream.open_split("tfds:imagenet2012", "train")
+  with pytest.raises(DataError, match="data.options.val_labels is not an option of 'tfds'"):
+    stream.open_split("tfds:imagenet2012", "test", val_labels=__file__)
+  stream._tfds_source.cache_clear()  # pylint: disable=protected-access
