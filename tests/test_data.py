@@ -242,3 +242,20 @@ def test_real_cifar10_archive(cifar_tar):
   assert tr.class_names[0] == "airplane" and len(tr.class_names) == 10
   np.testing.assert_array_equal(np.bincount(tr.labels), [5000] * 10)
   np.testing.assert_array_equal(np.bincount(te.labels), [1000] * 10)
+
+
+def test_arrays_fingerprint_hashes_memory_maps_in_blocks(tmp_path, monkeypatch):
+  # The attribution chunks' key hashes the features; ImageNet's are a 5-10 GB memory map, hashed a
+  # block at a time (never copied whole), with the hash of the whole array.
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(1000, 37)).astype(np.float16)
+  path = str(tmp_path / "x.npy")
+  np.save(path, x)
+  whole = fingerprint.arrays_fingerprint(x, np.arange(5))
+  monkeypatch.setattr(fingerprint, "HASH_BLOCK_BYTES", 1000)  # 13 rows a block
+  assert fingerprint.arrays_fingerprint(np.load(path, mmap_mode="r"), np.arange(5)) == whole
+  assert fingerprint.arrays_fingerprint(x[:, ::2]) == fingerprint.arrays_fingerprint(
+      np.ascontiguousarray(x[:, ::2]))
+  y = x.copy()
+  y[-1, -1] += 1
+  assert fingerprint.arrays_fingerprint(y, np.arange(5)) != whole

@@ -286,7 +286,7 @@ class Solver:
       # The counts are exact: they come from the decision values the next step starts from.
       rows = np.asarray(self.rows)
       sizes = rows[np.minimum(np.searchsorted(rows, count[active]), len(rows) - 1)]
-      # More violators than max_rows: exact steps by CG in d-space (cost independent of r),
+      # More violators than max_rows: exact steps by CG (`esvm.pcg_step`, cost independent of r),
       # except in a target's first EARLY_ITERS iterations, where its active set is still far
       # from the optimum's and a cheap step on its first EARLY_ROWS violators moves it as far.
       big = count[active] > self.rows[-1]
