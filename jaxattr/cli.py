@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import _thread
+import contextlib
 import errno
 import os
 import sys
@@ -13,11 +14,12 @@ from typing import Any, Callable, NoReturn, Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxattr import utils, xla_flags
+from jaxattr import distributed, utils, xla_flags
 
 
-def launch(run: Callable[[Any, str], Any], doc: str = "",
-           cpu_flags: Sequence[str] = xla_flags.FAST_CPU_FLAGS) -> None:
+def launch(run: Callable[[Any, str],
+                         Any], doc: str = "", cpu_flags: Sequence[str] = xla_flags.FAST_CPU_FLAGS,
+           multi_process: bool = False) -> None:
   """Defines --config (a Python config file, locked) and --workdir, then calls run(config, workdir).
 
   Any config field can be overridden on the command line (`--config.pretrain.epochs=5`); a
@@ -32,12 +34,18 @@ def launch(run: Callable[[Any, str], Any], doc: str = "",
   the traceback goes to WORKDIR/error.log and to the log at DEBUG level (`--verbosity=1`). Ctrl-C
   exits with status 130 and one line saying that the same command resumes the run. Usage errors
   (flags, config fields) stay absl's usage message.
+
+  Several processes (`jaxattr.distributed`: --coordinator_address, --num_processes,
+  --process_id, or a detected TPU VM slice, SLURM or Open MPI job) join one job first; every
+  process checks the config and the workdir with the others (`distributed.check_job`). Stages
+  not yet written for several processes (multi_process=False) refuse to run as several.
   """
   config = config_flags.DEFINE_config_file(
       "config", None, "Experiment config file "
       "(path/to/config.py[:variant]).", lock_config=True)
   workdir = flags.DEFINE_string("workdir", None, "Output directory (created; reused to resume).")
   cache = define_compilation_cache_flag()
+  distributed.define_flags()
   flags.mark_flags_as_required(["config", "workdir"])
 
   def main(argv):
@@ -51,6 +59,17 @@ def launch(run: Callable[[Any, str], Any], doc: str = "",
       logging.info("XLA_FLAGS=%s (CPU defaults of jaxattr.xla_flags; set XLA_FLAGS to override)",
                    set_flags)
     use_compilation_cache(cache.value)
+    f = flags.FLAGS
+    try:
+      info = distributed.initialize(f.coordinator_address, f.num_processes, f.process_id,
+                                    f.local_device_ids, f.distributed_timeout)
+      if info.process_count > 1 and not multi_process:
+        raise distributed.DistributedError(
+            f"{os.path.basename(sys.argv[0])} does not run as several processes yet (issue "
+            "#17: launch/attribute.py does); run it as one process, on one host")
+    except distributed.DistributedError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
     if doc:
       logging.info("%s", doc.strip().splitlines()[0])
     guarded(run, config.value, workdir.value)
@@ -67,7 +86,9 @@ def guarded(run: Callable[[Any, str], Any], config: Any, workdir: str) -> None:
   """
   _redeliver_swallowed_interrupts()
   try:
-    with utils.workdir_lock(workdir):
+    # One job at a time per workdir: the job's process 0 holds the lock for all its processes.
+    with utils.workdir_lock(workdir) if distributed.is_main() else contextlib.nullcontext():
+      distributed.check_job(config, workdir)
       run(config, workdir)
   except app.UsageError:
     raise

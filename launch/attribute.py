@@ -5,10 +5,13 @@ at its first unfinished chunk. Any field of the config's `attribution` section c
 
   python launch/attribute.py --config configs/digits.py --workdir workdir/digits \
       --config.attribution.k=64
+
+Runs as several processes too (`jaxattr.distributed`): each solves its share of the chunks into
+WORKDIR/attribution/<method>/chunks, then process 0 writes the result assembled from them.
 """
 
 from jaxattr import cli
 from jaxattr.attribute import attribution
 
 if __name__ == "__main__":
-  cli.launch(attribution.run, __doc__)
+  cli.launch(attribution.run, __doc__, multi_process=True)

@@ -17,7 +17,16 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from jaxattr import config as config_lib, data as data_lib, ownership, stream, utils, validate, viz
+from jaxattr import (
+    config as config_lib,
+    data as data_lib,
+    distributed,
+    ownership,
+    stream,
+    utils,
+    validate,
+    viz,
+)
 from jaxattr.attribute.options import SolverOptions
 from jaxattr.attribute.ranking import AttributionError, TopK, check_inputs, topk
 
@@ -128,18 +137,31 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
   for split, ds in (("train", train), ("test", test)):
     _check_images(split, feats[split]["index"], ds)
 
+  processes = distributed.process_count()
   for method in methods:
     out_dir = os.path.join(workdir, "attribution", method)
-    ownership.clear(workdir, "attribution", method)
-    res = topk(feats["train"]["features"], feats["train"]["labels"], feats["test"]["features"],
-               feats["test"]["labels"], method=method, k=cfg.k, same_class=cfg.same_class,
-               targets=targets, train_index=feats["train"]["index"], options=options,
-               chunk_size=cfg.chunk_size, chunk_dir=os.path.join(out_dir, "chunks"),
-               allow_nonconverged=True)  # every file first; `_raise_nonconverged` below
-    _write(out_dir, res, feats["test"]["index"], method, config)
-    _write_grid(os.path.join(out_dir, "grid.png"), res, method, train, test, config.viz)
-    ownership.record(workdir, "attribution", fields[method], method=method)
+    if distributed.is_main():
+      ownership.clear(workdir, "attribution", method)
+    distributed.barrier(f"attribution-{method}-cleared")
+
+    def solve(shard=None, method=method, out_dir=out_dir):
+      return topk(feats["train"]["features"], feats["train"]["labels"], feats["test"]["features"],
+                  feats["test"]["labels"], method=method, k=cfg.k, same_class=cfg.same_class,
+                  targets=targets, train_index=feats["train"]["index"], options=options,
+                  chunk_size=cfg.chunk_size, chunk_dir=os.path.join(out_dir, "chunks"),
+                  allow_nonconverged=True, shard=shard)  # every file first; see below
+
+    if processes > 1:  # each process its share of the chunks, then all assemble them
+      solve((distributed.process_index(), processes))
+      distributed.barrier(f"attribution-{method}-solved")
+    res = solve()
+    distributed.barrier(f"attribution-{method}-assembled")
+    if distributed.is_main():
+      _write(out_dir, res, feats["test"]["index"], method, config)
+      _write_grid(os.path.join(out_dir, "grid.png"), res, method, train, test, config.viz)
+      ownership.record(workdir, "attribution", fields[method], method=method)
     results[method] = res
+  distributed.barrier("attribution-written")
   _raise_nonconverged(results, cfg)
   return results
 

@@ -261,7 +261,8 @@ class _ChunkRunner:
 
   def __init__(self, method: str, options: SolverOptions, k: int,
                devices: Sequence[jax.Device] | None = None, select_on_host: bool | None = None):
-    devices = list(devices or jax.devices())
+    # This process's devices: in a multi-process job each process solves its own chunks.
+    devices = list(devices or jax.local_devices())
     self.mesh = Mesh(np.array(devices), (TARGET_AXIS,))
     self.num_devices = len(devices)
     self.targets_sharding = NamedSharding(self.mesh, P(TARGET_AXIS))
@@ -340,7 +341,7 @@ def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np
          options: SolverOptions = SolverOptions(), chunk_size: int = 1024,
          devices: Sequence[jax.Device] | None = None, chunk_dir: str | None = None,
          log_every_s: float = 10.0, select_on_host: bool | None = None,
-         allow_nonconverged: bool = False) -> TopK:
+         allow_nonconverged: bool = False, shard: tuple[int, int] | None = None) -> TopK:
   """Ranks training examples for each target and keeps the best k.
 
   Args:
@@ -362,6 +363,10 @@ def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np
       None: on the host for CPU devices, where it is faster.
     allow_nonconverged: return targets whose ESVM did not converge within options.max_iter
       (listed by `TopK.nonconverged`) instead of raising NotConvergedError.
+    shard: (i, n): compute only chunks j with j % n == i (with chunk_dir: the chunks of other
+      shards are read where present, else left zero in the result). The processes of a job, or
+      n separate jobs, each run their shard; a call without `shard` then assembles the result
+      from the chunk files.
 
   Returns:
     A `TopK` with rows in the order of `targets`.
@@ -379,6 +384,9 @@ def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np
         f"got {type(options).__name__}")
   if not _is_int(chunk_size) or chunk_size < 1:
     raise AttributionError(f"chunk_size must be positive (an integer), got {chunk_size!r}")
+  if shard is not None and (chunk_dir is None or not 0 <= shard[0] < shard[1]):
+    raise AttributionError(f"shard={shard!r} needs 0 <= i < n and a chunk_dir (the shards' "
+                           "chunks are assembled from it)")
   train_features = np.asarray(train_features)
   test_features = np.asarray(test_features)
   targets = np.arange(len(test_features)) if targets is None else np.asarray(targets)
@@ -418,6 +426,8 @@ def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np
   current_class, cand = None, None
   for i, (c, members) in enumerate(plan):
     path = os.path.join(chunk_dir, f"chunk_{i:06d}.npz") if chunk_dir else None
+    if shard is not None and i % shard[1] != shard[0] and not os.path.exists(path):
+      continue  # another shard's chunk
     if path and os.path.exists(path):
       with np.load(path) as z:
         part = {name: z[name] for name in z.files}

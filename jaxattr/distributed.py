@@ -1,0 +1,216 @@
+"""Many hosts with JAX's own multi-controller runtime (`jax.distributed`), issue #17.
+
+Every host runs the same launcher; `initialize` joins them into one job before any JAX work:
+
+* flags `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (and JAX's
+  `--local_device_ids`), as on a plain multi-node GPU setup; or
+* nothing, where the environment says the job is a multi-process one (a TPU VM slice's workers,
+  SLURM's `srun` tasks, Open MPI's `mpirun` ranks): JAX's automatic cluster detection; or
+* nothing at all: one process, as before.
+
+One log line per process says who it is. Before any stage work, `check_job` makes every
+process agree on the config (each hashes its own; a mismatch names the processes) and checks that
+the workdir is one directory all processes see (process 0 writes a token, every process reads
+it). Stages run with `is_main()` writing shared files and `barrier` between phases.
+
+On the CPU backend the processes talk through gloo (`jax_cpu_collectives_implementation`), as
+the tests do with several local processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+from typing import Any
+
+import jax
+import numpy as np
+from absl import flags, logging
+
+from jaxattr import utils
+
+
+class DistributedError(RuntimeError):
+  """A multi-process job that cannot run as given; the message says what to change."""
+
+
+# JAX's default is 300 s; a process that never joins is reported after this long.
+DEFAULT_TIMEOUT_S = 300
+
+
+def define_flags() -> None:
+  """The launchers' multi-process flags (absl)."""
+  flags.DEFINE_string(
+      "coordinator_address", None, "HOST:PORT of process 0's coordinator (jax.distributed); with "
+      "--num_processes and --process_id. Unset: JAX's detection on TPU VMs, SLURM and Open MPI, "
+      "else one process.")
+  flags.DEFINE_integer("num_processes", None, "Processes of the job (with --coordinator_address).",
+                       lower_bound=1)
+  flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes).",
+                       lower_bound=0)
+  flags.DEFINE_list("local_device_ids", None,
+                    "Local devices this process uses (JAX's local_device_ids); unset: all.")
+  flags.DEFINE_integer("distributed_timeout", DEFAULT_TIMEOUT_S,
+                       "Seconds to wait for every process to join.", lower_bound=1)
+
+
+def cluster_environment(env: dict[str, str] | None = None) -> str | None:
+  """The multi-process environment JAX can detect by itself, or None (then: one process).
+
+  SLURM: an `srun` step of more than one task; Open MPI: `mpirun` with more than one rank; TPU
+  VM: a slice of more than one worker (TPU_WORKER_HOSTNAMES lists them).
+  """
+  env = os.environ if env is None else env
+  if env.get("SLURM_STEP_ID") is not None and int(env.get("SLURM_NTASKS", "1") or 1) > 1:
+    return "SLURM"
+  if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+    return "Open MPI"
+  if len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
+    return "TPU VM slice"
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class JobInfo:
+  """Who this process is in the job."""
+
+  process_index: int
+  process_count: int
+  local_devices: int
+  global_devices: int
+  how: str
+
+  def describe(self) -> str:
+    return (f"process {self.process_index} of {self.process_count} ({self.how}): "
+            f"{self.local_devices} local devices ({jax.local_devices()[0].platform}), "
+            f"{self.global_devices} global devices")
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, local_device_ids: list[int] | None = None,
+               timeout_s: int = DEFAULT_TIMEOUT_S) -> JobInfo:
+  """Joins the job (before any JAX computation) and logs one line saying who this process is.
+
+  Raises:
+    DistributedError: flags given partly or inconsistently (naming them), before joining.
+  """
+  given = {
+      "--coordinator_address": coordinator_address,
+      "--num_processes": num_processes,
+      "--process_id": process_id
+  }
+  how = "one process"
+  if any(v is not None for v in given.values()):
+    missing = [k for k, v in given.items() if v is None]
+    if missing:
+      raise DistributedError(
+          f"{', '.join(missing)} not given: a multi-process job needs --coordinator_address, "
+          "--num_processes and --process_id on every process (or none of them, where JAX detects "
+          "the cluster: TPU VMs, SLURM, Open MPI)")
+    if not 0 <= process_id < num_processes:
+      raise DistributedError(
+          f"--process_id={process_id} must lie in [0, --num_processes={num_processes})")
+    if ":" not in coordinator_address:
+      raise DistributedError(f"--coordinator_address={coordinator_address!r} must be HOST:PORT "
+                             "(process 0's host, a free port)")
+    if num_processes > 1:
+      how = f"coordinator {coordinator_address}"
+      _join(coordinator_address, num_processes, process_id, local_device_ids, timeout_s, how)
+  elif cluster_environment() is not None:
+    how = f"detected {cluster_environment()}"
+    _join(None, None, None, local_device_ids, timeout_s, how)
+  info = JobInfo(jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 jax.device_count(), how)
+  logging.info("%s", info.describe())
+  return info
+
+
+def _join(address, count, pid, local_device_ids, timeout_s, how) -> None:
+  if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
+    # Cross-process collectives of the CPU backend (several local processes, the tests).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # JAX ends the process itself (a fatal error, not an exception) when some process does not
+  # join in time, so the line a user needs comes first.
+  logging.info(
+      "joining the job (%s) as process %s of %s; waiting up to %d s for every process. If this "
+      "times out: start all processes with the same --coordinator_address and --num_processes, "
+      "and check that this host reaches the coordinator's host and port", how,
+      "?" if pid is None else pid, "?" if count is None else count, timeout_s)
+  kwargs: dict[str, Any] = {"initialization_timeout": int(timeout_s)}
+  if local_device_ids is not None:
+    kwargs["local_device_ids"] = [int(i) for i in local_device_ids]
+  jax.distributed.initialize(address, count, pid, **kwargs)
+
+
+def process_count() -> int:
+  return jax.process_count()
+
+
+def process_index() -> int:
+  return jax.process_index()
+
+
+def is_main() -> bool:
+  """Whether this process writes the job's shared files (process 0)."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier `name` (no-op for one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def _allgather(values: np.ndarray) -> np.ndarray:
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(np.asarray(values)))
+
+
+def check_job(config: Any, workdir: str) -> None:
+  """Every process runs the same config on one shared workdir (no-op for one process).
+
+  Raises:
+    DistributedError: configs that differ between processes (naming them and the hashes), or a
+      workdir that is not the same directory on every process (naming those that cannot see
+      process 0's files), before any stage work.
+  """
+  n = jax.process_count()
+  if n == 1:
+    return
+  mine = utils.config_hash(config)
+  hashes = _allgather(np.frombuffer(mine.encode(), np.uint8))
+  texts = [bytes(h.astype(np.uint8)).decode() for h in hashes.reshape(n, -1)]
+  if len(set(texts)) > 1:
+    groups: dict[str, list[int]] = {}
+    for i, h in enumerate(texts):
+      groups.setdefault(h, []).append(i)
+    raise DistributedError("the processes run different configs (hash: processes " +
+                           "; ".join(f"{h}: {ids}" for h, ids in groups.items()) +
+                           "); give every process the same --config file and --config.* overrides")
+  # Process 0 writes a token with a nonce all processes share; each must read it back.
+  nonce = _allgather(np.frombuffer(secrets.token_hex(8).encode(), np.uint8))[0]
+  token = bytes(nonce.astype(np.uint8)).decode()
+  path = os.path.join(workdir, f".shared-check-{token}")
+  if is_main():
+    os.makedirs(workdir, exist_ok=True)
+    with utils.atomic_path(path) as tmp:
+      with open(tmp, "w") as f:
+        f.write(token)
+  barrier("jaxattr-shared-workdir-written")
+  try:
+    with open(path) as f:
+      seen = f.read() == token
+  except OSError:
+    seen = False
+  everyone = _allgather(np.asarray([int(seen)], np.int32)).reshape(-1)
+  barrier("jaxattr-shared-workdir-read")
+  if is_main():
+    os.remove(path)
+  if not everyone.all():
+    raise DistributedError(
+        f"--workdir={workdir} is not one directory that all processes see: processes "
+        f"{np.flatnonzero(everyone == 0).tolist()} cannot read what process 0 wrote there; put "
+        "the workdir on a file system every host mounts (NFS, a shared disk, GCS through "
+        "gcsfuse) at the same path")
