@@ -82,11 +82,14 @@ class ChunkStore:
     """The chunks already written."""
     return {j for j in range(self.num_chunks) if os.path.exists(self._marker(j))}
 
-  def missing(self, meter: Any = None) -> Any:
+  def missing(self, meter: Any = None, shard: tuple[int, int] = (0, 1)) -> Any:
     """Yields (j, start, stop) of every chunk not yet written, in order; `meter`
-    (`utils.Throughput`) is credited with the rows of the chunks already written."""
+    (`utils.Throughput`) is credited with the rows of the chunks already written. shard (i, n):
+    only chunks j with j % n == i (process i of n)."""
     done = self.done()
     for j in range(self.num_chunks):
+      if j % shard[1] != shard[0]:
+        continue
       start, stop = self.chunk(j)
       if j in done:
         if meter is not None:

@@ -27,6 +27,7 @@ from jaxattr import (
     checkpoint,
     chunkstore,
     data as data_lib,
+    distributed,
     ownership,
     stream,
     utils,
@@ -39,8 +40,9 @@ OUTPUTS = ("train.npz", "test.npz", "summary.json")
 
 
 def data_mesh() -> Mesh:
-  """A 1-D mesh over all devices with axis 'data'."""
-  return Mesh(np.asarray(jax.devices()), ("data",))
+  """A 1-D mesh over this process's devices with axis 'data' (all devices of a single process;
+  in a multi-process job each process extracts its own rows)."""
+  return Mesh(np.asarray(jax.local_devices()), ("data",))
 
 
 def make_batch_extractor(model: Any, variables: Any, mean, std, batch_size: int,
@@ -149,10 +151,16 @@ def extract_stream(split: stream.Split, step, batch_size: int, path: str, *, res
     (features [N, D] memory-mapped from `path`, ok bool [N]: False where skip_unreadable
     replaced an unreadable image by zeros).
   """
-  store = chunkstore.ChunkStore(path, (len(split), feature_dim), store_dtype, chunk_rows, key)
+  processes, me = distributed.process_count(), distributed.process_index()
+  shape = (len(split), feature_dim)
+  if distributed.is_main():  # creates (or resumes) the store all processes fill
+    store = chunkstore.ChunkStore(path, shape, store_dtype, chunk_rows, key)
+  distributed.barrier(f"features-{split.split}-store")
+  if not distributed.is_main():
+    store = chunkstore.ChunkStore(path, shape, store_dtype, chunk_rows, key, create=False)
   meter = utils.Throughput(f"extract {split.split} (streamed)", len(split), "images")
   transform = stream.ResizeCrop(resize=resize, crop=crop, skip_unreadable=skip_unreadable)
-  for j, start, stop in store.missing(meter):
+  for j, start, stop in store.missing(meter, shard=(me, processes)):
     parts = []
     loader = stream.read_range(split, transform, batch_size, start, stop, workers=workers,
                                threads=threads)
@@ -173,11 +181,16 @@ def extract_stream(split: stream.Split, step, batch_size: int, path: str, *, res
       raise FloatingPointError(f"non-finite features in rows {start}-{stop} of split {split.split}")
     store.write(j, rows, ok=oks)
   meter.update(0, force=True)
+  distributed.barrier(f"features-{split.split}-written")
   ok = store.extras("ok").astype(bool) if store.num_chunks else np.zeros((0,), bool)
   if (~ok).any():
     logging.warning("features %s: %d unreadable images skipped (zero images; e.g. %s)", split.split,
                     int((~ok).sum()), [split.files[i] for i in np.flatnonzero(~ok)[:3]])
-  return store.finish(), ok
+  distributed.barrier(f"features-{split.split}-read")  # before process 0 drops the markers
+  if distributed.is_main():
+    store.finish()
+  distributed.barrier(f"features-{split.split}-finished")
+  return np.load(path, mmap_mode="r"), ok
 
 
 def load_encoder(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, Any, dict]:
@@ -216,13 +229,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
     logging.info("features: up to date (fingerprint %s), skipped", ownership.digest(fields))
     with open(os.path.join(out_dir, "summary.json")) as f:
       return json.load(f)
+  main = distributed.is_main()
   if streamed:
     splits = dict(zip(("train", "test"), stream.splits(config.data)))
   elif train is None or test is None:
     train, test = data_lib.load_splits(config.data)
     # Where the stage loads the data, it checks its fields (the main job checks all at once).
     validate.check(config, train, test, stages=("features",))
-  ownership.clear(workdir, "features")
+  if main:
+    ownership.clear(workdir, "features")
+  distributed.barrier("features-cleared")
   model, variables, meta = load_encoder(config, workdir)
   mean = meta.get("mean", augment.IMAGENET_MEAN)
   std = meta.get("std", augment.IMAGENET_STD)
@@ -232,6 +248,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
       "encoder": meta,
       "batch_size": batch,
       "devices": jax.device_count(),
+      "processes": distributed.process_count(),
       "resize_crop": shape,
       "streamed": streamed
   }
@@ -251,23 +268,49 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
                              chunk_rows=config.features.chunk_rows, workers=config.features.workers,
                              threads=config.features.threads,
                              skip_unreadable=config.features.skip_unreadable, feature_dim=dim)
-      utils.save_npz(os.path.join(out_dir, f"{split}.npz"), labels=fs.labels, index=fs.index,
-                     class_names=np.asarray(fs.class_names), ok=ok)
+      if main:
+        utils.save_npz(os.path.join(out_dir, f"{split}.npz"), labels=fs.labels, index=fs.index,
+                       class_names=np.asarray(fs.class_names), ok=ok)
       _summarize(summary, split, len(fs), dim, time.perf_counter() - t0, int((~ok).sum()))
   else:
     for split, ds in (("train", train), ("test", test)):
       t0 = time.perf_counter()
-      images = ds.images if shape is None else _shape_images(ds.images, *shape)
-      feats = extract_with(step, batch, images, split)
-      if not np.all(np.isfinite(feats)):
-        raise FloatingPointError(f"non-finite features for split {split}")
-      utils.save_npz(os.path.join(out_dir, f"{split}.npz"), features=feats, labels=ds.labels,
-                     index=ds.index, class_names=np.asarray(ds.class_names))
+      feats = _extract_rows(step, batch, ds.images, shape, split, out_dir)
+      if main:
+        utils.save_npz(os.path.join(out_dir, f"{split}.npz"), features=feats, labels=ds.labels,
+                       index=ds.index, class_names=np.asarray(ds.class_names))
       _summarize(summary, split, len(ds), int(feats.shape[1]), time.perf_counter() - t0)
   summary["fingerprint"] = ownership.digest(fields)
-  utils.save_json(os.path.join(out_dir, "summary.json"), summary)
-  ownership.record(workdir, "features", fields)
+  if main:
+    utils.save_json(os.path.join(out_dir, "summary.json"), summary)
+    ownership.record(workdir, "features", fields)
+  distributed.barrier("features-recorded")
   return summary
+
+
+def _extract_rows(step, batch: int, images: np.ndarray, shape: tuple[int, int] | None, split: str,
+                  out_dir: str) -> np.ndarray:
+  """Features [N, D] of an in-memory split. In a job of n processes each extracts a contiguous
+  1/n of the rows into `{split}.part<i>.npy`, and every process returns their concatenation."""
+  processes, me = distributed.process_count(), distributed.process_index()
+  bounds = np.linspace(0, len(images), processes + 1).round().astype(int)
+  rows = images[bounds[me]:bounds[me + 1]]
+  rows = rows if shape is None else _shape_images(rows, *shape)
+  feats = extract_with(step, batch, rows, split)
+  if not np.all(np.isfinite(feats)):
+    raise FloatingPointError(f"non-finite features for split {split} (rows {bounds[me]}-"
+                             f"{bounds[me + 1]})")
+  if processes == 1:
+    return feats
+  parts = [os.path.join(out_dir, f"{split}.part{i}.npy") for i in range(processes)]
+  utils.save_npy(parts[me], feats)
+  distributed.barrier(f"features-{split}-parts")
+  out = np.concatenate([np.load(p) for p in parts])
+  distributed.barrier(f"features-{split}-parts-read")
+  if distributed.is_main():
+    for p in parts:
+      os.remove(p)
+  return out
 
 
 def _summarize(summary: dict[str, Any], split: str, n: int, dim: int, seconds: float,

@@ -11,4 +11,4 @@ from jaxattr import cli, features, xla_flags
 
 if __name__ == "__main__":
   # Inference only: oneDNN on top of the training flags (~1.3x faster feature extraction).
-  cli.launch(features.run, __doc__, cpu_flags=xla_flags.INFERENCE_CPU_FLAGS)
+  cli.launch(features.run, __doc__, cpu_flags=xla_flags.INFERENCE_CPU_FLAGS, multi_process=True)

@@ -28,22 +28,22 @@ def _env(devices: int) -> dict:
   return dict(repo_env(), JAX_NUM_CPU_DEVICES=str(devices), JAX_PLATFORMS="cpu")
 
 
-def _run(script, workdir, *extra, devices=4):
+def _run(script, workdir, *extra, devices=4, config=_CONFIG):
   return subprocess.run([
       sys.executable,
-      os.path.join(REPO, "launch", script), "--config", _CONFIG, "--workdir",
+      os.path.join(REPO, "launch", script), "--config", config, "--workdir",
       str(workdir), *extra
   ], env=_env(devices), cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
-def _run_job(script, workdirs, extras, devices=2, timeout_s=120):
+def _run_job(script, workdirs, extras, devices=2, timeout_s=120, config=_CONFIG):
   # One process per (workdir, extra args), joined through a localhost coordinator.
   port = _free_port()
   procs = []
   for i, (workdir, extra) in enumerate(zip(workdirs, extras)):
     cmd = [
         sys.executable,
-        os.path.join(REPO, "launch", script), "--config", _CONFIG, "--workdir",
+        os.path.join(REPO, "launch", script), "--config", config, "--workdir",
         str(workdir), f"--coordinator_address=localhost:{port}", f"--num_processes={len(workdirs)}",
         f"--process_id={i}", f"--distributed_timeout={timeout_s}", *extra
     ]
@@ -58,12 +58,79 @@ def _run_job(script, workdirs, extras, devices=2, timeout_s=120):
 
 
 @pytest.fixture(scope="module")
-def features_workdir(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("dist") / "one"
-  for script in ("pretrain.py", "features.py"):
-    res = _run(script, workdir)
-    assert res.returncode == 0, res.stderr[-3000:]
+def pretrained_workdir(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("dist") / "pretrained"
+  res = _run("pretrain.py", workdir)
+  assert res.returncode == 0, res.stderr[-3000:]
   return workdir
+
+
+@pytest.fixture(scope="module")
+def features_workdir(pretrained_workdir, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("dist") / "one"
+  shutil.copytree(pretrained_workdir, workdir)
+  res = _run("features.py", workdir)
+  assert res.returncode == 0, res.stderr[-3000:]
+  return workdir
+
+
+def _same_features(a, b, names=("train.npz", "test.npz")):
+  for name in names:
+    with np.load(a / "features" / name) as x, np.load(b / "features" / name) as y:
+      assert sorted(x.files) == sorted(y.files)
+      for key in x.files:
+        if key == "features":  # rows on other devices, batched differently: rounding
+          np.testing.assert_allclose(x[key], y[key], rtol=1e-5, atol=1e-5)
+        else:
+          np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_features_on_two_processes_equal_one(features_workdir, pretrained_workdir, tmp_path):
+  two = tmp_path / "two"
+  shutil.copytree(pretrained_workdir, two)
+  job = _run_job("features.py", [two, two], [[], []])
+  for code, _, stderr in job:
+    assert code == 0, stderr[-3000:]
+  _same_features(features_workdir, two)
+  assert not list((two / "features").glob("*.part*"))
+
+
+def test_streamed_features_on_two_processes_equal_one(tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from benchmarks import imagenet_tree  # pylint: disable=g-import-not-at-top
+  from jaxattr import checkpoint  # pylint: disable=g-import-not-at-top
+  from jaxattr.models import get_encoder  # pylint: disable=g-import-not-at-top
+
+  root = tmp_path / "tree"
+  imagenet_tree.make_tree(str(root))
+  kwargs = {"width": 0.0625, "stage_sizes": [1]}
+  model = get_encoder("lightly_resnet18", **kwargs)
+  v = model.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32), train=False)
+  ckpt = str(tmp_path / "encoder")
+  checkpoint.save_variables(
+      ckpt, v, {
+          "encoder": "lightly_resnet18",
+          "encoder_kwargs": kwargs,
+          "image_size": 16,
+          "mean": [0.5] * 3,
+          "std": [0.25] * 3
+      })
+  config = os.path.join(REPO, "configs", "imagenet.py") + ":tiny"
+  extra = [
+      f"--config.data.source=folder:{root}", f"--config.encoder.checkpoint={ckpt}",
+      "--config.features.chunk_rows=2", "--config.features.batch_size=4"
+  ]
+  res = _run("features.py", tmp_path / "one", *extra, config=config)
+  assert res.returncode == 0, res.stderr[-3000:]
+  job = _run_job("features.py", [tmp_path / "two"] * 2, [extra, extra], config=config)
+  for code, _, stderr in job:
+    assert code == 0, stderr[-3000:]
+  _same_features(tmp_path / "one", tmp_path / "two")
+  for split in ("train", "test"):
+    np.testing.assert_allclose(np.load(tmp_path / "two" / "features" / f"{split}.features.npy"),
+                               np.load(tmp_path / "one" / "features" / f"{split}.features.npy"),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_attribution_on_two_processes_equals_one(features_workdir, tmp_path):
@@ -111,9 +178,9 @@ def test_mismatched_configs_and_unshared_workdirs_are_refused(features_workdir, 
 
 
 def test_stages_not_yet_multi_process_refuse_and_bad_flags_are_named(tmp_path):
-  job = _run_job("features.py", [tmp_path, tmp_path], [[], []])
+  job = _run_job("pretrain.py", [tmp_path, tmp_path], [[], []])
   for code, _, stderr in job:
-    assert code == 1 and "features.py does not run as several processes yet" in stderr
+    assert code == 1 and "pretrain.py does not run as several processes yet" in stderr
   res = _run("attribute.py", tmp_path, "--num_processes=2", devices=1)
   assert res.returncode == 1
   assert "--coordinator_address, --process_id not given" in res.stderr
