@@ -19,7 +19,7 @@ from jaxattr import distributed, utils, xla_flags
 
 def launch(run: Callable[[Any, str],
                          Any], doc: str = "", cpu_flags: Sequence[str] = xla_flags.FAST_CPU_FLAGS,
-           multi_process: bool = False) -> None:
+           multi_process: bool = False, shard_lock: bool = False) -> None:
   """Defines --config (a Python config file, locked) and --workdir, then calls run(config, workdir).
 
   Any config field can be overridden on the command line (`--config.pretrain.epochs=5`); a
@@ -38,7 +38,8 @@ def launch(run: Callable[[Any, str],
   Several processes (`jaxattr.distributed`: --coordinator_address, --num_processes,
   --process_id, or a detected TPU VM slice, SLURM or Open MPI job) join one job first; every
   process checks the config and the workdir with the others (`distributed.check_job`). Stages
-  not yet written for several processes (multi_process=False) refuse to run as several.
+  not yet written for several processes (multi_process=False) refuse to run as several. With
+  shard_lock, each shard of a job array (`config.shard`) holds its own lock.
   """
   config = config_flags.DEFINE_config_file(
       "config", None, "Experiment config file "
@@ -73,12 +74,13 @@ def launch(run: Callable[[Any, str],
       sys.exit(1)
     if doc:
       logging.info("%s", doc.strip().splitlines()[0])
-    guarded(run, config.value, workdir.value)
+    guarded(run, config.value, workdir.value, shard_lock=shard_lock)
 
   app.run(main)
 
 
-def guarded(run: Callable[[Any, str], Any], config: Any, workdir: str) -> None:
+def guarded(run: Callable[[Any, str], Any], config: Any, workdir: str,
+            shard_lock: bool = False) -> None:
   """Calls run(config, workdir) under the workdir lock; a failure exits with one readable line.
 
   Exits:
@@ -88,7 +90,12 @@ def guarded(run: Callable[[Any, str], Any], config: Any, workdir: str) -> None:
   _redeliver_swallowed_interrupts()
   try:
     # One job at a time per workdir: the job's process 0 holds the lock for all its processes.
-    with utils.workdir_lock(workdir) if distributed.is_main() else contextlib.nullcontext():
+    # The shards of a job array (config.shard) write their own directories, each under its lock.
+    shard = config.get("shard") if hasattr(config, "get") else None
+    name = (f"{utils.LOCK_FILE}-shard-{shard.index}-of-{shard.count}"
+            if shard_lock and shard is not None and int(shard.count) > 1 else utils.LOCK_FILE)
+    with (utils.workdir_lock(workdir, name=name)
+          if distributed.is_main() else contextlib.nullcontext()):
       distributed.check_job(config, workdir)
       run(config, workdir)
   except app.UsageError:

@@ -185,4 +185,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.viz = ml_collections.ConfigDict()
   c.viz.num_targets = 8  # targets shown per method in WORKDIR/attribution/<method>/grid.png
   c.viz.top = 16  # attributed images shown per target
+  # Job arrays (clusters without a coordinator): shard `index` of `count` separate single-process
+  # jobs of launch/attribute.py; launch/merge.py assembles them. count 1: no sharding.
+  c.shard = ml_collections.ConfigDict()
+  c.shard.index = 0
+  c.shard.count = 1
   return c

@@ -220,7 +220,8 @@ def _describe(holder: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def workdir_lock(workdir: str, argv: Sequence[str] | None = None) -> Iterator[str]:
+def workdir_lock(workdir: str, argv: Sequence[str] | None = None,
+                 name: str = LOCK_FILE) -> Iterator[str]:
   """Holds WORKDIR/.lock while the block runs, so that one run at a time writes a workdir.
 
   The lock file is created atomically (O_CREAT | O_EXCL) and holds JSON {pid, host, started (UTC),
@@ -231,6 +232,7 @@ def workdir_lock(workdir: str, argv: Sequence[str] | None = None) -> Iterator[st
   Args:
     workdir: the run's output directory.
     argv: the command recorded for whoever finds the lock (default: sys.argv).
+    name: the lock file's name (the shards of a job array each hold their own).
 
   Yields:
     The lock file's path.
@@ -241,7 +243,7 @@ def workdir_lock(workdir: str, argv: Sequence[str] | None = None) -> Iterator[st
       and what to do. Nothing has been written then.
   """
   os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, LOCK_FILE)
+  path = os.path.join(workdir, name)
   host = socket.gethostname()
   mine = {
       "pid": os.getpid(),

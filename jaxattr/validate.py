@@ -74,7 +74,7 @@ SECTIONS = ("pretrain", "features", "attribution", "support", "flip")
 STAGE_FIELDS = {
     "pretrain": ("encoder", "pretrain"),
     "features": ("encoder", "features"),
-    "attribution": ("attribution", "viz"),
+    "attribution": ("attribution", "viz", "shard"),
     "support": ("support", "ensemble"),
     "flip": ("mode", "num_models", "ensemble"),
 }
@@ -494,6 +494,11 @@ def _check_attribution(c: _Checker) -> None:
   # The grid of each method shows viz.num_targets targets: none at all fails to draw.
   c.int_("viz.num_targets", lo=1)
   c.int_("viz.top", lo=0)  # 0: the grid shows the targets only
+  if c.has("shard.count"):
+    count = c.int_("shard.count", lo=1)
+    index = c.int_("shard.index", lo=0)
+    if isinstance(count, int) and isinstance(index, int) and index >= count:
+      c.add("shard.index", f"={index} must lie in [0, shard.count={count})")
 
 
 def _check_ensemble(c: _Checker) -> None:

@@ -197,3 +197,61 @@ def test_cluster_environment_detection():
   assert distributed.cluster_environment({"OMPI_COMM_WORLD_SIZE": "1"}) is None
   assert distributed.cluster_environment({"TPU_WORKER_HOSTNAMES": "a,b"}) == "TPU VM slice"
   assert distributed.cluster_environment({"TPU_WORKER_HOSTNAMES": "localhost"}) is None
+
+
+def test_job_array_shards_and_merge_equal_one_run(features_workdir, tmp_path):
+  one = tmp_path / "one"
+  arr = tmp_path / "array"
+  shutil.copytree(features_workdir, one)
+  shutil.copytree(features_workdir, arr)
+  res = _run("attribute.py", one, *_ATTRIBUTION, devices=1)
+  assert res.returncode == 0, res.stderr[-3000:]
+
+  def shard(i):
+    return [f"--config.shard.index={i}", "--config.shard.count=3"]
+
+  # Shards 0 and 2 run side by side (each under its own lock); 1 has not run yet.
+  procs = [
+      subprocess.Popen([
+          sys.executable,
+          os.path.join(REPO, "launch", "attribute.py"), "--config", _CONFIG, "--workdir",
+          str(arr), *_ATTRIBUTION, *shard(i)
+      ], env=_env(1), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in (0, 2)
+  ]
+  for p in procs:
+    _, stderr = p.communicate(timeout=600)
+    assert p.returncode == 0, stderr[-3000:]
+  res = _run("merge.py", arr, *_ATTRIBUTION, "--config.shard.count=3", devices=1)
+  assert res.returncode == 1 and "shards [1] of 3 have not run" in res.stderr
+  # Shard 1 run with another k: a mismatch, named.
+  res = _run("attribute.py", arr, *_ATTRIBUTION, *shard(1), "--config.attribution.k=16", devices=1)
+  assert res.returncode == 0, res.stderr[-3000:]
+  res = _run("merge.py", arr, *_ATTRIBUTION, "--config.shard.count=3", devices=1)
+  assert res.returncode == 1 and "computed with different settings or data" in res.stderr
+  shutil.rmtree(arr / "attribution" / "esvm" / "shard-1-of-3")
+  shutil.rmtree(arr / "attribution" / "l2" / "shard-1-of-3")
+  res = _run("attribute.py", arr, *_ATTRIBUTION, *shard(1), devices=1)
+  assert res.returncode == 0, res.stderr[-3000:]
+  res = _run("merge.py", arr, *_ATTRIBUTION, "--config.shard.count=3", devices=1)
+  assert res.returncode == 0, res.stderr[-3000:]
+  for method in ("esvm", "l2"):
+    for name in ("topk.npy", "scores.npy", "targets.npy", "topk_reference.npy"):
+      np.testing.assert_array_equal(np.load(arr / "attribution" / method / name),
+                                    np.load(one / "attribution" / method / name))
+    assert not list((arr / "attribution" / method).glob("shard-*"))
+  # The merged result is the current result of this config: a plain rerun skips.
+  res = _run("attribute.py", arr, *_ATTRIBUTION, devices=1)
+  assert res.returncode == 0 and "up to date" in res.stderr
+
+
+def test_shard_fields_are_checked():
+  from jaxattr import validate  # pylint: disable=g-import-not-at-top
+  from tests.conftest import load_config  # pylint: disable=g-import-not-at-top
+
+  c = load_config("digits", "quick")
+  c.shard.index, c.shard.count = 3, 3
+  assert any("shard.index=3 must lie in [0, shard.count=3)" in p
+             for p in validate.problems(c, stages=("attribution",)))
+  c.shard.index, c.shard.count = 0, 0
+  assert any(p.startswith("shard.count") for p in validate.problems(c, stages=("attribution",)))

@@ -9,10 +9,12 @@ a method whose record matches is skipped, and features of another config or data
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from typing import Any, Sequence
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
@@ -28,7 +30,14 @@ from jaxattr import (
     viz,
 )
 from jaxattr.attribute.options import SolverOptions
-from jaxattr.attribute.ranking import AttributionError, TopK, check_inputs, topk
+from jaxattr.attribute.ranking import (
+    AttributionError,
+    TopK,
+    check_inputs,
+    chunk_hash,
+    plan_chunks,
+    topk,
+)
 
 # What a finished method leaves in WORKDIR/attribution/<method> (besides its ownership record).
 OUTPUTS = ("topk.npy", "scores.npy", "targets.npy", "target_index.npy", "attribution.json",
@@ -137,6 +146,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
   for split, ds in (("train", train), ("test", test)):
     _check_images(split, feats[split]["index"], ds)
 
+  index, count = int(config.shard.index), int(config.shard.count)
+  if count > 1:  # one shard of a job array: its chunks only, into its own directory
+    if distributed.process_count() > 1:
+      raise AttributionError("config.shard.count > 1 (a job array) needs single-process jobs; a "
+                             "multi-process job spreads the chunks by itself: set shard.count=1")
+    for method in methods:
+      topk(feats["train"]["features"], feats["train"]["labels"], feats["test"]["features"],
+           feats["test"]["labels"], method=method, k=cfg.k, same_class=cfg.same_class,
+           targets=targets, train_index=feats["train"]["index"],
+           options=options, chunk_size=cfg.chunk_size, chunk_dir=shard_dir(
+               workdir, method, index, count), allow_nonconverged=True, shard=(index, count))
+    logging.info(
+        "attribution: shard %d of %d done (%s); once every shard is done, launch/merge.py with "
+        "the same config and workdir writes the result", index, count, ", ".join(methods))
+    return {}
   processes = distributed.process_count()
   for method in methods:
     out_dir = os.path.join(workdir, "attribution", method)
@@ -162,6 +186,99 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
       ownership.record(workdir, "attribution", fields[method], method=method)
     results[method] = res
   distributed.barrier("attribution-written")
+  _raise_nonconverged(results, cfg)
+  return results
+
+
+def shard_dir(workdir: str, method: str, index: int, count: int) -> str:
+  """Where shard `index` of a `count`-job array keeps its chunks of `method`."""
+  return os.path.join(workdir, "attribution", method, f"shard-{index}-of-{count}")
+
+
+def merge(config: ml_collections.ConfigDict, workdir: str) -> dict[str, TopK]:
+  """Assembles the shards of a job array (`config.shard.count` jobs of launch/attribute.py, each
+  with its `shard.index`) into WORKDIR/attribution/<method>/, as one run would have written it.
+
+  Raises:
+    AttributionError: shard.count is 1, a shard that has not run or not finished (naming it and
+      the chunks it lacks), or shards computed with another config or data than each other or
+      than this one; before anything is written.
+  """
+  cfg = config.attribution
+  count = int(config.shard.count)
+  if count < 2:
+    raise AttributionError("launch/merge.py assembles a job array: set config.shard.count to the "
+                           "number of shards that ran (it is 1)")
+  methods = config_lib.names(cfg.methods)
+  options = SolverOptions.from_config(cfg)
+  feats_fp = ownership.require(workdir, "features",
+                               lambda: ownership.features_fields(config, workdir))
+  feats = {split: load_features(workdir, split) for split in ("train", "test")}
+  targets = select_targets(cfg.targets, len(feats["test"]["features"]), cfg.num_targets,
+                           cfg.target_list, int(config.seed))
+  args = (feats["train"]["features"], feats["train"]["labels"], feats["test"]["features"],
+          feats["test"]["labels"])
+  plans = {}
+  for method in methods:  # everything checked before anything is written
+    dirs = [shard_dir(workdir, method, i, count) for i in range(count)]
+    absent = [i for i, d in enumerate(dirs) if not os.path.exists(os.path.join(d, "resume.json"))]
+    if absent:
+      raise AttributionError(
+          f"merge {method}: shards {absent} of {count} have not run (no {dirs[absent[0]]}); run "
+          f"launch/attribute.py with --config.shard.index=i --config.shard.count={count} for each")
+    keys = []
+    for d in dirs:
+      with open(os.path.join(d, "resume.json")) as f:
+        keys.append(json.load(f))
+    if len({k["hash"] for k in keys}) > 1:
+      raise AttributionError(
+          f"merge {method}: the shards were computed with different settings or data (hashes " +
+          ", ".join(f"shard {i}: {k['hash']}" for i, k in enumerate(keys)) +
+          "); rerun the odd ones with the same config")
+    chunk_size = int(keys[0]["key"]["chunk_size"])
+    expected = chunk_hash(*args, method=method, k=cfg.k, same_class=cfg.same_class, targets=targets,
+                          train_index=feats["train"]["index"], options=options,
+                          chunk_size=chunk_size)
+    if keys[0]["hash"] != expected:
+      raise AttributionError(
+          f"merge {method}: the shards belong to another config or data than this one (their "
+          f"hash {keys[0]['hash']}, this config's {expected}); merge with the config the shards "
+          "ran with")
+    plan = plan_chunks(feats["test"]["labels"], targets, cfg.same_class, chunk_size)
+    lacking = [
+        j for j in range(len(plan))
+        if not os.path.exists(os.path.join(dirs[j % count], f"chunk_{j:06d}.npz"))
+    ]
+    if lacking:
+      shards = sorted({j % count for j in lacking})
+      raise AttributionError(
+          f"merge {method}: shards {shards} of {count} are not finished ({len(lacking)} of "
+          f"{len(plan)} chunks missing); rerun them (each resumes at its first missing chunk)")
+    plans[method] = (dirs, chunk_size, len(plan))
+  train, test = stream.splits(config.data)
+  results = {}
+  for method in methods:
+    dirs, chunk_size, num_chunks = plans[method]
+    out_dir = os.path.join(workdir, "attribution", method)
+    ownership.clear(workdir, "attribution", method)
+    assembled = os.path.join(out_dir, "chunks")
+    shutil.rmtree(assembled, ignore_errors=True)
+    os.makedirs(assembled)
+    for j in range(num_chunks):
+      name = f"chunk_{j:06d}.npz"
+      shutil.copyfile(os.path.join(dirs[j % count], name), os.path.join(assembled, name))
+    # One device: the shards' chunk size is kept as it is (no rounding to this job's devices).
+    res = topk(*args, method=method, k=cfg.k, same_class=cfg.same_class, targets=targets,
+               train_index=feats["train"]["index"], options=options, chunk_size=chunk_size,
+               chunk_dir=assembled, allow_nonconverged=True, devices=jax.local_devices()[:1])
+    _write(out_dir, res, feats["test"]["index"], method, config)
+    _write_grid(os.path.join(out_dir, "grid.png"), res, method, train, test, config.viz)
+    ownership.record(workdir, "attribution",
+                     ownership.attribution_fields(config, workdir, method, feats_fp), method=method)
+    for d in dirs:
+      shutil.rmtree(d)
+    results[method] = res
+    logging.info("merge %s: %d shards, %d chunks assembled", method, count, num_chunks)
   _raise_nonconverged(results, cfg)
   return results
 

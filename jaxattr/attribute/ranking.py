@@ -412,11 +412,8 @@ def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np
   if chunk_dir is not None:
     _prepare_chunk_dir(
         chunk_dir,
-        dict(method=method, k=k, same_class=same_class, options=dataclasses.asdict(options),
-             chunk_size=chunk_size,
-             targets=fingerprint.arrays_fingerprint(targets), train=fingerprint.arrays_fingerprint(
-                 train_features, train_labels, train_index), test=fingerprint.arrays_fingerprint(
-                     test_features, test_labels)))
+        chunk_key(method, k, same_class, options, chunk_size, targets, train_features, train_labels,
+                  train_index, test_features, test_labels))
 
   indices = np.zeros((len(targets), k), np.int64)
   scores = np.zeros((len(targets), k), np.float32)
@@ -490,6 +487,33 @@ def _check_finite(method: str, options: SolverOptions, scores: np.ndarray, posit
       f"topk[{method}]: non-finite (NaN/inf) scores for {int(bad.sum())} of the {len(bad)} "
       f"targets of chunk {chunk + 1}/{num_chunks} (test positions {positions[bad][:20].tolist()}; "
       f"later chunks not solved); {hint}")
+
+
+def chunk_key(method: str, k: int, same_class: bool, options: SolverOptions, chunk_size: int,
+              targets: np.ndarray, train_features: np.ndarray, train_labels: np.ndarray,
+              train_index: np.ndarray, test_features: np.ndarray,
+              test_labels: np.ndarray) -> dict[str, Any]:
+  """What a `topk` call's chunk files belong to (its settings and its inputs' fingerprints);
+  chunk_size already rounded to the devices."""
+  return dict(method=method, k=k, same_class=same_class, options=dataclasses.asdict(options),
+              chunk_size=chunk_size,
+              targets=fingerprint.arrays_fingerprint(targets), train=fingerprint.arrays_fingerprint(
+                  train_features, train_labels, train_index), test=fingerprint.arrays_fingerprint(
+                      test_features, test_labels))
+
+
+def chunk_hash(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
+               test_labels: np.ndarray, *, method: str, k: int, same_class: bool,
+               targets: np.ndarray, train_index: np.ndarray | None, options: SolverOptions,
+               chunk_size: int) -> str:
+  """The hash `topk` records in chunk_dir/resume.json for these arguments (chunk_size as
+  rounded to the devices): shards of one job agree on it."""
+  train_index = np.arange(len(train_features)) if train_index is None else np.asarray(train_index)
+  return utils.config_hash(
+      chunk_key(method, k, same_class, options, chunk_size,
+                np.asarray(targets).astype(np.int64), np.asarray(train_features),
+                _class_ids("train_labels", train_labels), train_index.astype(np.int64),
+                np.asarray(test_features), _class_ids("test_labels", test_labels)))
 
 
 def _prepare_chunk_dir(chunk_dir: str, key: dict[str, Any]) -> None:
