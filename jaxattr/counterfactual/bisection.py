@@ -44,7 +44,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from jaxattr import utils
+from jaxattr import distributed, utils
 
 METRICS = ("removal", "mislabel")
 # flip[m] of a removal model in a call that also holds mislabel models.
@@ -202,7 +202,7 @@ def support_search_many(predict: Predictor, problems: Sequence[SearchProblem], n
             "call_models": total
         })
       st["next_round"] = r + 1
-      if p.state_path:
+      if p.state_path and distributed.is_main():  # every process holds the same state
         utils.save_json(p.state_path, st)
 
   return [

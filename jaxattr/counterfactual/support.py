@@ -26,6 +26,7 @@ from absl import logging
 from jaxattr import (
     config as config_lib,
     data,
+    distributed,
     fingerprint as fingerprint_lib,
     ownership,
     utils,
@@ -163,13 +164,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data.Dataset 
     results = bisection.support_search_many(predictor, [p for _, p, _ in group], len(train), sc)
     wall = time.perf_counter() - t0
     for (name, p, out_dir), result in zip(group, results):
-      summary = summaries.write_outputs(out_dir, p.metric, name, result, p.target_ids,
-                                        p.true_labels, p.flip, sc, p.fingerprint, wall_seconds=wall)
+      # Several processes: process 0 writes, the others read what it wrote.
+      if distributed.is_main():
+        summary = summaries.write_outputs(out_dir, p.metric, name, result, p.target_ids,
+                                          p.true_labels, p.flip, sc, p.fingerprint,
+                                          wall_seconds=wall)
+      distributed.barrier(f"support-{p.metric}-{name}-written")
+      if not distributed.is_main():
+        summary = _finished_summary(out_dir, p.fingerprint)
       out[p.metric][name] = summary
       logging.info("%s support of %s: median %s, %d of %d not flipped", p.metric, name,
                    summary["median_support"], summary["not_flipped"], summary["targets"])
-  for metric in metrics:
-    summaries.plot_curves(workdir, metric)
+  if distributed.is_main():
+    for metric in metrics:
+      summaries.plot_curves(workdir, metric)
+  distributed.barrier("support-done")
   return out
 
 
@@ -326,8 +335,9 @@ def flip_classes_cached(workdir: str, target_ids: np.ndarray, target_images: np.
     new = np.asarray(compute(target_images[missing], np.asarray(target_labels)[missing]))
     known.update(zip([int(target_ids[i]) for i in missing], new.astype(np.int64).tolist()))
     ids = np.array(sorted(known), np.int64)
-    utils.save_npz(path, index=ids, flip_class=np.array([known[i] for i in ids], np.int64),
-                   key=np.array(key))
+    if distributed.is_main():
+      utils.save_npz(path, index=ids, flip_class=np.array([known[i] for i in ids], np.int64),
+                     key=np.array(key))
   return np.array([known[int(t)] for t in target_ids], np.int64)
 
 
