@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from jaxattr import data, utils, validate
+from jaxattr import data, distributed, utils, validate
 from jaxattr.counterfactual import ensemble
 
 
@@ -75,23 +75,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> str:
   if config.mode == "flip":
     probs, flips = flip_classes(trainer, test.images, test.labels, m, seed)
     path = os.path.join(workdir, "flip_classes.npz")
-    utils.save_npz(path, mean_softmax=probs, flip_class=flips, labels=test.labels, index=test.index)
     acc = float((probs.argmax(1) == test.labels).mean())
-    logging.info("ensemble accuracy %.4f; wrote %s", acc, path)
-    utils.save_json(os.path.join(workdir, "flip_metrics.json"), {
-        "ensemble_accuracy": acc,
-        "seconds": time.perf_counter() - t0,
-        **meta
-    })
+    if distributed.is_main():  # several processes: all hold the result, process 0 writes it
+      utils.save_npz(path, mean_softmax=probs, flip_class=flips, labels=test.labels,
+                     index=test.index)
+      utils.save_json(os.path.join(workdir, "flip_metrics.json"), {
+          "ensemble_accuracy": acc,
+          "seconds": time.perf_counter() - t0,
+          **meta
+      })
+      logging.info("ensemble accuracy %.4f; wrote %s", acc, path)
+    distributed.barrier("flip-written")
     return path
   logits, _ = trainer.train_and_predict(test.images, seed + np.arange(m, dtype=np.int64))
   path = os.path.join(workdir, "ensemble_logits.npz")
-  utils.save_npz(path, logits=logits, labels=test.labels, index=test.index)
   accs = (logits.argmax(-1) == test.labels[None]).mean(1)
-  utils.save_json(os.path.join(workdir, "ensemble_metrics.json"), {
-      "test_accuracy": accs.tolist(),
-      "seconds": time.perf_counter() - t0,
-      **meta
-  })
-  logging.info("test accuracy per model %s; wrote %s", np.round(accs, 4).tolist(), path)
+  if distributed.is_main():
+    utils.save_npz(path, logits=logits, labels=test.labels, index=test.index)
+    utils.save_json(os.path.join(workdir, "ensemble_metrics.json"), {
+        "test_accuracy": accs.tolist(),
+        "seconds": time.perf_counter() - t0,
+        **meta
+    })
+    logging.info("test accuracy per model %s; wrote %s", np.round(accs, 4).tolist(), path)
+  distributed.barrier("flip-written")
   return path
