@@ -149,13 +149,27 @@ def sweep_from_memmaps(family, directory: str, k: int, options: SolverOptions) -
       top = min(100, k)
       order = np.flatnonzero(labels["train"] == c)[np.argsort(-ref, kind="stable")[:top]]
       overlaps.append(float(np.array_equal(order, res.indices[i, :top])))
-  total = len(labels["test"])
+  its, viol = res.stats["iterations"], res.stats["num_violators"]
+  _report(
+      "jaxattr topk (memory maps)", family, len(labels["test"]), seconds, sk_seconds, its, viol,
+      int(len(res.nonconverged)), overlaps, load_before, f"memory maps in {directory}",
+      "esvm_imagenet_sweep_memmap", {
+          "anon_memory_before_mib": base / 2**20,
+          "anon_memory_peak_mib": peak_bytes / 2**20,
+          "train_features_file_mib": train.nbytes / 2**20,
+          "one_class_float32_mib": family.num_candidates * family.dim * 4 / 2**20,
+          "output_mib": (res.indices.nbytes + res.scores.nbytes) / 2**20,
+      })
+
+
+def _report(solver: str, family, total: int, seconds: float, sk_seconds: list[float],
+            its: np.ndarray, viol: np.ndarray, nonconverged: int, overlaps: list[float],
+            load_before: tuple[float, ...], where: str, name: str, extra: dict) -> None:
+  """Prints the table and the summary of a sweep and writes its JSON (`_OUT`)."""
   sk_per_target = float(np.mean(sk_seconds)) if sk_seconds else float("nan")
   load = os.getloadavg()[0]
-  its, viol = res.stats["iterations"], res.stats["num_violators"]
-  one_class = family.num_candidates * family.dim * 4
   rows = [{
-      "solver": "jaxattr topk (memory maps)",
+      "solver": solver,
       "targets": total,
       "seconds": seconds,
       "targets/s": total / seconds,
@@ -179,21 +193,18 @@ def sweep_from_memmaps(family, directory: str, k: int, options: SolverOptions) -
       "iterations_mean": float(its.mean()),
       "iterations_max": int(its.max()),
       "num_violators_mean": float(viol.mean()),
-      "nonconverged": int(len(res.nonconverged)),
+      "num_violators_max": int(viol.max()),
+      "nonconverged": nonconverged,
       "top100_identical_share": float(np.mean(overlaps)) if overlaps else None,
-      "anon_memory_before_mib": base / 2**20,
-      "anon_memory_peak_mib": peak_bytes / 2**20,
-      "train_features_file_mib": train.nbytes / 2**20,
-      "one_class_float32_mib": one_class / 2**20,
-      "output_mib": (res.indices.nbytes + res.scores.nbytes) / 2**20,
+      **extra
   }
-  print(f"features: {family.key()} (memory maps in {directory})")
+  print(f"features: {family.key()} ({where})")
   print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items()})
   bench.write_result(
-      _OUT.value, "esvm_imagenet_sweep_memmap", rows, {
+      _OUT.value, name, rows, {
           "flags": {
-              name: flags.FLAGS[name].value
-              for name in ("classes", "targets", "candidates", "dim", "norm", "k", "sklearn_every",
+              flag: flags.FLAGS[flag].value
+              for flag in ("classes", "targets", "candidates", "dim", "norm", "k", "sklearn_every",
                            "sklearn_per_class", "memmap_dir")
           },
           "family": family.key(),
@@ -252,58 +263,14 @@ def main(argv):
           "class %d/%d: %d targets in %.1f s of solving (%.1f targets/s); %d not "
           "converged", c + 1, _CLASSES.value, done, sum(jax_seconds), done / sum(jax_seconds),
           nonconverged)
-  total_targets = _CLASSES.value * _TARGETS.value
-  seconds = float(sum(jax_seconds))
-  its, viol = np.concatenate(iterations), np.concatenate(violators)
-  sk_per_target = float(np.mean(sk_seconds)) if sk_seconds else float("nan")
-  load = os.getloadavg()[0]
-  rows = [{
-      "solver": "jaxattr topk (per class)",
-      "targets": total_targets,
-      "seconds": seconds,
-      "targets/s": total_targets / seconds,
-      "vs sklearn": total_targets / seconds * sk_per_target,
-      "load1": load
-  }, {
-      "solver": "sklearn LinearSVC primal",
-      "targets": len(sk_seconds),
-      "seconds": float(sum(sk_seconds)),
-      "targets/s": 1.0 / sk_per_target,
-      "vs sklearn": 1.0,
-      "load1": load
-  }]
-  print(
-      bench.format_table(rows,
-                         ["solver", "targets", "seconds", "targets/s", "vs sklearn", "load1"]))
-  summary = {
-      "all_targets_seconds": seconds,
-      "goal_seconds": 600.0,
-      "sklearn_projected_seconds": sk_per_target * total_targets,
-      "iterations_mean": float(its.mean()),
-      "iterations_max": int(its.max()),
-      "num_violators_mean": float(viol.mean()),
-      "num_violators_max": int(viol.max()),
-      "nonconverged": nonconverged,
-      "top100_identical_share": float(np.mean(overlaps)) if overlaps else None,
-      "per_class_seconds_median": float(np.median(jax_seconds)),
-      "generate_seconds_untimed": generate_seconds,
-  }
-  print(f"features: {family.key()} (per class, class_problem)")
-  print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items()})
-  settings = {
-      "flags": {
-          name: flags.FLAGS[name].value
-          for name in ("classes", "targets", "candidates", "dim", "norm", "k", "sklearn_every",
-                       "sklearn_per_class")
-      },
-      "family": family.key(),
-      "loadavg_before": load_before,
-      "loadavg_after": os.getloadavg(),
-      "cpu_count": os.cpu_count(),
-      **summary
-  }
-  bench.write_result(_OUT.value, "esvm_imagenet_sweep", rows, settings)
-  logging.info("wrote %s", _OUT.value)
+  _report(
+      "jaxattr topk (per class)", family,
+      _CLASSES.value * _TARGETS.value, float(sum(jax_seconds)), sk_seconds,
+      np.concatenate(iterations), np.concatenate(violators), nonconverged, overlaps, load_before,
+      "per class, class_problem", "esvm_imagenet_sweep", {
+          "per_class_seconds_median": float(np.median(jax_seconds)),
+          "generate_seconds_untimed": generate_seconds,
+      })
 
 
 if __name__ == "__main__":

@@ -27,8 +27,28 @@ from jaxattr import data as data_lib, folders, utils
 from jaxattr.folders import DataError
 
 
+class _LazySplit:
+  """What both kinds of lazily opened split share (they have `files`, `labels`, `class_names`
+  and `index` fields)."""
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  @property
+  def images(self) -> "Thumbnails":
+    """The images, decoded one at a time when indexed (grids and reports show a few)."""
+    return Thumbnails(self)
+
+  def subset(self, positions: np.ndarray) -> Any:
+    """The items at `positions` (positions in this split, not `index` values)."""
+    positions = np.asarray(positions, np.int64)
+    return dataclasses.replace(self, files=tuple(self.files[i] for i in positions),
+                               labels=self.labels[positions], index=self.index[positions])
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class FileSplit:
+class FileSplit(_LazySplit):
   """A split of a directory tree, opened lazily: what `jaxattr.data.Dataset` holds, minus pixels.
 
   A grain random-access source: item i is (path, label, index). Picklable (workers get a copy).
@@ -57,21 +77,6 @@ class FileSplit:
     """(path, label, index, position i)."""
     return (os.path.join(self.root, self.files[i]), int(self.labels[i]), int(self.index[i]), int(i))
 
-  @property
-  def num_classes(self) -> int:
-    return len(self.class_names)
-
-  @property
-  def images(self) -> "Thumbnails":
-    """The images, decoded one at a time when indexed (grids and reports show a few)."""
-    return Thumbnails(self)
-
-  def subset(self, positions: np.ndarray) -> "FileSplit":
-    """The files at `positions` (positions in this split, not `index` values)."""
-    positions = np.asarray(positions, np.int64)
-    return dataclasses.replace(self, files=tuple(self.files[i] for i in positions),
-                               labels=self.labels[positions], index=self.index[positions])
-
 
 class Encoded(NamedTuple):
   """An image's encoded bytes and a name for messages: item 0 of a `TfdsSplit` item, where a
@@ -82,7 +87,7 @@ class Encoded(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class TfdsSplit:
+class TfdsSplit(_LazySplit):
   """A split of a prepared tensorflow-datasets dataset, opened lazily (`open_split('tfds:NAME')`).
 
   Records are put in the order of a directory tree of the same images (`jaxattr.folders`: by
@@ -119,21 +124,10 @@ class TfdsSplit:
     where = f"{self.source}:{self.tfds_split}:{self.files[i]}"
     return (Encoded(where, bytes(record["image"])), int(self.labels[i]), int(self.index[i]), int(i))
 
-  @property
-  def num_classes(self) -> int:
-    return len(self.class_names)
-
-  @property
-  def images(self) -> "Thumbnails":
-    """The images, decoded one at a time when indexed (grids and reports show a few)."""
-    return Thumbnails(self)
-
   def subset(self, positions: np.ndarray) -> "TfdsSplit":
     """The items at `positions` (positions in this split, not `index` values)."""
     positions = np.asarray(positions, np.int64)
-    return dataclasses.replace(self, records=self.records[positions], files=tuple(
-        self.files[i] for i in positions), labels=self.labels[positions],
-                               index=self.index[positions])
+    return dataclasses.replace(super().subset(positions), records=self.records[positions])
 
 
 # What `open_split` returns: a lazily opened split of either kind of source.

@@ -59,3 +59,26 @@ def compilation_cache(tmp_path_factory):
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   yield path
+
+
+def save_tiny_encoder(path: str):
+  """A random-init 1/16-width one-stage ResNet-18 saved at `path` as an encoder checkpoint that
+  records a 16 px input (as launch/convert.py records a converted network's); (model, variables)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from jaxattr import checkpoint  # pylint: disable=g-import-not-at-top
+  from jaxattr.models import get_encoder  # pylint: disable=g-import-not-at-top
+
+  kwargs = {"width": 0.0625, "stage_sizes": [1]}
+  model = get_encoder("lightly_resnet18", **kwargs)
+  variables = model.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32), train=False)
+  checkpoint.save_variables(
+      path, variables, {
+          "encoder": "lightly_resnet18",
+          "encoder_kwargs": kwargs,
+          "image_size": 16,
+          "mean": [0.5] * 3,
+          "std": [0.25] * 3
+      })
+  return model, variables

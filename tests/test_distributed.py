@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxattr import distributed
-from tests.conftest import REPO, repo_env
+from tests.conftest import REPO, repo_env, save_tiny_encoder
 
 _CONFIG = os.path.join(REPO, "configs", "digits.py") + ":quick"
 # More targets than :quick's 3, in chunks of 4: 12 chunks for the processes to share.
@@ -96,26 +96,13 @@ def test_features_on_two_processes_equal_one(features_workdir, pretrained_workdi
 
 
 def test_streamed_features_on_two_processes_equal_one(tmp_path):
-  import jax  # pylint: disable=g-import-not-at-top
 
   from benchmarks import imagenet_tree  # pylint: disable=g-import-not-at-top
-  from jaxattr import checkpoint  # pylint: disable=g-import-not-at-top
-  from jaxattr.models import get_encoder  # pylint: disable=g-import-not-at-top
 
   root = tmp_path / "tree"
   imagenet_tree.make_tree(str(root))
-  kwargs = {"width": 0.0625, "stage_sizes": [1]}
-  model = get_encoder("lightly_resnet18", **kwargs)
-  v = model.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32), train=False)
   ckpt = str(tmp_path / "encoder")
-  checkpoint.save_variables(
-      ckpt, v, {
-          "encoder": "lightly_resnet18",
-          "encoder_kwargs": kwargs,
-          "image_size": 16,
-          "mean": [0.5] * 3,
-          "std": [0.25] * 3
-      })
+  save_tiny_encoder(ckpt)
   config = os.path.join(REPO, "configs", "imagenet.py") + ":tiny"
   extra = [
       f"--config.data.source=folder:{root}", f"--config.encoder.checkpoint={ckpt}",

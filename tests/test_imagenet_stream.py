@@ -12,7 +12,7 @@ from absl import flags
 from benchmarks import imagenet_tree as tree
 from jaxattr import data, stream
 from jaxattr.folders import DataError
-from tests.conftest import load_config
+from tests.conftest import load_config, save_tiny_encoder
 
 
 @pytest.fixture(scope="module")
@@ -234,25 +234,13 @@ def test_streamed_features_equal_in_memory_and_resume_after_a_kill(imagenet, tmp
 
 
 def test_features_stage_streams_a_tree_with_the_encoders_size(imagenet, tmp_path):
-  import jax  # pylint: disable=g-import-not-at-top
 
-  from jaxattr import checkpoint, config as config_lib, features  # pylint: disable=g-import-not-at-top
+  from jaxattr import config as config_lib, features  # pylint: disable=g-import-not-at-top
   from jaxattr.attribute import attribution  # pylint: disable=g-import-not-at-top
-  from jaxattr.models import get_encoder  # pylint: disable=g-import-not-at-top
 
   root, listing = imagenet
-  kwargs = {"width": 0.0625, "stage_sizes": [1]}
-  model = get_encoder("lightly_resnet18", **kwargs)
-  v = model.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32), train=False)
   ckpt = str(tmp_path / "encoder")
-  checkpoint.save_variables(
-      ckpt, v, {
-          "encoder": "lightly_resnet18",
-          "encoder_kwargs": kwargs,
-          "image_size": 16,
-          "mean": [0.5] * 3,
-          "std": [0.25] * 3
-      })
+  model, v = save_tiny_encoder(ckpt)
   c = config_lib.base_config()
   c.data.source = f"folder:{root}"
   c.data.stream = True
@@ -282,16 +270,12 @@ def test_features_stage_streams_a_tree_with_the_encoders_size(imagenet, tmp_path
 _STREAM_SCRIPT = r"""
 import json, sys
 import jax, numpy as np
-from jaxattr import checkpoint, config as config_lib, features
+from jaxattr import config as config_lib, features
 from jaxattr.attribute import attribution
-from jaxattr.models import get_encoder
+from tests.conftest import save_tiny_encoder
 root, workdir = sys.argv[1:3]
-kwargs = {"width": 0.0625, "stage_sizes": [1]}
-model = get_encoder("lightly_resnet18", **kwargs)
-v = model.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32), train=False)
 ckpt = workdir + "_encoder"
-checkpoint.save_variables(ckpt, v, {"encoder": "lightly_resnet18", "encoder_kwargs": kwargs,
-                                    "image_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3})
+save_tiny_encoder(ckpt)
 c = config_lib.base_config()
 c.data.source = "folder:" + root
 c.data.stream = True
