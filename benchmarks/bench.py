@@ -68,3 +68,16 @@ def write_result(path: str, name: str, rows: Sequence[dict[str, Any]], settings:
       "settings": settings,
       "provenance": utils.provenance()
   })
+
+
+def int_list(name: str, values: list[str], lo: int) -> list[int]:
+  """A comma-separated int flag's values (absl DEFINE_list), or a usage error naming the flag."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+
+  try:
+    out = [int(v) for v in values]
+  except ValueError:
+    out = []
+  if not out or min(out) < lo:
+    raise app.UsageError(f"--{name}={','.join(values)}: expected comma-separated integers >= {lo}")
+  return out

@@ -81,17 +81,6 @@ def _torch_pass(make_loader) -> tuple[int, float, int]:
   return n, *first
 
 
-def _ints(name: str, values: list[str], lo: int) -> list[int]:
-  """A comma-separated int flag's values, or a usage error naming the flag."""
-  try:
-    out = [int(v) for v in values]
-  except ValueError:
-    out = []
-  if not out or min(out) < lo:
-    raise app.UsageError(f"--{name}={','.join(values)}: expected comma-separated integers >= {lo}")
-  return out
-
-
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
@@ -99,7 +88,7 @@ def main(argv):
   from torchvision import transforms  # pylint: disable=g-import-not-at-top
 
   torch.set_num_threads(1)
-  worker_counts = _ints("workers", _WORKERS.value, 0)  # checked before any work
+  worker_counts = bench.int_list("workers", _WORKERS.value, 0)  # checked before any work
   root = _tree()
   split = stream.open_split(f"folder:{root}", "train")
   n = len(split)

@@ -120,17 +120,6 @@ def _child(side: str, root: str, ckpt: str, pth: str, n: int, dst: str) -> dict:
   return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def _ints(name: str, values: list[str], lo: int) -> list[int]:
-  """A comma-separated int flag's values, or a usage error naming the flag."""
-  try:
-    out = [int(v) for v in values]
-  except ValueError:
-    out = []
-  if not out or min(out) < lo:
-    raise app.UsageError(f"--{name}={','.join(values)}: expected comma-separated integers >= {lo}")
-  return out
-
-
 def main(argv):
   del argv
   if _SIDE.value:
@@ -144,7 +133,7 @@ def main(argv):
 
   from jaxattr import convert  # pylint: disable=g-import-not-at-top
 
-  sizes = sorted(_ints("images", _IMAGES.value, 1))
+  sizes = sorted(bench.int_list("images", _IMAGES.value, 1))
   per_class = 48
   classes = -(-sizes[-1] // per_class)
   root = os.path.join("bench_results", f"imagenet_tree_{classes}x{per_class}_500x375")
