@@ -67,8 +67,8 @@ def launch(run: Callable[[Any, str],
       if info.process_count > 1 and not multi_process:
         raise distributed.DistributedError(
             f"{os.path.basename(sys.argv[0])} does not run as several processes yet (issue "
-            "#17: launch/features.py and launch/attribute.py do); run it as one process, on "
-            "one host")
+            "#17: launch/features.py, launch/attribute.py and launch/support.py do); run it as "
+            "one process, on one host")
     except distributed.DistributedError as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(1)

@@ -18,4 +18,4 @@ from jaxattr import cli
 from jaxattr.counterfactual import support
 
 if __name__ == "__main__":
-  cli.launch(support.run, __doc__)
+  cli.launch(support.run, __doc__, multi_process=True)
