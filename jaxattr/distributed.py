@@ -59,9 +59,13 @@ def cluster_environment(env: dict[str, str] | None = None) -> str | None:
   """The multi-process environment JAX can detect by itself, or None (then: one process).
 
   SLURM: an `srun` step of more than one task; Open MPI: `mpirun` with more than one rank; TPU
-  VM: a slice of more than one worker (TPU_WORKER_HOSTNAMES lists them).
+  VM: JAX's own Cloud TPU detection (only when `env` is None: the process's environment), or a
+  slice of more than one worker listed in TPU_WORKER_HOSTNAMES.
   """
-  env = os.environ if env is None else env
+  if env is None:
+    env = dict(os.environ)
+    if _jax_detects_tpu():
+      return "TPU VM"
   if env.get("SLURM_STEP_ID") is not None and int(env.get("SLURM_NTASKS", "1") or 1) > 1:
     return "SLURM"
   if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
@@ -69,6 +73,19 @@ def cluster_environment(env: dict[str, str] | None = None) -> str | None:
   if len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
     return "TPU VM slice"
   return None
+
+
+def _jax_detects_tpu() -> bool:
+  # JAX's own Cloud TPU detection (its metadata-based check, which SSH sessions on a TPU VM
+  # slice's workers pass without any environment variable). JAX-internal, so guarded: where it
+  # is missing, the environment checks above decide.
+  try:
+    from jax._src import clusters  # pylint: disable=g-import-not-at-top
+    return any(c.is_env_present()
+               for c in clusters.ClusterEnv._cluster_types  # pylint: disable=protected-access
+               if "Tpu" in c.__name__ and not getattr(c, "opt_in_only_method", False))
+  except Exception:  # pylint: disable=broad-except
+    return False
 
 
 @dataclasses.dataclass(frozen=True)
