@@ -31,6 +31,9 @@ class _LazySplit:
   """What both kinds of lazily opened split share (they have `files`, `labels`, `class_names`
   and `index` fields)."""
 
+  def __len__(self) -> int:
+    return len(self.files)
+
   @property
   def num_classes(self) -> int:
     return len(self.class_names)
@@ -69,9 +72,6 @@ class FileSplit(_LazySplit):
   index: np.ndarray
   source: str = ""
   split: str = ""
-
-  def __len__(self) -> int:
-    return len(self.files)
 
   def __getitem__(self, i: int) -> tuple[str, int, int, int]:
     """(path, label, index, position i)."""
@@ -114,9 +114,6 @@ class TfdsSplit(_LazySplit):
   index: np.ndarray
   source: str = ""
   split: str = ""
-
-  def __len__(self) -> int:
-    return len(self.files)
 
   def __getitem__(self, i: int) -> tuple[Encoded, int, int, int]:
     """(`Encoded` image bytes, label, index, position i)."""
