@@ -35,7 +35,7 @@ def save_variables(path: str, variables: Any, meta: dict[str, Any],
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", dir=parent)
   try:
     host = jax.tree_util.tree_map(np.asarray, variables)
-    ckptr = ocp.StandardCheckpointer()
+    ckptr = _local_checkpointer()
     ckptr.save(os.path.join(tmp, "variables"), host)
     ckptr.wait_until_finished()
     with open(os.path.join(tmp, META), "w") as f:
@@ -46,6 +46,15 @@ def save_variables(path: str, variables: Any, meta: dict[str, Any],
   finally:
     if os.path.exists(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _local_checkpointer() -> ocp.StandardCheckpointer:
+  """An orbax checkpointer of this process alone: in a job of several processes, one of them
+  writes an exported encoder and each reads it, without waiting for the others (orbax's default
+  is a collective save/restore that every process must join)."""
+  me = jax.process_index()
+  return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+      primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"local-{me}"))
 
 
 def is_checkpoint(path: str) -> bool:
@@ -62,6 +71,6 @@ def load_variables(path: str) -> tuple[Any, dict[str, Any]]:
                      "variables/ inside; convert PyTorch files with launch/convert.py)")
   with open(os.path.join(path, META)) as f:
     meta = json.load(f)
-  variables = ocp.StandardCheckpointer().restore(os.path.join(path, "variables"))
+  variables = _local_checkpointer().restore(os.path.join(path, "variables"))
   variables = jax.tree_util.tree_map(np.asarray, variables)
   return variables, meta

@@ -66,9 +66,9 @@ def launch(run: Callable[[Any, str],
                                     f.local_device_ids, f.distributed_timeout)
       if info.process_count > 1 and not multi_process:
         raise distributed.DistributedError(
-            f"{os.path.basename(sys.argv[0])} does not run as several processes yet (issue "
-            "#17: launch/features.py, launch/attribute.py and launch/support.py do); run it as "
-            "one process, on one host")
+            f"{os.path.basename(sys.argv[0])} runs as one process: it is a short single-host "
+            "step (merging job-array shards, preparing a resident copy); run it once, on one "
+            "host, without --coordinator_address")
     except distributed.DistributedError as e:
       print(f"error: {e}", file=sys.stderr)
       sys.exit(1)

@@ -19,10 +19,13 @@ the tests do with several local processes.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import os
 import secrets
-from typing import Any
+import time
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -37,6 +40,36 @@ class DistributedError(RuntimeError):
 
 # JAX's default is 300 s; a process that never joins is reported after this long.
 DEFAULT_TIMEOUT_S = 300
+
+# Seconds this process spent on the costs of running as a job (`overhead`), by kind.
+_OVERHEAD: collections.defaultdict[str, float] = collections.defaultdict(float)
+_ACTIVE: list[str] = []
+
+
+@contextlib.contextmanager
+def overhead(kind: str) -> Iterator[None]:
+  """Adds the block's wall time to this process's `overhead_seconds()[kind]`.
+
+  Kinds used: 'start-up' (joining the job, checking config and workdir), 'barriers' (waiting for
+  the other processes), 'gathers' (fetching results to the host, from all processes when there
+  are several; the computation has finished before the clock starts), 'checkpoints' (writing
+  orbax checkpoints). A block inside another counts for the outer one only.
+  """
+  if _ACTIVE:
+    yield
+    return
+  _ACTIVE.append(kind)
+  t0 = time.perf_counter()
+  try:
+    yield
+  finally:
+    _OVERHEAD[kind] += time.perf_counter() - t0
+    _ACTIVE.pop()
+
+
+def overhead_seconds() -> dict[str, float]:
+  """{kind: seconds} spent so far by this process (see `overhead`)."""
+  return dict(_OVERHEAD)
 
 
 def define_flags() -> None:
@@ -133,10 +166,12 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                              "(process 0's host, a free port)")
     if num_processes > 1:
       how = f"coordinator {coordinator_address}"
-      _join(coordinator_address, num_processes, process_id, local_device_ids, timeout_s, how)
+      with overhead("start-up"):
+        _join(coordinator_address, num_processes, process_id, local_device_ids, timeout_s, how)
   elif cluster_environment() is not None:
     how = f"detected {cluster_environment()}"
-    _join(None, None, None, local_device_ids, timeout_s, how)
+    with overhead("start-up"):
+      _join(None, None, None, local_device_ids, timeout_s, how)
   info = JobInfo(jax.process_index(), jax.process_count(), jax.local_device_count(),
                  jax.device_count(), how)
   logging.info("%s", info.describe())
@@ -177,7 +212,52 @@ def barrier(name: str) -> None:
   """Waits until every process reaches the barrier `name` (no-op for one process)."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
+    with overhead("barriers"):
+      multihost_utils.sync_global_devices(name)
+
+
+def global_array(mesh: Any, array: np.ndarray, spec: Any) -> jax.Array:
+  """A global jax.Array laid out as `NamedSharding(mesh, spec)` from a host array that every
+  process holds in full (each process places its own devices' pieces: multi-host safe)."""
+  sharding = jax.sharding.NamedSharding(mesh, spec)
+  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def replicate(mesh: Any, tree: Any) -> Any:
+  """A pytree of host or single-device arrays (the same on every process) copied to every device
+  of `mesh`."""
+  spec = jax.sharding.PartitionSpec()
+  return jax.tree_util.tree_map(lambda x: global_array(mesh, np.asarray(x), spec), tree)
+
+
+def host_copy(tree: Any) -> Any:
+  """NumPy copies of a pytree of replicated arrays (global ones too: this process's own copy,
+  no communication), e.g. to evaluate or export on one process what all of them hold."""
+
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      if not x.is_fully_replicated:
+        raise ValueError(f"host_copy: an array of shape {x.shape} is sharded over processes, "
+                         "not replicated; gather it instead")
+      return np.asarray(x.addressable_data(0))
+    return np.asarray(x)
+
+  return jax.tree_util.tree_map(one, tree)
+
+
+def job_overhead() -> dict[str, Any]:
+  """Every process's `overhead_seconds()`, gathered (all processes must call it):
+  {'processes', 'devices', 'seconds': {kind: [seconds of process 0, 1, ...]}}."""
+  kinds = ("start-up", "barriers", "gathers", "checkpoints")
+  mine = np.asarray([_OVERHEAD.get(k, 0.0) for k in kinds], np.float64)
+  rows = _allgather(mine).reshape(-1, len(kinds)) if jax.process_count() > 1 else mine[None]
+  return {
+      "processes": jax.process_count(),
+      "devices": jax.device_count(),
+      "seconds": {
+          k: [round(float(v), 3) for v in rows[:, i]] for i, k in enumerate(kinds)
+      }
+  }
 
 
 def _allgather(values: np.ndarray) -> np.ndarray:
@@ -193,9 +273,14 @@ def check_job(config: Any, workdir: str) -> None:
       workdir that is not the same directory on every process (naming those that cannot see
       process 0's files), before any stage work.
   """
-  n = jax.process_count()
-  if n == 1:
+  if jax.process_count() == 1:
     return
+  with overhead("start-up"):
+    _check_job(config, workdir)
+
+
+def _check_job(config: Any, workdir: str) -> None:
+  n = jax.process_count()
   mine = utils.config_hash(config)
   hashes = _allgather(np.frombuffer(mine.encode(), np.uint8))
   texts = [bytes(h.astype(np.uint8)).decode() for h in hashes.reshape(n, -1)]

@@ -8,6 +8,7 @@ exactly the stages it affects. Stage wall times go to WORKDIR/timings.json.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import time
@@ -18,6 +19,7 @@ from absl import logging
 
 from jaxattr import (
     config as config_lib,
+    distributed,
     features,
     pretrain,
     report,
@@ -51,12 +53,15 @@ class Stages:
     before = [_mtime(p) for p in paths]
     t0 = time.perf_counter()
     fn()
+    # Several processes: process 0 writes the stage's records; all see them before comparing.
+    distributed.barrier(f"pipeline-stage-{name}")
     seconds = time.perf_counter() - t0
     if [_mtime(p) for p in paths] == before:
       logging.info("stage %s: up to date, skipped", name)
       return False
     self.timings[name] = seconds
-    utils.save_json(os.path.join(self.workdir, "timings.json"), self.timings)
+    if distributed.is_main():
+      utils.save_json(os.path.join(self.workdir, "timings.json"), self.timings)
     logging.info("stage %s: done in %.1fs", name, seconds)
     return True
 
@@ -70,7 +75,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   train, test = stream.splits(config.data)  # streamed (`data.stream`): file lists, no pixels
   validate.check(config, train, test)  # every stage's fields, before any work
   os.makedirs(workdir, exist_ok=True)
-  utils.save_json(os.path.join(workdir, "config.json"), config.to_dict())
+  if distributed.is_main():
+    utils.save_json(os.path.join(workdir, "config.json"), config.to_dict())
   stages = Stages(workdir)
   if not config.encoder.checkpoint:
     stages.run("pretrain", lambda: pretrain.run(config, workdir, train=train, test=test),
@@ -86,7 +92,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         for metric in config_lib.names(config.support.metrics)
         for spec in config_lib.names(config.support.methods)
     ])
-  # The report is cheap and reads everything above: always rendered anew.
+  # The report is cheap and reads everything above: always rendered anew, by process 0 alone;
+  # the others wait for its summary.
+  summary_path = os.path.join(workdir, "summary.json")
+  job = distributed.job_overhead()  # collective: every process's start-up, barrier, gather time
+  if not distributed.is_main():
+    distributed.barrier("pipeline-summary")
+    with open(summary_path) as f:
+      return json.load(f)
   t0 = time.perf_counter()
   report_path = report.write_report(workdir, config=config, train=train, test=test)
   stages.timings["report"] = time.perf_counter() - t0
@@ -96,6 +109,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   summary: dict[str, Any] = {
       "workdir": os.path.abspath(workdir),
       "timings": stages.timings,
+      "job": job,
       "provenance": utils.provenance()
   }
   pre = os.path.join(workdir, "pretrain", "summary.json")
@@ -125,7 +139,42 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             for k in ("median_support", "median_support_flipped_only", "targets", "not_flipped",
                       "fraction_flipped", "trainings", "trainings_per_target_max")
         }
+  logging.info(
+      "pipeline: %d process(es), %d device(s); seconds per process in start-up %s, "
+      "barriers %s, gathers %s, checkpoints %s", job["processes"], job["devices"],
+      *(job["seconds"][k] for k in ("start-up", "barriers", "gathers", "checkpoints")))
   summary["report"] = os.path.abspath(report_path)
-  utils.save_json(os.path.join(workdir, "summary.json"), summary)
-  logging.info("pipeline: done; summary in %s", os.path.join(workdir, "summary.json"))
+  utils.save_json(summary_path, summary)
+  logging.info("pipeline: done; summary in %s", summary_path)
+  distributed.barrier("pipeline-summary")
   return summary
+
+
+def merge_shards(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Assembles a job array's shards (`config.shard.count`) of attribution and of support, those
+  that exist (`attribution.merge`, `support.merge`).
+
+  Raises:
+    ValueError: shard.count below 2, or no shard of either stage in the workdir; the stages'
+      own errors for shards that have not run, not finished or do not match.
+  """
+  count = int(config.shard.count)
+  if count < 2:
+    raise ValueError("launch/merge.py assembles a job array: set config.shard.count to the number "
+                     "of shards that ran (it is 1)")
+  pattern = f"shard-*-of-{count}"
+  found = {
+      "attribution": glob.glob(os.path.join(workdir, "attribution", "*", pattern)),
+      "support": glob.glob(os.path.join(workdir, "support", "*", "*", pattern))
+  }
+  if not any(found.values()):
+    raise ValueError(
+        f"no shard of a {count}-job array in {workdir}/attribution or {workdir}/support: run "
+        "launch/attribute.py or launch/support.py with --config.shard.index=i "
+        f"--config.shard.count={count} for each i first")
+  out: dict[str, Any] = {}
+  if found["attribution"]:
+    out["attribution"] = attribution.merge(config, workdir)
+  if found["support"]:
+    out["support"] = support.merge(config, workdir)
+  return out

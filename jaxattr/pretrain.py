@@ -29,8 +29,18 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.sharding import Mesh, PartitionSpec as P
 
-from jaxattr import augment, checkpoint, data as data_lib, ownership, ssl, utils, validate
+from jaxattr import (
+    augment,
+    checkpoint,
+    data as data_lib,
+    distributed,
+    ownership,
+    ssl,
+    utils,
+    validate,
+)
 
 RUN_ONLY_FIELDS = ownership.RUN_ONLY_FIELDS
 
@@ -89,10 +99,10 @@ def check_run(config: ml_collections.ConfigDict, workdir: str) -> tuple[str, dic
 def export_encoder(state: ssl.MoCoState, config: ml_collections.ConfigDict, path: str,
                    extra_meta: dict[str, Any] | None = None) -> None:
   """Writes the query backbone as a variables checkpoint that feature extraction loads."""
-  variables = {
+  variables = distributed.host_copy({
       "params": state.params["backbone"],
       "batch_stats": state.batch_stats.get("backbone", {})
-  }
+  })
   meta = {
       "encoder": config.encoder.name,
       "encoder_kwargs": ssl.encoder_kwargs(config),
@@ -137,15 +147,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
   if done is not None:
     logging.info("pretrain: up to date (fingerprint %s, step %d), skipped", digest, total)
     return done
+  mesh = data_mesh(p.batch_size)
   os.makedirs(out_dir, exist_ok=True)
-  utils.save_json(os.path.join(out_dir, "fingerprint.json"), {
-      "fingerprint": digest,
-      "fields": fields
-  })
+  if distributed.is_main():
+    utils.save_json(os.path.join(out_dir, "fingerprint.json"), {
+        "fingerprint": digest,
+        "fields": fields
+    })
 
   model = ssl.moco_model(config)
   k_init, k_train = jax.random.split(jax.random.key(config.seed))
+  # Made on one device (the same on every process), then copied to every device of the mesh.
   state = ssl.init_state(config, k_init, train.images.shape[1:], n)
+  state = distributed.replicate(mesh, state)
   mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(out_dir, "checkpoints")),
                                options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
   latest = mngr.latest_step()
@@ -155,8 +169,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
     state = flax.serialization.from_state_dict(state, restored)
     logging.info("pretrain: resumed from step %d", latest)
 
-  images = jax.device_put(train.images)  # uint8, stays on device
-  step_fn = ssl.make_train_fn(config, model, n)
+  images = distributed.global_array(mesh, train.images, P())  # uint8, stays on every device
+  k_train = distributed.global_array(mesh, np.asarray(jax.random.key_data(k_train)), P())
+  step_fn = ssl.make_train_fn(config, model, n, mesh=mesh)
   embed = _embed_fn(model)
   meter = utils.Throughput("pretrain", total * p.batch_size, "images", every_s=1e9)
   knn_history = []
@@ -172,15 +187,24 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
       lr = float(ssl.lr_schedule(config, n)(done - 1))
       logging.info("pretrain: step %d/%d epoch %.2f loss %.4f lr %.4f | %s", done, total,
                    done / spe, loss, lr, meter.message())
-    if p.knn_every_epochs and done % (spe * p.knn_every_epochs) == 0 and done != total:
+    if (p.knn_every_epochs and done % (spe * p.knn_every_epochs) == 0 and done != total and
+        distributed.is_main()):  # the others go on and wait for it in the next step
       acc = _knn(embed, state, train, test, config)
       knn_history.append({"step": done, "knn_accuracy": acc})
       logging.info("pretrain: step %d kNN accuracy %.4f", done, acc)
     if done % p.checkpoint_every_steps == 0 or done == total:
-      mngr.save(done, args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)))
-  mngr.wait_until_finished()
+      with distributed.overhead("checkpoints"):
+        mngr.save(done, args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)))
+  with distributed.overhead("checkpoints"):
+    mngr.wait_until_finished()
   seconds = time.perf_counter() - t0
   loss = float(metrics["loss"]) if total > start_step else loss
+  mngr.close()
+  summary_path = os.path.join(out_dir, "summary.json")
+  if not distributed.is_main():  # process 0 evaluates and writes; the others read its summary
+    distributed.barrier("pretrain-exported")
+    with open(summary_path) as f:
+      return json.load(f)
   acc = _knn(embed, state, train, test, config)
   logging.info("pretrain: done at step %d, kNN accuracy %.4f", int(state.step), acc)
   export_encoder(state, config, os.path.join(out_dir, "encoder"), {
@@ -200,9 +224,36 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
       "config": config.to_dict(),
       "provenance": utils.provenance()
   }
-  utils.save_json(os.path.join(out_dir, "summary.json"), summary)
-  mngr.close()
+  utils.save_json(summary_path, summary)
+  distributed.barrier("pretrain-exported")
   return summary
+
+
+def data_mesh(batch_size: int) -> Mesh:
+  """The devices MoCo trains on, data parallel: all devices of all processes (axis 'data').
+
+  On one process whose device count does not divide the batch, the largest count that does.
+
+  Raises:
+    ValueError: several processes whose devices together do not divide `pretrain.batch_size`.
+  """
+  devices = jax.devices()
+  n = len(devices)
+  if batch_size % n:
+    if jax.process_count() > 1:
+      raise ValueError(
+          f"pretrain.batch_size={batch_size} does not divide over the job's {n} devices "
+          f"({jax.process_count()} processes): every device trains on an equal shard of each "
+          f"batch; choose a batch size that is a multiple of {n}")
+    use = max(d for d in range(1, n + 1) if batch_size % d == 0)
+    logging.warning(
+        "pretrain: pretrain.batch_size=%d does not divide over %d devices; training on %d of "
+        "them (a multiple of %d as batch size uses all)", batch_size, n, use, n)
+    devices = devices[:use]
+  logging.info(
+      "pretrain: data parallel over %d device(s) of %d process(es), %d images per device "
+      "per step", len(devices), jax.process_count(), batch_size // len(devices))
+  return Mesh(np.asarray(devices), ("data",))
 
 
 def _finished(out_dir: str, digest: str, total: int) -> dict[str, Any] | None:
@@ -232,18 +283,22 @@ def _embed_fn(model: ssl.MoCoNet):
   return fn
 
 
-def _features(fn, state: ssl.MoCoState, images: np.ndarray, batch: int = 512) -> np.ndarray:
+def _features(fn, params, batch_stats, images: np.ndarray, batch: int = 512) -> np.ndarray:
   out = []
   for s in range(0, len(images), batch):
     chunk = images[s:s + batch]
     pad = batch - len(chunk)  # one shape for every call: no recompiles for the last batch
     if pad:
       chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
-    out.append(np.asarray(fn(state.params, state.batch_stats, chunk))[:batch - pad])
+    out.append(np.asarray(fn(params, batch_stats, chunk))[:batch - pad])
   return np.concatenate(out)
 
 
 def _knn(fn, state, train, test, config) -> float:
-  return ssl.knn_accuracy(_features(fn, state, train.images), train.labels,
-                          _features(fn, state, test.images), test.labels, train.num_classes,
+  # On this process's first device alone (the others may be busy with the next step).
+  params, batch_stats = jax.device_put(distributed.host_copy((state.params, state.batch_stats)),
+                                       jax.local_devices()[0])
+  return ssl.knn_accuracy(_features(fn, params, batch_stats, train.images), train.labels,
+                          _features(fn, params, batch_stats,
+                                    test.images), test.labels, train.num_classes,
                           k=config.pretrain.knn_k, temperature=config.pretrain.knn_temperature)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxattr import augment
 from jaxattr.models import get_encoder
@@ -201,18 +202,35 @@ def batch_indices(seed_key: jax.Array, step: jax.Array, num_examples: int,
   return jax.lax.dynamic_slice_in_dim(perm, within * batch_size, batch_size)
 
 
-def make_train_fn(config: ml_collections.ConfigDict, model: MoCoNet, num_examples: int):
-  """jit of (state, all images on device, root key) -> (state, metrics) for one step."""
+def make_train_fn(config: ml_collections.ConfigDict, model: MoCoNet, num_examples: int,
+                  mesh: Mesh | None = None):
+  """jit of (state, all images on device, root key) -> (state, metrics) for one step.
 
-  @functools.partial(jax.jit, donate_argnums=(0,))
+  With `mesh` (one axis, 'data', over the devices of any number of processes) the step is data
+  parallel: state, images and key are replicated on every device, and every device gathers its own
+  shard of each global batch from its copy of the images. The step's mathematics stay those of
+  the global batch (GSPMD inserts the collectives): gradients, the split groups' BatchNorm
+  statistics, the key encoder's batch shuffle and the memory bank are the same as on one device,
+  up to the order of floating-point sums, and every device ends the step with the same state.
+  The root key may be given as its raw key data (uint32), as a replicated global array is.
+  """
+  batch_sharding = None if mesh is None else NamedSharding(mesh, P("data"))
+
   def step_fn(state, all_images, root_key):
+    if not jax.dtypes.issubdtype(root_key.dtype, jax.dtypes.prng_key):
+      root_key = jax.random.wrap_key_data(root_key)
     k_perm, k_step = jax.random.split(root_key)
     idx = batch_indices(k_perm, state.step, num_examples, config.pretrain.batch_size)
     batch = jnp.take(all_images, idx, axis=0)
+    if batch_sharding is not None:
+      batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
     return train_step(state, batch, jax.random.fold_in(k_step, state.step), model=model,
                       config=config)
 
-  return step_fn
+  if mesh is None:
+    return jax.jit(step_fn, donate_argnums=(0,))
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(step_fn, donate_argnums=(0,), in_shardings=replicated, out_shardings=replicated)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ STAGE_FIELDS = {
     "pretrain": ("encoder", "pretrain"),
     "features": ("encoder", "features"),
     "attribution": ("attribution", "viz", "shard"),
-    "support": ("support", "ensemble"),
+    "support": ("support", "ensemble", "shard"),
     "flip": ("mode", "num_models", "ensemble"),
 }
 

@@ -8,4 +8,4 @@ from jaxattr import cli
 from jaxattr.counterfactual import flip
 
 if __name__ == "__main__":
-  cli.launch(flip.run, __doc__)
+  cli.launch(flip.run, __doc__, multi_process=True)

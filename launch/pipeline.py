@@ -7,4 +7,4 @@ support -> report (`jaxattr.pipeline`).
 from jaxattr import cli, pipeline
 
 if __name__ == "__main__":
-  cli.launch(pipeline.run, __doc__)
+  cli.launch(pipeline.run, __doc__, multi_process=True)

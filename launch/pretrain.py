@@ -6,4 +6,4 @@
 from jaxattr import cli, pretrain
 
 if __name__ == "__main__":
-  cli.launch(pretrain.run, __doc__)
+  cli.launch(pretrain.run, __doc__, multi_process=True)

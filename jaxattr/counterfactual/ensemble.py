@@ -39,7 +39,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxattr import augment, utils
+from jaxattr import augment, distributed, utils
 
 # 'map' everywhere: it keeps each model's convolutions ungrouped, which XLA:CPU runs ~2x faster
 # than vmap's grouped ones (benchmarks/benchmark_train.py); GPU/TPU are assumed to agree.
@@ -256,18 +256,14 @@ def wave_size(config: ml_collections.ConfigDict, num_models: int, num_devices: i
   return math.ceil(per_wave / num_devices) * num_devices
 
 
-def _global_array(mesh: Mesh, array: np.ndarray, spec: P) -> jax.Array:
-  """A global array from a host array every process holds in full (multi-host safe)."""
-  sharding = NamedSharding(mesh, spec)
-  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
-
-
 def _to_host(x: Any) -> Any:
   """Fetches a (possibly multi-host sharded) pytree to numpy on every process."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return multihost_utils.process_allgather(x, tiled=True)
-  return jax.tree_util.tree_map(np.asarray, x)
+  x = jax.block_until_ready(x)  # the computation is not the gather's cost
+  with distributed.overhead("gathers"):
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return multihost_utils.process_allgather(x, tiled=True)
+    return jax.tree_util.tree_map(np.asarray, x)
 
 
 def _is_int(a: np.ndarray) -> bool:
@@ -385,8 +381,8 @@ class Trainer:
     if jax.default_backend() == "cpu" and "ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
       logging.warning("XLA:CPU trains ~2x slower with its default YNNPACK convolutions: call "
                       "jaxattr.xla_flags.use_fast_cpu_flags() before JAX starts (see there)")
-    self.images = _global_array(self.mesh, np.ascontiguousarray(train.images), P())
-    self.labels = _global_array(self.mesh, train.labels.astype(np.int32), P())
+    self.images = distributed.global_array(self.mesh, np.ascontiguousarray(train.images), P())
+    self.labels = distributed.global_array(self.mesh, train.labels.astype(np.int32), P())
     lift = functools.partial(over_models, mesh=self.mesh, formulation=self.formulation)
     per_model, partial = NamedSharding(self.mesh, P("models")), functools.partial
     init = partial(init_state, model=self.model, tx=self.tx, image_shape=train.images.shape[1:])
@@ -492,8 +488,8 @@ class Trainer:
     eb, e = int(cfg.eval_batch_size), len(eval_images)
     padded = np.zeros((math.ceil(max(e, 1) / eb) * eb,) + eval_images.shape[1:], np.uint8)
     padded[:e] = eval_images
-    eval_dev = _global_array(self.mesh, padded, P())
-    per_model = functools.partial(_global_array, self.mesh, spec=P("models"))
+    eval_dev = distributed.global_array(self.mesh, padded, P())
+    per_model = functools.partial(distributed.global_array, self.mesh, spec=P("models"))
 
     logits_out = np.zeros((m, e, self.train.num_classes), np.float32)
     params_out = []

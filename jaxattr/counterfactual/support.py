@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -66,16 +67,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data.Dataset 
   specs = config_lib.names(sc.methods)
   if not specs:
     raise SearchError("support.methods is empty")
-  requested = parse_targets(sc.targets)
   k = int(sc.k)
-  methods = []
-  for spec in specs:
-    if "=" not in spec:
-      require_attribution(config, workdir, spec)
-    name, ids, topk = load_topk(workdir, spec, k, requested)
-    if sc.num_targets:
-      ids, topk = ids[:int(sc.num_targets)], topk[:int(sc.num_targets)]
-    methods.append((name, ids, topk))
+  methods = _methods(config, workdir)
+  index, count = shard_of(config)
   if train is None or test is None:
     loaded = data.load_splits(config.data)
     train = train if train is not None else loaded[0]
@@ -97,62 +91,31 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data.Dataset 
       return flip_lib.flip_classes(trainer, images, labels, int(sc.flip_models),
                                    int(sc.flip_seed))[1]
 
-  train_key = utils.config_hash({
-      "ensemble": config.ensemble.to_dict(),
-      # The pixels too: the same file names with other images train other models.
-      "train": fingerprint_lib.arrays_fingerprint(train.index, train.labels, train.images)
-  })
-  search_key = {f: sc[f] for f in ("num_tests", "search_budget", "k", "exhaustive", "grid", "seed")}
+  train_key = _train_key(config, train)
   flips: dict[int, int] = {}
   if "mislabel" in metrics:
-    # One full-data ensemble for the targets of all methods together.
-    union = np.unique(np.concatenate([ids for _, ids, _ in methods]))
-    u_pos = positions_of(test.index, union, "targets (test split)")
-    flips = dict(
-        zip(
-            union.tolist(),
-            flip_classes_cached(
-                workdir, union, test.images[u_pos], test.labels[u_pos], flip_fn,
-                key=utils.config_hash({
-                    "train":
-                        train_key,
-                    "test":
-                        fingerprint_lib.arrays_fingerprint(test.index, test.labels, test.images),
-                    "models":
-                        sc.flip_models,
-                    "seed":
-                        sc.flip_seed
-                })).tolist()))
+    # One full-data ensemble for the targets of all methods together (all shards' targets, so
+    # that the shards of a job array share one cache).
+    flips = _flips(config, workdir, methods, train_key, test, flip_fn)
   out: dict[str, Any] = {metric: {} for metric in metrics}
   todo: list[tuple[str, SearchProblem, str]] = []  # (method, problem, out_dir)
   for metric in metrics:
     for name, ids, topk in methods:
-      t_pos = positions_of(test.index, ids, f"method {name!r} targets (test split)")
-      prefixes = positions_of(train.index, topk, f"method {name!r} top-k (train split)")
-      true = test.labels[t_pos].astype(np.int64)
-      flip = (np.array([flips[int(i)] for i in ids], np.int64) if metric == "mislabel" else None)
-      fingerprint = utils.config_hash({
-          "search":
-              search_key,
-          "metric":
-              metric,
-          "train":
-              train_key,
-          "inputs":
-              fingerprint_lib.arrays_fingerprint(
-                  ids, prefixes, true, flip if flip is not None else ids[:0], test.images[t_pos])
-      })
-      out_dir = os.path.join(workdir, "support", metric, name)
+      part = shard_part(len(ids), index, count)
+      out_dir = support_dir(workdir, metric, name, index, count)
+      problem = _problem(config, metric, name, ids[part], topk[part], train, test, flips, train_key,
+                         os.path.join(out_dir, "state.json"))
+      fingerprint = problem.fingerprint
       done = _finished_summary(out_dir, fingerprint)
       if done is not None:
         logging.info("%s support of %s: done already (%s)", metric, name, out_dir)
         out[metric][name] = done
         continue
-      logging.info("%s support of %s: %d targets, k=%d, budget %d, %d tests", metric, name,
-                   len(ids), k, sc.search_budget, sc.num_tests)
-      todo.append((name,
-                   SearchProblem(metric, prefixes, t_pos, ids, true, flip,
-                                 os.path.join(out_dir, "state.json"), fingerprint), out_dir))
+      logging.info("%s support of %s: %d targets%s, k=%d, budget %d, %d tests", metric, name,
+                   len(problem.target_ids),
+                   f" (shard {index} of {count}: {out_dir})" if count > 1 else "", k,
+                   sc.search_budget, sc.num_tests)
+      todo.append((name, problem, out_dir))
 
   # Joint: every unfinished (metric, method) shares each round's trainer call; otherwise one
   # search after the other. The results are the same either way.
@@ -175,10 +138,181 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data.Dataset 
       out[p.metric][name] = summary
       logging.info("%s support of %s: median %s, %d of %d not flipped", p.metric, name,
                    summary["median_support"], summary["not_flipped"], summary["targets"])
-  if distributed.is_main():
+  if distributed.is_main() and count == 1:  # a job array's merge draws them
     for metric in metrics:
       summaries.plot_curves(workdir, metric)
   distributed.barrier("support-done")
+  return out
+
+
+def _methods(config: ml_collections.ConfigDict,
+             workdir: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
+  """(name, target ids [T], top-k [T, k]) of every configured method, all targets."""
+  sc = config.support
+  requested = parse_targets(sc.targets)
+  methods = []
+  for spec in config_lib.names(sc.methods):
+    if "=" not in spec:
+      require_attribution(config, workdir, spec)
+    name, ids, topk = load_topk(workdir, spec, int(sc.k), requested)
+    if sc.num_targets:
+      ids, topk = ids[:int(sc.num_targets)], topk[:int(sc.num_targets)]
+    methods.append((name, ids, topk))
+  return methods
+
+
+def _train_key(config: ml_collections.ConfigDict, train: data.Dataset) -> str:
+  return utils.config_hash({
+      "ensemble": config.ensemble.to_dict(),
+      # The pixels too: the same file names with other images train other models.
+      "train": fingerprint_lib.arrays_fingerprint(train.index, train.labels, train.images)
+  })
+
+
+def _flips(config, workdir, methods, train_key, test, flip_fn: FlipFn | None) -> dict[int, int]:
+  """{target id: flip class} for the targets of all methods (flip_fn None: from the cache only).
+
+  Raises:
+    SearchError: flip_fn is None and the cache lacks some of them.
+  """
+  sc = config.support
+  union = np.unique(np.concatenate([ids for _, ids, _ in methods]))
+  u_pos = positions_of(test.index, union, "targets (test split)")
+
+  def missing(images, labels):
+    raise SearchError(f"{os.path.join(workdir, 'support', 'flip_classes.npz')} lacks the flip "
+                      f"classes of {len(labels)} targets: the shards have not run")
+
+  return dict(
+      zip(
+          union.tolist(),
+          flip_classes_cached(
+              workdir, union, test.images[u_pos], test.labels[u_pos], flip_fn or missing,
+              key=utils.config_hash({
+                  "train": train_key,
+                  "test": fingerprint_lib.arrays_fingerprint(test.index, test.labels, test.images),
+                  "models": sc.flip_models,
+                  "seed": sc.flip_seed
+              })).tolist()))
+
+
+def _problem(config, metric, name, ids, topk, train, test, flips, train_key,
+             state_path) -> SearchProblem:
+  """The search of one (metric, method) over targets `ids`, with the fingerprint of its inputs."""
+  sc = config.support
+  search_key = {f: sc[f] for f in ("num_tests", "search_budget", "k", "exhaustive", "grid", "seed")}
+  t_pos = positions_of(test.index, ids, f"method {name!r} targets (test split)")
+  prefixes = positions_of(train.index, topk, f"method {name!r} top-k (train split)")
+  true = test.labels[t_pos].astype(np.int64)
+  flip = (np.array([flips[int(i)] for i in ids], np.int64) if metric == "mislabel" else None)
+  fingerprint = utils.config_hash({
+      "search":
+          search_key,
+      "metric":
+          metric,
+      "train":
+          train_key,
+      "inputs":
+          fingerprint_lib.arrays_fingerprint(
+              ids, prefixes, true, flip if flip is not None else ids[:0], test.images[t_pos])
+  })
+  return SearchProblem(metric, prefixes, t_pos, ids, true, flip, state_path, fingerprint)
+
+
+# ------------------------------------------------------------------------------------------------
+# Job arrays: shards of the targets, then one merge.
+
+
+def shard_of(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(shard.index, shard.count) of a job array's shard; (0, 1) for a plain run."""
+  shard = config.get("shard")
+  if shard is None:
+    return 0, 1
+  return int(shard.index), int(shard.count)
+
+
+def shard_part(num_targets: int, index: int, count: int) -> slice:
+  """The targets of shard `index` of `count`: a contiguous block (sizes differ by at most 1)."""
+  bounds = np.linspace(0, num_targets, count + 1).round().astype(int)
+  return slice(int(bounds[index]), int(bounds[index + 1]))
+
+
+def support_dir(workdir: str, metric: str, method: str, index: int = 0, count: int = 1) -> str:
+  """WORKDIR/support/<metric>/<method>, or its shard-<i>-of-<n> subdirectory in a job array."""
+  base = os.path.join(workdir, "support", metric, method)
+  return base if count == 1 else os.path.join(base, f"shard-{index}-of-{count}")
+
+
+def merge(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Assembles the shards of a support job array (`config.shard.count` single-process jobs of
+  launch/support.py, each with its `shard.index`: each searched its block of the targets) into
+  WORKDIR/support/<metric>/<method>/, as one run would have written it; a plain run afterwards
+  finds it up to date. Every model's seeds depend on the target, not on its neighbours, so the
+  merged results are those of one run.
+
+  Raises:
+    SearchError: shard.count is 1; a shard that has not run or not finished (naming it); a shard
+      computed with another config, ranking or data than this one; before anything is written.
+  """
+  sc = config.support
+  index, count = shard_of(config)
+  del index
+  if count < 2:
+    raise SearchError("merging support shards needs config.shard.count, the number of shards that "
+                      "ran (it is 1)")
+  metrics = config_lib.names(sc.metrics)
+  methods = _methods(config, workdir)
+  train, test = data.load_splits(config.data)
+  train_key = _train_key(config, train)
+  flips = _flips(config, workdir, methods, train_key, test, None) if "mislabel" in metrics else {}
+  plans = []
+  for metric in metrics:  # everything checked before anything is written
+    for name, ids, topk in methods:
+      states = []
+      for i in range(count):
+        part = shard_part(len(ids), i, count)
+        d = support_dir(workdir, metric, name, i, count)
+        p = _problem(config, metric, name, ids[part], topk[part], train, test, flips, train_key,
+                     os.path.join(d, "state.json"))
+        if _finished_summary(d, p.fingerprint) is None:
+          if os.path.exists(os.path.join(d, "summary.json")):
+            raise SearchError(
+                f"merge {metric} support of {name}: shard {i} of {count} ({d}) was computed with "
+                "another config, ranking or data; rerun it with this config")
+          what = "has not finished" if os.path.exists(p.state_path) else "has not run"
+          raise SearchError(
+              f"merge {metric} support of {name}: shard {i} of {count} {what} (no summary in "
+              f"{d}); run launch/support.py with --config.shard.index={i} "
+              f"--config.shard.count={count} (it resumes where it stopped)")
+        with open(p.state_path) as f:
+          states.append(json.load(f))
+      full = _problem(config, metric, name, ids, topk, train, test, flips, train_key, None)
+      plans.append((metric, name, full, states))
+  out: dict[str, Any] = {metric: {} for metric in metrics}
+  for metric, name, full, states in plans:
+    rounds: dict[int, dict[str, Any]] = {}
+    for st in states:
+      for r in st["rounds"]:
+        agg = rounds.setdefault(r["round"], {
+            "round": r["round"],
+            "models": 0,
+            "seconds": 0.0,
+            "call_models": 0
+        })
+        for key in ("models", "seconds", "call_models"):
+          agg[key] += r[key]
+    result = bisection.SearchResult(
+        support=np.concatenate([np.asarray(st["best"], np.int64) for st in states]),
+        evals=[e for st in states for e in st["evals"]], rounds=[rounds[r] for r in sorted(rounds)])
+    base = support_dir(workdir, metric, name)
+    out[metric][name] = summaries.write_outputs(base, metric, name, result, full.target_ids,
+                                                full.true_labels, full.flip, sc, full.fingerprint)
+    for i in range(count):
+      shutil.rmtree(support_dir(workdir, metric, name, i, count), ignore_errors=True)
+    logging.info("%s support of %s: merged %d shards, median %s", metric, name, count,
+                 out[metric][name]["median_support"])
+  for metric in metrics:
+    summaries.plot_curves(workdir, metric)
   return out
 
 

@@ -1,0 +1,160 @@
+r"""The main job as several processes vs one process with the same devices, side by side.
+
+Runs `launch/pipeline.py` on a config (default: the digits main job) in layouts of P processes x
+D CPU devices each (default 2 x 1 against 1 x 2: the same 2 devices, once joined by
+`jax.distributed` through localhost and gloo, once in one process), in alternating rounds, each
+in a fresh workdir. The first round of each layout starts with an empty compilation cache
+('cold': what a first run costs), later rounds reuse it ('warm': a rerun). Per run: wall time
+(launch to the last process's exit), the stage times of WORKDIR/timings.json, and the time each
+process spent in start-up, barriers, gathers and checkpoints (`jaxattr.distributed.overhead`,
+from WORKDIR/summary.json); the table gives the ratio of each multi-process run to the one-process
+run of the same round.
+
+  python3 -m benchmarks.benchmark_multiprocess
+  python3 -m benchmarks.benchmark_multiprocess --config=configs/digits.py:quick --repeats=1
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app, flags, logging
+
+from benchmarks import bench
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_CONFIG = flags.DEFINE_string("config", os.path.join(REPO, "configs", "digits.py"),
+                              "Config of the main job (path[:variant]).")
+_LAYOUTS = flags.DEFINE_list("layouts", ["1x2", "2x1"],
+                             "PROCESSESxDEVICES layouts; the first is the baseline.")
+_REPEATS = flags.DEFINE_integer("repeats", 2, "Alternating rounds (the first one cold).",
+                                lower_bound=1)
+_OVERRIDES = flags.DEFINE_list("overrides", [], "Extra --config.* flags for every run.")
+_OUT = flags.DEFINE_string("out", "bench_results/multiprocess.json", "Result JSON.")
+_KEEP = flags.DEFINE_string("keep", "", "Keep the workdirs under this directory (default: none).")
+
+KINDS = ("start-up", "barriers", "gathers", "checkpoints")
+STAGES = ("pretrain", "features", "attribution", "support")
+
+
+def _layout(text: str) -> tuple[int, int]:
+  try:
+    p, d = (int(v) for v in text.lower().split("x"))
+  except ValueError:
+    p = d = 0
+  if p < 1 or d < 1:
+    raise app.UsageError(f"--layouts: {text!r} is not PROCESSESxDEVICES (e.g. 2x1)")
+  return p, d
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _run(processes: int, devices: int, workdir: str, cache: str) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices),
+             JAXATTR_COMPILATION_CACHE=cache)
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  cmd = [
+      sys.executable,
+      os.path.join(REPO, "launch", "pipeline.py"), f"--config={_CONFIG.value}",
+      f"--workdir={workdir}", *(f"--config.{o}" for o in _OVERRIDES.value)
+  ]
+  port = _free_port()
+  logs = [os.path.join(workdir + f".{i}.log") for i in range(processes)]
+  t0 = time.perf_counter()
+  procs = []
+  for i in range(processes):
+    extra = ([
+        f"--coordinator_address=localhost:{port}", f"--num_processes={processes}",
+        f"--process_id={i}"
+    ] if processes > 1 else [])
+    with open(logs[i], "w") as log:
+      procs.append(subprocess.Popen(cmd + extra, env=env, cwd=REPO, stdout=log, stderr=log))
+  codes = [p.wait() for p in procs]
+  wall = time.perf_counter() - t0
+  if any(codes):
+    tails = []
+    for path in logs:
+      with open(path) as f:
+        tails.append(f.read()[-2000:])
+    raise RuntimeError(f"layout {processes}x{devices} failed ({codes}):\n" + "\n".join(tails))
+  with open(os.path.join(workdir, "summary.json")) as f:
+    summary = json.load(f)
+  return {"wall_s": wall, "summary": summary}
+
+
+def main(argv):
+  del argv
+  layouts = [_layout(t) for t in _LAYOUTS.value]
+  tmp = tempfile.mkdtemp(prefix="bench_multiprocess.")
+  caches = {lay: os.path.join(tmp, f"cache-{lay[0]}x{lay[1]}") for lay in layouts}
+  load_before = os.getloadavg()
+  rows, runs = [], []
+  try:
+    for r in range(_REPEATS.value):
+      base = None
+      for lay in layouts:
+        p, d = lay
+        workdir = os.path.join(_KEEP.value or tmp, f"run{r}-{p}x{d}")
+        logging.info("round %d: %d process(es) x %d device(s) -> %s", r, p, d, workdir)
+        out = _run(p, d, workdir, caches[lay])
+        s = out["summary"]
+        job = s.get("job", {"seconds": {}})
+        row = {
+            "round": r,
+            "cache": "cold" if r == 0 else "warm",
+            "layout": f"{p}x{d}",
+            "wall_s": out["wall_s"],
+            **{
+                f"{k}_s": s["timings"].get(k, 0.0) for k in STAGES
+            },
+            **{
+                f"{k}_s (max over processes)": max(job["seconds"].get(k, [0.0])) for k in KINDS
+            },
+        }
+        if base is None:
+          base = row["wall_s"]
+        row["vs first layout"] = row["wall_s"] / base
+        rows.append(row)
+        runs.append({
+            "layout": f"{p}x{d}",
+            "round": r,
+            "wall_s": out["wall_s"],
+            "job": job,
+            "timings": s["timings"],
+            "support": s.get("support"),
+            "pretrain": s.get("pretrain")
+        })
+        if not _KEEP.value:
+          shutil.rmtree(workdir, ignore_errors=True)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  load_after = os.getloadavg()
+  print(bench.format_table(rows))
+  print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min)")
+  bench.write_result(
+      _OUT.value, "multiprocess", rows, {
+          "config": _CONFIG.value,
+          "layouts": _LAYOUTS.value,
+          "overrides": _OVERRIDES.value,
+          "repeats": _REPEATS.value,
+          "load_before": load_before,
+          "load_after": load_after,
+          "runs": runs
+      })
+  print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
