@@ -66,9 +66,15 @@ class MoCoState:
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
 
-def moco_model(config: ml_collections.ConfigDict) -> MoCoNet:
-  """The query encoder of `config`: the encoder backbone plus the projection head."""
-  backbone = get_encoder(config.encoder.name, **encoder_kwargs(config))
+def moco_model(config: ml_collections.ConfigDict, split_layout: str = "interleaved") -> MoCoNet:
+  """The query encoder of `config`: the encoder backbone plus the projection head.
+
+  split_layout: the SplitBatchNorm groups' layout in training batches ('blocked' for the
+  group-sorted batches of data-parallel training, `make_train_fn`); it does not change the
+  parameters or evaluation.
+  """
+  extra = {} if split_layout == "interleaved" else {"split_layout": split_layout}
+  backbone = get_encoder(config.encoder.name, **encoder_kwargs(config), **extra)
   head = ProjectionHead(config.pretrain.proj_hidden_dim, config.pretrain.proj_out_dim)
   return MoCoNet(backbone=backbone, head=head)
 
@@ -142,10 +148,39 @@ def bank_enqueue(bank: jax.Array, ptr: jax.Array, keys: jax.Array) -> tuple[jax.
   return bank.at[slots].set(k.astype(bank.dtype)), (ptr + k.shape[0]) % size
 
 
+def group_order(n: int, num_splits: int) -> np.ndarray:
+  """Rows of a batch of n sorted by SplitBatchNorm group (group of row i: i % num_splits):
+  group 0's rows first. A 'blocked' model on x[group_order] normalises exactly the groups an
+  'interleaved' one forms on x."""
+  return np.concatenate([np.arange(g, n, num_splits) for g in range(num_splits)])
+
+
 def train_step(state: MoCoState, images: jax.Array, key: jax.Array, *, model: MoCoNet,
-               config: ml_collections.ConfigDict) -> tuple[MoCoState, dict[str, jax.Array]]:
-  """One MoCo step on a batch of uint8 images [B, H, W, 3]; `key` is this step's key."""
+               config: ml_collections.ConfigDict, grouped: bool = False,
+               sharding: Any = None) -> tuple[MoCoState, dict[str, jax.Array]]:
+  """One MoCo step on a batch of uint8 images [B, H, W, 3]; `key` is this step's key.
+
+  grouped: `model` has 'blocked' SplitBatchNorm groups; every application sorts its batch by
+  group first and its outputs back, so the step computes what it computes with 'interleaved'
+  groups (used where the batch is sharded over devices: each device then holds whole groups).
+  sharding: the batch's sharding over devices (data parallel), kept on every model input.
+  """
   p = config.pretrain
+  n = images.shape[0]
+  order = group_order(n, config.encoder.num_splits) if grouped else None
+  back = None if order is None else np.argsort(order)
+
+  def apply(variables, x, perm=None):
+    # model.apply in training mode on x[perm] (x when perm is None), outputs in that order.
+    rows = perm
+    if order is not None:
+      rows = order if rows is None else rows[order]
+    x = x if rows is None else x[rows]
+    if sharding is not None:
+      x = jax.lax.with_sharding_constraint(x, sharding)
+    (proj, _), upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    return (proj if back is None else proj[back]), upd
+
   k_v0, k_v1, k_s0, k_s1 = jax.random.split(key, 4)
   out_size = images.shape[1]
   x0 = augment.simclr_views(k_v0, images, out_size, min_scale=p.min_scale)
@@ -158,10 +193,7 @@ def train_step(state: MoCoState, images: jax.Array, key: jax.Array, *, model: Mo
 
   def keys_of(x, ema_stats, k_shuffle):
     perm = jax.random.permutation(k_shuffle, x.shape[0])
-    (proj, _), upd = model.apply({
-        "params": ema_params,
-        "batch_stats": ema_stats
-    }, x[perm], train=True, mutable=["batch_stats"])
+    proj, upd = apply({"params": ema_params, "batch_stats": ema_stats}, x, perm)
     unperm = jnp.zeros_like(perm).at[perm].set(jnp.arange(x.shape[0]))
     return jax.lax.stop_gradient(proj[unperm]), upd["batch_stats"]
 
@@ -172,14 +204,8 @@ def train_step(state: MoCoState, images: jax.Array, key: jax.Array, *, model: Mo
   bank3, ptr3 = bank_enqueue(bank2, ptr2, key0)
 
   def loss_fn(params):
-    (q0, _), upd = model.apply({
-        "params": params,
-        "batch_stats": state.batch_stats
-    }, x0, train=True, mutable=["batch_stats"])
-    (q1, _), upd = model.apply({
-        "params": params,
-        "batch_stats": upd["batch_stats"]
-    }, x1, train=True, mutable=["batch_stats"])
+    q0, upd = apply({"params": params, "batch_stats": state.batch_stats}, x0)
+    q1, upd = apply({"params": params, "batch_stats": upd["batch_stats"]}, x1)
     loss = 0.5 * (info_nce(q0, key1, bank1, p.temperature) +
                   info_nce(q1, key0, bank2, p.temperature))
     return loss, upd["batch_stats"]
@@ -212,9 +238,16 @@ def make_train_fn(config: ml_collections.ConfigDict, model: MoCoNet, num_example
   the global batch (GSPMD inserts the collectives): gradients, the split groups' BatchNorm
   statistics, the key encoder's batch shuffle and the memory bank are the same as on one device,
   up to the order of floating-point sums, and every device ends the step with the same state.
+  Where the devices divide encoder.num_splits, the step is `grouped` (`train_step`): each device
+  holds whole SplitBatchNorm groups, so their statistics need no communication, and the
+  remaining collectives are few (the batch's reorderings, the gradients, the keys).
   The root key may be given as its raw key data (uint32), as a replicated global array is.
   """
   batch_sharding = None if mesh is None else NamedSharding(mesh, P("data"))
+  splits = int(config.encoder.num_splits)
+  grouped = mesh is not None and mesh.size > 1 and splits > 1 and splits % mesh.size == 0
+  if grouped:
+    model = model.clone(backbone=model.backbone.clone(split_layout="blocked"))
 
   def step_fn(state, all_images, root_key):
     if not jax.dtypes.issubdtype(root_key.dtype, jax.dtypes.prng_key):
@@ -225,7 +258,7 @@ def make_train_fn(config: ml_collections.ConfigDict, model: MoCoNet, num_example
     if batch_sharding is not None:
       batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
     return train_step(state, batch, jax.random.fold_in(k_step, state.step), model=model,
-                      config=config)
+                      config=config, grouped=grouped, sharding=batch_sharding)
 
   if mesh is None:
     return jax.jit(step_fn, donate_argnums=(0,))

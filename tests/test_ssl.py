@@ -231,3 +231,28 @@ def test_train_step_moves_no_data_between_host_and_device():
     state, metrics = step_fn(state, images, key)
     state, metrics = step_fn(state, images, key)
   assert int(state.step) == 3 and np.isfinite(float(metrics["loss"]))
+
+
+def test_blocked_groups_on_a_group_sorted_batch_equal_interleaved():
+  """Data-parallel MoCo sorts each batch by SplitBatchNorm group and normalises contiguous
+  blocks ('blocked'): the same groups, so the same outputs, statistics and step as lightly's
+  interleaved groups."""
+  from jaxattr.models import layers  # pylint: disable=g-import-not-at-top
+  x = np.random.default_rng(0).normal(size=(32, 4, 4, 6)).astype(np.float32)
+  order = ssl.group_order(32, 8)
+  assert sorted(order.tolist()) == list(range(32)) and (order[:4] % 8 == 0).all()
+  inter, blocked = layers.BatchNorm(num_splits=8), layers.BatchNorm(num_splits=8,
+                                                                    split_layout="blocked")
+  v = inter.init(jax.random.key(0), x, train=False)
+  y1, s1 = inter.apply(v, x, train=True, mutable=["batch_stats"])
+  y2, s2 = blocked.apply(v, x[order], train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(y2, np.asarray(y1)[order], rtol=1e-5, atol=1e-5)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), s1,
+                         s2)
+  c, train, model, state = _step_setup()
+  images = jnp.asarray(train.images[:c.pretrain.batch_size])
+  key = jax.random.key(2)
+  _, m1 = ssl.train_step(state, images, key, model=model, config=c)
+  grouped = model.clone(backbone=model.backbone.clone(split_layout="blocked"))
+  _, m2 = ssl.train_step(state, images, key, model=grouped, config=c, grouped=True)
+  np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-5)

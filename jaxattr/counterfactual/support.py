@@ -9,6 +9,10 @@ Outputs, in ``WORKDIR/support/``: ``<metric>/<method>/{state.json, results.jsonl
 curve.png}`` (state.json is the resumable search state, the others come from
 `jaxattr.counterfactual.summaries`), ``<metric>/curves.png`` with every method on one figure, and
 ``flip_classes.npz`` (the flip classes, computed once on the full data).
+
+A job array's shard (`config.shard.index` of `shard.count`) searches a contiguous block of the
+targets into ``<metric>/<method>/shard-<i>-of-<n>/``; `merge` assembles the shards into the
+layout above, equal to one run's.
 """
 
 from __future__ import annotations

@@ -34,11 +34,13 @@ class BasicBlock(nn.Module):
   num_splits: int = 1
   dtype: Any = jnp.float32
   shortcut: str = "shortcut"
+  split_layout: str = "interleaved"
   expansion = 1  # output channels / planes (class constant, not a field)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    bn = functools.partial(BatchNorm, num_splits=self.num_splits, dtype=self.dtype)
+    bn = functools.partial(BatchNorm, num_splits=self.num_splits, dtype=self.dtype,
+                           split_layout=self.split_layout)
     y = conv(self.planes, 3, self.stride, 1, self.dtype, name="conv1")(x)
     y = nn.relu(bn(name="bn1")(y, train))
     y = conv(self.planes, 3, 1, 1, self.dtype, name="conv2")(y)
@@ -58,6 +60,8 @@ class CifarResNet(nn.Module):
     num_splits: SplitBatchNorm groups (8 in the reference's MoCo; 1 = plain BatchNorm).
     stem_relu: apply ReLU after the stem BN (lightly's classifier `forward` does; the MoCo
       backbone built from its children does not, which is the default here).
+    split_layout: how training batches form the SplitBatchNorm groups ('interleaved', lightly's;
+      'blocked' for batches sorted by group, as data-parallel MoCo feeds them: `layers`).
     dtype: compute dtype (params stay float32).
   """
 
@@ -66,6 +70,7 @@ class CifarResNet(nn.Module):
   num_splits: int = 1
   stem_relu: bool = False
   dtype: Any = jnp.float32
+  split_layout: str = "interleaved"
 
   @property
   def feature_dim(self) -> int:
@@ -76,14 +81,15 @@ class CifarResNet(nn.Module):
     base = int(64 * self.width)
     x = x.astype(self.dtype)
     x = conv(base, 3, 1, 1, self.dtype, name="conv1")(x)
-    x = BatchNorm(num_splits=self.num_splits, dtype=self.dtype, name="bn1")(x, train)
+    x = BatchNorm(num_splits=self.num_splits, dtype=self.dtype, split_layout=self.split_layout,
+                  name="bn1")(x, train)
     if self.stem_relu:
       x = nn.relu(x)
     for i, blocks in enumerate(self.stage_sizes):
       for j in range(blocks):
         stride = 2 if (i > 0 and j == 0) else 1
         x = BasicBlock(base * 2**i, stride, self.num_splits, self.dtype,
-                       name=f"layer{i + 1}_{j}")(x, train)
+                       split_layout=self.split_layout, name=f"layer{i + 1}_{j}")(x, train)
     feature = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     return {"feature": feature}
 

@@ -7,7 +7,10 @@
   With `num_splits > 1` it is lightly's SplitBatchNorm: in training the batch is cut into
   `num_splits` interleaved groups (sample n belongs to group n % num_splits) that are normalised
   with their own statistics; running statistics are kept per group, shape [num_splits * C] in
-  torch's layout; at eval the statistics averaged over groups are used.
+  torch's layout; at eval the statistics averaged over groups are used. `split_layout='blocked'`
+  takes the groups as contiguous blocks instead (group g = rows [g n / s, (g + 1) n / s)): the
+  same normalisation for a batch whose rows were sorted by group (`group_order`), and, with the
+  batch sharded over D devices that divide num_splits, statistics that stay on each device.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class BatchNorm(nn.Module):
   """torch-semantics BatchNorm2d over the channel (last) axis; see the module docstring."""
 
   num_splits: int = 1
+  split_layout: str = "interleaved"  # or 'blocked' (see the module docstring)
   momentum: float = 0.1  # torch convention: new = (1 - m) * old + m * batch
   epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
@@ -66,9 +70,16 @@ class BatchNorm(nn.Module):
       else:
         if n % s:
           raise ValueError(f"SplitBatchNorm: batch {n} is not divisible by num_splits {s}")
-        # [n // s, s, ..., c]: sample i goes to group i % s, as torch's view(-1, C * s, H, W).
-        xs = x.astype(jnp.float32).reshape((n // s, s) + x.shape[1:])
-        axes = (0,) + tuple(range(2, xs.ndim - 1))
+        if self.split_layout == "blocked":  # [s, n // s, ..., c]: group g = the g-th block
+          xs = x.astype(jnp.float32).reshape((s, n // s) + x.shape[1:])
+          axes = tuple(range(1, xs.ndim - 1))
+        elif self.split_layout == "interleaved":
+          # [n // s, s, ..., c]: sample i goes to group i % s, as torch's view(-1, C * s, H, W).
+          xs = x.astype(jnp.float32).reshape((n // s, s) + x.shape[1:])
+          axes = (0,) + tuple(range(2, xs.ndim - 1))
+        else:
+          raise ValueError(f"SplitBatchNorm: split_layout={self.split_layout!r}; expected "
+                           "'interleaved' or 'blocked'")
       mean = jnp.mean(xs, axis=axes)  # [s, c]
       var = jnp.mean(jnp.square(xs - jnp.expand_dims(mean, axes)), axis=axes)
       count = xs.size // (s * c)
