@@ -71,7 +71,8 @@ def _run(processes: int, devices: int, workdir: str, cache: str) -> dict:
       f"--workdir={workdir}", *(f"--config.{o}" for o in _OVERRIDES.value)
   ]
   port = _free_port()
-  logs = [os.path.join(workdir + f".{i}.log") for i in range(processes)]
+  logs = [workdir + f".{i}.log" for i in range(processes)]
+  os.makedirs(os.path.dirname(workdir), exist_ok=True)
   t0 = time.perf_counter()
   procs = []
   for i in range(processes):
