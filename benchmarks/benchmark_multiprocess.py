@@ -12,6 +12,7 @@ run of the same round.
 
   python3 -m benchmarks.benchmark_multiprocess
   python3 -m benchmarks.benchmark_multiprocess --config=configs/digits.py:quick --repeats=1
+  python3 -m benchmarks.benchmark_multiprocess --pin   # each process on its own core(s)
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 2, "Alternating rounds (the first one
 _OVERRIDES = flags.DEFINE_list("overrides", [], "Extra --config.* flags for every run.")
 _OUT = flags.DEFINE_string("out", "bench_results/multiprocess.json", "Result JSON.")
 _KEEP = flags.DEFINE_string("keep", "", "Keep the workdirs under this directory (default: none).")
+_PIN = flags.DEFINE_bool(
+    "pin", False, "Give each process of a multi-process layout its own share of the cores "
+    "(taskset), as hosts own theirs; XLA:CPU sizes its thread pool by the cores a process may use.")
 
 KINDS = ("start-up", "barriers", "gathers", "checkpoints")
 STAGES = ("pretrain", "features", "attribution", "support")
@@ -75,13 +79,18 @@ def _run(processes: int, devices: int, workdir: str, cache: str) -> dict:
   os.makedirs(os.path.dirname(workdir), exist_ok=True)
   t0 = time.perf_counter()
   procs = []
+  cores = sorted(os.sched_getaffinity(0))
   for i in range(processes):
     extra = ([
         f"--coordinator_address=localhost:{port}", f"--num_processes={processes}",
         f"--process_id={i}"
     ] if processes > 1 else [])
+    pin = []
+    if _PIN.value and processes > 1:
+      share = cores[i * len(cores) // processes:(i + 1) * len(cores) // processes] or cores
+      pin = ["taskset", "-c", ",".join(map(str, share))]
     with open(logs[i], "w") as log:
-      procs.append(subprocess.Popen(cmd + extra, env=env, cwd=REPO, stdout=log, stderr=log))
+      procs.append(subprocess.Popen(pin + cmd + extra, env=env, cwd=REPO, stdout=log, stderr=log))
   codes = [p.wait() for p in procs]
   wall = time.perf_counter() - t0
   if any(codes):
@@ -150,6 +159,7 @@ def main(argv):
           "layouts": _LAYOUTS.value,
           "overrides": _OVERRIDES.value,
           "repeats": _REPEATS.value,
+          "pin": _PIN.value,
           "load_before": load_before,
           "load_after": load_after,
           "runs": runs
