@@ -231,15 +231,20 @@ def replicate(mesh: Any, tree: Any) -> Any:
 
 
 def host_copy(tree: Any) -> Any:
-  """NumPy copies of a pytree of replicated arrays (global ones too: this process's own copy,
-  no communication), e.g. to evaluate or export on one process what all of them hold."""
+  """NumPy copies of a pytree of (possibly global) arrays, in full on every process.
+
+  Replicated arrays are copied from this process's own devices; arrays sharded over processes
+  are gathered from all of them, so where any leaf is, every process must call this (a
+  collective, in the same order everywhere).
+  """
 
   def one(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      if not x.is_fully_replicated:
-        raise ValueError(f"host_copy: an array of shape {x.shape} is sharded over processes, "
-                         "not replicated; gather it instead")
-      return np.asarray(x.addressable_data(0))
+      if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      with overhead("gathers"):
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
 
   return jax.tree_util.tree_map(one, tree)

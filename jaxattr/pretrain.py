@@ -159,7 +159,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
   k_init, k_train = jax.random.split(jax.random.key(config.seed))
   # Made on one device (the same on every process), then copied to every device of the mesh.
   state = ssl.init_state(config, k_init, train.images.shape[1:], n)
-  state = distributed.replicate(mesh, state)
+  shardings = ssl.state_shardings(state, config, mesh)
+  state = jax.tree_util.tree_map(
+      lambda x, sh: distributed.global_array(mesh, np.asarray(x), sh.spec), state, shardings)
   mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(out_dir, "checkpoints")),
                                options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
   latest = mngr.latest_step()
@@ -171,7 +173,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
 
   images = distributed.global_array(mesh, train.images, P())  # uint8, stays on every device
   k_train = distributed.global_array(mesh, np.asarray(jax.random.key_data(k_train)), P())
-  step_fn = ssl.make_train_fn(config, model, n, mesh=mesh)
+  step_fn = ssl.make_train_fn(config, model, n, mesh=mesh, state_sharding=shardings)
   embed = _embed_fn(model)
   meter = utils.Throughput("pretrain", total * p.batch_size, "images", every_s=1e9)
   knn_history = []
@@ -187,11 +189,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
       lr = float(ssl.lr_schedule(config, n)(done - 1))
       logging.info("pretrain: step %d/%d epoch %.2f loss %.4f lr %.4f | %s", done, total,
                    done / spe, loss, lr, meter.message())
-    if (p.knn_every_epochs and done % (spe * p.knn_every_epochs) == 0 and done != total and
-        distributed.is_main()):  # the others go on and wait for it in the next step
-      acc = _knn(embed, state, train, test, config)
-      knn_history.append({"step": done, "knn_accuracy": acc})
-      logging.info("pretrain: step %d kNN accuracy %.4f", done, acc)
+    if p.knn_every_epochs and done % (spe * p.knn_every_epochs) == 0 and done != total:
+      variables = _variables(state)  # every process (a gather where statistics are sharded)
+      if distributed.is_main():  # the others go on and wait for it in the next step
+        acc = _knn(embed, variables, train, test, config)
+        knn_history.append({"step": done, "knn_accuracy": acc})
+        logging.info("pretrain: step %d kNN accuracy %.4f", done, acc)
     if done % p.checkpoint_every_steps == 0 or done == total:
       with distributed.overhead("checkpoints"):
         mngr.save(done, args=ocp.args.StandardSave(flax.serialization.to_state_dict(state)))
@@ -201,16 +204,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
   loss = float(metrics["loss"]) if total > start_step else loss
   mngr.close()
   summary_path = os.path.join(out_dir, "summary.json")
+  variables = _variables(state)
   if not distributed.is_main():  # process 0 evaluates and writes; the others read its summary
     distributed.barrier("pretrain-exported")
     with open(summary_path) as f:
       return json.load(f)
-  acc = _knn(embed, state, train, test, config)
+  acc = _knn(embed, variables, train, test, config)
   logging.info("pretrain: done at step %d, kNN accuracy %.4f", int(state.step), acc)
-  export_encoder(state, config, os.path.join(out_dir, "encoder"), {
-      "knn_accuracy": acc,
-      "fingerprint": digest
-  })
+  export_encoder(state.replace(params=variables[0], batch_stats=variables[1]), config,
+                 os.path.join(out_dir, "encoder"), {
+                     "knn_accuracy": acc,
+                     "fingerprint": digest
+                 })
   summary = {
       "steps": int(state.step),
       "epochs": int(state.step) / spe,
@@ -294,10 +299,14 @@ def _features(fn, params, batch_stats, images: np.ndarray, batch: int = 512) -> 
   return np.concatenate(out)
 
 
-def _knn(fn, state, train, test, config) -> float:
+def _variables(state: ssl.MoCoState) -> tuple[Any, Any]:
+  """(params, batch_stats) of the query encoder as NumPy, on every process (a collective)."""
+  return distributed.host_copy((state.params, state.batch_stats))
+
+
+def _knn(fn, variables, train, test, config) -> float:
   # On this process's first device alone (the others may be busy with the next step).
-  params, batch_stats = jax.device_put(distributed.host_copy((state.params, state.batch_stats)),
-                                       jax.local_devices()[0])
+  params, batch_stats = jax.device_put(variables, jax.local_devices()[0])
   return ssl.knn_accuracy(_features(fn, params, batch_stats, train.images), train.labels,
                           _features(fn, params, batch_stats,
                                     test.images), test.labels, train.num_classes,

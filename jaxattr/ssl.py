@@ -228,8 +228,29 @@ def batch_indices(seed_key: jax.Array, step: jax.Array, num_examples: int,
   return jax.lax.dynamic_slice_in_dim(perm, within * batch_size, batch_size)
 
 
+def is_grouped(config: ml_collections.ConfigDict, mesh: Mesh | None) -> bool:
+  """Whether data-parallel steps on `mesh` keep whole SplitBatchNorm groups on each device (the
+  devices divide encoder.num_splits; `make_train_fn`)."""
+  splits = int(config.encoder.num_splits)
+  return mesh is not None and mesh.size > 1 and splits > 1 and splits % mesh.size == 0
+
+
+def state_shardings(state: MoCoState, config: ml_collections.ConfigDict, mesh: Mesh) -> MoCoState:
+  """Where each leaf of the state lives on `mesh`: replicated, except the BatchNorm running
+  statistics of grouped steps, which are per group ([num_splits * C], group-major) and stay with
+  the devices that own the groups (sharded over 'data': no collective updates them)."""
+  replicated = NamedSharding(mesh, P())
+  tree = jax.tree_util.tree_map(lambda _: replicated, state)
+  if not is_grouped(config, mesh):
+    return tree
+  by_group = NamedSharding(mesh, P("data"))
+  stats = functools.partial(jax.tree_util.tree_map, lambda _: by_group)
+  return tree.replace(batch_stats=stats(state.batch_stats),
+                      ema_batch_stats=stats(state.ema_batch_stats))
+
+
 def make_train_fn(config: ml_collections.ConfigDict, model: MoCoNet, num_examples: int,
-                  mesh: Mesh | None = None):
+                  mesh: Mesh | None = None, state_sharding: MoCoState | None = None):
   """jit of (state, all images on device, root key) -> (state, metrics) for one step.
 
   With `mesh` (one axis, 'data', over the devices of any number of processes) the step is data
@@ -239,13 +260,13 @@ def make_train_fn(config: ml_collections.ConfigDict, model: MoCoNet, num_example
   statistics, the key encoder's batch shuffle and the memory bank are the same as on one device,
   up to the order of floating-point sums, and every device ends the step with the same state.
   Where the devices divide encoder.num_splits, the step is `grouped` (`train_step`): each device
-  holds whole SplitBatchNorm groups, so their statistics need no communication, and the
+  holds whole SplitBatchNorm groups, so their statistics need no communication; with
+  `state_sharding` from `state_shardings`, neither do their running statistics, and the
   remaining collectives are few (the batch's reorderings, the gradients, the keys).
   The root key may be given as its raw key data (uint32), as a replicated global array is.
   """
   batch_sharding = None if mesh is None else NamedSharding(mesh, P("data"))
-  splits = int(config.encoder.num_splits)
-  grouped = mesh is not None and mesh.size > 1 and splits > 1 and splits % mesh.size == 0
+  grouped = is_grouped(config, mesh)
   if grouped:
     model = model.clone(backbone=model.backbone.clone(split_layout="blocked"))
 
@@ -263,7 +284,11 @@ def make_train_fn(config: ml_collections.ConfigDict, model: MoCoNet, num_example
   if mesh is None:
     return jax.jit(step_fn, donate_argnums=(0,))
   replicated = NamedSharding(mesh, P())
-  return jax.jit(step_fn, donate_argnums=(0,), in_shardings=replicated, out_shardings=replicated)
+  if state_sharding is None:
+    state_sharding = replicated
+  return jax.jit(step_fn, donate_argnums=(0,), in_shardings=(state_sharding, replicated,
+                                                             replicated),
+                 out_shardings=(state_sharding, replicated))
 
 
 # ----------------------------------------------------------------------------------------------
