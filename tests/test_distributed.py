@@ -39,9 +39,10 @@ def _run(script, workdir, *extra, devices=4, config=_CONFIG):
   ], env=_env(devices), cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
-def _run_job(script, workdirs, extras, devices=2, timeout_s=120, config=_CONFIG):
+def _start_job(script, workdirs, extras, devices=2, timeout_s=120, config=_CONFIG, output=True):
   # One process per (workdir, extra args), joined through a localhost coordinator.
   port = _free_port()
+  pipe = subprocess.PIPE if output else subprocess.DEVNULL
   procs = []
   for i, (workdir, extra) in enumerate(zip(workdirs, extras)):
     cmd = [
@@ -51,10 +52,13 @@ def _run_job(script, workdirs, extras, devices=2, timeout_s=120, config=_CONFIG)
         f"--process_id={i}", f"--distributed_timeout={timeout_s}", *extra
     ]
     procs.append(
-        subprocess.Popen(cmd, env=_env(devices), cwd=REPO, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True))
+        subprocess.Popen(cmd, env=_env(devices), cwd=REPO, stdout=pipe, stderr=pipe, text=True))
+  return procs
+
+
+def _run_job(script, workdirs, extras, devices=2, timeout_s=120, config=_CONFIG):
   out = []
-  for p in procs:
+  for p in _start_job(script, workdirs, extras, devices, timeout_s, config):
     stdout, stderr = p.communicate(timeout=600)
     out.append((p.returncode, stdout, stderr))
   return out
@@ -280,16 +284,7 @@ def test_support_on_two_processes_equals_one(features_workdir, tmp_path):
   # would), the same job started again: it resumes at the next round, with the same result.
   three = tmp_path / "three"
   shutil.copytree(base, three)
-  port = _free_port()
-  procs = [
-      subprocess.Popen([
-          sys.executable,
-          os.path.join(REPO, "launch", "support.py"), "--config", _CONFIG, "--workdir",
-          str(three), f"--coordinator_address=localhost:{port}", "--num_processes=2",
-          f"--process_id={i}"
-      ], env=_env(2), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-      for i in (0, 1)
-  ]
+  procs = _start_job("support.py", [three, three], [[], []], output=False)
   deadline = time.time() + 300
   while time.time() < deadline:
     states = list((three / "support").rglob("state.json"))
@@ -357,16 +352,7 @@ def test_pretrain_on_two_processes_resumes_after_a_kill(tmp_path):
     assert code == 0, stderr[-3000:]
   # Process 1 killed once the step-2 checkpoint is complete, then process 0 (which would wait
   # for it), as a cluster manager would; the same job started again resumes from a checkpoint.
-  port = _free_port()
-  procs = [
-      subprocess.Popen([
-          sys.executable,
-          os.path.join(REPO, "launch", "pretrain.py"), "--config", _CONFIG, "--workdir",
-          str(killed), f"--coordinator_address=localhost:{port}", "--num_processes=2",
-          f"--process_id={i}", *longer
-      ], env=_env(2), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-      for i in (0, 1)
-  ]
+  procs = _start_job("pretrain.py", [killed, killed], [longer, longer], output=False)
   ckpt = killed / "pretrain" / "checkpoints" / "2"
   deadline = time.time() + 300
   while time.time() < deadline and not ckpt.is_dir():
