@@ -223,13 +223,6 @@ def global_array(mesh: Any, array: np.ndarray, spec: Any) -> jax.Array:
   return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
-def replicate(mesh: Any, tree: Any) -> Any:
-  """A pytree of host or single-device arrays (the same on every process) copied to every device
-  of `mesh`."""
-  spec = jax.sharding.PartitionSpec()
-  return jax.tree_util.tree_map(lambda x: global_array(mesh, np.asarray(x), spec), tree)
-
-
 def host_copy(tree: Any) -> Any:
   """NumPy copies of a pytree of (possibly global) arrays, in full on every process.
 
