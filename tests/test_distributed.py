@@ -56,6 +56,11 @@ def _start_job(script, workdirs, extras, devices=2, timeout_s=120, config=_CONFI
   return procs
 
 
+def _assert_ok(job):
+  for code, _, stderr in job:
+    assert code == 0, stderr[-3000:]
+
+
 def _run_job(script, workdirs, extras, devices=2, timeout_s=120, config=_CONFIG):
   out = []
   for p in _start_job(script, workdirs, extras, devices, timeout_s, config):
@@ -96,8 +101,7 @@ def test_features_on_two_processes_equal_one(features_workdir, pretrained_workdi
   two = tmp_path / "two"
   shutil.copytree(pretrained_workdir, two)
   job = _run_job("features.py", [two, two], [[], []])
-  for code, _, stderr in job:
-    assert code == 0, stderr[-3000:]
+  _assert_ok(job)
   _same_features(features_workdir, two)
   assert not list((two / "features").glob("*.part*"))
 
@@ -118,8 +122,7 @@ def test_streamed_features_on_two_processes_equal_one(tmp_path):
   res = _run("features.py", tmp_path / "one", *extra, config=config)
   assert res.returncode == 0, res.stderr[-3000:]
   job = _run_job("features.py", [tmp_path / "two"] * 2, [extra, extra], config=config)
-  for code, _, stderr in job:
-    assert code == 0, stderr[-3000:]
+  _assert_ok(job)
   _same_features(tmp_path / "one", tmp_path / "two")
   for split in ("train", "test"):
     np.testing.assert_allclose(np.load(tmp_path / "two" / "features" / f"{split}.features.npy"),
@@ -298,8 +301,7 @@ def test_support_on_two_processes_equals_one(features_workdir, tmp_path):
     p.wait()
   assert not list((three / "support").rglob("results.jsonl"))  # stopped mid-search
   job = _run_job("support.py", [three, three], [[], []])
-  for code, _, stderr in job:
-    assert code == 0, stderr[-3000:]
+  _assert_ok(job)
   assert "resum" in job[0][2].lower()
   for rel in results:
     assert (three / rel).read_text() == (one / rel).read_text(), rel
@@ -348,8 +350,7 @@ def test_pretrain_on_two_processes_resumes_after_a_kill(tmp_path):
   longer = ["--config.pretrain.max_steps=6", "--config.pretrain.checkpoint_every_steps=1"]
   full, killed = tmp_path / "full", tmp_path / "killed"
   job = _run_job("pretrain.py", [full, full], [longer, longer])
-  for code, _, stderr in job:
-    assert code == 0, stderr[-3000:]
+  _assert_ok(job)
   # Process 1 killed once the step-2 checkpoint is complete, then process 0 (which would wait
   # for it), as a cluster manager would; the same job started again resumes from a checkpoint.
   procs = _start_job("pretrain.py", [killed, killed], [longer, longer], output=False)
@@ -363,8 +364,7 @@ def test_pretrain_on_two_processes_resumes_after_a_kill(tmp_path):
     p.wait()
   assert not (killed / "pretrain" / "encoder").exists()  # stopped before the end
   job = _run_job("pretrain.py", [killed, killed], [longer, longer])
-  for code, _, stderr in job:
-    assert code == 0, stderr[-3000:]
+  _assert_ok(job)
   summary = json.loads((killed / "pretrain" / "summary.json").read_text())
   assert 2 <= summary["resumed_from"] < 6 and summary["steps"] == 6
   a, _ = _encoder(full)
@@ -429,8 +429,7 @@ def test_flip_ensemble_on_two_processes_matches_one(tmp_path):
   res = _run("flip.py", tmp_path / "one", *extra, config=config)
   assert res.returncode == 0, res.stderr[-3000:]
   job = _run_job("flip.py", [tmp_path / "two"] * 2, [extra, extra], config=config)
-  for code, _, stderr in job:
-    assert code == 0, stderr[-3000:]
+  _assert_ok(job)
   with np.load(tmp_path / "one" / "flip_classes.npz") as a, \
       np.load(tmp_path / "two" / "flip_classes.npz") as b:
     np.testing.assert_array_equal(a["labels"], b["labels"])
