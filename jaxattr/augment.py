@@ -186,8 +186,17 @@ def cifar_normalize(images: jax.Array) -> jax.Array:
   return (images.astype(jnp.float32) - jnp.asarray(CIFAR_MEAN)) / jnp.asarray(CIFAR_STD)
 
 
+def _part(draws: jax.Array, part: tuple[jax.Array, int] | None) -> jax.Array:
+  """Rows [start, start + size) of per-image draws [B, ...] (all of them when part is None)."""
+  if part is None:
+    return draws
+  start, size = part
+  return jax.lax.dynamic_slice_in_dim(draws, start, size)
+
+
 def cifar_train_views(key: jax.Array, images: jax.Array, flip: bool = True, translate: int = 2,
-                      cutout: int = 8) -> jax.Array:
+                      cutout: int = 8, batch: int | None = None,
+                      start: jax.Array | None = None) -> jax.Array:
   """The reference's training augmentation, then `cifar_normalize`, on one batch.
 
   Args:
@@ -196,29 +205,76 @@ def cifar_train_views(key: jax.Array, images: jax.Array, flip: bool = True, tran
     flip: random horizontal flip with probability 1/2.
     translate: shift by an integer in [-translate, translate] per axis, zero padding.
     cutout: side of a square placed uniformly inside the image and filled with the mean (0: off).
+    batch, start: `images` are rows [start, start + len(images)) of a batch of `batch` images (a
+      data-parallel device's part); their views equal those rows of the whole batch's views.
 
   Returns:
     float32 [B, H, W, 3], normalised.
   """
   b, h, w, _ = images.shape
+  full = b if batch is None else batch
+  part = None if batch is None else (start, b)
   kf, kt, kc = jax.random.split(key, 3)
   x = images.astype(jnp.float32)
   if flip:
-    do = jax.random.bernoulli(kf, 0.5, (b,))
+    do = _part(jax.random.bernoulli(kf, 0.5, (full,)), part)
     x = jnp.where(do[:, None, None, None], x[:, :, ::-1], x)
   if translate:
     t = translate
     xp = jnp.pad(x, ((0, 0), (t, t), (t, t), (0, 0)))
-    off = jax.random.randint(kt, (b, 2), 0, 2 * t + 1)
+    off = _part(jax.random.randint(kt, (full, 2), 0, 2 * t + 1), part)
     x = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, 3)))(xp, off)
   if cutout:
     c = cutout
     ky, kx = jax.random.split(kc)
-    y0 = jax.random.randint(ky, (b, 1), 0, h - c + 1)
-    x0 = jax.random.randint(kx, (b, 1), 0, w - c + 1)
+    y0 = _part(jax.random.randint(ky, (full, 1), 0, h - c + 1), part)
+    x0 = _part(jax.random.randint(kx, (full, 1), 0, w - c + 1), part)
     rows = jnp.arange(h)[None]
     cols = jnp.arange(w)[None]
     inside = (((rows >= y0) & (rows < y0 + c))[:, :, None] & ((cols >= x0) &
                                                               (cols < x0 + c))[:, None, :])
     x = jnp.where(inside[..., None], jnp.asarray(CIFAR_MEAN), x)
   return cifar_normalize(x)
+
+
+def _area_matrix(start: jax.Array, length: jax.Array, in_size: int, out_size: int) -> jax.Array:
+  """[out_size, in_size] weights resampling pixels [start, start + length) to out_size pixels
+  with PIL's antialiased bilinear filter: a triangle as wide as the scale when shrinking (every
+  source pixel contributes), plain bilinear when enlarging; rows sum to 1, the edge clamped."""
+  scale = length / out_size
+  support = jnp.maximum(scale, 1.0)
+  centre = start + (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * scale
+  cols = jnp.arange(in_size, dtype=jnp.float32)
+  weight = jnp.maximum(0.0, 1.0 - jnp.abs(cols[None, :] + 0.5 - centre[:, None]) / support)
+  inside = (cols >= start) & (cols < start + length)
+  weight = jnp.where(inside[None, :], weight, 0.0)
+  return weight / jnp.maximum(weight.sum(1, keepdims=True), 1e-12)
+
+
+def rrc_view(key: jax.Array, image: jax.Array, out_size: int, min_scale: float = 0.08,
+             flip: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> jax.Array:
+  """ffcv-imagenet's training view of one uint8 image [H, W, 3]: RandomResizedCrop (area
+  min_scale..1, aspect 3/4..4/3, torchvision's sampling) resized to out_size x out_size with an
+  antialiased bilinear filter, a horizontal flip with probability 1/2, ImageNet normalisation."""
+  height, width = image.shape[0], image.shape[1]
+  k_crop, k_flip = jax.random.split(key)
+  top, left, h, w = _sample_crop(k_crop, height, width, scale=(min_scale, 1.0))
+  wy = _area_matrix(top, h, height, out_size)
+  wx = _area_matrix(left, w, width, out_size)
+  if flip:
+    wx = jnp.where(jax.random.bernoulli(k_flip), wx[::-1], wx)
+  x = jnp.einsum("oh,hwc,pw->opc", wy, image.astype(jnp.float32) / 255.0, wx)
+  return normalize(x, mean, std)
+
+
+def rrc_train_views(key: jax.Array, images: jax.Array, out_size: int, min_scale: float = 0.08,
+                    flip: bool = True, batch: int | None = None,
+                    start: jax.Array | None = None) -> jax.Array:
+  """`rrc_view` of every image of a batch, each with its own key (split from `key` over the
+  whole batch of `batch` images, of which `images` are rows [start, ...): a data-parallel part
+  gets the views the whole batch would): uint8 [B, H, W, 3] -> float32 [B, out, out, 3]."""
+  b = images.shape[0]
+  keys = jax.random.split(key, b if batch is None else batch)
+  if batch is not None:
+    keys = jax.lax.dynamic_slice_in_dim(keys, start, b)
+  return jax.vmap(lambda k, im: rrc_view(k, im, out_size, min_scale, flip))(keys, images)

@@ -116,8 +116,10 @@ def attribution_section() -> ml_collections.ConfigDict:
 def trainer_section() -> ml_collections.ConfigDict:
   """`config.ensemble`: the counterfactual trainer (REFERENCE.md section 3)."""
   c = ml_collections.ConfigDict()
-  c.model = "resnet9"  # 'resnet9' | 'mobilenetv2'
+  c.model = "resnet9"  # 'resnet9' | 'mobilenetv2' | 'resnet18' (torchvision layout)
   c.width = 1.0  # channel multiplier (1.0 = the reference)
+  c.stem = "small"  # resnet18 only: 'small' (3x3 / 1 conv + max-pool, 32-64 px) | 'imagenet'
+  c.blurpool = False  # resnet18 only: BlurPool before the blocks' strided convs (ffcv-imagenet)
   c.epochs = 24
   c.batch_size = 512  # images per step per model (drop_last)
   c.peak_lr = 0.5  # lr at the peak, per batch of batch_size (mean loss)
@@ -127,11 +129,26 @@ def trainer_section() -> ml_collections.ConfigDict:
   c.schedule_examples = 0
   c.momentum = 0.9  # SGD momentum (torch semantics, no Nesterov)
   c.weight_decay = 5e-4  # L2 added to the gradient of every parameter
+  c.bn_weight_decay = True  # False: none on parameters of modules named *bn* (ffcv-imagenet)
   c.label_smoothing = 0.1
   c.compute_dtype = "auto"  # 'auto' (bf16 on GPU/TPU, float32 on CPU) | 'float32' | 'bfloat16'
-  c.translate = 2  # random translation in pixels (zero padding)
-  c.cutout = 8  # Cutout square side in pixels (filled with the mean); 0 = off
+  # Training views: 'cifar' (the reference's: flip, translate, Cutout; CIFAR statistics) or
+  # 'rrc' (ffcv-imagenet's: RandomResizedCrop to the epoch's resolution, flip; ImageNet
+  # statistics). Evaluation sees the whole image, normalised the same way.
+  c.augment = "cifar"
+  c.translate = 2  # 'cifar': random translation in pixels (zero padding)
+  c.cutout = 8  # 'cifar': Cutout square side in pixels (filled with the mean); 0 = off
   c.flip = True  # random horizontal flip
+  c.min_scale = 0.08  # 'rrc': smallest crop area, a fraction of the image
+  # 'rrc': the crop's side per epoch, ffcv-imagenet's ramp: res_min up to epoch ramp_start,
+  # res_max from ramp_end, between them linear, rounded to a multiple of res_step (pixels; 0 =
+  # the image side).
+  c.res_min = 0
+  c.res_max = 0
+  c.ramp_start = 0
+  c.ramp_end = 0
+  c.res_step = 8
+  c.eval_flip = False  # predict with the logits of the image and its mirror image averaged
   c.models_per_wave = 64  # models trained at once (a multiple of the devices); 0 = all
   # 'map': a device's models one after another in one program (bit-exact whatever the wave);
   # 'vmap': batched (grouped convolutions); 'auto': the backend's measured winner.
@@ -140,6 +157,13 @@ def trainer_section() -> ml_collections.ConfigDict:
   # values; faster on XLA:CPU). 'auto' = on for the CPU backend only | 'on' | 'off'.
   c.cpu_ops = "auto"
   c.eval_batch_size = 500  # images per model per evaluation step
+  # Devices per model: each model's batch is split over this many devices (the mesh axis
+  # 'data', gradients and BatchNorm statistics of the whole batch), the device groups train
+  # different models (axis 'models'). The training images are on every device ('replicated') or
+  # split over the data axis ('sharded', 1/data_parallel of them per device, each batch's pixels
+  # summed over the axis).
+  c.data_parallel = 1
+  c.data_sharding = "replicated"
   c.log_every_s = 30.0  # seconds between progress logs
   return c
 
@@ -190,4 +214,63 @@ def base_config() -> ml_collections.ConfigDict:
   c.shard = ml_collections.ConfigDict()
   c.shard.index = 0
   c.shard.count = 1
+  return c
+
+
+# The counterfactual recipes of the resident ImageNet copy (`imagenet_recipe`).
+RECIPES = ("ffcv_rn18_16", "rn18_8")
+
+
+def imagenet_recipe(name: str) -> ml_collections.ConfigDict:
+  """`config.ensemble` for ResNet-18s on the resident 64 px ImageNet (configs/imagenet.py).
+
+  'ffcv_rn18_16': ffcv-imagenet's rn18_16_epochs config scaled to 64 px: SGD lr 0.5 at batch
+    1024 (its train_imagenet.py uses the lr as given, per step, whatever the batch), momentum
+    0.9, weight decay 5e-5 not on BatchNorm, label smoothing 0.1, lr linear from 0 to the peak at
+    epoch 2 then to 0 at epoch 16, per iteration; BlurPool; RandomResizedCrop + flip with the
+    crop ramped 40 -> 48 px between epochs 11 and 13 (its 160 -> 192 at an evaluation
+    resolution of 256, times 64/256; steps of 8 = its 32 x 64/256); evaluation of the whole
+    64 px image with flip averaging.
+  'rn18_8': the cheaper recipe: the same at half the epochs (peak at epoch 1), crops ramped
+    32 -> 40 px between epochs 5 and 7, no BlurPool (README "ImageNet counterfactuals").
+  """
+  if name not in RECIPES:
+    raise ValueError(f"unknown ImageNet recipe {name!r}; known: {RECIPES}")
+  c = trainer_section()
+  c.update({
+      "model": "resnet18",
+      "stem": "small",
+      "blurpool": True,
+      "epochs": 16,
+      "batch_size": 1024,
+      "peak_lr": 0.5,
+      "peak_epoch": 2.0,
+      "momentum": 0.9,
+      "weight_decay": 5e-5,
+      "bn_weight_decay": False,
+      "label_smoothing": 0.1,
+      "augment": "rrc",
+      "translate": 0,
+      "cutout": 0,
+      "flip": True,
+      "min_scale": 0.08,
+      "res_min": 40,
+      "res_max": 48,
+      "ramp_start": 11,
+      "ramp_end": 13,
+      "res_step": 8,
+      "eval_flip": True,
+      "models_per_wave": 8,
+      "eval_batch_size": 250,
+  })
+  if name == "rn18_8":
+    c.update({
+        "blurpool": False,
+        "epochs": 8,
+        "peak_epoch": 1.0,
+        "res_min": 32,
+        "res_max": 40,
+        "ramp_start": 5,
+        "ramp_end": 7,
+    })
   return c

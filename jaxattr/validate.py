@@ -82,7 +82,10 @@ STAGE_FIELDS = {
 DATA_KINDS = ("digits", "folder", "npz", "tfds")
 FEATURE_DTYPES = ("float32", "bfloat16")
 TARGET_SPECS = ("all", "random", "list")
-CLASSIFIERS = ("resnet9", "mobilenetv2")  # jaxattr.counterfactual.ensemble.classifier
+CLASSIFIERS = ("resnet9", "mobilenetv2", "resnet18")  # jaxattr.counterfactual.ensemble.classifier
+STEMS = ("small", "imagenet")  # jaxattr.models.resnet.STEMS
+AUGMENTS = ("cifar", "rrc")
+DATA_SHARDINGS = ("replicated", "sharded")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 FORMULATIONS = ("auto", "vmap", "map")
 CPU_OPS = ("auto", "on", "off")
@@ -524,6 +527,46 @@ def _check_ensemble(c: _Checker) -> None:
   c.int_("ensemble.eval_batch_size", lo=1)
   c.num_("ensemble.log_every_s", 0, lo_open=True)
 
+  # Fields of the ResNet-18 recipes (`config.imagenet_recipe`); older configs may lack them.
+  def optional(f):
+    return c.has(f"ensemble.{f}")
+
+  if optional("stem"):
+    c.str_("ensemble.stem", STEMS)
+  for f in ("blurpool", "bn_weight_decay", "eval_flip"):
+    if optional(f):
+      c.bool_(f"ensemble.{f}")
+  augment = c.str_("ensemble.augment", AUGMENTS) if optional("augment") else "cifar"
+  if optional("min_scale"):
+    c.num_("ensemble.min_scale", 0, 1, lo_open=True, what="a fraction of the image area")
+  ramp = {}
+  for f in ("res_min", "res_max", "ramp_start", "ramp_end", "res_step"):
+    if optional(f):
+      ramp[f] = c.int_(f"ensemble.{f}", lo=0, what="pixels" if "res" in f else "epoch")
+  if augment == "cifar":
+    for f in ("res_min", "res_max"):
+      if ramp.get(f) not in (None, _BAD, 0):
+        c.add(
+            f"ensemble.{f}", f"={ramp[f]} needs ensemble.augment='rrc' (the 'cifar' views keep "
+            "the image side); set it to 0")
+  if _BAD not in ramp.values() and ramp.get("ramp_end", 0) < ramp.get("ramp_start", 0):
+    c.add("ensemble.ramp_end", f"={ramp['ramp_end']} precedes ensemble.ramp_start="
+          f"{ramp['ramp_start']}")
+  if optional("data_parallel"):
+    dp = c.int_("ensemble.data_parallel", lo=1, what="devices per model")
+    bs = c.good("ensemble.batch_size")
+    if dp is not _BAD and bs is not _BAD and bs % dp:
+      c.add(
+          "ensemble.batch_size", f"={bs} does not divide over ensemble.data_parallel={dp} "
+          f"devices; make it a multiple of {dp}")
+    model = c.good("ensemble.model")
+    if dp is not _BAD and dp > 1 and model is not _BAD and model != "resnet18":
+      c.add(
+          "ensemble.data_parallel", f"={dp} needs ensemble.model='resnet18' (its BatchNorms "
+          "reduce over the data axis), got " + repr(model))
+  if optional("data_sharding"):
+    c.str_("ensemble.data_sharding", DATA_SHARDINGS)
+
 
 def _check_support(c: _Checker, with_attribution: bool) -> None:
   from jaxattr.counterfactual.bisection import METRICS  # pylint: disable=import-outside-toplevel
@@ -692,6 +735,12 @@ def _check_against_data(c: _Checker, train: Any, test: Any, stages: tuple[str, .
   if {"support", "flip"} & set(stages) and train is not None:
     side = min(train.images.shape[1:3])
     cutout, translate = c.good("ensemble.cutout"), c.good("ensemble.translate")
+    for f in ("res_min", "res_max"):
+      res = c.good(f"ensemble.{f}") if c.has(f"ensemble.{f}") else 0
+      if res is not _BAD and res > side:
+        c.add(
+            f"ensemble.{f}", f"={res} exceeds the {side}-pixel side of the images {where}; "
+            "must be <= it (0 = the side)")
     if cutout is not _BAD and cutout > side:
       c.add(
           "ensemble.cutout", f"={cutout} exceeds the {side}-pixel side of the images {where}; "

@@ -115,7 +115,7 @@ def test_pipeline_stages():
         ("attribution.C", 0.0, "attribution.C=0.0: must be a finite number > 0"),
         ("attribution.chunk_size", 0, "attribution.chunk_size=0"),
         ("viz.num_targets", 0, "viz.num_targets=0: must be an int >= 1"),
-        ("ensemble.model", "resnet18", "ensemble.model='resnet18': must be one of"),
+        ("ensemble.model", "resnet50", "ensemble.model='resnet50': must be one of"),
         ("ensemble.peak_epoch", -1.0, "ensemble.peak_epoch=-1.0: must be a finite number >= 0"),
         ("ensemble.label_smoothing", 1.0, "ensemble.label_smoothing=1.0"),
         ("ensemble.formulation", "pmap", "ensemble.formulation='pmap'"),

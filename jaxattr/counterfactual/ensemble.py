@@ -67,17 +67,25 @@ def compute_dtype(config: ml_collections.ConfigDict) -> Any:
   return jnp.dtype(name)
 
 
-def classifier(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-  """The counterfactual classifier named by config.model, at config.width."""
+def classifier(config: ml_collections.ConfigDict, num_classes: int,
+               axis_name: str | None = None) -> nn.Module:
+  """The counterfactual classifier named by config.model, at config.width; `axis_name`: the mesh
+  axis its BatchNorms compute training statistics over (data parallel; resnet18 only)."""
   from jaxattr.models.mobilenetv2 import MobileNetV2  # pylint: disable=g-import-not-at-top
+  from jaxattr.models.resnet import ResNet18  # pylint: disable=g-import-not-at-top
   from jaxattr.models.resnet9 import ResNet9  # pylint: disable=g-import-not-at-top
 
-  models = {"resnet9": ResNet9, "mobilenetv2": MobileNetV2}
+  models = {"resnet9": ResNet9, "mobilenetv2": MobileNetV2, "resnet18": ResNet18}
   if config.model not in models:
     raise ValueError(f"ensemble.model must be one of {sorted(models)}, got {config.model!r}")
   if config.cpu_ops not in ("auto", "on", "off"):
     raise ValueError(f"ensemble.cpu_ops must be 'auto', 'on' or 'off', got {config.cpu_ops!r}")
   kwargs = {}
+  if axis_name is not None and config.model != "resnet18":
+    raise ValueError(f"ensemble.data_parallel > 1 needs ensemble.model='resnet18', got "
+                     f"{config.model!r}")
+  if config.model == "resnet18":
+    kwargs.update(stem=config.stem, blurpool=bool(config.blurpool), axis_name=axis_name)
   if config.model == "resnet9":
     kwargs["s2d_grad"] = config.cpu_ops == "on" or (config.cpu_ops == "auto" and
                                                     jax.default_backend() == "cpu")
@@ -105,12 +113,55 @@ def learning_rate(step: jax.Array | np.ndarray | int, config: ml_collections.Con
   return jnp.interp(jnp.asarray(step, jnp.float32), xp, fp)
 
 
+def decay_mask(params: Any) -> Any:
+  """True for the parameters that take weight decay when config.bn_weight_decay is False: all but
+  those of modules whose name contains 'bn' (ffcv-imagenet's rule; the fc bias keeps it)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: not any("bn" in str(getattr(k, "key", "")) for k in path), params)
+
+
 def make_optimizer(config: ml_collections.ConfigDict,
                    num_train: int) -> optax.GradientTransformation:
-  """torch SGD: g <- g + wd * p; buf <- m * buf + g; p <- p - lr(step) * buf."""
+  """torch SGD: g <- g + wd * p; buf <- m * buf + g; p <- p - lr(step) * buf (wd only where
+  `decay_mask` says so when config.bn_weight_decay is False)."""
   schedule = functools.partial(learning_rate, config=config, num_train=num_train)
-  return optax.chain(optax.add_decayed_weights(float(config.weight_decay)),
+  mask = None if config.get("bn_weight_decay", True) else decay_mask
+  return optax.chain(optax.add_decayed_weights(float(config.weight_decay), mask=mask),
                      optax.sgd(schedule, momentum=float(config.momentum)))
+
+
+def crop_size(config: ml_collections.ConfigDict, epoch: int, side: int) -> int:
+  """The side of epoch `epoch`'s training views (0-based epochs): `side` for 'cifar' views; for
+  'rrc' ffcv-imagenet's ramp (res_min up to ramp_start, res_max from ramp_end, in between the
+  linear value rounded to a multiple of res_step; a 0 side means the image's)."""
+  if config.get("augment", "cifar") != "rrc":
+    return side
+  lo, hi = int(config.res_min) or side, int(config.res_max) or side
+  start, end = int(config.ramp_start), int(config.ramp_end)
+  if epoch <= start:
+    return lo
+  if epoch >= end:
+    return hi
+  step = int(config.res_step) or 1
+  return int(np.round(np.interp(epoch, [start, end], [lo, hi]) / step)) * step
+
+
+def train_views(key: jax.Array, images: jax.Array, config: ml_collections.ConfigDict, crop: int |
+                None = None, batch: int | None = None, start: jax.Array | None = None) -> jax.Array:
+  """The training views of config.augment for uint8 images (rows [start, ...) of a batch of
+  `batch` when given, `augment`'s data-parallel parts) -> float32 [B, crop, crop, 3]."""
+  if config.get("augment", "cifar") == "rrc":
+    return augment.rrc_train_views(key, images, crop or images.shape[1], float(config.min_scale),
+                                   bool(config.flip), batch=batch, start=start)
+  return augment.cifar_train_views(key, images, bool(config.flip), int(config.translate),
+                                   int(config.cutout), batch=batch, start=start)
+
+
+def eval_normalize(config: ml_collections.ConfigDict, images: jax.Array) -> jax.Array:
+  """Evaluation inputs: the whole image normalised as config.augment's training views are."""
+  if config.get("augment", "cifar") == "rrc":
+    return augment.normalize(images)
+  return augment.cifar_normalize(images)
 
 
 def epoch_batches(key: jax.Array, keep: jax.Array, batch_size: int,
@@ -176,13 +227,22 @@ def init_state(key: jax.Array, *, model: nn.Module, tx: optax.GradientTransforma
                     step=jnp.zeros((), jnp.int32), tx=tx)
 
 
-def train_step(state: TrainState, batch: tuple[jax.Array,
-                                               jax.Array], key: jax.Array, *, model: nn.Module,
-               config: ml_collections.ConfigDict) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One SGD step of one model on batch = (uint8 images [B, H, W, 3], int32 labels [B])."""
+def train_step(state: TrainState, batch: tuple[jax.Array, jax.Array], key: jax.Array, *,
+               model: nn.Module, config: ml_collections.ConfigDict, crop: int | None = None,
+               axis_name: str | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SGD step of one model on batch = (uint8 images [B, H, W, 3], int32 labels [B]).
+
+  With `axis_name`, the batch is this device's equal part of a batch split over that mesh axis
+  (inside shard_map): the views are those rows of the whole batch's, gradients and the loss are
+  averaged over the axis, and the model's BatchNorms must reduce over it too (`classifier`).
+  """
   images, labels = batch
-  x = augment.cifar_train_views(key, images, bool(config.flip), int(config.translate),
-                                int(config.cutout))
+  if axis_name is None:
+    x = train_views(key, images, config, crop)
+  else:
+    b = images.shape[0]
+    x = train_views(key, images, config, crop, batch=b * jax.lax.axis_size(axis_name),
+                    start=jax.lax.axis_index(axis_name) * b)
 
   def loss_fn(params):
     out, mutated = model.apply({
@@ -195,6 +255,8 @@ def train_step(state: TrainState, batch: tuple[jax.Array,
     return -jnp.mean(jnp.sum(target * jax.nn.log_softmax(logits), axis=-1)), mutated["batch_stats"]
 
   (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if axis_name is not None:
+    grads, loss = jax.lax.pmean((grads, loss), axis_name)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   return state.replace(params=optax.apply_updates(state.params, updates), batch_stats=batch_stats,
                        opt_state=opt_state, step=state.step + 1), {
@@ -202,24 +264,33 @@ def train_step(state: TrainState, batch: tuple[jax.Array,
                        }
 
 
-def predict(state: TrainState, images: jax.Array, *, model: nn.Module,
-            batch_size: int) -> jax.Array:
+def predict(state: TrainState, images: jax.Array, *, model: nn.Module, batch_size: int,
+            config: ml_collections.ConfigDict | None = None) -> jax.Array:
   """Eval-mode float32 logits [E, classes] of one model on uint8 images [E, H, W, 3] (E a multiple
-  of batch_size)."""
+  of batch_size), normalised per `eval_normalize`; with config.eval_flip the mean of the logits
+  of each image and its mirror image."""
+  cfg = config if config is not None else ml_collections.ConfigDict({"augment": "cifar"})
 
   def one(x):
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    return model.apply(variables, augment.cifar_normalize(x), train=False)["logits"]
+    x = eval_normalize(cfg, x)
+    logits = model.apply(variables, x, train=False)["logits"].astype(jnp.float32)
+    if cfg.get("eval_flip", False):
+      logits = 0.5 * (logits + model.apply(variables, x[:, :, ::-1], train=False)["logits"])
+    return logits
 
   out = jax.lax.map(one, images.reshape((-1, batch_size) + images.shape[1:]))
   return out.reshape(images.shape[0], -1).astype(jnp.float32)
 
 
-def over_models(fn: Callable, mesh: Mesh, formulation: str, num_shared: int) -> Callable:
+def over_models(fn: Callable, mesh: Mesh, formulation: str, num_shared: int,
+                shared_specs: tuple[P, ...] | None = None) -> Callable:
   """fn(*per_model, *shared) -> the same over a leading model axis sharded on mesh axis 'models'.
 
-  The last `num_shared` arguments are replicated (data, epoch, step). Each device runs its
-  local models with vmap or, for 'map', one after another (bit-exact whatever the wave).
+  The last `num_shared` arguments are replicated (data, epoch, step), or laid out as
+  `shared_specs` says. Each device runs its local models with vmap or, for 'map', one after
+  another (bit-exact whatever the wave). A mesh axis 'data' beside 'models' holds copies of each
+  model; `fn` may split work over it (`train_step`'s axis_name) and must return the same on all.
   """
 
   def local(*args):
@@ -239,7 +310,7 @@ def over_models(fn: Callable, mesh: Mesh, formulation: str, num_shared: int) -> 
     return jax.lax.scan(lambda c, xs: (c, one(xs)), None, per_model, unroll=unroll)[1]
 
   def lifted(*args):
-    in_specs = (P("models"),) * (len(args) - num_shared) + (P(),) * num_shared
+    in_specs = (P("models"),) * (len(args) - num_shared) + (shared_specs or (P(),) * num_shared)
     return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=P("models"),
                          check_vma=False)(*args)
 
@@ -251,7 +322,8 @@ def over_models(fn: Callable, mesh: Mesh, formulation: str, num_shared: int) -> 
 
 
 def wave_size(config: ml_collections.ConfigDict, num_models: int, num_devices: int) -> int:
-  """Models per wave: config.models_per_wave (0 = all), capped at M, a multiple of devices."""
+  """Models per wave: config.models_per_wave (0 = all), capped at M, a multiple of
+  `num_devices` (the model groups of a mesh with a data axis)."""
   per_wave = min(int(config.models_per_wave) or num_models, num_models)
   return math.ceil(per_wave / num_devices) * num_devices
 
@@ -310,7 +382,8 @@ def check_config(config: ml_collections.ConfigDict, train: Any) -> None:
   for name in ("model", "compute_dtype", "cpu_ops", "formulation"):
     if name not in config:
       raise ValueError(f"ensemble.{name} is missing: start from jaxattr.config.trainer_section()")
-  need("model", config.model in ("resnet9", "mobilenetv2"), "'resnet9' or 'mobilenetv2'")
+  need("model", config.model in ("resnet9", "mobilenetv2", "resnet18"),
+       "'resnet9', 'mobilenetv2' or 'resnet18'")
   need("compute_dtype", config.compute_dtype in ("auto", "float32", "bfloat16"),
        "'auto', 'float32' or 'bfloat16'")
   need("cpu_ops", config.cpu_ops in ("auto", "on", "off"), "'auto', 'on' or 'off'")
@@ -341,6 +414,37 @@ def check_config(config: ml_collections.ConfigDict, train: Any) -> None:
   need("eval_batch_size",
        _number(config.eval_batch_size, True) and config.eval_batch_size >= 1, "an integer >= 1")
   need("log_every_s", _number(config.log_every_s) and config.log_every_s > 0, "a positive number")
+  # The ResNet-18 recipes' fields (`jaxattr.config.imagenet_recipe`); older configs lack them.
+  get = config.get
+  if "stem" in config:
+    need("stem", config.stem in ("small", "imagenet"), "'small' or 'imagenet'")
+  for name in ("blurpool", "bn_weight_decay", "eval_flip"):
+    if name in config:
+      need(name, isinstance(config[name], (bool, np.bool_)), "True or False")
+  if "augment" in config:
+    need("augment", config.augment in ("cifar", "rrc"), "'cifar' or 'rrc'")
+  if "min_scale" in config:
+    need("min_scale", _number(config.min_scale) and 0 < config.min_scale <= 1, "in (0, 1]")
+  side = images.shape[1]
+  for name in ("res_min", "res_max"):
+    if name in config:
+      need(
+          name,
+          _number(config[name], True) and 0 <= config[name] <= side and
+          (config[name] == 0 or get("augment") == "rrc"),
+          f"an integer in [0, {side}] (the image side), non-zero only with augment='rrc'")
+  for name in ("ramp_start", "ramp_end", "res_step"):
+    if name in config:
+      need(name, _number(config[name], True) and config[name] >= 0, "an integer >= 0")
+  if "data_parallel" in config:
+    need("data_parallel",
+         _number(config.data_parallel, True) and config.data_parallel >= 1, "an integer >= 1")
+    _require(
+        bs % config.data_parallel == 0, f"ensemble.batch_size={bs} does not divide over "
+        f"ensemble.data_parallel={config.data_parallel} devices")
+  if "data_sharding" in config:
+    need("data_sharding", config.data_sharding in ("replicated", "sharded"),
+         "'replicated' or 'sharded'")
 
 
 @dataclasses.dataclass
@@ -358,55 +462,113 @@ class RunStats:
   steady_seconds_per_model: float  # steady_epoch_seconds * epochs * waves / models
 
 
+def make_mesh(data_parallel: int = 1, devices: Any = None) -> Mesh:
+  """The trainer's mesh ('models', 'data') over `devices` (default: every device of the job):
+  groups of `data_parallel` consecutive devices each train one model at a time.
+
+  Raises:
+    ValueError: data_parallel does not divide the number of devices.
+  """
+  devices = np.asarray(jax.devices() if devices is None else devices).ravel()
+  if data_parallel < 1 or len(devices) % data_parallel:
+    raise ValueError(f"ensemble.data_parallel={data_parallel} must divide the {len(devices)} "
+                     "devices of the job")
+  return Mesh(devices.reshape(-1, data_parallel), ("models", "data"))
+
+
 class Trainer:
   """The compiled programs of one (trainer config, training set, mesh), reused across calls: the
   training images go to the devices once, as uint8, and each wave size compiles once."""
 
   def __init__(self, config: ml_collections.ConfigDict, train: Any, mesh: Mesh | None = None):
     """config: `jaxattr.config.trainer_section()`; train: a `jaxattr.data.Dataset`; mesh: one
-    with the axis 'models' (default: every device).
+    with the axis 'models' and optionally 'data' (default: every device, `make_mesh`).
 
     Raises:
-      ValueError: a config value or training set it cannot train with (`check_config`).
+      ValueError: a config value or training set it cannot train with (`check_config`), or a
+        mesh whose data axis does not divide the batch.
     """
     check_config(config, train)
     self.config = copy.deepcopy(config)  # the caller may change theirs later
     self.train = train
-    self.mesh = mesh if mesh is not None else Mesh(np.asarray(jax.devices()), ("models",))
+    self.mesh = mesh if mesh is not None else make_mesh(int(config.get("data_parallel", 1)))
+    data_size = dict(self.mesh.shape).get("data", 1)
+    _require(
+        int(config.batch_size) % data_size == 0,
+        f"ensemble.batch_size={config.batch_size} does not divide over the mesh's data axis of "
+        f"{data_size} devices: make it a multiple of {data_size}")
+    self.data_axis = "data" if data_size > 1 else None
+    self.num_groups = dict(self.mesh.shape)["models"]
+    self.sharded = self.data_axis is not None and config.get("data_sharding",
+                                                             "replicated") == "sharded"
     self.formulation = resolve_formulation(self.config)
-    self.model = classifier(self.config, train.num_classes)
+    self.model = classifier(self.config, train.num_classes, axis_name=self.data_axis)
     self.tx = make_optimizer(self.config, len(train.images))
     # The plan always has the full set's rows, so no program's shape depends on a subset.
     self.plan_steps = len(train.images) // int(self.config.batch_size)
     if jax.default_backend() == "cpu" and "ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
       logging.warning("XLA:CPU trains ~2x slower with its default YNNPACK convolutions: call "
                       "jaxattr.xla_flags.use_fast_cpu_flags() before JAX starts (see there)")
-    self.images = distributed.global_array(self.mesh, np.ascontiguousarray(train.images), P())
+    images = np.ascontiguousarray(train.images)
+    if self.sharded:  # equal parts per data device; padding rows are never in a batch
+      pad = -len(images) % data_size
+      images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], np.uint8)])
+    self.images_spec = P("data") if self.sharded else P()
+    self.images = distributed.global_array(self.mesh, images, self.images_spec)
     self.labels = distributed.global_array(self.mesh, train.labels.astype(np.int32), P())
     lift = functools.partial(over_models, mesh=self.mesh, formulation=self.formulation)
     per_model, partial = NamedSharding(self.mesh, P("models")), functools.partial
     init = partial(init_state, model=self.model, tx=self.tx, image_shape=train.images.shape[1:])
-    pred = partial(predict, model=self.model, batch_size=int(self.config.eval_batch_size))
+    pred = partial(predict, model=self.model, batch_size=int(self.config.eval_batch_size),
+                   config=self.config)
     self.keys = jax.jit(jax.vmap(jax.random.key), out_shardings=per_model)
     self.init = jax.jit(lift(init, num_shared=0), out_shardings=per_model)
     self.subsets = jax.jit(lift(counterfactual_subset, num_shared=1))
     self.plan = jax.jit(lift(self._plan_one, num_shared=1))
-    self.step = jax.jit(lift(self._step_one, num_shared=3), donate_argnums=(0,))
+    self._steps: dict[int, Callable] = {}  # crop side -> compiled step
     self.predict = jax.jit(lift(pred, num_shared=1))
+
+  def step(self, crop: int) -> Callable:
+    """The compiled wave step for training views of side `crop` (one per side of the ramp)."""
+    if crop not in self._steps:
+      fn = over_models(functools.partial(self._step_one, crop=crop), mesh=self.mesh,
+                       formulation=self.formulation, num_shared=3, shared_specs=(self.images_spec,
+                                                                                 P(), P()))
+      self._steps[crop] = jax.jit(fn, donate_argnums=(0,))
+    return self._steps[crop]
 
   def _plan_one(self, key: jax.Array, keep: jax.Array, epoch: jax.Array):
     """One model's batch plan for an epoch: (indices [plan_steps, B], valid [plan_steps])."""
     return epoch_batches(jax.random.fold_in(jax.random.fold_in(key, 1), epoch), keep,
                          int(self.config.batch_size), self.plan_steps)
 
+  def _batch(self, images: jax.Array, labels: jax.Array, rows: jax.Array):
+    """This device's part of a batch: (uint8 images, labels) of `rows` [B], or with a data axis
+    of D devices the d-th block of B / D of them (from the device's own copy, or, 'sharded',
+    each device contributing the rows it holds to a reduce-scatter over the axis)."""
+    if self.data_axis is None:
+      return images[rows], labels[rows]
+    d, size = jax.lax.axis_index(self.data_axis), jax.lax.axis_size(self.data_axis)
+    b = rows.shape[0] // size
+    mine = jax.lax.dynamic_slice_in_dim(rows, d * b, b)
+    if not self.sharded:
+      return images[mine], labels[mine]
+    held = images.shape[0]  # this device's block of the (padded) training images
+    local = rows - d * held
+    own = (local >= 0) & (local < held)
+    x = jnp.where(own[:, None, None, None], images[jnp.clip(local, 0, held - 1)], 0)
+    x = jax.lax.psum_scatter(x, self.data_axis, scatter_dimension=0, tiled=True)
+    return x, labels[mine]
+
   def _step_one(self, state: TrainState, key: jax.Array, labels: jax.Array, idx: jax.Array,
-                valid: jax.Array, images: jax.Array, epoch: jax.Array, step: jax.Array):
+                valid: jax.Array, images: jax.Array, epoch: jax.Array, step: jax.Array, *,
+                crop: int):
     """Step `step` of an epoch for one model: a train step if its plan row is valid, else none."""
     k = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, 2), epoch), step)
     rows = jax.lax.dynamic_index_in_dim(idx, step, keepdims=False)
     ok = jax.lax.dynamic_index_in_dim(valid, step, keepdims=False)
-    new, metrics = train_step(state, (images[rows], labels[rows]), k, model=self.model,
-                              config=self.config)
+    new, metrics = train_step(state, self._batch(images, labels, rows), k, model=self.model,
+                              config=self.config, crop=crop, axis_name=self.data_axis)
     # A select, not lax.cond: under vmap a cond is a select anyway, and XLA:CPU runs a step
     # inside a conditional many times slower. Only filler rows of shorter epochs are wasted.
     new = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, state)
@@ -483,7 +645,7 @@ class Trainer:
                                                               flip)
     m, bs, epochs = len(seeds), int(cfg.batch_size), int(cfg.epochs)
     ndev = self.mesh.devices.size
-    wave = wave_size(cfg, m, ndev)
+    wave = wave_size(cfg, m, self.num_groups)
     num_waves = math.ceil(m / wave)
     eb, e = int(cfg.eval_batch_size), len(eval_images)
     padded = np.zeros((math.ceil(max(e, 1) / eb) * eb,) + eval_images.shape[1:], np.uint8)
@@ -497,9 +659,11 @@ class Trainer:
     meter = utils.Throughput("ensemble training", total=int(kept_steps.sum()) * bs * epochs,
                              unit="images", every_s=float(cfg.log_every_s))
     epoch_seconds = []  # (epoch, wall seconds incl. the sync of its losses)
-    logging.info("training %d %s models (width %s, %s, %s) in %d wave(s) of %d on %d device(s)", m,
-                 cfg.model, cfg.width,
-                 jnp.dtype(compute_dtype(cfg)).name, self.formulation, num_waves, wave, ndev)
+    logging.info(
+        "training %d %s models (width %s, %s, %s) in %d wave(s) of %d on %d device(s), %d "
+        "per model", m, cfg.model, cfg.width,
+        jnp.dtype(compute_dtype(cfg)).name, self.formulation, num_waves, wave, ndev,
+        ndev // self.num_groups)
     for w in range(num_waves):
       members = np.arange(w * wave, min((w + 1) * wave, m))
       # Pad the last wave with copies of its first model so every wave has the same shape.
@@ -513,9 +677,9 @@ class Trainer:
         epoch = jnp.int32(ep)
         idx, valid = self.plan(keys, keep, epoch)
         losses = []
+        step = self.step(crop_size(cfg, ep, self.train.images.shape[1]))
         for s in range(int(kept_steps[rows].max())):
-          states, loss = self.step(states, keys, labels, idx, valid, self.images, epoch,
-                                   jnp.int32(s))
+          states, loss = step(states, keys, labels, idx, valid, self.images, epoch, jnp.int32(s))
           losses.append(loss)
         # One small sync per epoch, for the log (and to bound the dispatch queue).
         loss = _to_host(jnp.stack(losses).sum(0))[:len(members)] / kept_steps[members]

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxattr.models.layers import BatchNorm, conv
+from jaxattr.models.layers import BatchNorm, blur, conv
 
 
 class BasicBlock(nn.Module):
@@ -35,18 +35,22 @@ class BasicBlock(nn.Module):
   dtype: Any = jnp.float32
   shortcut: str = "shortcut"
   split_layout: str = "interleaved"
+  # BlurPool (ffcv-imagenet's): `layers.blur` before every strided conv with >= 16 inputs.
+  blurpool: bool = False
+  axis_name: str | None = None  # BatchNorm statistics over this mesh axis (`layers.BatchNorm`)
   expansion = 1  # output channels / planes (class constant, not a field)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     bn = functools.partial(BatchNorm, num_splits=self.num_splits, dtype=self.dtype,
-                           split_layout=self.split_layout)
-    y = conv(self.planes, 3, self.stride, 1, self.dtype, name="conv1")(x)
+                           split_layout=self.split_layout, axis_name=self.axis_name)
+    blurred = blur(x) if self.blurpool and self.stride > 1 and x.shape[-1] >= 16 else x
+    y = conv(self.planes, 3, self.stride, 1, self.dtype, name="conv1")(blurred)
     y = nn.relu(bn(name="bn1")(y, train))
     y = conv(self.planes, 3, 1, 1, self.dtype, name="conv2")(y)
     y = bn(name="bn2")(y, train)
     if self.stride != 1 or x.shape[-1] != self.planes:
-      x = conv(self.planes, 1, self.stride, 0, self.dtype, name=f"{self.shortcut}_conv")(x)
+      x = conv(self.planes, 1, self.stride, 0, self.dtype, name=f"{self.shortcut}_conv")(blurred)
       x = bn(name=f"{self.shortcut}_bn")(x, train)
     return nn.relu(y + x)
 

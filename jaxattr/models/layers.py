@@ -51,6 +51,9 @@ class BatchNorm(nn.Module):
   epsilon: float = 1e-5
   dtype: Dtype = jnp.float32
   scale_init: Any = nn.initializers.ones
+  # A mesh axis (inside shard_map) whose devices each hold an equal part of the batch: training
+  # statistics are then those of the whole batch (means of the parts' means), as on one device.
+  axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -81,8 +84,13 @@ class BatchNorm(nn.Module):
           raise ValueError(f"SplitBatchNorm: split_layout={self.split_layout!r}; expected "
                            "'interleaved' or 'blocked'")
       mean = jnp.mean(xs, axis=axes)  # [s, c]
+      if self.axis_name is not None:
+        mean = jax.lax.pmean(mean, self.axis_name)
       var = jnp.mean(jnp.square(xs - jnp.expand_dims(mean, axes)), axis=axes)
       count = xs.size // (s * c)
+      if self.axis_name is not None:
+        var = jax.lax.pmean(var, self.axis_name)
+        count *= jax.lax.axis_size(self.axis_name)
       if not self.is_initializing():
         unbiased = var * (count / max(count - 1, 1))
         m = self.momentum
@@ -97,6 +105,26 @@ class BatchNorm(nn.Module):
     inv = jax.lax.rsqrt(var + self.epsilon) * scale
     shift = bias - mean * inv
     return (x.astype(jnp.float32) * inv + shift).astype(self.dtype)
+
+
+def blur(x: jax.Array) -> jax.Array:
+  """BlurPool's low-pass filter: the depthwise 3x3 kernel [1, 2, 1] x [1, 2, 1] / 16 at stride 1
+  with zero padding 1, as two separable passes of shifted adds (no grouped convolution, which
+  XLA:CPU runs slowly)."""
+  dt = x.dtype
+
+  def smooth(y, axis):
+    pad = [(0, 0)] * y.ndim
+    pad[axis] = (1, 1)
+    yp = jnp.pad(y, pad)
+    n = y.shape[axis]
+
+    def take(lo):
+      return jax.lax.slice_in_dim(yp, lo, lo + n, axis=axis)
+
+    return (take(0) + 2 * take(1) + take(2)) * 0.25
+
+  return smooth(smooth(x.astype(jnp.float32), 1), 2).astype(dt)
 
 
 def count_params(params: Any) -> int:

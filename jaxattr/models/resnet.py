@@ -36,11 +36,12 @@ class Bottleneck(nn.Module):
   planes: int
   stride: int = 1
   dtype: Any = jnp.float32
+  axis_name: str | None = None
   expansion = 4
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    bn = functools.partial(BatchNorm, dtype=self.dtype)
+    bn = functools.partial(BatchNorm, dtype=self.dtype, axis_name=self.axis_name)
     out = self.planes * self.expansion
     y = conv(self.planes, 1, 1, 0, self.dtype, name="conv1")(x)
     y = nn.relu(bn(name="bn1")(y, train))
@@ -55,6 +56,11 @@ class Bottleneck(nn.Module):
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+# stem -> conv1's (kernel, stride, padding); the 3x3 / 2 max-pool follows either way.
+# 'imagenet': torchvision's 7x7 / 2 (224 px -> 56 px into layer1).
+# 'small': a 3x3 / 1 conv for 32-64 px inputs (64 px -> 32 px into layer1, 2x2 at layer4), the
+#   counterfactual ResNet-18 of the resident 64 px ImageNet (README "ImageNet counterfactuals").
+STEMS = {"imagenet": (7, 2, 3), "small": (3, 1, 1)}
 
 
 class ResNet(nn.Module):
@@ -67,6 +73,9 @@ class ResNet(nn.Module):
     width: channel multiplier on the 64 base channels; 1.0 is torchvision, smaller widths exist
       only for fast tests.
     dtype: compute dtype (params and batch statistics stay float32; the feature is float32).
+    stem: 'imagenet' (torchvision's) or 'small' (`STEMS`).
+    blurpool: BlurPool before the strided convs of the blocks (ffcv-imagenet's `use_blurpool`).
+    axis_name: a mesh axis over which BatchNorm computes training statistics (data parallel).
   """
 
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
@@ -74,6 +83,9 @@ class ResNet(nn.Module):
   num_classes: int | None = None
   width: float = 1.0
   dtype: Any = jnp.float32
+  stem: str = "imagenet"
+  blurpool: bool = False
+  axis_name: str | None = None
 
   @property
   def feature_dim(self) -> int:
@@ -85,14 +97,21 @@ class ResNet(nn.Module):
       raise ValueError(f"unknown ResNet block {self.block!r}; known: {sorted(BLOCKS)}")
     block = BLOCKS[self.block]
     base = int(64 * self.width)
+    if self.stem not in STEMS:
+      raise ValueError(f"unknown ResNet stem {self.stem!r}; known: {sorted(STEMS)}")
+    if self.blurpool and self.block != "basic":
+      raise ValueError("blurpool is implemented for BasicBlock ResNets (ResNet-18/34) only")
+    kernel, stride, padding = STEMS[self.stem]
     x = x.astype(self.dtype)
-    x = conv(base, 7, 2, 3, self.dtype, name="conv1")(x)
-    x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, train))
+    x = conv(base, kernel, stride, padding, self.dtype, name="conv1")(x)
+    x = nn.relu(BatchNorm(dtype=self.dtype, axis_name=self.axis_name, name="bn1")(x, train))
     x = max_pool(x, 3, 2, 1)
+    extra = {"blurpool": self.blurpool} if self.blurpool else {}
     for i, blocks in enumerate(self.stage_sizes):
       for j in range(blocks):
         stride = 2 if (i > 0 and j == 0) else 1
-        x = block(base * 2**i, stride, dtype=self.dtype, name=f"layer{i + 1}_{j}")(x, train)
+        x = block(base * 2**i, stride, dtype=self.dtype, axis_name=self.axis_name,
+                  name=f"layer{i + 1}_{j}", **extra)(x, train)
     feature = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     out = {"feature": feature}
     if self.num_classes is not None:
