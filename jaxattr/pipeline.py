@@ -23,6 +23,7 @@ from jaxattr import (
     features,
     pretrain,
     report,
+    resident,
     stream,
     utils,
     validate,
@@ -87,6 +88,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   stages.run("attribution", lambda: attribution.run(config, workdir, train=train, test=test),
              [f"attribution/{m}/fingerprint.json" for m in methods])
   if config_lib.names(config.support.metrics):
+    if config.data.get("stream", False):
+      # Streamed data: the counterfactual models train on the small resident copy, decoded once
+      # (by process 0; the others wait at the stage's barrier).
+      stages.run("prepare", lambda: resident.run(config, workdir)
+                 if distributed.is_main() else None, ["resident/fingerprint.json"])
     stages.run("support", lambda: support.run(config, workdir, train=train, test=test), [
         f"support/{metric}/{spec.partition('=')[0]}/summary.json"
         for metric in config_lib.names(config.support.metrics)

@@ -115,6 +115,59 @@ def load(directory: str, split: str, side: int) -> dict[str, Any]:
   return out
 
 
+class ResidentMismatchError(ValueError):
+  """A resident copy that does not belong to the config's data (side, classes or index)."""
+
+
+def datasets(config: Any, workdir: str, train: Any, test: Any) -> tuple[Any, Any]:
+  """The resident copies of both splits as in-memory `jaxattr.data.Dataset`s (pixels memory-
+  mapped), for the counterfactual trainer on streamed data (configs/imagenet.py's support).
+
+  Args:
+    config: with `resident.side` and `data`.
+    workdir: WORKDIR (the copy is WORKDIR/resident, written by the prepare stage).
+    train, test: the streamed splits (`stream.splits(config.data)`) the copy must match.
+
+  Raises:
+    FileNotFoundError: the copy is missing (run the prepare stage).
+    ResidentMismatchError: its side, class count, class names, labels or index differ from the
+      config and the streamed splits (a copy of other data, or another side), naming which.
+  """
+  from jaxattr import data  # pylint: disable=g-import-not-at-top
+
+  side = int(config.resident.side)
+  directory = os.path.join(workdir, "resident")
+  out = []
+  for split in (train, test):
+    copy = load(directory, split.split, side)
+    what = f"resident copy {paths(directory, split.split, side)[0]}"
+    fix = ("rerun the prepare stage (launch/prepare.py or launch/pipeline.py) with this config, "
+           "which rewrites it")
+    shape = tuple(copy["images"].shape)
+    if shape[1:] != (side, side, 3):
+      raise ResidentMismatchError(f"{what} holds {shape[1]} x {shape[2]} images, but "
+                                  f"resident.side={side}; {fix}")
+    if len(copy["class_names"]) != len(split.class_names):
+      raise ResidentMismatchError(
+          f"{what} has {len(copy['class_names'])} classes, the data {len(split.class_names)} "
+          f"(data.source={config.data.source!r}); {fix}")
+    if list(copy["class_names"]) != list(split.class_names):
+      raise ResidentMismatchError(f"{what} names other classes than the data; {fix}")
+    index, labels = np.asarray(copy["index"], np.int64), np.asarray(copy["labels"])
+    if len(index) != len(split) or shape[0] != len(split) or not np.array_equal(
+        index, np.asarray(split.index, np.int64)):
+      raise ResidentMismatchError(
+          f"{what} holds {shape[0]} images with another index than the {len(split)} of the "
+          f"{split.split} split (limit_per_class or the tree changed?); {fix}")
+    if not np.array_equal(labels, np.asarray(split.labels)):
+      raise ResidentMismatchError(f"{what} has other labels than the {split.split} split; {fix}")
+    out.append(
+        data.Dataset(images=copy["images"], labels=labels.astype(np.int32), index=index,
+                     class_names=list(copy["class_names"]), source=f"resident:{directory}",
+                     split=split.split))
+  return out[0], out[1]
+
+
 def run(config: Any, workdir: str) -> dict[str, Any]:
   """`launch/prepare.py`: both splits of `config.data` (a 'folder:DIR' tree) into
   WORKDIR/resident/ at `config.resident.side`; skipped when WORKDIR/resident/fingerprint.json

@@ -394,9 +394,13 @@ def _check_data_section(c: _Checker) -> None:
           "data.stream", "=True: pretraining reads its data in memory; set encoder.checkpoint "
           "(e.g. a MoCo v2 ResNet-50 converted by launch/convert.py), or data.stream=False")
     if stream is True and c.has("support.metrics") and config_lib.names(c.raw("support.metrics")):
-      c.add(
-          "data.stream", "=True: the support stage trains on images held in memory; set "
-          "support.metrics='' (attribution only), or data.stream=False")
+      # The counterfactual models train on the resident copy the prepare stage writes.
+      from jaxattr import resident  # pylint: disable=import-outside-toplevel
+      side = c.raw("resident.side")
+      if side not in resident.SIDES or isinstance(side, bool):
+        c.add(
+            "resident.side", f"={side!r}: support on streamed data trains on the resident copy "
+            f"of this side; must be one of {resident.SIDES}")
 
 
 @functools.lru_cache(maxsize=1)
@@ -733,7 +737,16 @@ def _check_against_data(c: _Checker, train: Any, test: Any, stages: tuple[str, .
   if "attribution" in stages:
     _check_attribution_data(c, counts, train, test, where)
   if {"support", "flip"} & set(stages) and train is not None:
-    side = min(train.images.shape[1:3])
+    # Streamed data trains on its resident copy (`jaxattr.resident`), resident.side pixels.
+    in_memory = isinstance(getattr(train, "images", None), np.ndarray)
+    side = min(train.images.shape[1:3]) if in_memory else c.raw("resident.side")
+    if not isinstance(side, int) or isinstance(side, bool):
+      side = 0
+    if not side:
+      c.add(
+          "resident.side", f"={c.raw('resident.side')!r}: the counterfactual models of "
+          "streamed data train on its resident copy; must be one of (32, 64, 96, 128)")
+      side = 10**9  # nothing to compare the image-size fields with
     cutout, translate = c.good("ensemble.cutout"), c.good("ensemble.translate")
     for f in ("res_min", "res_max"):
       res = c.good(f"ensemble.{f}") if c.has(f"ensemble.{f}") else 0

@@ -352,7 +352,9 @@ def test_resident_copy_resumes_and_matches_the_transform(imagenet, tmp_path, mon
 
 def test_tiny_imagenet_config_end_to_end(imagenet, tmp_path):
   """configs/imagenet.py:tiny through the main job on the generated tree, with a converted
-  random-init torchvision ResNet-18: streamed features, ESVM and l2 top-k, the report."""
+  random-init torchvision ResNet-18: streamed features, ESVM and l2 top-k, the resident copy,
+  removal and mislabel support with ResNet-18 ensembles, the report; a rerun skips every stage,
+  and a resident copy of other data is refused before training."""
   torch = pytest.importorskip("torch")
   torchvision = pytest.importorskip("torchvision")
   from jaxattr import convert, pipeline  # pylint: disable=g-import-not-at-top
@@ -373,6 +375,37 @@ def test_tiny_imagenet_config_end_to_end(imagenet, tmp_path):
     res = attribution._read(os.path.join(workdir, "attribution", method))  # pylint: disable=protected-access
     assert res.indices.shape == (len(listing["val"]), 2)
   assert os.path.exists(os.path.join(workdir, "report.html"))
+  assert os.path.exists(os.path.join(workdir, "resident", "train_32.npy"))
+  for metric in ("removal", "mislabel"):
+    for method in ("esvm", "l2"):
+      s = summary["support"][metric][method]
+      assert s["targets"] == 2 and s["trainings"] >= 2, s
+  # Every stage up to date (the report is always rendered anew).
+  again = pipeline.run(c, workdir)["timings"]
+  assert {
+      k: v for k, v in again.items() if k != "report"
+  } == {
+      k: v for k, v in summary["timings"].items() if k != "report"
+  }
+  assert {"prepare", "support"} <= set(again)
+
+  # A resident copy that is not this data's: refused by name before any training.
+  from jaxattr import resident, stream  # pylint: disable=g-import-not-at-top
+  from jaxattr.counterfactual import support  # pylint: disable=g-import-not-at-top
+  train, test = stream.splits(c.data)
+  meta = os.path.join(workdir, "resident", "train_32.npz")
+  with np.load(meta) as z:
+    saved = {k: z[k] for k in z.files}
+  np.savez(meta, **{**saved, "index": saved["index"][::-1].copy()})
+  with pytest.raises(resident.ResidentMismatchError, match="another index"):
+    support.run(c, workdir, train=train, test=test)
+  np.savez(meta, **{**saved, "class_names": saved["class_names"][:2]})
+  with pytest.raises(resident.ResidentMismatchError, match="2 classes, the data 3"):
+    support.run(c, workdir, train=train, test=test)
+  c2 = c.copy_and_resolve_references()
+  c2.resident.side = 64
+  with pytest.raises(FileNotFoundError, match="launch/prepare.py"):
+    support.run(c2, workdir, train=train, test=test)
 
 
 def _fake_tfds(monkeypatch, root, features=("image", "label", "file_name")):

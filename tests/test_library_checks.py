@@ -312,7 +312,7 @@ def _trainer_config(**overrides):
         }, r"ensemble\.compute_dtype must be 'auto'"),
         ({
             "model": "vgg"
-        }, r"ensemble\.model must be 'resnet9' or 'mobilenetv2', got 'vgg'"),
+        }, r"ensemble\.model must be 'resnet9', 'mobilenetv2' or 'resnet18', got 'vgg'"),
         ({
             "cpu_ops": "fast"
         }, r"ensemble\.cpu_ops must be"),

@@ -34,6 +34,8 @@ from jaxattr import (
     distributed,
     fingerprint as fingerprint_lib,
     ownership,
+    resident,
+    stream,
     utils,
     validate,
 )
@@ -75,11 +77,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data.Dataset 
   methods = _methods(config, workdir)
   index, count = shard_of(config)
   if train is None or test is None:
-    loaded = data.load_splits(config.data)
+    loaded = data_splits(config, workdir)
     train = train if train is not None else loaded[0]
     test = test if test is not None else loaded[1]
     # Where the stage loads the data, it checks its fields (the main job checks all at once).
     validate.check(config, train, test, stages=("support",))
+  if not isinstance(train.images, np.ndarray):  # streamed: the trainer reads the resident copy
+    train, test = resident.datasets(config, workdir, train, test)
 
   if predictor is None or flip_fn is None:
     # Imported here so that a run with injected stand-ins (tests) never loads JAX models.
@@ -147,6 +151,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data.Dataset 
       summaries.plot_curves(workdir, metric)
   distributed.barrier("support-done")
   return out
+
+
+def data_splits(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, Any]:
+  """The splits of config.data: in memory, or for streamed data (`data.stream`) the file lists,
+  whose resident copy in WORKDIR/resident the trainer then reads (`resident.datasets`)."""
+  del workdir
+  if config.data.get("stream", False):
+    return stream.splits(config.data)
+  return data.load_splits(config.data)
 
 
 def _methods(config: ml_collections.ConfigDict,
@@ -266,7 +279,9 @@ def merge(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                       "ran (it is 1)")
   metrics = config_lib.names(sc.metrics)
   methods = _methods(config, workdir)
-  train, test = data.load_splits(config.data)
+  train, test = data_splits(config, workdir)
+  if not isinstance(train.images, np.ndarray):
+    train, test = resident.datasets(config, workdir, train, test)
   train_key = _train_key(config, train)
   flips = _flips(config, workdir, methods, train_key, test, None) if "mislabel" in metrics else {}
   plans = []
