@@ -53,6 +53,9 @@ flags.DEFINE_integer("batch_size", 64, "Images per step per model.")
 flags.DEFINE_float("width", 1.0, "Channel multiplier (1 = ResNet-18).")
 flags.DEFINE_integer("epochs", 1, "Epochs per timed run (speed, gpu); 0 = the recipe's.")
 flags.DEFINE_integer("repeats", 3, "Alternating timed rounds (speed).")
+flags.DEFINE_integer(
+    "devices", 0, "XLA:CPU devices to split the cores into (0 = XLA's default, one); with D "
+    "devices M = 1 trains data parallel over all D, M >= D one model per device group.")
 flags.DEFINE_enum("compute_dtype", "auto", ["auto", "float32", "bfloat16"], "jaxattr compute.")
 flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0 = all cores).")
 flags.DEFINE_float(
@@ -226,17 +229,24 @@ def speed(rows, settings):
   if FLAGS.crop:  # every epoch at --crop
     cfg.res_min = cfg.res_max = FLAGS.crop
   crop = FLAGS.crop or int(cfg.res_max)
-  trainer = ensemble.Trainer(cfg, train)
   ms = sorted({1} | {int(m) for m in FLAGS.num_models})
+  ndev = jax.device_count()
+  # M = 1 on several devices: data parallel over all of them; otherwise a model per device.
+  trainers = {}
+  for m in ms:
+    mc = cfg.copy_and_resolve_references()
+    mc.data_parallel = ndev if m < ndev else 1
+    trainers[m] = trainers.get((mc.data_parallel,)) or ensemble.Trainer(mc, train)
+    trainers[(mc.data_parallel,)] = trainers[m]
   seen = n // cfg.batch_size * cfg.batch_size * cfg.epochs
   times = {f"jaxattr M={m}": [] for m in ms}
   times["torch loop"] = []
   for m in ms:  # warm-up: compiles each wave size once
-    trainer.train_and_predict(images[:8], np.arange(m))
+    trainers[m].train_and_predict(images[:8], np.arange(m))
   torch_train(images[:2 * cfg.batch_size], labels[:2 * cfg.batch_size], cfg, c, 0, 1, crop)
   for r in range(FLAGS.repeats):
     for m in ms:
-      _, stats = trainer.train_and_predict(images[:8], np.arange(m) + 100 * r)
+      _, stats = trainers[m].train_and_predict(images[:8], np.arange(m) + 100 * r)
       times[f"jaxattr M={m}"].append(stats.train_seconds / m)
     t0 = time.perf_counter()
     torch_train(images, labels, cfg, c, r, cfg.epochs, crop)
@@ -341,6 +351,9 @@ def main(argv):
   set_flags = xla_flags.use_fast_cpu_flags()
   if set_flags:
     logging.info("XLA_FLAGS=%s (jaxattr.xla_flags)", set_flags)
+  if FLAGS.devices:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={FLAGS.devices}")
   rows, settings = [], {k: FLAGS[k].value for k in FLAGS if k in _OWN}
   {"speed": speed, "accuracy": accuracy, "gpu": gpu}[FLAGS.mode](rows, settings)
   settings.update(backend=jax.default_backend(), loadavg=os.getloadavg(), xla_flags=os.environ.get(
@@ -352,7 +365,7 @@ def main(argv):
 
 
 _OWN = ("mode", "recipe", "recipes", "data", "train_examples", "classes", "side", "crop",
-        "num_models", "batch_size", "width", "epochs", "repeats", "compute_dtype")
+        "num_models", "batch_size", "width", "epochs", "repeats", "compute_dtype", "devices")
 
 if __name__ == "__main__":
   app.run(main)

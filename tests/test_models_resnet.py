@@ -103,3 +103,33 @@ def test_fold_batchnorm_is_exact():
       assert err < 1e-5, (k, err)
     params, _ = folding.fold_batchnorm(variables)
     assert "bn1" not in params and "scale" not in str(jax.tree_util.tree_structure(params))
+
+
+def test_stem_pool_gradient_routes_like_torch():
+  """The 3x3 / 2 stem pool's custom gradient sends each window's gradient to its first maximum,
+  as torch's max_pool2d does (ties included); values equal XLA's reduce_window."""
+  torch = pytest.importorskip("torch")
+  from jaxattr.models import layers  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 8, 10, 3)).astype(np.float32)
+  x[0, 2:5, 2:5, 0] = 1.5  # a plateau: ties inside several windows
+  g = rng.normal(size=(2, 4, 5, 3)).astype(np.float32)
+  y, vjp = jax.vjp(lambda a: layers.max_pool(a, 3, 2, 1), jnp.asarray(x))
+  (gx,) = vjp(jnp.asarray(g))
+  xt = torch.tensor(x).permute(0, 3, 1, 2).requires_grad_()
+  yt = torch.nn.functional.max_pool2d(xt, 3, 2, 1)
+  yt.backward(torch.tensor(g).permute(0, 3, 1, 2))
+  np.testing.assert_array_equal(np.asarray(y), yt.detach().permute(0, 2, 3, 1).numpy())
+  np.testing.assert_allclose(np.asarray(gx), xt.grad.permute(0, 2, 3, 1).numpy(), atol=1e-6)
+
+
+def test_small_stem_blurpool_resnet18_for_64px():
+  """The counterfactual ResNet-18 ('small' stem, BlurPool): torchvision's parameter tree except
+  conv1's 3x3 kernel; 64 px in, 2x2 at layer4."""
+  model = resnet.ResNet18(num_classes=10, stem="small", blurpool=True)
+  v = model.init(jax.random.key(0), jnp.zeros((2, 64, 64, 3)))
+  assert v["params"]["conv1"]["kernel"].shape == (3, 3, 3, 64)
+  assert count_params(v["params"]) == 11_173_962
+  out = model.apply(v, jnp.ones((2, 64, 64, 3)))
+  assert out["logits"].shape == (2, 10) and out["feature"].shape == (2, 512)

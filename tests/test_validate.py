@@ -122,6 +122,13 @@ def test_pipeline_stages():
         ("ensemble.cutout", 17, "ensemble.cutout=17 exceeds the 16-pixel side"),
         ("ensemble.translate", 16, "ensemble.translate=16: must be < the 16-pixel side"),
         ("support.flip_models", 0, "support.flip_models=0: must be an int >= 1"),
+        # The ResNet-18 recipes' fields (config.imagenet_recipe) on the digits data.
+        ("ensemble.stem", "tiny", "ensemble.stem='tiny': must be one of"),
+        ("ensemble.augment", "mixup", "ensemble.augment='mixup': must be one of"),
+        ("ensemble.res_max", 8, "ensemble.res_max=8 needs ensemble.augment='rrc'"),
+        ("ensemble.data_parallel", 2, "ensemble.data_parallel=2 needs ensemble.model='resnet18'"),
+        ("ensemble.data_sharding", "split", "ensemble.data_sharding='split': must be one of"),
+        ("ensemble.min_scale", 0.0, "ensemble.min_scale=0.0: must be a finite number in (0, 1]"),
         ("support.k", 129, "support.k=129 exceeds attribution.k=128"),
         ("support.methods", "esvm,cosine", "['cosine'] are not computed by attribution.methods"),
         ("support.methods", "esvm,esvm", "repeated: ['esvm']"),
@@ -328,3 +335,39 @@ def test_missing_field_and_base_config():
       "pretrain.epochs: missing from the config (start it "
       "from jaxattr.config's sections)"
   ]
+
+
+def test_imagenet_recipes_are_valid_and_checked_against_the_images():
+  """Both ImageNet recipes pass on 64 px images; a crop beyond the images and a ramp that ends
+  before it starts are named."""
+  for name in config_lib.RECIPES:
+    config = load_config("digits")
+    config.ensemble = config_lib.imagenet_recipe(name)
+    config.ensemble.batch_size = 64
+    train, test = digits_data()
+    assert found(config) == [], name
+    config.ensemble.data_parallel = 3  # 64 images a step do not split over 3 devices
+    assert found(config) == [
+        "ensemble.batch_size=64 does not divide over ensemble.data_parallel=3 devices; make it "
+        "a multiple of 3"
+    ]
+    config.ensemble.data_parallel = 1
+    problems = found(config, train, test)  # digits are 16 px here
+    assert any("ensemble.res_max=" in p and "exceeds the 16-pixel side" in p for p in problems)
+  config.ensemble.ramp_end = 1
+  assert any("ensemble.ramp_end=1 precedes ensemble.ramp_start=5" in p for p in found(config))
+
+
+def test_trainer_refuses_a_batch_that_does_not_divide_over_the_data_axis():
+  from jaxattr.counterfactual import ensemble  # pylint: disable=g-import-not-at-top
+
+  cfg = config_lib.imagenet_recipe("rn18_8")
+  cfg.update({"batch_size": 6, "data_parallel": 4, "width": 0.0625, "res_min": 0, "res_max": 0})
+  train, _ = digits_data()
+  with pytest.raises(ValueError,
+                     match="batch_size=6 does not divide over ensemble.data_parallel=4"):
+    ensemble.Trainer(cfg, train)
+  cfg.data_parallel = 3
+  cfg.batch_size = 6
+  with pytest.raises(ValueError, match="data_parallel=3 must divide the 1 devices"):
+    ensemble.Trainer(cfg, train)
