@@ -217,6 +217,18 @@ class TrainState:
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
 
+def train_flops(config: ml_collections.ConfigDict, crop: int, num_classes: int) -> float:
+  """FLOPs of one training image for config's classifier at crop x crop pixels: 3x the forward
+  pass's, as XLA's cost analysis counts it (benchmarks, MFU, projections)."""
+  model = classifier(config, num_classes)
+  x = jnp.zeros((8, crop, crop, 3))
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x[:1]))
+  fwd = jax.jit(lambda v, x: model.apply(v, x)["logits"]).lower(variables, x).compile()
+  cost = fwd.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return 3 * float(cost["flops"]) / 8
+
+
 def init_state(key: jax.Array, *, model: nn.Module, tx: optax.GradientTransformation,
                image_shape: tuple[int, ...]) -> TrainState:
   """Fresh state of one model from its key (the init uses fold_in(key, 0))."""
