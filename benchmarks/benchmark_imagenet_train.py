@@ -26,6 +26,7 @@ H200 (benchmarks/gpu_check.sh):
 
 from __future__ import annotations
 
+import ast
 import os
 import time
 
@@ -57,6 +58,8 @@ flags.DEFINE_integer(
     "devices", 0, "XLA:CPU devices to split the cores into (0 = XLA's default, one); with D "
     "devices M = 1 trains data parallel over all D, M >= D one model per device group.")
 flags.DEFINE_enum("compute_dtype", "auto", ["auto", "float32", "bfloat16"], "jaxattr compute.")
+flags.DEFINE_list("overrides", [], "FIELD=VALUE entries applied to every recipe's ensemble "
+                  "section, e.g. stem=imagenet (values as Python literals or plain strings).")
 flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0 = all cores).")
 flags.DEFINE_float(
     "peak_tflops", 0.0, "Peak for the MFU (0: 989 bf16 dense on GPU (H200), a "
@@ -193,6 +196,13 @@ def recipe_config(name: str):
   })
   # lr per step scales with the batch (ffcv's 0.5 is at 1024 images a step).
   cfg.peak_lr = 0.5 * FLAGS.batch_size / 1024
+  for item in FLAGS.overrides:
+    key, _, value = item.partition("=")
+    try:
+      value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      pass
+    cfg[key.strip()] = value
   if FLAGS.epochs:
     cfg.epochs = FLAGS.epochs
   return cfg
@@ -289,8 +299,13 @@ def accuracy(rows, settings):
     logits, stats = trainer.train_and_predict(test_images, np.arange(m))
     seconds = time.perf_counter() - t0
     acc = (logits.argmax(-1) == test_labels[None]).mean(1)
+    steps = len(train) // int(cfg.batch_size) * int(cfg.batch_size)
+    work = sum(steps * ensemble.train_flops(cfg, ensemble.crop_size(cfg, ep, FLAGS.side),
+                                            train.num_classes) for ep in range(int(cfg.epochs)))
     rows.append({
-        "run": name,
+        "run": name + "".join(f" {o}" for o in FLAGS.overrides),
+        "tflop_per_model": work / 1e12,
+        "top1_per_pflop": float(acc.mean()) / (work / 1e15),
         "epochs": int(cfg.epochs),
         "models": m,
         "top1_mean": float(acc.mean()),
@@ -356,7 +371,8 @@ def main(argv):
 
 
 _OWN = ("mode", "recipe", "recipes", "data", "train_examples", "classes", "side", "crop",
-        "num_models", "batch_size", "width", "epochs", "repeats", "compute_dtype", "devices")
+        "num_models", "batch_size", "width", "epochs", "repeats", "compute_dtype", "devices",
+        "overrides")
 
 if __name__ == "__main__":
   app.run(main)
