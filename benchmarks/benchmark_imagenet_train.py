@@ -58,8 +58,9 @@ flags.DEFINE_integer(
     "devices", 0, "XLA:CPU devices to split the cores into (0 = XLA's default, one); with D "
     "devices M = 1 trains data parallel over all D, M >= D one model per device group.")
 flags.DEFINE_enum("compute_dtype", "auto", ["auto", "float32", "bfloat16"], "jaxattr compute.")
-flags.DEFINE_list("overrides", [], "FIELD=VALUE entries applied to every recipe's ensemble "
-                  "section, e.g. stem=imagenet (values as Python literals or plain strings).")
+flags.DEFINE_list(
+    "overrides", [], "FIELD=VALUE entries applied to every recipe's ensemble "
+    "section, e.g. stem=imagenet (values as Python literals or plain strings).")
 flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0 = all cores).")
 flags.DEFINE_float(
     "peak_tflops", 0.0, "Peak for the MFU (0: 989 bf16 dense on GPU (H200), a "
@@ -300,8 +301,9 @@ def accuracy(rows, settings):
     seconds = time.perf_counter() - t0
     acc = (logits.argmax(-1) == test_labels[None]).mean(1)
     steps = len(train) // int(cfg.batch_size) * int(cfg.batch_size)
-    work = sum(steps * ensemble.train_flops(cfg, ensemble.crop_size(cfg, ep, FLAGS.side),
-                                            train.num_classes) for ep in range(int(cfg.epochs)))
+    work = sum(steps *
+               ensemble.train_flops(cfg, ensemble.crop_size(cfg, ep, FLAGS.side), train.num_classes)
+               for ep in range(int(cfg.epochs)))
     rows.append({
         "run": name + "".join(f" {o}" for o in FLAGS.overrides),
         "tflop_per_model": work / 1e12,

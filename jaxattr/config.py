@@ -153,8 +153,10 @@ def trainer_section() -> ml_collections.ConfigDict:
   # 'map': a device's models one after another in one program (bit-exact whatever the wave);
   # 'vmap': batched (grouped convolutions); 'auto': the backend's measured winner.
   c.formulation = "auto"
-  # ResNet-9's stride-2 convolution gradient through a space-to-depth convolution (same
-  # values; faster on XLA:CPU). 'auto' = on for the CPU backend only | 'on' | 'off'.
+  # Same values through ops XLA:CPU differentiates faster: ResNet-9's stride-2 convolution
+  # gradient through a space-to-depth convolution; ResNet-18's convolutions with outputs of at
+  # most 4 x 4 pixels as patch matrix products. 'auto' = on for the CPU backend only | 'on' |
+  # 'off'.
   c.cpu_ops = "auto"
   c.eval_batch_size = 500  # images per model per evaluation step
   # Devices per model: each model's batch is split over this many devices (the mesh axis

@@ -84,11 +84,13 @@ def classifier(config: ml_collections.ConfigDict, num_classes: int,
   if axis_name is not None and config.model != "resnet18":
     raise ValueError(f"ensemble.data_parallel > 1 needs ensemble.model='resnet18', got "
                      f"{config.model!r}")
+  cpu_ops = config.cpu_ops == "on" or (config.cpu_ops == "auto" and jax.default_backend() == "cpu")
   if config.model == "resnet18":
-    kwargs.update(stem=config.stem, blurpool=bool(config.blurpool), axis_name=axis_name)
+    # On the CPU, convs with outputs of <= 4 x 4 pixels as patch matrix products (layers.Conv).
+    kwargs.update(stem=config.stem, blurpool=bool(config.blurpool), axis_name=axis_name,
+                  patch_below=16 if cpu_ops else 0)
   if config.model == "resnet9":
-    kwargs["s2d_grad"] = config.cpu_ops == "on" or (config.cpu_ops == "auto" and
-                                                    jax.default_backend() == "cpu")
+    kwargs["s2d_grad"] = cpu_ops
   return models[config.model](num_classes=num_classes, width=float(config.width),
                               dtype=compute_dtype(config), **kwargs)
 

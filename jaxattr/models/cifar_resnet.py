@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxattr.models.layers import BatchNorm, blur, conv
+from jaxattr.models.layers import BatchNorm, Conv, blur, conv
 
 
 class BasicBlock(nn.Module):
@@ -38,6 +38,7 @@ class BasicBlock(nn.Module):
   # BlurPool (ffcv-imagenet's): `layers.blur` before every strided conv with >= 16 inputs.
   blurpool: bool = False
   axis_name: str | None = None  # BatchNorm statistics over this mesh axis (`layers.BatchNorm`)
+  patch_below: int = 0  # convs with at most this many output pixels: `layers.patch_conv`
   expansion = 1  # output channels / planes (class constant, not a field)
 
   @nn.compact
@@ -45,12 +46,13 @@ class BasicBlock(nn.Module):
     bn = functools.partial(BatchNorm, num_splits=self.num_splits, dtype=self.dtype,
                            split_layout=self.split_layout, axis_name=self.axis_name)
     blurred = blur(x) if self.blurpool and self.stride > 1 and x.shape[-1] >= 16 else x
-    y = conv(self.planes, 3, self.stride, 1, self.dtype, name="conv1")(blurred)
+    make = functools.partial(Conv, patch_below=self.patch_below) if self.patch_below else conv
+    y = make(self.planes, 3, self.stride, 1, self.dtype, name="conv1")(blurred)
     y = nn.relu(bn(name="bn1")(y, train))
-    y = conv(self.planes, 3, 1, 1, self.dtype, name="conv2")(y)
+    y = make(self.planes, 3, 1, 1, self.dtype, name="conv2")(y)
     y = bn(name="bn2")(y, train)
     if self.stride != 1 or x.shape[-1] != self.planes:
-      x = conv(self.planes, 1, self.stride, 0, self.dtype, name=f"{self.shortcut}_conv")(blurred)
+      x = make(self.planes, 1, self.stride, 0, self.dtype, name=f"{self.shortcut}_conv")(blurred)
       x = bn(name=f"{self.shortcut}_bn")(x, train)
     return nn.relu(y + x)
 

@@ -76,6 +76,9 @@ class ResNet(nn.Module):
     stem: 'imagenet' (torchvision's) or 'small' (`STEMS`).
     blurpool: BlurPool before the strided convs of the blocks (ffcv-imagenet's `use_blurpool`).
     axis_name: a mesh axis over which BatchNorm computes training statistics (data parallel).
+    patch_below: BasicBlock convs with at most this many output pixels run as one matrix
+      product of their patches (`layers.patch_conv`: same values; XLA:CPU's weight gradient of
+      a 2 x 2-output convolution is pathologically slow). 0: never.
   """
 
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
@@ -86,6 +89,7 @@ class ResNet(nn.Module):
   stem: str = "imagenet"
   blurpool: bool = False
   axis_name: str | None = None
+  patch_below: int = 0
 
   @property
   def feature_dim(self) -> int:
@@ -107,6 +111,10 @@ class ResNet(nn.Module):
     x = nn.relu(BatchNorm(dtype=self.dtype, axis_name=self.axis_name, name="bn1")(x, train))
     x = max_pool(x, 3, 2, 1)
     extra = {"blurpool": self.blurpool} if self.blurpool else {}
+    if self.patch_below:
+      if self.block != "basic":
+        raise ValueError("patch_below is implemented for BasicBlock ResNets (ResNet-18/34) only")
+      extra["patch_below"] = self.patch_below
     for i, blocks in enumerate(self.stage_sizes):
       for j in range(blocks):
         stride = 2 if (i > 0 and j == 0) else 1
