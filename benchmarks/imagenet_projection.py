@@ -42,12 +42,14 @@ def main(argv):
   # The anchor: ffcv's rn18 at its own resolutions (torchvision stem), 16 epochs, 35 A100-min.
   ffcv = config.imagenet_recipe("ffcv_rn18_16")
   ffcv.stem = "imagenet"
+  ffcv.cpu_ops = "off"  # accelerators run the plain convolutions
   ffcv_res = [160] * 12 + [192] * 4  # its get_resolution: 160 to epoch 11, 192 from epoch 12
   ffcv_flops = sum(IMAGES * train_flops(ffcv, r, 1000) for r in ffcv_res)
   mfu_anchor = ffcv_flops / (35 * 60) / 1e12 / PEAKS["1 A100"]
   rows = []
   for name in config.RECIPES:
     cfg = config.imagenet_recipe(name)
+    cfg.cpu_ops = "off"
     crops = [ensemble.crop_size(cfg, ep, 64) for ep in range(int(cfg.epochs))]
     per_model = sum(IMAGES * train_flops(cfg, r, 1000) for r in crops)
     total = per_model * (MODELS + FLIP_MODELS)
