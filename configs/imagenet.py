@@ -85,7 +85,7 @@ def get_config(arg=None):
         "batch_size": 4,
         "peak_epoch": 0.5,
         "res_min": 16,
-        "res_max": 24,
+        "res_max": 16,
         "ramp_start": 0,
         "ramp_end": 1,
         "eval_batch_size": 8,

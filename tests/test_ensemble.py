@@ -327,3 +327,13 @@ def test_waves_give_the_same_models_and_compile_once(tiny, trainers, monkeypatch
   assert stats.total_seconds >= stats.train_seconds >= stats.first_epoch_seconds > 0
   again, _ = trainer.train_and_predict(ev, [2, 0, 1], prefixes, sizes[[2, 0, 1]])
   np.testing.assert_array_equal(again[[1, 2, 0]], in_waves)
+
+
+def test_crop_ramp_follows_ffcv_imagenet():
+  """ffcv-imagenet's get_resolution at 64/256 scale: the low side up to ramp_start, the high
+  side from ramp_end, in between rounded to res_step (half to even, as np.round)."""
+  ffcv = config.imagenet_recipe("ffcv_rn18_16")
+  assert [ensemble.crop_size(ffcv, e, 64) for e in range(16)] == [40] * 12 + [48] * 4
+  cheap = config.imagenet_recipe("rn18_8")
+  assert [ensemble.crop_size(cheap, e, 64) for e in range(8)] == [32] * 7 + [40]
+  assert ensemble.crop_size(config.trainer_section(), 3, 32) == 32  # 'cifar' views keep the side
