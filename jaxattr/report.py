@@ -32,7 +32,8 @@ from jaxattr.counterfactual import bisection, summaries, support
 TOP = 16  # attributed images shown per target
 MAX_PREFIX = 48  # flipping-prefix images shown per target (the rest are counted)
 # Pipeline stages in run order (others follow alphabetically).
-STAGES = ("pretrain", "encoder", "features", "attribution", "flip_classes", "prepare", "support", "report")
+STAGES = ("pretrain", "encoder", "features", "attribution", "flip_classes", "prepare", "support",
+          "report")
 
 
 def write_report(workdir: str, config: Any = None, train: Any = None, test: Any = None,
