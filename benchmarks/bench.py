@@ -81,3 +81,15 @@ def int_list(name: str, values: list[str], lo: int) -> list[int]:
   if not out or min(out) < lo:
     raise app.UsageError(f"--{name}={','.join(values)}: expected comma-separated integers >= {lo}")
   return out
+
+
+def cpu_peak_tflops() -> float:
+  """A float32 matmul's achieved TFLOP/s on this machine's default backend (on the CPU the
+  practical peak for an MFU)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  a = jnp.ones((2048, 2048), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  t = time_fn(lambda: f(a).block_until_ready(), repeats=5, warmup=2)
+  return 2 * 2048**3 / t["min_s"] / 1e12

@@ -31,7 +31,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
@@ -209,13 +208,6 @@ def recipe_config(name: str):
   return cfg
 
 
-def cpu_peak_tflops() -> float:
-  a = jnp.ones((2048, 2048), jnp.float32)
-  f = jax.jit(lambda a: a @ a)
-  t = bench.time_fn(lambda: f(a).block_until_ready(), repeats=5, warmup=2)
-  return 2 * 2048**3 / t["min_s"] / 1e12
-
-
 def speed(rows, settings):
   import torch  # pylint: disable=g-import-not-at-top
 
@@ -256,7 +248,7 @@ def speed(rows, settings):
     },
                  os.getloadavg()[0])
   flops = ensemble.train_flops(cfg, crop, c)
-  peak = FLAGS.peak_tflops or cpu_peak_tflops()
+  peak = FLAGS.peak_tflops or bench.cpu_peak_tflops()
   ref = [seen / t for t in times["torch loop"]]
   for name, ts in times.items():
     ips = [seen / t for t in ts]

@@ -179,14 +179,6 @@ def torch_train(images: np.ndarray, labels: np.ndarray, cfg, seed: int, device: 
 # ---------------------------------------------------------------------------------------------
 
 
-def cpu_peak_tflops() -> float:
-  """A float32 matmul's achieved TFLOP/s on this CPU (the practical peak for the MFU)."""
-  a = jnp.ones((2048, 2048), jnp.float32)
-  f = jax.jit(lambda a: a @ a)
-  t = bench.time_fn(lambda: f(a).block_until_ready(), repeats=5, warmup=2)
-  return 2 * 2048**3 / t["min_s"] / 1e12
-
-
 def main(argv):
   del argv
   # Before the first JAX computation: XLA reads XLA_FLAGS when the backend starts.
@@ -217,7 +209,7 @@ def main(argv):
   elif backend == "gpu":
     peak = 790.0
   else:
-    peak = cpu_peak_tflops()
+    peak = bench.cpu_peak_tflops()
   logging.info("peak for MFU: %.3f TFLOP/s", peak)
 
   rows = []
