@@ -337,3 +337,18 @@ def test_crop_ramp_follows_ffcv_imagenet():
   cheap = config.imagenet_recipe("rn18_8")
   assert [ensemble.crop_size(cheap, e, 64) for e in range(8)] == [32] * 7 + [40]
   assert ensemble.crop_size(config.trainer_section(), 3, 32) == 32  # 'cifar' views keep the side
+
+
+def test_no_weight_decay_on_batchnorm_only():
+  """bn_weight_decay=False (ffcv-imagenet): BatchNorm's scales and biases take no decay, every
+  convolution kernel and the fc (kernel and bias) do."""
+  cfg = config.imagenet_recipe("rn18_8")
+  cfg.width = 0.0625
+  model = ensemble.classifier(cfg, 10)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+  mask = jax.tree_util.tree_flatten_with_path(ensemble.decay_mask(params["params"]))[0]
+  for path, decayed in mask:
+    names = [str(getattr(k, "key", "")) for k in path]
+    assert decayed == (not any("bn" in n for n in names)), names
+  assert {tuple(str(k.key) for k in p) for p, d in mask if d} >= {("fc", "bias"), ("fc", "kernel")}
+  assert sum(not d for _, d in mask) == 2 * 20  # 20 BatchNorms in a ResNet-18
