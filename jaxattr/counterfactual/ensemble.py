@@ -476,6 +476,25 @@ class RunStats:
   steady_seconds_per_model: float  # steady_epoch_seconds * epochs * waves / models
 
 
+def _device_images(mesh: Mesh, images: np.ndarray, spec: P, parts: int) -> jax.Array:
+  """The training images on the devices as laid out by `spec`, read piece by piece from `images`
+  (in memory or memory-mapped, as a resident ImageNet copy is: never copied whole on the host).
+  With `parts` > 1 the rows are padded with zeros to a multiple of it (equal parts per data
+  device; padding rows are never in a batch)."""
+  n = len(images)
+  total = n + (-n % parts)
+  shape = (total,) + tuple(images.shape[1:])
+
+  def piece(index):
+    start, stop, _ = index[0].indices(total)
+    out = np.zeros((stop - start,) + shape[1:], np.uint8)
+    if min(stop, n) > start:
+      out[:min(stop, n) - start] = images[start:min(stop, n)][(slice(None),) + tuple(index[1:])]
+    return out
+
+  return jax.make_array_from_callback(shape, NamedSharding(mesh, spec), piece)
+
+
 def make_mesh(data_parallel: int = 1, devices: Any = None) -> Mesh:
   """The trainer's mesh ('models', 'data') over `devices` (default: every device of the job):
   groups of `data_parallel` consecutive devices each train one model at a time.
@@ -523,12 +542,9 @@ class Trainer:
     if jax.default_backend() == "cpu" and "ynn_fusion_type" not in os.environ.get("XLA_FLAGS", ""):
       logging.warning("XLA:CPU trains ~2x slower with its default YNNPACK convolutions: call "
                       "jaxattr.xla_flags.use_fast_cpu_flags() before JAX starts (see there)")
-    images = np.ascontiguousarray(train.images)
-    if self.sharded:  # equal parts per data device; padding rows are never in a batch
-      pad = -len(images) % data_size
-      images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], np.uint8)])
     self.images_spec = P("data") if self.sharded else P()
-    self.images = distributed.global_array(self.mesh, images, self.images_spec)
+    self.images = _device_images(self.mesh, train.images, self.images_spec,
+                                 data_size if self.sharded else 1)
     self.labels = distributed.global_array(self.mesh, train.labels.astype(np.int32), P())
     lift = functools.partial(over_models, mesh=self.mesh, formulation=self.formulation)
     per_model, partial = NamedSharding(self.mesh, P("models")), functools.partial
