@@ -106,7 +106,9 @@ def test_features_on_two_processes_equal_one(features_workdir, pretrained_workdi
   assert not list((two / "features").glob("*.part*"))
 
 
-def test_streamed_features_on_two_processes_equal_one(tmp_path):
+def test_streamed_features_and_imagenet_support_on_two_processes_equal_one(tmp_path):
+  """configs/imagenet.py:tiny: streamed features, then the rest of the main job (top-k, the
+  resident copy written by process 0, ResNet-18 support), as 2 processes and as 1."""
 
   from benchmarks import imagenet_tree  # pylint: disable=g-import-not-at-top
 
@@ -128,6 +130,20 @@ def test_streamed_features_on_two_processes_equal_one(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "two" / "features" / f"{split}.features.npy"),
                                np.load(tmp_path / "one" / "features" / f"{split}.features.npy"),
                                rtol=1e-5, atol=1e-5)
+  # The rest of the main job on the same workdirs (the two feature sets agree; each job goes on
+  # from its own).
+  res = _run("pipeline.py", tmp_path / "one", *extra, config=config)
+  assert res.returncode == 0, res.stderr[-3000:]
+  _assert_ok(_run_job("pipeline.py", [tmp_path / "two"] * 2, [extra, extra], config=config))
+  for split in ("train", "test"):
+    np.testing.assert_array_equal(np.load(tmp_path / "two" / "resident" / f"{split}_32.npy"),
+                                  np.load(tmp_path / "one" / "resident" / f"{split}_32.npy"))
+  one, two = (json.load(open(tmp_path / w / "summary.json")) for w in ("one", "two"))
+  for metric in ("removal", "mislabel"):
+    for method in ("esvm", "l2"):
+      assert two["support"][metric][method]["trainings"] >= 2
+      assert two["support"][metric][method]["median_support"] == one["support"][metric][method][
+          "median_support"], (metric, method)
 
 
 def test_attribution_on_two_processes_equals_one(features_workdir, tmp_path):
