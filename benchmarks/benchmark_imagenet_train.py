@@ -197,12 +197,15 @@ def recipe_config(name: str):
   # lr per step scales with the batch (ffcv's 0.5 is at 1024 images a step).
   cfg.peak_lr = 0.5 * FLAGS.batch_size / 1024
   for item in FLAGS.overrides:
-    key, _, value = item.partition("=")
+    key, sep, value = (part.strip() for part in item.partition("="))
+    if not sep or key not in cfg:
+      raise app.UsageError(f"--overrides entry {item!r}: expected FIELD=VALUE with FIELD one of "
+                           f"the ensemble section's fields ({', '.join(sorted(cfg))})")
     try:
       value = ast.literal_eval(value)
     except (ValueError, SyntaxError):
       pass
-    cfg[key.strip()] = value
+    cfg[key] = value
   if FLAGS.epochs:
     cfg.epochs = FLAGS.epochs
   return cfg

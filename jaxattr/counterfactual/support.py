@@ -77,7 +77,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data.Dataset 
   methods = _methods(config, workdir)
   index, count = shard_of(config)
   if train is None or test is None:
-    loaded = data_splits(config, workdir)
+    loaded = data_splits(config)
     train = train if train is not None else loaded[0]
     test = test if test is not None else loaded[1]
     # Where the stage loads the data, it checks its fields (the main job checks all at once).
@@ -153,10 +153,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data.Dataset 
   return out
 
 
-def data_splits(config: ml_collections.ConfigDict, workdir: str) -> tuple[Any, Any]:
+def data_splits(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
   """The splits of config.data: in memory, or for streamed data (`data.stream`) the file lists,
   whose resident copy in WORKDIR/resident the trainer then reads (`resident.datasets`)."""
-  del workdir
   if config.data.get("stream", False):
     return stream.splits(config.data)
   return data.load_splits(config.data)
@@ -279,7 +278,7 @@ def merge(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                       "ran (it is 1)")
   metrics = config_lib.names(sc.metrics)
   methods = _methods(config, workdir)
-  train, test = data_splits(config, workdir)
+  train, test = data_splits(config)
   if not isinstance(train.images, np.ndarray):
     train, test = resident.datasets(config, workdir, train, test)
   train_key = _train_key(config, train)
