@@ -77,7 +77,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data.Dataset 
   methods = _methods(config, workdir)
   index, count = shard_of(config)
   if train is None or test is None:
-    loaded = data_splits(config)
+    # In memory, or streamed file lists whose resident copy the trainer reads (below).
+    loaded = stream.splits(config.data)
     train = train if train is not None else loaded[0]
     test = test if test is not None else loaded[1]
     # Where the stage loads the data, it checks its fields (the main job checks all at once).
@@ -151,14 +152,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data.Dataset 
       summaries.plot_curves(workdir, metric)
   distributed.barrier("support-done")
   return out
-
-
-def data_splits(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
-  """The splits of config.data: in memory, or for streamed data (`data.stream`) the file lists,
-  whose resident copy in WORKDIR/resident the trainer then reads (`resident.datasets`)."""
-  if config.data.get("stream", False):
-    return stream.splits(config.data)
-  return data.load_splits(config.data)
 
 
 def _methods(config: ml_collections.ConfigDict,
@@ -278,7 +271,7 @@ def merge(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                       "ran (it is 1)")
   metrics = config_lib.names(sc.metrics)
   methods = _methods(config, workdir)
-  train, test = data_splits(config)
+  train, test = stream.splits(config.data)
   if not isinstance(train.images, np.ndarray):
     train, test = resident.datasets(config, workdir, train, test)
   train_key = _train_key(config, train)
