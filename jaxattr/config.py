@@ -196,8 +196,38 @@ def support_section() -> ml_collections.ConfigDict:
   return c
 
 
+def trak_section() -> ml_collections.ConfigDict:
+  """`config.trak`: TRAK (`jaxattr.attribute.trak`), method 'trak' of attribution and LDS."""
+  c = ml_collections.ConfigDict()
+  c.num_models = 5  # full-data models (the `ensemble` section's recipe), seeds seed * 1000 + m
+  c.proj_dim = 2048  # dimensions of the random projection of the gradients
+  c.projection = "rademacher"  # 'rademacher' (+-1) | 'normal'
+  c.seed = 0  # models' seeds and the projection's key
+  c.lambda_reg = 0.0  # ridge added to the diagonal of X^T X
+  c.chunk_size = 64  # images per per-example-gradient step (a multiple of the devices)
+  c.block_rows = 8192  # projection rows generated at once per parameter leaf
+  return c
+
+
+def lds_section() -> ml_collections.ConfigDict:
+  """`config.lds`: the linear datamodeling score (`jaxattr.counterfactual.lds`)."""
+  c = ml_collections.ConfigDict()
+  # Comma-separated: any of 'trak', 'esvm', 'l2', 'cosine', or 'name=PATH.npy' (a float score
+  # matrix [targets, train] in the order of the LDS targets and training positions); '' = no
+  # LDS stage.
+  c.methods = ""
+  c.num_subsets = 100  # S random training subsets
+  c.alpha = 0.5  # fraction of the training set in each subset
+  c.models_per_subset = 1  # R models trained on each subset (margins averaged)
+  c.num_targets = 2000  # test images evaluated (a seeded sample; 0 = all)
+  c.seed = 0  # subsets, targets and the models' seeds
+  c.bootstrap = 1000  # bootstrap resamples of the targets for the 95% intervals
+  return c
+
+
 def base_config() -> ml_collections.ConfigDict:
-  """Seed, data, encoder, pretrain, features, attribution, ensemble, support and viz sections."""
+  """Seed, data, encoder, pretrain, features, attribution, ensemble, support, trak, lds and viz
+  sections."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.data = data_section()
@@ -208,6 +238,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.attribution = attribution_section()
   c.ensemble = trainer_section()
   c.support = support_section()
+  c.trak = trak_section()
+  c.lds = lds_section()
   c.viz = ml_collections.ConfigDict()
   c.viz.num_targets = 8  # targets shown per method in WORKDIR/attribution/<method>/grid.png
   c.viz.top = 16  # attributed images shown per target
