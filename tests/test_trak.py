@@ -116,7 +116,7 @@ def test_store_resumes_and_refuses_other_models(digits, trained, tmp_path):
   assert other.done() == []  # another seed: the kept waves are not its own
   # evaluate: any function of the logits, for every model.
   _, test = digits
-  logits = store.evaluate(trainer, variables, test.images[:20], test.labels[:20], lambda l, y: l,
+  logits = store.evaluate(trainer, variables, test.images[:20], test.labels[:20], lambda z, y: z,
                           batch_size=8)
   assert logits.shape == (2, 20, 10)
   want, _ = trainer.train_and_predict(test.images[:20], [3, 4])

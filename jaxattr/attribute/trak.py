@@ -105,9 +105,9 @@ class Projection:
     Traceable (`model` may be a traced int)."""
     base = jax.random.fold_in(jax.random.key(self.seed), model)
     out = None
-    for l, leaf in enumerate(jax.tree_util.tree_leaves(grads)):
+    for li, leaf in enumerate(jax.tree_util.tree_leaves(grads)):
       g = leaf.reshape(leaf.shape[0], -1).astype(jnp.float32)
-      key = jax.random.fold_in(base, l)
+      key = jax.random.fold_in(base, li)
       rows, br = g.shape[1], self.block_rows
       if rows <= br:
         part = g @ self._block(jax.random.fold_in(key, 0), br)[:rows]
@@ -127,9 +127,9 @@ class Projection:
     """The whole P_m [#parameters, dim] for `params`' tree (tests, small models only)."""
     out = []
     base = jax.random.fold_in(jax.random.key(self.seed), model)
-    for l, leaf in enumerate(jax.tree_util.tree_leaves(params)):
+    for li, leaf in enumerate(jax.tree_util.tree_leaves(params)):
       rows, br = int(np.prod(leaf.shape)), self.block_rows
-      key = jax.random.fold_in(base, l)
+      key = jax.random.fold_in(base, li)
       blocks = [self._block(jax.random.fold_in(key, b), br) for b in range(-(-rows // br))]
       out.append(np.concatenate([np.asarray(b) for b in blocks])[:rows])
     return np.concatenate(out)
