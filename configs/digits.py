@@ -4,9 +4,9 @@ Command (the README's first command runs exactly this):
 
   python launch/pipeline.py --config configs/digits.py --workdir workdir/digits
 
-Stages: MoCo pretraining (16x16 digits, width-0.25 ResNet-18, 20 epochs) -> features -> ESVM and
-l2 top-128 for 16 seeded test targets -> removal and mislabel support of the first 8 targets with
-ResNet-9s at 1/8 width -> report.html.
+Stages: MoCo pretraining (16x16 digits, width-0.25 ResNet-18, 20 epochs) -> features -> ESVM,
+l2 and TRAK top-128 for 16 seeded test targets -> removal and mislabel support of the first 8
+targets with ResNet-9s at 1/8 width -> LDS of ESVM, l2 and TRAK over 20 subsets -> report.html.
 
 Expected on a 2-core CPU: about 5 minutes end to end; kNN accuracy of the encoder about 0.85
 (see the README for the measured numbers). `configs/digits.py:quick` shrinks everything to a
@@ -51,6 +51,17 @@ def get_config(arg=None):
   c.support.search_budget = 3
   c.support.num_tests = 3
   c.support.flip_models = 3
+  # TRAK from 2 full-data ResNet-9s (the models above), gradients projected to 512 dimensions
+  # (below the 1,437 training images, so X^T X is invertible); LDS of ESVM, l2 and TRAK over 20
+  # random half-size subsets, every test image a target.
+  c.attribution.methods = "esvm,l2,trak"
+  c.support.methods = "esvm,l2,trak"
+  c.trak.num_models = 2
+  c.trak.proj_dim = 512
+  c.trak.chunk_size = 128
+  c.lds.methods = "esvm,l2,trak"
+  c.lds.num_subsets = 20
+  c.lds.num_targets = 0
   if arg == "quick":
     c.data.options.size = 16
     c.encoder.width = 0.125
@@ -73,6 +84,10 @@ def get_config(arg=None):
     c.support.flip_models = 1
     c.viz.num_targets = 3
     c.viz.top = 4
+    c.trak.num_models = 1
+    c.trak.proj_dim = 64
+    c.lds.num_subsets = 4
+    c.lds.num_targets = 20
   elif arg not in (None, ""):
     raise ValueError(f"unknown variant {arg!r} of configs/digits.py (known: quick)")
   return c

@@ -145,6 +145,9 @@ def attribution_fields(config: ml_collections.ConfigDict, workdir: str, method: 
   fields.update(_section(config, "attribution"))
   fields.pop("attribution.methods")  # each method has its own record
   fields.update(_section(config, "viz"))
+  if method == "trak":  # its own models: the trainer's recipe and TRAK's settings
+    fields.update(_section(config, "ensemble"))
+    fields.update(_section(config, "trak"))
   return _canonical(fields)
 
 

@@ -1,4 +1,4 @@
-"""The main job: encoder -> features -> attribution -> removal/mislabel support -> report.
+"""The main job: encoder -> features -> attribution -> removal/mislabel support -> LDS -> report.
 
 Each stage records the fingerprint of everything its outputs depend on (config fields, the data,
 the earlier stages: `jaxattr.ownership`) and skips itself when its record matches, so re-running
@@ -29,7 +29,7 @@ from jaxattr import (
     validate,
 )
 from jaxattr.attribute import attribution
-from jaxattr.counterfactual import support
+from jaxattr.counterfactual import lds, support
 
 
 class Stages:
@@ -98,6 +98,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         for metric in config_lib.names(config.support.metrics)
         for spec in config_lib.names(config.support.methods)
     ])
+  if config_lib.names(config.lds.methods):
+    stages.run("lds", lambda: lds.run(config, workdir, train=train, test=test),
+               ["lds/summary.json"])
   # The report is cheap and reads everything above: always rendered anew, by process 0 alone;
   # the others wait for its summary.
   summary_path = os.path.join(workdir, "summary.json")
@@ -145,6 +148,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             for k in ("median_support", "median_support_flipped_only", "targets", "not_flipped",
                       "fraction_flipped", "trainings", "trainings_per_target_max")
         }
+  lds_summary = lds.read_summary(workdir)
+  if lds_summary is not None:
+    summary["lds"] = {m: v for m, v in lds_summary["methods"].items()}
   logging.info(
       "pipeline: %d process(es), %d device(s); seconds per process in start-up %s, "
       "barriers %s, gathers %s, checkpoints %s", job["processes"], job["devices"],

@@ -33,7 +33,7 @@ TOP = 16  # attributed images shown per target
 MAX_PREFIX = 48  # flipping-prefix images shown per target (the rest are counted)
 # Pipeline stages in run order (others follow alphabetically).
 STAGES = ("pretrain", "encoder", "features", "attribution", "flip_classes", "prepare", "support",
-          "report")
+          "lds", "report")
 
 
 def write_report(workdir: str, config: Any = None, train: Any = None, test: Any = None,
@@ -61,6 +61,7 @@ def write_report(workdir: str, config: Any = None, train: Any = None, test: Any 
        f"&middot; generated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}</p>"),
       _timings(workdir),
       _support(workdir, cfg),
+      _lds(workdir, cfg),
       _examples(workdir, train, test, data_note, num_examples),
       _config_section(cfg),
   ]
@@ -321,6 +322,50 @@ def png_data_uri(image: np.ndarray, min_size: int = 64) -> str:
   buf = io.BytesIO()
   img.save(buf, format="PNG")
   return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _lds(workdir: str, cfg: dict | None = None) -> str:
+  head = "<h2>Linear datamodeling score (LDS)</h2>"
+  path = os.path.join(workdir, "lds", "summary.json")
+  configured = ((cfg or {}).get("lds") or {}).get("methods", None)
+  if not os.path.exists(path):
+    if configured is not None and not str(configured).strip():
+      return ""  # not configured: no section
+    return head + _note("No LDS results yet (WORKDIR/lds/summary.json): run launch/lds.py.")
+  try:
+    with open(path) as f:
+      s = json.load(f)
+  except (OSError, ValueError) as e:
+    return head + _note(f"lds/summary.json is unreadable: {e}")
+  rows = []
+  for name, m in sorted(s["methods"].items(), key=lambda kv: -(kv[1]["lds"] or -9)):
+    lo, hi = m["ci95"]
+    rows.append([
+        html.escape(name), "-" if m["lds"] is None else f"{m['lds']:.3f}",
+        "-" if lo is None or lo != lo else f"{lo:.3f} to {hi:.3f}",
+        str(m["targets_scored"])
+    ])
+  training = s.get("training", {})
+  parts = [
+      head,
+      (f"<p>Mean over {s['targets']} targets of the Spearman correlation, over {s['subsets']} "
+       f"random subsets of {100 * s['alpha']:.0f}% of the training set ({s['models_per_subset']} "
+       "model(s) each), between a method's summed scores of a subset and the correct-class "
+       "margin of the models trained on it. Higher is better; the interval is a bootstrap over "
+       "targets.</p>"),
+      _table(["method", "LDS", "95% interval", "targets"], rows),
+  ]
+  if training:
+    parts.append(f"<p class='sub'>{training.get('models')} models, "
+                 f"{training.get('trainer_calls')} trainer call(s) in this run, waves of "
+                 f"{training.get('wave')}.</p>")
+  png = os.path.join(workdir, "lds", "scatter.png")
+  if os.path.exists(png):
+    with open(png, "rb") as f:
+      parts.append("<p class='sub'>Predicted vs measured margins of the first targets:</p>"
+                   f"<img class='curve' style='max-width: 900px' alt='LDS scatter' "
+                   f"src='data:image/png;base64,{base64.b64encode(f.read()).decode()}'>")
+  return "\n".join(parts)
 
 
 def _figure(image: np.ndarray, caption: str, cls: str) -> str:

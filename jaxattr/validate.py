@@ -68,7 +68,7 @@ import numpy as np
 
 from jaxattr import config as config_lib
 
-SECTIONS = ("pretrain", "features", "attribution", "support", "flip")
+SECTIONS = ("pretrain", "features", "attribution", "support", "lds", "flip")
 
 # The config sections (top-level fields) each stage reads, besides `seed` and `data`.
 STAGE_FIELDS = {
@@ -76,6 +76,7 @@ STAGE_FIELDS = {
     "features": ("encoder", "features"),
     "attribution": ("attribution", "viz", "shard"),
     "support": ("support", "ensemble", "shard"),
+    "lds": ("lds", "trak", "ensemble"),
     "flip": ("mode", "num_models", "ensemble"),
 }
 
@@ -134,6 +135,13 @@ def pipeline_stages(config: Any) -> tuple[str, ...]:
     with_support = True  # a malformed field: let the support checks name it
   if with_support:
     stages.append("support")
+  lds_methods = raw("lds.methods")
+  try:
+    with_lds = lds_methods is not _BAD and bool(config_lib.names(lds_methods))
+  except TypeError:
+    with_lds = True  # a malformed field: let the lds checks name it
+  if with_lds:
+    stages.append("lds")
   return tuple(stages)
 
 
@@ -174,7 +182,13 @@ def problems(config: Any, train: Any = None, test: Any = None, *,
     _check_features(c)
   if "attribution" in stages:
     _check_attribution(c)
-  if "support" in stages or "flip" in stages:
+  trak_used = "attribution" in stages and "trak" in _entries(c.raw("attribution.methods"))
+  if "lds" in stages:
+    _check_lds(c)
+    trak_used = trak_used or "trak" in _entries(c.raw("lds.methods"))
+  if trak_used:
+    _check_trak(c)
+  if "support" in stages or "flip" in stages or "lds" in stages or trak_used:
     _check_ensemble(c)
   if "support" in stages:
     _check_support(c, with_attribution="attribution" in stages)
@@ -508,6 +522,72 @@ def _check_attribution(c: _Checker) -> None:
       c.add("shard.index", f"={index} must lie in [0, shard.count={count})")
 
 
+def _entries(value: Any) -> tuple[str, ...]:
+  """The names of a list field's entries ('name=PATH' -> 'name'); () when malformed."""
+  try:
+    return tuple(e.partition("=")[0] for e in config_lib.names(value))
+  except TypeError:
+    return ()
+
+
+def _check_trak(c: _Checker) -> None:
+  from jaxattr.attribute.trak import PROJECTIONS  # pylint: disable=import-outside-toplevel
+  c.int_("trak.num_models", lo=1, what="full-data models")
+  c.int_("trak.proj_dim", lo=1)
+  c.str_("trak.projection", PROJECTIONS)
+  c.int_("trak.seed", lo=0)
+  c.num_("trak.lambda_reg", 0)
+  c.int_("trak.chunk_size", lo=1, what="images per gradient step")
+  c.int_("trak.block_rows", lo=1)
+
+
+def _check_lds(c: _Checker) -> None:
+  from jaxattr.counterfactual.lds import OWN_METHODS  # pylint: disable=import-outside-toplevel
+  specs = c.names_("lds.methods")
+  if specs is not _BAD:
+    names = [e.partition("=")[0] for e in specs]
+    for spec in specs:
+      name, eq, path = spec.partition("=")
+      if eq:
+        if not name or os.sep in name:
+          c.add("lds.methods", f": entry {spec!r} must start with a method name")
+        elif not path.strip().endswith(".npy") or not os.path.exists(path.strip()):
+          c.add(
+              "lds.methods", f": entry {spec!r}: score matrix {path.strip()!r} must be an "
+              "existing .npy file (float [targets, train])")
+      elif name not in OWN_METHODS:
+        c.add(
+            "lds.methods", f": entry {spec!r} is not one of {list(OWN_METHODS)} (an external "
+            "score matrix is 'name=PATH.npy')")
+    dups = sorted({n for n in names if names.count(n) > 1})
+    if dups:
+      c.add("lds.methods", f": method names {dups} repeat")
+  c.int_("lds.num_subsets", lo=2, what="random training subsets")
+  c.num_("lds.alpha", 0, 1, lo_open=True, hi_open=True,
+         what="the fraction of the training set in each subset")
+  c.int_("lds.models_per_subset", lo=1)
+  c.int_("lds.num_targets", lo=0, what="0 = every test image")
+  c.int_("lds.seed", lo=0)
+  c.int_("lds.bootstrap", lo=0)
+
+
+def _check_lds_data(c: _Checker, train: Any, where: str) -> None:
+  alpha, batch = c.good("lds.alpha"), c.good("ensemble.batch_size")
+  if alpha is _BAD or train is None:
+    return
+  n = len(train)
+  size = int(round(alpha * n))
+  classes = len(np.unique(np.asarray(train.labels)))
+  if batch is not _BAD and size < batch:
+    c.add(
+        "lds.alpha", f"={alpha}: subsets of {size} of the {n} training images {where} are "
+        f"smaller than one batch (ensemble.batch_size={batch}): raise lds.alpha or lower the batch")
+  if size < classes:
+    c.add(
+        "lds.alpha", f"={alpha}: subsets of {size} images cannot hold the {classes} classes of "
+        f"the training set {where}: raise lds.alpha")
+
+
 def _check_ensemble(c: _Checker) -> None:
   c.str_("ensemble.model", CLASSIFIERS)
   c.num_("ensemble.width", 0, lo_open=True, what="channel multiplier")
@@ -736,6 +816,8 @@ def _check_against_data(c: _Checker, train: Any, test: Any, stages: tuple[str, .
           "lower it (a multiple of encoder.num_splits)")
   if "attribution" in stages:
     _check_attribution_data(c, counts, train, test, where)
+  if "lds" in stages:
+    _check_lds_data(c, train, where)
   if {"support", "flip"} & set(stages) and train is not None:
     # Streamed data trains on its resident copy (`jaxattr.resident`), resident.side pixels.
     in_memory = isinstance(getattr(train, "images", None), np.ndarray)

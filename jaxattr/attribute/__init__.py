@@ -7,6 +7,7 @@ Modules:
   solver       `Solver`, the host-driven scheduler of Newton steps for many targets.
   ranking      `topk`: chunked, sharded, resumable top-k of any method, and its input checks.
   selection    `host_topk`: top_k's selection on the host (CPU devices).
+  trak         TRAK: per-example gradients, projection, estimator (`trak.Trak`).
   attribution  the stage: `attribution.run(config, workdir)` -> WORKDIR/attribution/<method>/.
 """
 
@@ -21,7 +22,7 @@ from jaxattr.attribute.esvm import (
 )
 from jaxattr.attribute.options import SolverOptions
 from jaxattr.attribute.ranking import (
-    METHODS,
+    METHODS as FEATURE_METHODS,
     AttributionError,
     NotConvergedError,
     TopK,
@@ -32,6 +33,10 @@ from jaxattr.attribute.ranking import (
 )
 from jaxattr.attribute.selection import host_topk
 from jaxattr.attribute.solver import Solver
+
+# Every attribution method: the feature-space ones of `ranking.topk` and TRAK (`trak`), which
+# trains its own models on the images.
+METHODS = FEATURE_METHODS + ("trak",)
 
 __all__ = [
     "METHODS", "AttributionError", "CandidateSet", "NewtonStep", "NotConvergedError", "Solver",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from typing import Any, Sequence
 
 import jax
@@ -88,7 +89,8 @@ def select_targets(spec: str, n_test: int, num_targets: int, target_list: Sequen
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Dataset | None = None,
         test: data_lib.Dataset | None = None) -> dict[str, TopK]:
-  """Top-k attribution of every method of `config.attribution`, with files and a grid each.
+  """Top-k attribution of every method of `config.attribution`, with files and a grid each
+  ('trak' from its own models and the images: `trak_topk`; the others from the features).
 
   Reads `config.attribution` (`jaxattr.config.attribution_section()`), `config.seed` (random
   targets) and `config.viz` (the grid), and writes WORKDIR/attribution/<method>/ (module
@@ -137,8 +139,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
                            cfg.target_list, int(config.seed))
   for method in methods:
     check_inputs(feats["train"]["features"], feats["train"]["labels"], feats["test"]["features"],
-                 feats["test"]["labels"], targets, method, cfg.k, cfg.same_class,
-                 feats["train"]["index"])
+                 feats["test"]["labels"], targets, "esvm" if method == "trak" else method, cfg.k,
+                 cfg.same_class, feats["train"]["index"])
   if train is None or test is None:
     train, test = stream.splits(config.data)  # streamed data: file lists, images read when shown
     # Where the stage loads the data, it checks its fields (the main job checks all at once).
@@ -162,6 +164,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
         "the same config and workdir writes the result", index, count, ", ".join(methods))
     return {}
   processes = distributed.process_count()
+  if "trak" in methods:
+    out_dir = os.path.join(workdir, "attribution", "trak")
+    if distributed.is_main():
+      ownership.clear(workdir, "attribution", "trak")
+    res = trak_topk(config, workdir, train, test, targets)
+    distributed.barrier("attribution-trak-solved")
+    if distributed.is_main():
+      _write(out_dir, res, feats["test"]["index"], "trak", config)
+      _write_grid(os.path.join(out_dir, "grid.png"), res, "trak", train, test, config.viz)
+      ownership.record(workdir, "attribution", fields["trak"], method="trak")
+    results["trak"] = res
+    methods = [m for m in methods if m != "trak"]
   for method in methods:
     out_dir = os.path.join(workdir, "attribution", method)
     if distributed.is_main():
@@ -188,6 +202,38 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
   distributed.barrier("attribution-written")
   _raise_nonconverged(results, cfg)
   return results
+
+
+def trak_topk(config: ml_collections.ConfigDict, workdir: str, train: data_lib.Dataset,
+              test: data_lib.Dataset, targets: np.ndarray) -> TopK:
+  """Method 'trak': TRAK scores of the targets for every training image (`jaxattr.attribute.trak`,
+  models and features kept in WORKDIR/trak/), their top attribution.k (same class or not), and
+  the whole score matrix in WORKDIR/attribution/trak/scores_full.npy [targets, train]."""
+  from jaxattr.attribute import trak  # pylint: disable=g-import-not-at-top
+  cfg = config.attribution
+  if not isinstance(train.images, np.ndarray):
+    raise AttributionError("attribution method 'trak' trains models on the images in memory: "
+                           "streamed data (data.stream=True) is not supported; drop 'trak' from "
+                           "attribution.methods")
+  t0 = time.perf_counter()
+  t = trak.Trak(config, workdir, train)
+  t.variables()  # every process trains its part of the models
+  if not distributed.is_main():  # process 0 featurises and scores; the others read its files
+    distributed.barrier("attribution-trak-solved")
+    out_dir = os.path.join(workdir, "attribution", "trak")
+    pos = np.load(os.path.join(out_dir, "topk_positions.npy"))
+    return TopK(indices=np.asarray(train.index)[pos].astype(np.int64), scores=np.load(
+        os.path.join(out_dir, "topk_scores.npy")), targets=targets, stats={})
+  scores = t.scores(test.images[targets], test.labels[targets])
+  pos, top = trak.topk_rows(scores, train.labels, test.labels[targets], int(cfg.k),
+                            bool(cfg.same_class))
+  out_dir = os.path.join(workdir, "attribution", "trak")
+  os.makedirs(out_dir, exist_ok=True)
+  utils.save_npy(os.path.join(out_dir, "scores_full.npy"), scores)
+  utils.save_npy(os.path.join(out_dir, "topk_positions.npy"), pos)
+  utils.save_npy(os.path.join(out_dir, "topk_scores.npy"), top)
+  return TopK(indices=np.asarray(train.index)[pos].astype(np.int64), scores=top, targets=targets,
+              stats={}, seconds=time.perf_counter() - t0, computed_targets=len(targets))
 
 
 def shard_dir(workdir: str, method: str, index: int, count: int) -> str:

@@ -305,8 +305,6 @@ class Trak:
         q = cs.extras("q")
         cs.finish()
         utils.save_npz(q_path, q=q.astype(np.float32), key=np.asarray(key))
-      else:
-        meter.update(n)
       with np.load(q_path) as z:
         qs.append(z["q"])
       x = np.load(path, mmap_mode="r")
@@ -325,7 +323,8 @@ class Trak:
       self._kernels.append(kern)
       self._features.append(x)
     self.q = np.mean(qs, axis=0).astype(np.float32)
-    logging.info("trak: %d model(s) featurised, %s", m_count, meter.message())
+    logging.info("trak: %d model(s) ready (%s)", m_count,
+                 meter.message() if meter.done else "features loaded from disk")
 
   def scores(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """float32 [T, N] TRAK scores of targets (uint8 images [T, H, W, 3], labels [T]) for every
