@@ -14,6 +14,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 DATA=$(sed -n 's/^CIFAR10_JPEG = "\(.*\)"/\1/p' jaxattr/config.py)
 [ -e "${DATA#folder:}" ] || DATA=folder:data/cifar10-jpeg.tar.gz
 [ -d .whl ] && python3 -m pip install -q --no-index --find-links .whl ml-collections
+# traker (issue 19's reference): pip download --no-deps -d .whl traker==0.3.2
+[ -d .whl ] && python3 -m pip install -q --no-deps --no-index --find-links .whl traker
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.log"
 python3 -c "import jax; print(jax.__version__, jax.devices())" | tee -a "$OUT/gpu.log"
 # Issue 3: ResNet-18/32px and ResNet-50/224px inference, jaxattr vs PyTorch, float32 and bf16.
@@ -51,3 +53,13 @@ timeout 240 python3 -m benchmarks.benchmark_train --mode=gpu --num_models=32 --e
 timeout 300 python3 -m benchmarks.benchmark_imagenet_train --mode=gpu --classes=1000 \
   --train_examples=256000 --epochs=2 --num_models=4 --batch_size=1024 \
   --out="$OUT/imagenet_train.json" 2>&1 | tee "$OUT/imagenet_train.log" | tail -n 8
+# Issue 19: TRAK featurisation at full width beside traker (BasicProjector: its CudaProjector
+# needs the fast_jl extension); then the CIFAR-10 LDS slice: TRAK-5 over 16 subsets and 1,000
+# targets with the full 24-epoch recipe (the paper-scale run: configs/cifar10.py, S = 100, 2,000
+# targets, README "TRAK and LDS"). The workdir stays off $OUT (features: 400 MB per model).
+timeout 150 python3 -m benchmarks.benchmark_trak --width=1 --examples=4096 --chunk=256 \
+  --batch=256 --repeats=2 --out="$OUT/trak.json" 2>&1 | tee "$OUT/trak.log" | tail -n 8
+timeout 420 python3 launch/lds.py --config configs/cifar10.py:lds_gpu_slice \
+  --workdir /tmp/lds_gpu_slice --config.data.source=$DATA 2>&1 | tail -n 20 > "$OUT/lds_slice.log"
+cp /tmp/lds_gpu_slice/lds/summary.json "$OUT/lds_slice.json" 2>/dev/null
+tail -n 8 "$OUT/lds_slice.log"

@@ -15,7 +15,7 @@ CIFAR10_JPEG = "folder:../shared/data/cifar10-jpeg.tar.gz"
 
 
 def names(value) -> tuple[str, ...]:
-  """The entries of a list field: 'a,b' (as `--config.support.methods=esvm,trak=PATH` gives it)
+  """The entries of a list field: 'a,b' (as `--config.support.methods=esvm,pytrak=PATH` gives it)
   or a sequence of such strings, split at commas, stripped, empty entries dropped."""
   parts = [value] if isinstance(value, str) else list(value)
   return tuple(s.strip() for part in parts for s in str(part).split(",") if s.strip())

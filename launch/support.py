@@ -6,7 +6,7 @@ Another method's reference-layout top-k matrix (int64 [n_test, >= k] of train in
 per test index) is one more `support.methods` entry, 'name=PATH', with explicit targets:
 
   python launch/support.py --config configs/cifar10.py --workdir workdir/cifar10 \
-      --config.support.methods=esvm,trak=/path/trak_topk.npy \
+      --config.support.methods=esvm,pytrak=/path/trak_topk.npy \
       --config.support.targets=/path/targets.txt
 
 Reads WORKDIR/attribution/<method>/ and writes WORKDIR/support/<metric>/<method>/{results.jsonl,

@@ -123,27 +123,6 @@ def test_store_resumes_and_refuses_other_models(digits, trained, tmp_path):
   np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4)
 
 
-def _torch_names_and_arrays(ref, variables):
-  """{torch parameter name: numpy array in torch layout} from Flax ResNet-9 variables (the
-  inverse of tests/test_resnet9.py's mapping), plus the torch buffers."""
-  import torch.nn as tnn  # pylint: disable=g-import-not-at-top
-  names = ["conv1", "conv2", "res1a", "res1b", "conv3", "res2a", "res2b", "conv4"]
-  pname = {id(p): n for n, p in ref.named_parameters()}
-  bname = {id(b): n for n, b in ref.named_buffers()}
-  convs = [m for m in ref.modules() if isinstance(m, tnn.Conv2d)]
-  bns = [m for m in ref.modules() if isinstance(m, tnn.BatchNorm2d)]
-  params, stats = variables["params"], variables["batch_stats"]
-  out, buffers = {}, {}
-  for name, c, bn in zip(names, convs, bns):
-    out[pname[id(c.weight)]] = np.asarray(params[name]["conv"]["kernel"]).transpose(3, 2, 0, 1)
-    out[pname[id(bn.weight)]] = np.asarray(params[name]["bn"]["scale"])
-    out[pname[id(bn.bias)]] = np.asarray(params[name]["bn"]["bias"])
-    buffers[bname[id(bn.running_mean)]] = np.asarray(stats[name]["bn"]["mean"])
-    buffers[bname[id(bn.running_var)]] = np.asarray(stats[name]["bn"]["var"])
-  out[pname[id(ref[-2].weight)]] = np.asarray(params["linear"]["kernel"]).T
-  return out, buffers
-
-
 @pytest.mark.torch
 def test_scores_equal_traker(digits, trained, tmp_path):
   """Same weights, same projection matrix: jaxattr's TRAK scores equal traker's within 1e-4."""
@@ -153,7 +132,7 @@ def test_scores_equal_traker(digits, trained, tmp_path):
   from trak.projectors import AbstractProjector  # pylint: disable=g-import-not-at-top
   from trak.utils import vectorize  # pylint: disable=g-import-not-at-top
 
-  from benchmarks.torch_reference import torch_resnet9  # pylint: disable=g-import-not-at-top
+  from benchmarks.torch_reference import resnet9_to_torch, torch_resnet9  # pylint: disable=g-import-not-at-top
 
   train, test = digits
   trainer, variables, _ = trained
@@ -167,10 +146,7 @@ def test_scores_equal_traker(digits, trained, tmp_path):
   sizes = np.cumsum([0] + [x.size for x in leaves])
   positions = jax.tree_util.tree_unflatten(
       treedef, [np.arange(sizes[i], sizes[i + 1]).reshape(x.shape) for i, x in enumerate(leaves)])
-  pos_torch, _ = _torch_names_and_arrays(ref, {
-      "params": positions,
-      "batch_stats": one["batch_stats"]
-  })
+  pos_torch, _ = resnet9_to_torch(ref, {"params": positions, "batch_stats": one["batch_stats"]})
   order = np.concatenate([pos_torch[n].ravel() for n, _ in ref.named_parameters()])
   assert sorted(order.tolist()) == list(range(sizes[-1]))
   mat_jax = np.random.default_rng(0).choice([-1.0, 1.0],
@@ -213,7 +189,7 @@ def test_scores_equal_traker(digits, trained, tmp_path):
   xs, ys = torch_inputs(train.images), torch.from_numpy(train.labels.astype(np.int64))
   state = {}
   for m in range(m_count):
-    p, b = _torch_names_and_arrays(ref, jax.tree_util.tree_map(lambda a, m=m: a[m], variables))
+    p, b = resnet9_to_torch(ref, jax.tree_util.tree_map(lambda a, m=m: a[m], variables))
     sd = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in {**p, **b}.items()}
     sd.update({k: v for k, v in ref.state_dict().items() if k not in sd})  # num_batches_tracked
     state[m] = sd
@@ -235,3 +211,51 @@ def test_scores_equal_traker(digits, trained, tmp_path):
   pos, top = trak.topk_rows(got, train.labels, test.labels[targets], 5, same_class=True)
   assert np.all(train.labels[pos] == test.labels[targets][:, None])
   np.testing.assert_array_equal(top, np.take_along_axis(got, pos, 1))
+
+
+def test_trak_resumes_featurisation_and_scores_the_same(digits, trained, tmp_path):
+  """A run killed mid-featurisation resumes at its first unwritten chunk; scores are the same as
+  an uninterrupted run's, and a rerun reads everything back."""
+  train, test = digits
+  trainer, variables, directory = trained
+  c = trak_config(num_models=2, proj_dim=32, chunk_size=8)  # store chunks of 64 rows: 4 per model
+  c.ensemble = trainer.config
+  targets = np.arange(6)
+
+  def make(workdir):
+    t = trak.Trak(c, workdir, train, trainer=trainer)
+    t._variables = variables  # pylint: disable=protected-access
+    return t
+
+  want = make(str(tmp_path / "a")).scores(test.images[targets], test.labels[targets])
+  t = make(str(tmp_path / "b"))
+  calls = []
+  real = t.featurize
+
+  def dying(*args, **kwargs):
+    if len(calls) == 5:  # model 0 done (4 chunks), then one chunk of model 1
+      raise KeyboardInterrupt
+    calls.append(1)
+    return real(*args, **kwargs)
+
+  t.featurize = dying
+  with pytest.raises(KeyboardInterrupt):
+    t.prepare()
+  t = make(str(tmp_path / "b"))
+  calls.clear()
+  real = t.featurize
+
+  def counting(*args, **kwargs):
+    calls.append(len(args[1]))
+    return real(*args, **kwargs)
+
+  t.featurize = counting
+  got = t.scores(test.images[targets], test.labels[targets])
+  # model 1's last three store chunks, then the targets of both models
+  assert calls == [64, 64, 64, 6, 6]
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+  calls.clear()
+  again = make(str(tmp_path / "b"))
+  again.featurize = counting
+  np.testing.assert_array_equal(again.scores(test.images[targets], test.labels[targets]), got)
+  assert calls == [6, 6]  # nothing but the targets

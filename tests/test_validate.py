@@ -9,7 +9,7 @@ from tests.conftest import load_config
 # Class sizes of the digits splits (data.load('digits')) and of CIFAR-10 (per class).
 DIGITS_TRAIN = [140, 145, 130, 155, 139, 150, 144, 152, 144, 139]
 DIGITS_TEST = [38, 37, 47, 28, 42, 32, 37, 27, 30, 41]
-PIPELINE = ("pretrain", "features", "attribution", "support")
+PIPELINE = ("pretrain", "features", "attribution", "support", "lds")
 
 
 def fake(counts, side=16):
@@ -68,6 +68,7 @@ def test_pipeline_stages():
   config = load_config("digits")
   assert validate.pipeline_stages(config) == PIPELINE
   config.support.metrics = ""
+  config.lds.methods = ""
   config.encoder.checkpoint = "/some/encoder"
   assert validate.pipeline_stages(config) == ("features", "attribution")
   assert validate.pipeline_stages(load_config("flip")) == ("flip",)
@@ -139,6 +140,8 @@ def test_pipeline_stages():
     ])
 def test_bad_value_is_named(field, value, expected):
   config = load_config("digits")
+  if field == "ensemble.batch_size":  # LDS's half-size subsets would be a second problem
+    config.lds.methods = ""
   put(config, field, value)
   train, test = digits_data()
   problems = found(config, train, test)
@@ -154,7 +157,7 @@ def test_data_checks_need_data():
   assert found(config) == []
   train, test = digits_data()
   assert [p.split("=")[0] for p in found(config, train, test)] == [
-      "attribution.k", "ensemble.batch_size"
+      "attribution.k", "lds.alpha", "ensemble.batch_size"
   ]
 
 
@@ -174,6 +177,7 @@ def test_pretrain_batch_against_data_and_bank():
 def test_removal_needs_a_batch_beyond_support_k():
   config = load_config("digits")
   config.ensemble.batch_size = 1400  # 1438 images: enough for full-data models only
+  config.lds.methods = ""  # its half-size subsets would fail first
   train, test = digits_data()
   assert "ensemble.batch_size=1400 exceeds the 1310" in found(config, train, test)[0]
   config.support.metrics = "mislabel"
@@ -224,6 +228,9 @@ def test_only_requested_stages_are_checked():
   config.pretrain.epochs = -1
   config.ensemble.epochs = 0
   config.features.batch_size = 0
+  # TRAK trains its own models: with it the attribution stage checks the ensemble too.
+  assert [p.split("=")[0] for p in found(config, stages=("attribution",))] == ["ensemble.epochs"]
+  config.attribution.methods = "esvm,l2"
   assert found(config, stages=("attribution",)) == []
   assert [p.split("=")[0] for p in found(config, stages=("features",))] == ["features.batch_size"]
   assert [p.split("=")[0] for p in found(config, stages="support")] == ["ensemble.epochs"]
@@ -320,7 +327,7 @@ def test_exhaustive_grid():
 def test_encoder_checkpoint(tmp_path):
   config = load_config("digits")
   config.encoder.checkpoint = str(tmp_path / "none")
-  assert validate.pipeline_stages(config) == ("features", "attribution", "support")
+  assert validate.pipeline_stages(config) == ("features", "attribution", "support", "lds")
   assert "does not exist" in found(config)[0]
   (tmp_path / "none" / "variables").mkdir(parents=True)
   (tmp_path / "none" / "meta.json").write_text("{}")
@@ -329,9 +336,13 @@ def test_encoder_checkpoint(tmp_path):
 
 def test_missing_field_and_base_config():
   config = config_lib.base_config()
-  assert found(config, stages=PIPELINE) == []
+  assert found(config, stages=PIPELINE[:-1]) == []
+  # The lds stage asked for explicitly needs methods (the base config has none).
+  assert found(config, stages=("lds",)) == [
+      "lds.methods='': must be a non-empty comma-separated list of names"
+  ]
   del config.pretrain["epochs"]
-  assert found(config, stages=PIPELINE) == [
+  assert found(config, stages=PIPELINE[:-1]) == [
       "pretrain.epochs: missing from the config (start it "
       "from jaxattr.config's sections)"
   ]
