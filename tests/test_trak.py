@@ -259,3 +259,46 @@ def test_trak_resumes_featurisation_and_scores_the_same(digits, trained, tmp_pat
   again.featurize = counting
   np.testing.assert_array_equal(again.scores(test.images[targets], test.labels[targets]), got)
   assert calls == [6, 6]  # nothing but the targets
+
+
+_SHARDED = r"""
+import sys
+from jaxattr import xla_flags
+xla_flags.use_fast_cpu_flags()
+import jax, numpy as np
+from jaxattr import config, data
+from jaxattr.attribute import trak
+from jaxattr.counterfactual import ensemble
+
+train = data.load("digits", "train", size=16).subset(np.arange(96))
+test = data.load("digits", "test", size=16)
+c = config.base_config()
+c.ensemble.update({"width": 0.0625, "epochs": 1, "batch_size": 32, "eval_batch_size": 16,
+                   "models_per_wave": 0, "log_every_s": 1e9})
+c.trak.update({"num_models": 2, "proj_dim": 16, "chunk_size": 12, "block_rows": 256})
+t = trak.Trak(c, sys.argv[1], train, trainer=ensemble.Trainer(c.ensemble, train))
+np.save(sys.argv[1] + "/scores.npy", t.scores(test.images[:5], test.labels[:5]))
+print(jax.local_device_count())
+"""
+
+
+def test_trak_sharded_over_devices_equals_one_device(tmp_path):
+  """Chunks sharded over 4 fake CPU devices give one device's scores (and the same models)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  from tests.conftest import REPO, repo_env  # pylint: disable=g-import-not-at-top
+  out = {}
+  for devices in (1, 4):
+    env = repo_env()
+    env["JAX_NUM_CPU_DEVICES"] = str(devices)
+    env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
+                        "--xla_backend_optimization_level=1")
+    d = tmp_path / str(devices)
+    d.mkdir()
+    res = subprocess.run([sys.executable, "-c", _SHARDED, str(d)], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1] == str(devices)
+    out[devices] = np.load(d / "scores.npy")
+  np.testing.assert_allclose(out[4], out[1], rtol=1e-5, atol=1e-6 * np.abs(out[1]).max())

@@ -13,12 +13,13 @@ models), so a killed run resumes at its first untrained wave; a file of another 
 subsets or targets is never reused.
 
 Methods (`lds.methods`): 'trak' (all training images, `jaxattr.attribute.trak`); 'esvm', 'l2' and
-'cosine' from the features, which score the target's own class only: an image of another class
-scores 0, an image of the target's class its ESVM decision value, its cosine similarity, or for
-l2 (d_max - d) with d its feature distance to the target and d_max the largest d of the class
-(nearest highest, farthest 0, so that more of the class never predicts a lower margin); and
-'name=PATH.npy', a float score matrix [LDS targets or test images, train images] (as TRAK and
-dattri write them).
+'cosine' from the features, which rank the target's own class only. Their LDS scores: an image of
+another class scores 0; an image of the target's class its ranking score (ESVM decision value,
+cosine similarity, minus the l2 distance) minus the lowest such score in the class, so the
+least similar image of the class scores 0 and every other more (a raw ESVM decision value is
+negative for nearly every candidate, and summing those would predict LOWER margins from MORE
+images of the target's class, whatever the ranking); and 'name=PATH.npy', a float score matrix
+[LDS targets or test images, train images] (as TRAK and dattri write them).
 """
 
 from __future__ import annotations
@@ -160,7 +161,8 @@ def external_scores(name: str, path: str, targets: np.ndarray, n_test: int,
 def feature_scores(method: str, train_features: np.ndarray, train_labels: np.ndarray,
                    target_features: np.ndarray, target_labels: np.ndarray,
                    options: Any = None) -> np.ndarray:
-  """[T, N] scores of a feature method for LDS (module docstring: own class only)."""
+  """[T, N] scores of a feature method for LDS: the ranking score shifted to 0 at the class's
+  least similar image, 0 outside the class (module docstring)."""
   from jaxattr.attribute import esvm  # pylint: disable=g-import-not-at-top
   from jaxattr.attribute.options import SolverOptions  # pylint: disable=g-import-not-at-top
   if method not in FEATURE_METHODS:
@@ -178,9 +180,8 @@ def feature_scores(method: str, train_features: np.ndarray, train_labels: np.nda
       xn = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
       s = tn @ xn.T
     else:
-      d = np.sqrt(np.maximum((t * t).sum(1)[:, None] - 2 * t @ x.T + (x * x).sum(1)[None], 0))
-      s = d.max(1, keepdims=True) - d
-    out[np.ix_(rows, cols)] = s
+      s = -np.sqrt(np.maximum((t * t).sum(1)[:, None] - 2 * t @ x.T + (x * x).sum(1)[None], 0))
+    out[np.ix_(rows, cols)] = s - s.min(1, keepdims=True)
   return out
 
 
@@ -314,13 +315,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: Any = None,
   margins, info = train_margins(trainer, masks, int(lc.models_per_subset), int(lc.seed),
                                 test.images[targets], test.labels[targets],
                                 os.path.join(out_dir, "margins.npz"), key)
+  t = None
+  if "trak" in specs:  # its models: trained (or read back) by every process together
+    from jaxattr.attribute import trak  # pylint: disable=g-import-not-at-top
+    t = trak.Trak(config, workdir, train, trainer=trainer)
+    t.variables()
+  if not distributed.is_main():  # process 0 scores the methods and writes; the others read
+    distributed.barrier("lds-written")
+    return read_summary(workdir)
   for spec in specs:
     name, _, path = spec.partition("=")
     if path:
       continue
     if name == "trak":
-      from jaxattr.attribute import trak  # pylint: disable=g-import-not-at-top
-      t = trak.Trak(config, workdir, train, trainer=trainer)
       s = t.scores(test.images[targets], test.labels[targets])
     else:
       from jaxattr.attribute import attribution  # pylint: disable=g-import-not-at-top
