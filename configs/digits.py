@@ -59,7 +59,7 @@ def get_config(arg=None):
   c.trak.num_models = 2
   c.trak.proj_dim = 512
   c.trak.chunk_size = 128
-  c.lds.methods = "esvm,l2,trak"
+  c.lds.methods = "esvm,l2,trak,class"
   c.lds.num_subsets = 20
   c.lds.num_targets = 0
   if arg == "quick":

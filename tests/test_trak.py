@@ -105,15 +105,24 @@ def test_settings_are_checked():
     trak.check_settings(c)
 
 
-def test_store_resumes_and_refuses_other_models(digits, trained, tmp_path):
+def test_store_resumes_and_shares_models(digits, trained, tmp_path):
   trainer, variables, directory = trained
   again = store.EnsembleStore(directory, trainer, [3, 4])
-  assert again.done() == [0]
+  assert again.missing() == []
   reloaded = again.train()  # nothing to train: read back
   for a, b in zip(jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(reloaded)):
     np.testing.assert_array_equal(a, b)
-  other = store.EnsembleStore(directory, trainer, [3, 5])
-  assert other.done() == []  # another seed: the kept waves are not its own
+  # Another ensemble of the same recipe shares seed 4's model and trains seed 5 only.
+  other = store.EnsembleStore(directory, trainer, [4, 5])
+  assert other.missing() == [5]
+  both = other.train()
+  assert other.missing() == []
+  for a, b in zip(jax.tree_util.tree_leaves(variables), jax.tree_util.tree_leaves(both)):
+    np.testing.assert_array_equal(a[1], b[0])
+  # Another recipe (config) never reads them.
+  cfg = trainer.config.copy_and_resolve_references()
+  cfg.epochs = 1
+  assert store.EnsembleStore(directory, ensemble.Trainer(cfg, trainer.train), [4]).missing() == [4]
   # evaluate: any function of the logits, for every model.
   _, test = digits
   logits = store.evaluate(trainer, variables, test.images[:20], test.labels[:20], lambda z, y: z,

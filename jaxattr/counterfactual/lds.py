@@ -1,12 +1,13 @@
 """The linear datamodeling score (LDS; Park et al. 2023), on the parallel ensemble trainer.
 
 S random subsets of the training set, each holding round(alpha N) images drawn from the config
-seed; R models trained on each (`ensemble.Trainer`, the `ensemble` recipe, seeds
-lds.seed * 10**6 + model); the correct-class margin (`trak.margin`) of every evaluated target
-under every model, averaged over a subset's R models. A method with scores tau [T, N] predicts
-the margin of target t under subset s as sum_{i in s} tau[t, i]; its LDS is the mean over targets
-of the Spearman rank correlation, over subsets, between predicted and measured margins. The
-95% interval is a percentile bootstrap over targets.
+seed; R models trained on each (`ensemble.Trainer`, the `ensemble` recipe with its schedule set
+by the subset's size, `subset_recipe`; seeds lds.seed * 10**6 + model); the correct-class margin
+(`trak.margin`) of every evaluated target under every model, averaged over a subset's R models.
+A method with scores tau [T, N] predicts the margin of target t under subset s as
+sum_{i in s} tau[t, i]; its LDS is the mean over targets of the Spearman rank correlation, over
+subsets, between predicted and measured margins. The 95% interval is a percentile bootstrap over
+targets.
 
 The margins are kept in WORKDIR/lds/margins.npz after every wave (one trainer call per wave of
 models), so a killed run resumes at its first untrained wave; a file of another config, data,
@@ -19,7 +20,10 @@ cosine similarity, minus the l2 distance) minus the lowest such score in the cla
 least similar image of the class scores 0 and every other more (a raw ESVM decision value is
 negative for nearly every candidate, and summing those would predict LOWER margins from MORE
 images of the target's class, whatever the ranking); and 'name=PATH.npy', a float score matrix
-[LDS targets or test images, train images] (as TRAK and dattri write them).
+[LDS targets or test images, train images] (as TRAK and dattri write them). 'class' scores 1
+for every image of the target's class and 0 elsewhere: no attribution at all, the floor that a
+same-class method's LDS should be read against (more images of its class raise a target's
+margin whichever they are).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from scipy import stats as scipy_stats
 from jaxattr import config as config_lib, distributed, fingerprint as fingerprint_lib, utils
 
 FEATURE_METHODS = ("esvm", "l2", "cosine")
-OWN_METHODS = FEATURE_METHODS + ("trak",)
+OWN_METHODS = FEATURE_METHODS + ("trak", "class")
 
 
 class LdsError(ValueError):
@@ -205,6 +209,17 @@ class MarginTable:
     utils.save_npz(self.path, key=np.asarray(self.key), margins=self.margins, done=self.done)
 
 
+def subset_recipe(ensemble_config: ml_collections.ConfigDict,
+                  masks: np.ndarray) -> ml_collections.ConfigDict:
+  """The recipe of the subset models: the `ensemble` section with the schedule's iterations per
+  epoch taken from the subset size, so each model trains the whole recipe on its subset (as
+  models trained on a smaller dataset would; support's models instead keep the full set's
+  schedule, the reference's semantics for removal)."""
+  cfg = ensemble_config.copy_and_resolve_references()
+  cfg.schedule_examples = int(masks[0].sum())
+  return cfg
+
+
 def train_margins(trainer: Any, masks: np.ndarray, per_subset: int, seed: int,
                   target_images: np.ndarray, target_labels: np.ndarray, path: str,
                   key: str) -> tuple[np.ndarray, dict[str, Any]]:
@@ -286,7 +301,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: Any = None,
     utils.save_npy(os.path.join(out_dir, "targets.npy"), targets)
   key = utils.config_hash({
       "ensemble":
-          config.ensemble.to_dict(),
+          subset_recipe(config.ensemble, masks).to_dict(),
       "lds": {
           k: lc[k] for k in ("num_subsets", "alpha", "models_per_subset", "seed")
       },
@@ -311,7 +326,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: Any = None,
     logging.info("lds: up to date (%s), skipped", os.path.join(out_dir, "summary.json"))
     return done
   from jaxattr.counterfactual import ensemble  # pylint: disable=g-import-not-at-top
-  trainer = ensemble.Trainer(config.ensemble, train)
+  trainer = ensemble.Trainer(subset_recipe(config.ensemble, masks), train)
   margins, info = train_margins(trainer, masks, int(lc.models_per_subset), int(lc.seed),
                                 test.images[targets], test.labels[targets],
                                 os.path.join(out_dir, "margins.npz"), key)
@@ -329,6 +344,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: Any = None,
       continue
     if name == "trak":
       s = t.scores(test.images[targets], test.labels[targets])
+    elif name == "class":
+      s = (train.labels[None, :] == test.labels[targets][:, None]).astype(np.float32)
     else:
       from jaxattr.attribute import attribution  # pylint: disable=g-import-not-at-top
       from jaxattr.attribute.options import SolverOptions  # pylint: disable=g-import-not-at-top

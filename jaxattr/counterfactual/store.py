@@ -1,17 +1,17 @@
 """Kept ensembles: the final parameters of every model a `Trainer` trains, on disk, resumable.
 
-An `EnsembleStore` is one directory per ensemble (a trainer config, a training set and the seeds
-of its full-data models)::
+An `EnsembleStore` is one directory per ensemble recipe (a trainer config and a training set)::
 
-  DIR/ensemble.json      what the models belong to (`key`: config, data and seeds) and M
-  DIR/wave_00000/        orbax variables of models [0, wave) with a leading model axis, plus
-  DIR/wave_00001/ ...    meta.json (the wave's seeds and the key), written atomically
-                         (`jaxattr.checkpoint.save_variables`)
+  DIR/ensemble.json        what the models belong to (`key`: the config and the data)
+  DIR/models_<hash>/       orbax variables of one wave of full-data models, a leading model
+                           axis, plus meta.json (the key and the wave's seeds), written atomically
+                           (`jaxattr.checkpoint.save_variables`)
 
-`train()` trains only the waves that are missing (a killed run resumes at its first unwritten
-wave; each model depends only on its seed, so the result is the same as one uninterrupted run)
-and returns every model's variables. A directory of another key is emptied first: models of
-another config or data are never reused.
+`train()` returns the variables of the store's seeds, training only the seeds that no kept wave
+holds (a killed run resumes at its first unwritten wave). A model depends only on its seed, so
+ensembles of one recipe share models: TRAK-5 after TRAK-100 with the same seeds trains nothing,
+TRAK-10 after TRAK-5 trains 5. A directory of another key is emptied first: models of another
+config or data are never reused.
 
 `evaluate(trainer, variables, images, fn)` applies any function of the models' outputs (logits,
 TRAK margins) over any image set; per-example gradients are `jaxattr.attribute.trak`'s.
@@ -20,6 +20,7 @@ TRAK margins) over any image set; per-example gradients are `jaxattr.attribute.t
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxattr import checkpoint, fingerprint as fingerprint_lib, utils
+from jaxattr import checkpoint, distributed, fingerprint as fingerprint_lib, utils
 from jaxattr.counterfactual import ensemble
 
 
@@ -46,16 +47,10 @@ class EnsembleStore:
     self.key = utils.config_hash({
         "ensemble": trainer.config.to_dict(),
         "train": fingerprint_lib.arrays_fingerprint(train.index, train.labels, train.images),
-        "seeds": self.seeds.tolist(),
     })
-    self.wave = ensemble.wave_size(trainer.config, len(self.seeds), trainer.num_groups)
-    self.num_waves = -(-len(self.seeds) // self.wave)
-
-  def _wave_dir(self, w: int) -> str:
-    return os.path.join(self.directory, f"wave_{w:05d}")
 
   def _open(self) -> None:
-    """Empties a directory that holds another ensemble; records this one's key."""
+    """Empties a directory that holds another recipe's models; records this one's key."""
     path = os.path.join(self.directory, "ensemble.json")
     if os.path.exists(path):
       try:
@@ -64,55 +59,69 @@ class EnsembleStore:
             return
       except (OSError, ValueError):
         pass
-      logging.info("%s: models of another config, data or seeds; training anew", self.directory)
+      logging.info("%s: models of another config or data; training anew", self.directory)
       shutil.rmtree(self.directory)
     os.makedirs(self.directory, exist_ok=True)
-    utils.save_json(path, {
-        "key": self.key,
-        "models": len(self.seeds),
-        "seeds": self.seeds.tolist(),
-        "wave": self.wave
-    })
+    utils.save_json(path, {"key": self.key})
 
-  def done(self) -> list[int]:
-    """The waves on disk that belong to this ensemble."""
-    out = []
-    for w in range(self.num_waves):
-      d = self._wave_dir(w)
-      if checkpoint.is_checkpoint(d):
+  def kept(self) -> dict[int, tuple[str, int]]:
+    """{seed: (checkpoint directory, row)} of every kept model of this recipe."""
+    out: dict[int, tuple[str, int]] = {}
+    if not os.path.isdir(self.directory):
+      return out
+    for name in sorted(os.listdir(self.directory)):
+      d = os.path.join(self.directory, name)
+      if not name.startswith("models_") or not checkpoint.is_checkpoint(d):
+        continue
+      try:
         with open(os.path.join(d, checkpoint.META)) as f:
-          if json.load(f).get("key") == self.key:
-            out.append(w)
+          meta = json.load(f)
+      except (OSError, ValueError):
+        continue
+      if meta.get("key") == self.key:
+        for row, seed in enumerate(meta["seeds"]):
+          out.setdefault(int(seed), (d, row))
     return out
 
+  def missing(self) -> list[int]:
+    """The store's seeds that no kept wave holds."""
+    kept = self.kept()
+    return [int(s) for s in self.seeds if int(s) not in kept]
+
   def train(self) -> Any:
-    """Trains the missing waves; returns every model's variables (numpy, leading axis M)."""
-    if jax.process_index() == 0:
+    """Trains the missing seeds in waves; returns every seed's variables (numpy, leading axis
+    M, in `seeds` order)."""
+    if distributed.is_main():
       self._open()
-    from jaxattr import distributed  # pylint: disable=g-import-not-at-top
     distributed.barrier("ensemble-store-open")
-    done = set(self.done())
-    one = self.trainer.train.images[:1]
-    parts = []
-    for w in range(self.num_waves):
-      seeds = self.seeds[w * self.wave:(w + 1) * self.wave]
-      if w in done:
-        variables, _ = checkpoint.load_variables(self._wave_dir(w))
-        logging.info("%s: wave %d/%d (models %d-%d) loaded", self.directory, w + 1, self.num_waves,
-                     seeds[0], seeds[-1])
-      else:
+    missing = np.asarray(self.missing(), np.int64)
+    if len(missing):
+      wave = ensemble.wave_size(self.trainer.config, len(missing), self.trainer.num_groups)
+      one = self.trainer.train.images[:1]
+      for w, start in enumerate(range(0, len(missing), wave)):
+        seeds = missing[start:start + wave]
         _, stats, variables = self.trainer.train_and_predict(one, seeds, return_params=True)
-        if jax.process_index() == 0:
-          checkpoint.save_variables(self._wave_dir(w), variables, {
+        name = "models_" + hashlib.sha256(json.dumps(seeds.tolist()).encode()).hexdigest()[:12]
+        if distributed.is_main():
+          checkpoint.save_variables(os.path.join(self.directory, name), variables, {
               "key": self.key,
               "seeds": seeds.tolist(),
               "seconds": stats.total_seconds
           }, overwrite=True)
-        distributed.barrier(f"ensemble-store-wave-{w}")
+        distributed.barrier(f"ensemble-store-{name}")
         logging.info("%s: wave %d/%d trained and kept (%d models, %.1fs)", self.directory, w + 1,
-                     self.num_waves, len(seeds), stats.total_seconds)
-      parts.append(variables)
-    return jax.tree_util.tree_map(lambda *a: np.concatenate(a), *parts)
+                     -(-len(missing) // wave), len(seeds), stats.total_seconds)
+    kept = self.kept()
+    loaded: dict[str, Any] = {}
+    rows = []
+    for seed in self.seeds:
+      d, row = kept[int(seed)]
+      if d not in loaded:
+        loaded[d] = checkpoint.load_variables(d)[0]
+      rows.append(jax.tree_util.tree_map(lambda a, row=row: a[row], loaded[d]))
+    logging.info("%s: %d models (%d trained now, %d read back)", self.directory, len(self.seeds),
+                 len(missing), len(self.seeds) - len(missing))
+    return jax.tree_util.tree_map(lambda *a: np.stack(a), *rows)
 
 
 @functools.lru_cache(maxsize=8)
