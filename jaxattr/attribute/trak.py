@@ -236,8 +236,13 @@ class Trak:
     mesh = Mesh(np.asarray(jax.local_devices()), ("examples",))
     self._mesh = mesh
     shard = NamedSharding(mesh, P("examples"))
-    self._featurize = jax.jit(self._fn, in_shardings=(NamedSharding(mesh, P()), shard, shard, None),
-                              out_shardings=(shard, shard, shard))
+    # Each device featurises its block of a chunk (shard_map: XLA's automatic partitioning of
+    # the vmap(grad) over a sharded batch gave wrong gradients on XLA:CPU, jax 0.10).
+    sharded = jax.shard_map(self._fn, mesh=mesh, in_specs=(P(), P("examples"), P("examples"), P()),
+                            out_specs=(P("examples"),) * 3, check_vma=False)
+    self._featurize = jax.jit(
+        sharded, in_shardings=(NamedSharding(mesh, P()), shard, shard, NamedSharding(mesh, P())),
+        out_shardings=(shard, shard, shard))
     self.chunk = int(tc.chunk_size)
     self.chunk += -self.chunk % len(jax.local_devices())
     self.key = utils.config_hash({
@@ -276,7 +281,7 @@ class Trak:
       if n < self.chunk:  # one shape: pad the last chunk
         x = np.concatenate([x, np.zeros((self.chunk - n,) + x.shape[1:], x.dtype)])
         y = np.concatenate([y, np.zeros(self.chunk - n, np.int32)])
-      out = self._featurize(variables, x, y, m)
+      out = self._featurize(variables, x, y, np.int32(m))
       outs.append([np.asarray(o)[:n] for o in out])
       if meter is not None:
         meter.update(n)

@@ -120,7 +120,8 @@ class EnsembleStore:
         loaded[d] = checkpoint.load_variables(d)[0]
       rows.append(jax.tree_util.tree_map(lambda a, row=row: a[row], loaded[d]))
     logging.info("%s: %d models (%d trained now, %d read back)", self.directory, len(self.seeds),
-                 len(missing), len(self.seeds) - len(missing))
+                 len(missing),
+                 len(self.seeds) - len(missing))
     return jax.tree_util.tree_map(lambda *a: np.stack(a), *rows)
 
 
