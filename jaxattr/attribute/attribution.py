@@ -170,6 +170,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
       ownership.clear(workdir, "attribution", "trak")
     res = trak_topk(config, workdir, train, test, targets)
     distributed.barrier("attribution-trak-solved")
+    if res is None:
+      res = read_trak_topk(workdir, train, targets)
     if distributed.is_main():
       _write(out_dir, res, feats["test"]["index"], "trak", config)
       _write_grid(os.path.join(out_dir, "grid.png"), res, "trak", train, test, config.viz)
@@ -205,10 +207,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
 
 
 def trak_topk(config: ml_collections.ConfigDict, workdir: str, train: data_lib.Dataset,
-              test: data_lib.Dataset, targets: np.ndarray) -> TopK:
+              test: data_lib.Dataset, targets: np.ndarray) -> TopK | None:
   """Method 'trak': TRAK scores of the targets for every training image (`jaxattr.attribute.trak`,
   models and features kept in WORKDIR/trak/), their top attribution.k (same class or not), and
-  the whole score matrix in WORKDIR/attribution/trak/scores_full.npy [targets, train]."""
+  the whole score matrix in WORKDIR/attribution/trak/scores_full.npy [targets, train]. Every
+  process trains its part of the models; process 0 alone scores and writes (the others get
+  None and read its files with `read_trak_topk` after the stage's barrier)."""
   from jaxattr.attribute import trak  # pylint: disable=g-import-not-at-top
   cfg = config.attribution
   if not isinstance(train.images, np.ndarray):
@@ -218,12 +222,8 @@ def trak_topk(config: ml_collections.ConfigDict, workdir: str, train: data_lib.D
   t0 = time.perf_counter()
   t = trak.Trak(config, workdir, train)
   t.variables()  # every process trains its part of the models
-  if not distributed.is_main():  # process 0 featurises and scores; the others read its files
-    distributed.barrier("attribution-trak-solved")
-    out_dir = os.path.join(workdir, "attribution", "trak")
-    pos = np.load(os.path.join(out_dir, "topk_positions.npy"))
-    return TopK(indices=np.asarray(train.index)[pos].astype(np.int64), scores=np.load(
-        os.path.join(out_dir, "topk_scores.npy")), targets=targets, stats={})
+  if not distributed.is_main():  # process 0 featurises and scores (`read_trak_topk`)
+    return None
   scores = t.scores(test.images[targets], test.labels[targets])
   pos, top = trak.topk_rows(scores, train.labels, test.labels[targets], int(cfg.k),
                             bool(cfg.same_class))
@@ -234,6 +234,14 @@ def trak_topk(config: ml_collections.ConfigDict, workdir: str, train: data_lib.D
   utils.save_npy(os.path.join(out_dir, "topk_scores.npy"), top)
   return TopK(indices=np.asarray(train.index)[pos].astype(np.int64), scores=top, targets=targets,
               stats={}, seconds=time.perf_counter() - t0, computed_targets=len(targets))
+
+
+def read_trak_topk(workdir: str, train: data_lib.Dataset, targets: np.ndarray) -> TopK:
+  """The TRAK top-k that process 0 wrote (`trak_topk`), for the other processes."""
+  out_dir = os.path.join(workdir, "attribution", "trak")
+  pos = np.load(os.path.join(out_dir, "topk_positions.npy"))
+  return TopK(indices=np.asarray(train.index)[pos].astype(np.int64),
+              scores=np.load(os.path.join(out_dir, "topk_scores.npy")), targets=targets, stats={})
 
 
 def shard_dir(workdir: str, method: str, index: int, count: int) -> str:

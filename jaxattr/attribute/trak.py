@@ -275,13 +275,20 @@ class Trak:
                 meter: utils.Throughput | None = None) -> tuple[np.ndarray, ...]:
     """(X [E, dim], Q [E], margins [E]) of model m's variables for uint8 images, chunk by chunk."""
     outs = []
+    # Placed explicitly: in a job of several processes jit refuses host arrays with shardings
+    # (this mesh is the process's own devices).
+    replicated = NamedSharding(self._mesh, P())
+    shard = NamedSharding(self._mesh, P("examples"))
+    variables = jax.device_put(variables, replicated)
+    model_id = jax.device_put(np.int32(m), replicated)
     for s in range(0, len(images), self.chunk):
       x, y = images[s:s + self.chunk], np.asarray(labels[s:s + self.chunk], np.int32)
       n = len(x)
       if n < self.chunk:  # one shape: pad the last chunk
         x = np.concatenate([x, np.zeros((self.chunk - n,) + x.shape[1:], x.dtype)])
         y = np.concatenate([y, np.zeros(self.chunk - n, np.int32)])
-      out = self._featurize(variables, x, y, np.int32(m))
+      out = self._featurize(variables, jax.device_put(x, shard), jax.device_put(y, shard),
+                            model_id)
       outs.append([np.asarray(o)[:n] for o in out])
       if meter is not None:
         meter.update(n)
