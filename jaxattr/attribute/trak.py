@@ -248,7 +248,7 @@ class Trak:
     self.key = utils.config_hash({
         "models": self.store.key,
         "trak": {
-            k: tc[k] for k in ("proj_dim", "projection", "seed", "block_rows", "num_models")
+            k: tc[k] for k in ("proj_dim", "projection", "seed", "block_rows")
         },
         "custom_projection": project is not None,
         "train": fingerprint_lib.arrays_fingerprint(train.index, train.labels, train.images),
@@ -287,8 +287,7 @@ class Trak:
       if n < self.chunk:  # one shape: pad the last chunk
         x = np.concatenate([x, np.zeros((self.chunk - n,) + x.shape[1:], x.dtype)])
         y = np.concatenate([y, np.zeros(self.chunk - n, np.int32)])
-      out = self._featurize(variables, jax.device_put(x, shard), jax.device_put(y, shard),
-                            model_id)
+      out = self._featurize(variables, jax.device_put(x, shard), jax.device_put(y, shard), model_id)
       outs.append([np.asarray(o)[:n] for o in out])
       if meter is not None:
         meter.update(n)
@@ -307,7 +306,8 @@ class Trak:
                              every_s=float(self.config.ensemble.log_every_s))
     for m in range(m_count):
       path = os.path.join(self.feature_dir, f"model_{m:04d}.npy")
-      key = utils.config_hash({"trak": self.key, "model": m})
+      # Per model: TRAK-5's features of model m are TRAK-100's (same seed, same projection).
+      key = utils.config_hash({"trak": self.key, "model": m, "seed": int(self.seeds[m])})
       q_path = os.path.join(self.feature_dir, f"model_{m:04d}.q.npz")
       done = _q_matches(q_path, key) and os.path.exists(path)
       if not done:
