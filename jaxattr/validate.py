@@ -551,10 +551,10 @@ def _check_lds(c: _Checker) -> None:
       if eq:
         if not name or os.sep in name:
           c.add("lds.methods", f": entry {spec!r} must start with a method name")
-        elif not path.strip().endswith(".npy") or not os.path.exists(path.strip()):
+        elif not path.strip().endswith((".npy", ".npz")) or not os.path.exists(path.strip()):
           c.add(
               "lds.methods", f": entry {spec!r}: score matrix {path.strip()!r} must be an "
-              "existing .npy file (float [targets, train])")
+              "existing .npy (float [targets, train]) or .npz (scores, train_index) file")
       elif name not in OWN_METHODS:
         c.add(
             "lds.methods", f": entry {spec!r} is not one of {list(OWN_METHODS)} (an external "

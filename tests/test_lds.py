@@ -61,12 +61,23 @@ def test_score_checks_name_the_problem(tmp_path):
     lds.check_scores("x", bad, 3, 10)
   path = str(tmp_path / "s.npy")
   np.save(path, np.arange(50.0).reshape(5, 10))  # one row per test image
-  got = lds.external_scores("ext", path, np.array([1, 3]), 5, 10)
+  train_index, test_index = np.arange(10) * 3, np.arange(5) + 100
+  got = lds.external_scores("ext", path, np.array([1, 3]), train_index, test_index)
   np.testing.assert_array_equal(got, np.arange(50.0).reshape(5, 10)[[1, 3]])
   with pytest.raises(lds.LdsError, match="file not found"):
-    lds.external_scores("ext", str(tmp_path / "none.npy"), np.array([1]), 5, 10)
+    lds.external_scores("ext", str(tmp_path / "none.npy"), np.array([1]), train_index, test_index)
   with pytest.raises(lds.LdsError, match=r"expected \[2 targets, 11"):
-    lds.external_scores("ext", path, np.array([1, 3]), 5, 11)
+    lds.external_scores("ext", path, np.array([1, 3]), np.arange(11), test_index)
+  # .npz with the index values the columns belong to: checked against the split.
+  npz = str(tmp_path / "s.npz")
+  np.savez(npz, scores=np.ones((2, 10)), train_index=train_index, target_index=[101, 103])
+  assert lds.external_scores("ext", npz, np.array([1, 3]), train_index, test_index).shape == (2, 10)
+  np.savez(npz, scores=np.ones((2, 10)), train_index=train_index[::-1])
+  with pytest.raises(lds.LdsError, match="train_index .* first difference at column 0"):
+    lds.external_scores("ext", npz, np.array([1, 3]), train_index, test_index)
+  np.savez(npz, scores=np.ones((2, 10)), target_index=[101, 104])
+  with pytest.raises(lds.LdsError, match="target_index does not match"):
+    lds.external_scores("ext", npz, np.array([1, 3]), train_index, test_index)
 
 
 def test_feature_scores_own_class_only():

@@ -240,8 +240,8 @@ def read_trak_topk(workdir: str, train: data_lib.Dataset, targets: np.ndarray) -
   """The TRAK top-k that process 0 wrote (`trak_topk`), for the other processes."""
   out_dir = os.path.join(workdir, "attribution", "trak")
   pos = np.load(os.path.join(out_dir, "topk_positions.npy"))
-  return TopK(indices=np.asarray(train.index)[pos].astype(np.int64),
-              scores=np.load(os.path.join(out_dir, "topk_scores.npy")), targets=targets, stats={})
+  return TopK(indices=np.asarray(train.index)[pos].astype(np.int64), scores=np.load(
+      os.path.join(out_dir, "topk_scores.npy")), targets=targets, stats={})
 
 
 def shard_dir(workdir: str, method: str, index: int, count: int) -> str:

@@ -20,10 +20,11 @@ cosine similarity, minus the l2 distance) minus the lowest such score in the cla
 least similar image of the class scores 0 and every other more (a raw ESVM decision value is
 negative for nearly every candidate, and summing those would predict LOWER margins from MORE
 images of the target's class, whatever the ranking); and 'name=PATH.npy', a float score matrix
-[LDS targets or test images, train images] (as TRAK and dattri write them). 'class' scores 1
-for every image of the target's class and 0 elsewhere: no attribution at all, the floor that a
-same-class method's LDS should be read against (more images of its class raise a target's
-margin whichever they are).
+[LDS targets or test images, train images] (as TRAK and dattri write them), or PATH.npz with
+`scores` and the `train_index` (and `target_index`) they belong to, checked against the split.
+'class' scores 1 for every image of the target's class and 0 elsewhere: no attribution at all,
+the floor that a same-class method's LDS should be read against (more images of its class raise
+a target's margin whichever they are).
 """
 
 from __future__ import annotations
@@ -149,13 +150,44 @@ def check_scores(name: str, scores: np.ndarray, num_targets: int, num_train: int
                    f"row {bad[0][0]}, training position {bad[0][1]})")
 
 
-def external_scores(name: str, path: str, targets: np.ndarray, n_test: int,
-                    num_train: int) -> np.ndarray:
-  """The [LDS targets, N] rows of a 'name=PATH.npy' score matrix, which holds either one row per
-  LDS target or one per test image (then the targets' rows are taken)."""
+def external_scores(name: str, path: str, targets: np.ndarray, train_index: np.ndarray,
+                    test_index: np.ndarray) -> np.ndarray:
+  """The [LDS targets, N] rows of a 'name=PATH' score matrix.
+
+  PATH.npy: float [LDS targets or test images, N], rows in the order of the LDS targets or of
+  the test split, columns in the order of the training split. PATH.npz: `scores` as above, with
+  `train_index` [N] (and optionally `target_index`, one per row) giving the `index` values the
+  columns (rows) belong to; they must be the split's, else the error names the first mismatch.
+  """
   if not os.path.exists(path):
     raise LdsError(f"lds.methods entry {name}={path}: file not found")
-  scores = np.load(path, mmap_mode="r")
+  n_test, num_train = len(test_index), len(train_index)
+  if path.endswith(".npz"):
+    with np.load(path) as z:
+      if "scores" not in z.files:
+        raise LdsError(f"lds.methods entry {name}={path}: no 'scores' array (has {z.files})")
+      scores = z["scores"]
+      for key, want in (("train_index", np.asarray(train_index)),):
+        if key in z.files:
+          got = z[key]
+          if got.shape != want.shape or not np.array_equal(got, want):
+            bad = (np.flatnonzero(
+                got[:len(want)] != want[:len(got)])[:1].tolist() if got.ndim == 1 else [])
+            where = f"; first difference at column {bad[0]}" if bad else ""
+            raise LdsError(f"lds.methods entry {name}={path}: its train_index ({got.shape[0]} "
+                           f"entries) is not the training split's ({len(want)} index values)"
+                           f"{where}: the scores belong to another split or order")
+      if "target_index" in z.files:
+        got = np.asarray(z["target_index"])
+        if len(got) == n_test and n_test != len(targets):
+          want = np.asarray(test_index)
+        else:
+          want = np.asarray(test_index)[targets]
+        if got.shape != want.shape or not np.array_equal(got, want):
+          raise LdsError(f"lds.methods entry {name}={path}: its target_index does not match the "
+                         "LDS targets' (or the test split's) index values")
+  else:
+    scores = np.load(path, mmap_mode="r")
   if scores.ndim == 2 and scores.shape[0] == n_test and n_test != len(targets):
     scores = scores[targets]
   check_scores(f"{name}={path}", scores, len(targets), num_train)
@@ -295,7 +327,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: Any = None,
   for spec in specs:
     name, _, path = spec.partition("=")
     if path:
-      scores[name] = external_scores(name, path, targets, len(test), n)
+      scores[name] = external_scores(name, path, targets, train.index, test.index)
   if distributed.is_main():
     utils.save_npy(os.path.join(out_dir, "subsets.npy"), masks)
     utils.save_npy(os.path.join(out_dir, "targets.npy"), targets)
