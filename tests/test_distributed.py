@@ -248,6 +248,10 @@ def test_job_array_shards_and_merge_equal_one_run(features_workdir, tmp_path):
   assert res.returncode == 0, res.stderr[-3000:]
   res = _run("merge.py", arr, *_ATTRIBUTION, "--config.shard.count=3", devices=1)
   assert res.returncode == 0, res.stderr[-3000:]
+  # TRAK is computed whole by shard 0: the same top-k as the single run's.
+  assert not (arr / "attribution" / "trak" / "shard-1-of-3").exists()
+  np.testing.assert_array_equal(np.load(arr / "attribution" / "trak" / "topk.npy"),
+                                np.load(one / "attribution" / "trak" / "topk.npy"))
   for method in ("esvm", "l2"):
     for name in ("topk.npy", "scores.npy", "targets.npy", "topk_reference.npy"):
       np.testing.assert_array_equal(np.load(arr / "attribution" / method / name),
@@ -419,7 +423,7 @@ def test_support_job_array_shards_and_merge_equal_one_run(features_workdir, tmp_
   res = _run("merge.py", arr, "--config.shard.count=2", devices=1)
   assert res.returncode == 0, res.stderr[-3000:]
   results = sorted(p.relative_to(one) for p in (one / "support").rglob("results.jsonl"))
-  assert len(results) == 4
+  assert len(results) == 6  # 2 metrics x (esvm, l2, trak)
   for rel in results:
     assert (arr / rel).read_text() == (one / rel).read_text(), rel
     assert not list((arr / rel.parent).glob("shard-*"))

@@ -153,7 +153,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
     if distributed.process_count() > 1:
       raise AttributionError("config.shard.count > 1 (a job array) needs single-process jobs; a "
                              "multi-process job spreads the chunks by itself: set shard.count=1")
-    for method in methods:
+    if "trak" in methods and index == 0:  # TRAK is not split: shard 0 computes it whole
+      results["trak"] = _run_trak(config, workdir, train, test, targets, feats, fields["trak"])
+    for method in [m for m in methods if m != "trak"]:
       topk(feats["train"]["features"], feats["train"]["labels"], feats["test"]["features"],
            feats["test"]["labels"], method=method, k=cfg.k, same_class=cfg.same_class,
            targets=targets, train_index=feats["train"]["index"],
@@ -164,19 +166,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
         "the same config and workdir writes the result", index, count, ", ".join(methods))
     return {}
   processes = distributed.process_count()
-  if "trak" in methods:
-    out_dir = os.path.join(workdir, "attribution", "trak")
-    if distributed.is_main():
-      ownership.clear(workdir, "attribution", "trak")
-    res = trak_topk(config, workdir, train, test, targets)
-    distributed.barrier("attribution-trak-solved")
-    if res is None:
-      res = read_trak_topk(workdir, train, targets)
-    if distributed.is_main():
-      _write(out_dir, res, feats["test"]["index"], "trak", config)
-      _write_grid(os.path.join(out_dir, "grid.png"), res, "trak", train, test, config.viz)
-      ownership.record(workdir, "attribution", fields["trak"], method="trak")
-    results["trak"] = res
+  if "trak" in methods and count == 1:
+    results["trak"] = _run_trak(config, workdir, train, test, targets, feats, fields["trak"])
     methods = [m for m in methods if m != "trak"]
   for method in methods:
     out_dir = os.path.join(workdir, "attribution", method)
@@ -204,6 +195,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
   distributed.barrier("attribution-written")
   _raise_nonconverged(results, cfg)
   return results
+
+
+def _run_trak(config, workdir, train, test, targets, feats, fields) -> TopK:
+  """Method 'trak' whole: computed (`trak_topk`), written with its grid and record."""
+  out_dir = os.path.join(workdir, "attribution", "trak")
+  if distributed.is_main():
+    ownership.clear(workdir, "attribution", "trak")
+  res = trak_topk(config, workdir, train, test, targets)
+  distributed.barrier("attribution-trak-solved")
+  if res is None:
+    res = read_trak_topk(workdir, train, targets)
+  if distributed.is_main():
+    _write(out_dir, res, feats["test"]["index"], "trak", config)
+    _write_grid(os.path.join(out_dir, "grid.png"), res, "trak", train, test, config.viz)
+    ownership.record(workdir, "attribution", fields, method="trak")
+  return res
 
 
 def trak_topk(config: ml_collections.ConfigDict, workdir: str, train: data_lib.Dataset,
@@ -272,6 +279,14 @@ def merge(config: ml_collections.ConfigDict, workdir: str) -> dict[str, TopK]:
                            cfg.target_list, int(config.seed))
   args = (feats["train"]["features"], feats["train"]["labels"], feats["test"]["features"],
           feats["test"]["labels"])
+  if "trak" in methods:  # computed whole by shard 0 (`run`), not in chunks
+    fields = ownership.attribution_fields(config, workdir, "trak", feats_fp)
+    if not ownership.current(workdir, "attribution", fields, OUTPUTS, method="trak"):
+      raise AttributionError(
+          f"merge trak: shard 0 of {count} computes TRAK whole and has not finished it (no "
+          f"current {workdir}/attribution/trak); run launch/attribute.py with "
+          f"--config.shard.index=0 --config.shard.count={count}")
+    methods = tuple(m for m in methods if m != "trak")
   plans = {}
   for method in methods:  # everything checked before anything is written
     dirs = [shard_dir(workdir, method, i, count) for i in range(count)]
