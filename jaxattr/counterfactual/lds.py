@@ -307,13 +307,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: Any = None,
   scatter.png}. Returns summary.json's content."""
   from jaxattr import stream, validate  # pylint: disable=g-import-not-at-top
   lc = config.lds
+  if train is None or test is None:  # the launcher: every problem of the config at once
+    train, test = stream.splits(config.data)
+    validate.check(config, train, test, stages=("lds",))
   check_settings(lc)
   specs = config_lib.names(lc.methods)
   if not specs:
     raise LdsError("lds.methods is empty: name the methods to score (e.g. 'esvm,l2,trak')")
-  if train is None or test is None:
-    train, test = stream.splits(config.data)
-    validate.check(config, train, test, stages=("lds",))
   if not isinstance(train.images, np.ndarray):
     raise LdsError("LDS trains its models on images in memory: streamed data (data.stream=True) is "
                    "not supported")
