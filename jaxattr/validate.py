@@ -117,8 +117,8 @@ def pipeline_stages(config: Any) -> tuple[str, ...]:
   """The stages a config runs when `stages` is not given.
 
   configs/flip.py's shape (`num_models`, no `attribution`): ('flip',). Otherwise the pipeline's:
-  pretrain unless `encoder.checkpoint` is set, features, attribution, and support when
-  `support.metrics` is non-empty.
+  pretrain unless `encoder.checkpoint` is set, features, attribution, support when
+  `support.metrics` is non-empty, and lds when `lds.methods` is.
   """
   raw = _Checker(config).raw
   if raw("num_models") is not _BAD and raw("attribution") is _BAD:
@@ -128,20 +128,15 @@ def pipeline_stages(config: Any) -> tuple[str, ...]:
   if checkpoint is _BAD or not checkpoint:
     stages.append("pretrain")
   stages += ["features", "attribution"]
-  metrics = raw("support.metrics")
-  try:
-    with_support = metrics is not _BAD and bool(config_lib.names(metrics))
-  except TypeError:
-    with_support = True  # a malformed field: let the support checks name it
-  if with_support:
-    stages.append("support")
-  lds_methods = raw("lds.methods")
-  try:
-    with_lds = lds_methods is not _BAD and bool(config_lib.names(lds_methods))
-  except TypeError:
-    with_lds = True  # a malformed field: let the lds checks name it
-  if with_lds:
-    stages.append("lds")
+  # A list field that names something runs its stage (a malformed one too: its checks name it).
+  for field, stage in (("support.metrics", "support"), ("lds.methods", "lds")):
+    value = raw(field)
+    try:
+      wanted = value is not _BAD and bool(config_lib.names(value))
+    except TypeError:
+      wanted = True
+    if wanted:
+      stages.append(stage)
   return tuple(stages)
 
 
