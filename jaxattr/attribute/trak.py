@@ -42,7 +42,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxattr import chunkstore, fingerprint as fingerprint_lib, utils
+from jaxattr import chunkstore, utils
 
 PROJECTIONS = ("rademacher", "normal")
 
@@ -207,11 +207,6 @@ def topk_rows(scores: np.ndarray, train_labels: np.ndarray, target_labels: np.nd
   return pos.astype(np.int64), np.take_along_axis(np.asarray(scores, np.float32), pos, 1)
 
 
-def lds_scores(scores: np.ndarray) -> np.ndarray:
-  """TRAK's scores as they enter LDS: all training images, as computed (no class restriction)."""
-  return np.asarray(scores, np.float32)
-
-
 class Trak:
   """TRAK of `config` (`trak` and `ensemble` sections) on the training set `train`."""
 
@@ -250,8 +245,7 @@ class Trak:
         "trak": {
             k: tc[k] for k in ("proj_dim", "projection", "seed", "block_rows")
         },
-        "custom_projection": project is not None,
-        "train": fingerprint_lib.arrays_fingerprint(train.index, train.labels, train.images),
+        "custom_projection": project is not None,  # the store's key covers the data
     })
     self._variables = None
     self._kernels: list[np.ndarray] = []
