@@ -81,11 +81,9 @@ def _timings(workdir: str) -> str:
   head = "<h2>Timing per stage</h2>"
   if not os.path.exists(path):
     return head + _note("No timings.json yet (the pipeline writes it as stages finish).")
-  try:
-    with open(path) as f:
-      timings = json.load(f)
-  except (OSError, ValueError) as e:
-    return head + _note(f"timings.json is unreadable: {e}")
+  timings, problem = _read_json(path, "timings.json")
+  if problem:
+    return head + problem
   # JSON files are written with sorted keys: show the pipeline's stages in pipeline order.
   order = {stage: i for i, stage in enumerate(STAGES)}
   stages = sorted(timings, key=lambda k: (order.get(k, len(order)), k))
@@ -159,9 +157,7 @@ def _support(workdir: str, cfg: dict | None = None) -> str:
       except Exception as e:  # any failure: the table above stands alone
         logging.warning("curves for %s: %s", metric, e)
     if os.path.exists(curves):
-      with open(curves, "rb") as f:
-        parts.append(f"<img class='curve' alt='{metric} support curves' "
-                     f"src='data:image/png;base64,{base64.b64encode(f.read()).decode()}'>")
+      parts.append(_png(curves, f"{metric} support curves"))
   return "\n".join(parts)
 
 
@@ -332,11 +328,9 @@ def _lds(workdir: str, cfg: dict | None = None) -> str:
     if configured is not None and not str(configured).strip():
       return ""  # not configured: no section
     return head + _note("No LDS results yet (WORKDIR/lds/summary.json): run launch/lds.py.")
-  try:
-    with open(path) as f:
-      s = json.load(f)
-  except (OSError, ValueError) as e:
-    return head + _note(f"lds/summary.json is unreadable: {e}")
+  s, problem = _read_json(path, "lds/summary.json")
+  if problem:
+    return head + problem
   rows = []
   for name, m in sorted(s["methods"].items(), key=lambda kv: -(kv[1]["lds"] or -9)):
     lo, hi = m["ci95"]
@@ -361,11 +355,26 @@ def _lds(workdir: str, cfg: dict | None = None) -> str:
                  f"{training.get('wave')}.</p>")
   png = os.path.join(workdir, "lds", "scatter.png")
   if os.path.exists(png):
-    with open(png, "rb") as f:
-      parts.append("<p class='sub'>Predicted vs measured margins of the first targets:</p>"
-                   f"<img class='curve' style='max-width: 900px' alt='LDS scatter' "
-                   f"src='data:image/png;base64,{base64.b64encode(f.read()).decode()}'>")
+    parts.append("<p class='sub'>Predicted vs measured margins of the first targets:</p>" +
+                 _png(png, "LDS scatter", "max-width: 900px"))
   return "\n".join(parts)
+
+
+def _read_json(path: str, name: str) -> tuple[Any, str]:
+  """(content, '') of a JSON file, or (None, a note saying why it is unreadable)."""
+  try:
+    with open(path) as f:
+      return json.load(f), ""
+  except (OSError, ValueError) as e:
+    return None, _note(f"{name} is unreadable: {e}")
+
+
+def _png(path: str, alt: str, style: str = "") -> str:
+  """A PNG file embedded as an <img> (class 'curve')."""
+  with open(path, "rb") as f:
+    data = base64.b64encode(f.read()).decode()
+  css = f" style='{style}'" if style else ""
+  return f"<img class='curve'{css} alt='{alt}' src='data:image/png;base64,{data}'>"
 
 
 def _figure(image: np.ndarray, caption: str, cls: str) -> str:
