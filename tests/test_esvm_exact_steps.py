@@ -43,7 +43,7 @@ def test_majority_of_violators_exact_in_few_iterations():
   v, it, step, solver = _solve(t, x, max_rows=64)
   ref = _check(t, x, v, it, step)
   assert (ref > -1).sum() > 300  # most candidates violate at the optimum: CG steps, exact
-  assert 0 in solver._steps  # solver.PCG
+  assert (solver_lib.PCG, False) in solver._steps
   # The single-program path (esvm_scores) gives the same scores.
   scores = np.asarray(attribute.esvm_scores(t, x, SolverOptions(max_rows=64)))
   np.testing.assert_allclose(scores, v, atol=2e-5, rtol=0)
@@ -64,7 +64,7 @@ def test_imagenet_shaped_classes_exact():
   data = fam.imagenet_shaped(norm=29.0, num_targets=40, num_classes=1).generate()
   t, x = data.targets[0], data.candidates[0]
   v, it, step, solver = _solve(t, x)
-  assert 0 in solver._steps  # solver.PCG ran
+  assert (solver_lib.PCG, False) in solver._steps  # CG ran
   assert (step <= SolverOptions().tol).all() and it.mean() <= 10
   for i in range(0, 40, 5):
     np.testing.assert_allclose(v[i], _sklearn(t[i], x), atol=1e-4, rtol=0)
@@ -99,6 +99,41 @@ def test_woodbury_and_cg_steps_agree():
   np.testing.assert_array_equal(np.asarray(a.count), np.asarray(b.count))
 
 
+def test_coarse_step_is_the_newton_step_far_from_the_optimum():
+  # The coarse form (two products with the candidates) gives the accurate form's step where
+  # every violator is in the active set, up to its float32 error (far below the step itself).
+  data = fam.hard_synthetic(norm=3.0, dim=64, num_candidates=200, num_targets=6,
+                            num_classes=1).generate()
+  t, x = data.targets[0], data.candidates[0]
+  cset = esvm.prepare(jnp.asarray(x), SolverOptions())
+  ta = esvm._augment(jnp.asarray(t))
+  w = esvm.initial_weights(jnp.asarray(t), cset)
+  a = esvm.newton_step(ta, w, cset, 200, 12)
+  b = esvm.newton_step(ta, w, cset, 200, 12, coarse=True)
+  moved = np.abs(np.asarray(a.v) - np.asarray(w @ cset.x.T)).max()
+  assert moved > 0.25  # far from the optimum: where the solver takes coarse steps
+  np.testing.assert_allclose(np.asarray(b.v), np.asarray(a.v), atol=1e-2 * moved, rtol=0)
+
+
+def test_coarse_steps_reach_the_same_optimum_and_never_converge_a_target(monkeypatch):
+  data = fam.hard_synthetic(norm=3.0, dim=64, num_candidates=300, num_targets=12,
+                            num_classes=1).generate()
+  t, x = data.targets[0], data.candidates[0]
+  with_coarse, it, step, solver = _solve(t, x)
+  assert any(kind for _, kind in solver._steps)  # some steps were coarse
+  ref = _check(t, x, with_coarse, it, step)
+  monkeypatch.setattr(solver_lib, "COARSE_ABOVE", np.inf)
+  accurate, _, _, solver = _solve(t, x)
+  assert not any(kind for _, kind in solver._steps)
+  np.testing.assert_allclose(with_coarse, accurate, atol=2e-5, rtol=0)
+  assert np.array_equal(np.argsort(-ref)[:20], np.argsort(-accurate[0])[:20])
+  # Only exact steps are convergence tests: with every Woodbury step coarse, no target converges.
+  monkeypatch.setattr(solver_lib, "COARSE_ABOVE", -1.0)
+  _, it, step, solver = _solve(t, x, max_iter=12, fallback64=False)
+  assert (it == 12).all() and not (step <= SolverOptions().tol).any()
+  assert any(kind for _, kind in solver._steps)
+
+
 def test_results_do_not_depend_on_the_batch():
   data = fam.hard_synthetic(dim=32, num_candidates=300, num_targets=20, num_classes=1).generate()
   t, x = data.targets[0], data.candidates[0]
@@ -119,6 +154,9 @@ def test_float64_continuation_for_targets_float32_cannot_finish(monkeypatch):
   # The continuation itself: below FLOAT64_CONDITION (here: always) a target starts in float32
   # and continues in float64 from its float32 weights after FLOAT32_ITERS iterations.
   monkeypatch.setattr(solver_lib, "FLOAT64_CONDITION", np.inf)
+  # Accurate steps only: with coarse ones (`solver.COARSE_ABOVE`) float32 finishes this problem
+  # in 13-15 iterations, and the continuation would not run.
+  monkeypatch.setattr(solver_lib, "COARSE_ABOVE", np.inf)
   t, x = _raw_norm_problem()
   # 20 iterations: too few for float32 at this scale (it needs 42 to over 50), enough in float64.
   v32, it32, step32, _ = _solve(t, x, max_iter=20, fallback64=False)

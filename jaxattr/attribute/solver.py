@@ -55,6 +55,15 @@ FLOAT64_CONDITION = 1e6
 # The `_step` key of CG steps (`esvm.pcg_step`), for targets with more than max_rows violators.
 PCG = 0
 
+# A target whose last step moved some decision value by more than this, with an active set that
+# holds all its violators and a shared Gram, takes a coarse step (`esvm.newton_step`'s `coarse`:
+# two products with the candidates instead of four, accurate to ~1e-4). Such targets are far from
+# their optimum, where that error does not matter: the exact line search follows whatever
+# direction it is given, and the accurate steps after it reach the same optimum. Measured on
+# 1,000 random-init Flax targets (5,000 x 513): thresholds of 0.2-0.5 solve them 7-9% faster with
+# the same mean iteration count (5.72 -> 5.74); 0.05 takes 6.04 iterations and gains less.
+COARSE_ABOVE = 0.25
+
 # Active-set sizes: a step costs an [r, r] Gram gather and Cholesky per target (cubic in r), so
 # each target uses the smallest size that holds its violators.
 ROW_BUCKETS = (64, 128, 160, 192, 224, 256, 320, 384, 512)
@@ -74,11 +83,12 @@ CPU_PCG_BATCH = 256
 class Solver:
   """Solves many targets' Exemplar-SVMs against one candidate set, scheduling steps on the host.
 
-  The iterates are those of `esvm.solve` wherever a target's violators fit in `max_rows` (exact
-  Newton steps); targets with more take exact steps by preconditioned CG in d-space
-  (`esvm.pcg_step`), grouped apart. The per-target state (weights, decision values) stays on the
-  device(s); only batch indices and a few [targets] counters cross between host and device per
-  step. The grouping is deterministic.
+  Where a target's violators fit in `max_rows` its steps are `esvm.solve`'s exact Newton steps,
+  or while it is still far from its optimum their cheaper coarse form (`COARSE_ABOVE`); targets
+  with more take exact steps by preconditioned CG (`esvm.pcg_step`), grouped apart. Whatever the
+  path, a target converges only on an exact step, to the same optimum. The per-target state
+  (weights, decision values) stays on the device(s); only batch indices and a few [targets]
+  counters cross between host and device per step. The grouping is deterministic.
   """
 
   def __init__(self, options: SolverOptions = SolverOptions(),
@@ -97,7 +107,7 @@ class Solver:
     self.min_batch = -(-o.min_batch // self.num_devices) * self.num_devices
     devices = jax.devices() if mesh is None else list(mesh.devices.flat)
     self.on_cpu = devices[0].platform == "cpu"
-    self._steps: dict[int, Any] = {}
+    self._steps: dict[tuple[int, bool], Any] = {}
     self._replicated = (None if mesh is None else jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec()))
     # Several XLA:CPU devices running LAPACK kernels at once can deadlock
@@ -136,14 +146,14 @@ class Solver:
     count = jnp.sum((v > -1.0) & cset.valid, -1)
     return tuple(self._all(a) for a in (t, tx, w, v, count))
 
-  def _step(self, rows: int):
-    if rows not in self._steps:
+  def _step(self, rows: int, coarse: bool = False):
+    if (rows, coarse) not in self._steps:
 
       def fn(t_all, tx_all, w_all, v_all, read, write, cset):
         # One Newton step of the targets `read`; their new weights and decision values are
         # written back to rows `write` of the state (out-of-range rows: padding, dropped).
         # rows == PCG: CG in d-space (`esvm.pcg_step`), for targets with more than max_rows
-        # violators.
+        # violators; coarse: `esvm.newton_step`'s coarse form (`COARSE_ABOVE`).
         if rows == PCG:
           new = esvm.pcg_step(t_all[read], w_all[read], cset, self.options.line_steps,
                               v=v_all[read], tx=tx_all[read] if cset.gram is not None else None,
@@ -151,15 +161,15 @@ class Solver:
         else:
           new = esvm.newton_step(t_all[read], w_all[read], cset, min(rows, cset.x.shape[0]),
                                  self.options.line_steps, self.pure_solve, v=v_all[read],
-                                 tx=tx_all[read] if cset.gram is not None else None)
+                                 tx=tx_all[read] if cset.gram is not None else None, coarse=coarse)
         write = self._all(write)
         w_all = w_all.at[write].set(self._all(new.w), mode="drop")
         v_all = v_all.at[write].set(self._all(new.v), mode="drop")
         return w_all, v_all, new.step, new.next_count
 
-      self._steps[rows] = self._sharded(fn, (False,) * 4 + (True, True, False),
-                                        (False, False, True, True), donate_argnums=(2, 3))
-    return self._steps[rows]
+      self._steps[rows, coarse] = self._sharded(fn, (False,) * 4 + (True, True, False),
+                                                (False, False, True, True), donate_argnums=(2, 3))
+    return self._steps[rows, coarse]
 
   def prepare(self, candidates: jax.Array, valid: jax.Array | None = None) -> esvm.CandidateSet:
     """The device-side candidate set [n, d], shared by every call (replicated over the mesh).
@@ -279,8 +289,9 @@ class Solver:
     it = np.zeros((n,), np.int32)
     step = np.full((n,), np.inf, targets.dtype)
     stalled = np.zeros((n,), bool)
+    coarse = np.zeros((n,), bool)  # the last step was coarse: not a convergence test
     while True:
-      active = np.flatnonzero((step > o.tol) & (it < max_iter) & ~stalled)
+      active = np.flatnonzero(((step > o.tol) | coarse) & (it < max_iter) & ~stalled)
       if not len(active):
         break
       # The counts are exact: they come from the decision values the next step starts from.
@@ -301,16 +312,19 @@ class Solver:
           sizes[sizes == small] = larger
       if PCG in sizes and not cset.has_pcg:
         cset = self._on_first(_with_pcg, cset)  # formed once per call, when first needed
+      # Far from the optimum, with every violator in the active set: a coarse step.
+      coarse[active] = ((sizes != PCG) & ~(big & early) & (step[active] > COARSE_ABOVE) &
+                        (cset.gram is not None))
       # Every batch of this round is dispatched before any result is read, so that the host's
       # bookkeeping overlaps the device's work.
       pending = []
-      for r in np.unique(sizes):
-        cap = self._batch_cap(int(r), cset.x.shape[0])
-        for sel in self._split(active[sizes == r], cap):
+      for r, kind in sorted(set(zip(sizes.tolist(), coarse[active].tolist()))):
+        cap = self._batch_cap(r, cset.x.shape[0])
+        for sel in self._split(active[(sizes == r) & (coarse[active] == kind)], cap):
           read = self._padded(sel).astype(np.int32)
           write = np.where(np.arange(len(read)) < len(sel), read, len(pad)).astype(np.int32)
-          w_all, v_all, out_step, out_count = self._step(int(r))(t_all, tx_all, w_all, v_all, read,
-                                                                 write, cset)
+          w_all, v_all, out_step, out_count = self._step(r, kind)(t_all, tx_all, w_all, v_all, read,
+                                                                  write, cset)
           pending.append((sel, out_step, out_count))
       before = step[active]
       for sel, out_step, out_count in pending:
@@ -318,8 +332,9 @@ class Solver:
       it[active] += 1
       if stall:
         stalled[active] = ((step[active] > o.tol) & (step[active] < STALL_NEAR * o.tol) &
-                           (step[active] > STALL_RATIO * before))
-    return np.array(w_all)[:n], it, step
+                           (step[active] > STALL_RATIO * before) & ~coarse[active])
+    # A target whose last step was coarse (max_iter reached) has no convergence test yet.
+    return np.array(w_all)[:n], it, np.where(coarse, np.inf, step).astype(step.dtype)
 
   def _batch_cap(self, rows: int, num_candidates: int) -> int | None:
     """The most targets of one step with r = rows (`SolverOptions.max_batch`); None: no cap."""
