@@ -401,14 +401,9 @@ def newton_step(t: jax.Array, w: jax.Array, cset: CandidateSet, rows: int, line_
       xh = h @ x.T
     bh = jnp.take_along_axis(xh, idx, 1) * mask  # B P^-1 g
     bt = jnp.take_along_axis(tx, idx, 1) * mask  # B t
-    m_t = eye + 2.0 * c_neg * (_gram_block(gram, idx, mask) - (
-        (2.0 * gamma - gamma * gamma * tt)[:, None, None] *
-        (bt[:, :, None] * bt[:, None, :])))  # I + 2 c_neg B P^-1 B^T, lower triangle
+    m_t = _active_system(gram, idx, mask, bt, 2.0 * gamma - gamma * gamma * tt, c_neg)
     coef = linalg.spd_solve(m_t, bh, pure_solve)
-    # coef spread over the candidates (zero off the active set) by a gather, not a scatter.
-    spread = jnp.where(violators & (pos < rows),
-                       jnp.take_along_axis(coef, jnp.minimum(pos, rows - 1), 1), 0.0)
-    btc = spread @ x  # B^T coef
+    btc = _spread(coef, violators, pos) @ x  # B^T coef
     s = -_half_precondition(gh - 2.0 * c_neg * _half_precondition(btc, t, gamma), t, gamma)
   return _advance(t, w, s, v, u, cset, line_steps, violators, count, count <= rows)
 
@@ -431,7 +426,6 @@ def _coarse_step(t, w, v, u, tx, cset: CandidateSet, idx, pos, mask, violators, 
   a step for targets still far from their optimum only.
   """
   x, gram, c_pos, c_neg = cset.x, cset.gram, cset.c_pos, cset.c_neg
-  rows = idx.shape[1]
   tt = _rowdot(t, t)
   kappa = 2.0 * gamma - gamma * gamma * tt  # P^-1 = I - kappa t t^T
   alpha = 2.0 * c_pos * jnp.maximum(1.0 - u, 0.0)
@@ -440,15 +434,26 @@ def _coarse_step(t, w, v, u, tx, cset: CandidateSet, idx, pos, mask, violators, 
   # B P^-1 f = B w - kappa (B t)(t.w) - alpha B t / (1 + a_pos t.t): P^-1 t = t / (1 + a_pos t.t)
   # written out, not as alpha (1 - kappa t.t) B t, which cancels most of float32's digits.
   y = bv - bt * (kappa * u + alpha / (1.0 + a_pos * tt))[:, None]
-  m_t = jnp.eye(
-      rows, dtype=x.dtype) + 2.0 * c_neg * (_gram_block(gram, idx, mask) -
-                                            (kappa[:, None, None] *
-                                             (bt[:, :, None] * bt[:, None, :])))  # lower triangle
-  z = linalg.spd_solve(m_t, (y - (1.0 + bv)) * mask, pure_solve)
-  spread = jnp.where(violators & (pos < rows), jnp.take_along_axis(z, jnp.minimum(pos, rows - 1),
-                                                                   1), 0.0)
+  z = linalg.spd_solve(_active_system(gram, idx, mask, bt, kappa, c_neg), (y - (1.0 + bv)) * mask,
+                       pure_solve)
   f = w - alpha[:, None] * t
-  return -_half_precondition(_half_precondition(f - 2.0 * c_neg * (spread @ x), t, gamma), t, gamma)
+  return -_half_precondition(
+      _half_precondition(f - 2.0 * c_neg * (_spread(z, violators, pos) @ x), t, gamma), t, gamma)
+
+
+def _active_system(gram, idx, mask, bt, kappa, c_neg):
+  # M = I + 2 c_neg B P^-1 B^T [B, r, r] (lower triangle) from the shared Gram, with
+  # P^-1 = I - kappa t t^T and bt = B t.
+  block = _gram_block(gram, idx, mask) - kappa[:, None, None] * (bt[:, :, None] * bt[:, None, :])
+  return jnp.eye(idx.shape[1], dtype=gram.dtype) + 2.0 * c_neg * block
+
+
+def _spread(coef, violators, pos):
+  # coef [B, r] over the first r violators, spread over the candidates [B, n] (zero elsewhere) by
+  # a gather rather than a scatter.
+  rows = coef.shape[1]
+  return jnp.where(violators & (pos < rows), jnp.take_along_axis(coef, jnp.minimum(pos, rows - 1),
+                                                                 1), 0.0)
 
 
 def _advance(t, w, s, v, u, cset: CandidateSet, line_steps: int, violators, count,
