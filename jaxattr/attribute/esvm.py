@@ -13,8 +13,10 @@ few candidates usually violate, so Woodbury gives the exact step from an [r, r] 
 `max_rows`); with more violators (weak encoders, small feature norms), `pcg_step` solves the
 same system by preconditioned CG, exact too at a cost independent of r: in d-space, or for sets
 with fewer candidates than ~2 D (ImageNet's classes) in candidate space through the shared Gram.
-Convergence is the Newton step in decision-value units (`NewtonStep.step`): in
-float32 the plain ||g|| stalls near eps c_pos ||t||^2 ||w||.
+Far from the optimum a Woodbury step may take a coarse form (`newton_step`'s `coarse`: half the
+products with the candidates, accurate to ~1e-4), never a convergence test. Convergence is the
+Newton step in decision-value units (`NewtonStep.step`): in float32 the plain ||g|| stalls near
+eps c_pos ||t||^2 ||w||.
 
 `solve` iterates in one program; `solver.Solver` schedules the same steps from the host, faster
 for many targets. Everything is float32 and deterministic. The entry points `esvm_scores` and
