@@ -78,7 +78,7 @@ from absl import app, flags, logging
 from benchmarks import bench, esvm_families
 from benchmarks.sklearn_reference import SKLEARN_MAX_ITER, sklearn_fit
 from jaxattr import attribute, config, utils
-from jaxattr.attribute import SolverOptions, esvm
+from jaxattr.attribute import SolverOptions, esvm, solver as solver_lib
 
 _MODE = flags.DEFINE_enum("mode", "both", ["compare", "all", "both"], "What to measure.")
 _FEATURES_DIR = flags.DEFINE_string("features_dir", None,
@@ -123,6 +123,9 @@ _FAMILY_CLASSES = flags.DEFINE_integer(
     "family_classes", 2, "Classes of the synthetic families, or of hard_torch's CIFAR-10 (10: "
     "every test target; --mode=all solves every target against its class).", lower_bound=1)
 _EXTRACT_ONLY = flags.DEFINE_boolean("extract_only", False, "Only build the feature cache.")
+_COARSE_ABOVE = flags.DEFINE_float(
+    "coarse_above", None, "jaxattr: solver.COARSE_ABOVE for this run (default: the solver's; "
+    "'inf' turns the coarse Newton steps off, for an A/B of them).", lower_bound=0.0)
 
 # Bumped when `_extract` changes what it computes: older caches are then never reused.
 CACHE_VERSION = 2
@@ -480,6 +483,8 @@ def family_features(name: str, norm: float | None, num_targets: int, num_classes
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
+  if _COARSE_ABOVE.value is not None:
+    solver_lib.COARSE_ABOVE = _COARSE_ABOVE.value
   if _FAMILY.value == "flax":
     train, test, info = load_or_extract(_FEATURES_DIR.value, _DATA.value, _WIDTH.value, _SEED.value,
                                         _BATCH.value, _CACHE.value)
@@ -523,12 +528,14 @@ def main(argv):
           f"{extra['sklearn_primal_unconverged']}, dual {extra['sklearn_dual_unconverged']}")
   names = ("mode", "features_dir", "data", "encoder_width", "seed", "extract_batch", "class_id",
            "num_targets_sklearn", "num_targets_dual", "num_targets_jax", "chunk_size", "tol",
-           "max_rows", "repeats", "family", "family_norm", "family_targets", "family_classes")
+           "max_rows", "repeats", "family", "family_norm", "family_targets", "family_classes",
+           "coarse_above")
   settings = {
       "flags": {
           name: flags.FLAGS[name].value for name in names
       },
       "features": info,
+      "coarse_above": solver_lib.COARSE_ABOVE,
       "loadavg_before": load,
       "loadavg_after": os.getloadavg(),
       "cpu_count": os.cpu_count(),
