@@ -356,7 +356,8 @@ def newton_step(t: jax.Array, w: jax.Array, cset: CandidateSet, rows: int, line_
     v: optional decision values w x^T [B, n], the previous step's `NewtonStep.v`.
     tx: optional t x^T [B, n], fixed per target (read with the Gram only).
     coarse: the caller knows that every target has at most r violators and is still far from
-      its optimum (static; read with the Gram only): `_coarse_step`, two products with the
+      its optimum (a Python bool, or a traced scalar that picks the form at run time in one
+      program; read with the Gram only): `_coarse_step`, two products with the
       candidates instead of four, accurate to ~1e-4 in decision values. Its `NewtonStep.step`
       measures progress only: the caller must not take it as converged (nor does the
       active-set certificate apply).
@@ -376,10 +377,15 @@ def newton_step(t: jax.Array, w: jax.Array, cset: CandidateSet, rows: int, line_
   mask = (jnp.arange(rows)[None, :] < count[:, None]).astype(dtype)
   a_pos = 2.0 * c_pos * (u < 1.0)
   gamma = (1.0 - jax.lax.rsqrt(1.0 + a_pos * tt)) / tt
-  if coarse and gram is not None:
-    s = _coarse_step(t, w, v, u, t @ x.T if tx is None else tx, cset, idx, pos, mask, violators,
-                     a_pos, gamma, pure_solve)
-    return _advance(t, w, s, v, u, cset, line_steps, violators, count, jnp.zeros(count.shape, bool))
+  if gram is not None and coarse is not False:
+    tx = t @ x.T if tx is None else tx
+    args = (t, w, v, u, tx, cset, idx, pos, mask, violators, a_pos, gamma, pure_solve)
+    if coarse is True:
+      s = _coarse_step(*args)
+    else:  # a traced flag: one program for both forms (half the compiling of two)
+      s = jax.lax.cond(coarse, lambda: _coarse_step(*args), lambda: _accurate_step(*args))
+    return _advance(t, w, s, v, u, cset, line_steps, violators, count,
+                    jnp.logical_not(coarse) & (count <= rows))
   g = _gradient(w, v, u, t, x, c_pos, c_neg)
   gh = _half_precondition(g, t, gamma)
   # Woodbury on H = P + 2 c_neg B^T B. P^-1/2 goes to each side separately: P^-1 at once, on a
@@ -394,20 +400,30 @@ def newton_step(t: jax.Array, w: jax.Array, cset: CandidateSet, rows: int, line_
     coef = linalg.spd_solve(m, rhs, pure_solve)
     s = -_half_precondition(gh - 2.0 * c_neg * jnp.einsum("br,brd->bd", coef, rows_p), t, gamma)
   else:
-    # The same step from the shared Gram: products with B become products with x (B t from
-    # t x^T) and a gather of [r, r] blocks, instead of gathering [r, D] candidate rows.
-    h = _half_precondition(gh, t, gamma)  # P^-1 g
-    if tx is None:
-      xh, tx = jnp.split(jnp.concatenate([h, t]) @ x.T, 2)
-    else:
-      xh = h @ x.T
-    bh = jnp.take_along_axis(xh, idx, 1) * mask  # B P^-1 g
-    bt = jnp.take_along_axis(tx, idx, 1) * mask  # B t
-    m_t = _active_system(gram, idx, mask, bt, 2.0 * gamma - gamma * gamma * tt, c_neg)
-    coef = linalg.spd_solve(m_t, bh, pure_solve)
-    btc = _spread(coef, violators, pos) @ x  # B^T coef
-    s = -_half_precondition(gh - 2.0 * c_neg * _half_precondition(btc, t, gamma), t, gamma)
+    s = _accurate_step(t, w, v, u, tx, cset, idx, pos, mask, violators, a_pos, gamma, pure_solve,
+                       g=g)
   return _advance(t, w, s, v, u, cset, line_steps, violators, count, count <= rows)
+
+
+def _accurate_step(t, w, v, u, tx, cset: CandidateSet, idx, pos, mask, violators, a_pos, gamma,
+                   pure_solve, g=None):
+  # `newton_step`'s Woodbury step from the shared Gram: products with B become products with x
+  # (B t from t x^T) and a gather of [r, r] blocks, instead of gathering [r, D] candidate rows.
+  x, gram, c_neg = cset.x, cset.gram, cset.c_neg
+  tt = _rowdot(t, t)
+  g = _gradient(w, v, u, t, x, cset.c_pos, c_neg) if g is None else g
+  gh = _half_precondition(g, t, gamma)
+  h = _half_precondition(gh, t, gamma)  # P^-1 g
+  if tx is None:
+    xh, tx = jnp.split(jnp.concatenate([h, t]) @ x.T, 2)
+  else:
+    xh = h @ x.T
+  bh = jnp.take_along_axis(xh, idx, 1) * mask  # B P^-1 g
+  bt = jnp.take_along_axis(tx, idx, 1) * mask  # B t
+  m_t = _active_system(gram, idx, mask, bt, 2.0 * gamma - gamma * gamma * tt, c_neg)
+  coef = linalg.spd_solve(m_t, bh, pure_solve)
+  btc = _spread(coef, violators, pos) @ x  # B^T coef
+  return -_half_precondition(gh - 2.0 * c_neg * _half_precondition(btc, t, gamma), t, gamma)
 
 
 def _coarse_step(t, w, v, u, tx, cset: CandidateSet, idx, pos, mask, violators, a_pos, gamma,

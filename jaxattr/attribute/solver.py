@@ -108,7 +108,8 @@ class Solver:
     self.min_batch = -(-o.min_batch // self.num_devices) * self.num_devices
     devices = jax.devices() if mesh is None else list(mesh.devices.flat)
     self.on_cpu = devices[0].platform == "cpu"
-    self._steps: dict[tuple[int, bool], Any] = {}
+    self._steps: dict[int, Any] = {}
+    self.coarse_steps = 0  # target-steps taken in the coarse form (`COARSE_ABOVE`), all calls
     self._replicated = (None if mesh is None else jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec()))
     # Several XLA:CPU devices running LAPACK kernels at once can deadlock
@@ -147,14 +148,15 @@ class Solver:
     count = jnp.sum((v > -1.0) & cset.valid, -1)
     return tuple(self._all(a) for a in (t, tx, w, v, count))
 
-  def _step(self, rows: int, coarse: bool = False):
-    if (rows, coarse) not in self._steps:
+  def _step(self, rows: int):
+    if rows not in self._steps:
 
-      def fn(t_all, tx_all, w_all, v_all, read, write, cset):
+      def fn(t_all, tx_all, w_all, v_all, read, write, coarse, cset):
         # One Newton step of the targets `read`; their new weights and decision values are
         # written back to rows `write` of the state (out-of-range rows: padding, dropped).
         # rows == PCG: CG in d-space (`esvm.pcg_step`), for targets with more than max_rows
-        # violators; coarse: `esvm.newton_step`'s coarse form (`COARSE_ABOVE`).
+        # violators; coarse (a scalar): `esvm.newton_step`'s coarse form (`COARSE_ABOVE`), in
+        # the same program as the accurate one.
         if rows == PCG:
           new = esvm.pcg_step(t_all[read], w_all[read], cset, self.options.line_steps,
                               v=v_all[read], tx=tx_all[read] if cset.gram is not None else None,
@@ -168,9 +170,9 @@ class Solver:
         v_all = v_all.at[write].set(self._all(new.v), mode="drop")
         return w_all, v_all, new.step, new.next_count
 
-      self._steps[rows, coarse] = self._sharded(fn, (False,) * 4 + (True, True, False),
-                                                (False, False, True, True), donate_argnums=(2, 3))
-    return self._steps[rows, coarse]
+      self._steps[rows] = self._sharded(fn, (False,) * 4 + (True, True, False, False),
+                                        (False, False, True, True), donate_argnums=(2, 3))
+    return self._steps[rows]
 
   def prepare(self, candidates: jax.Array, valid: jax.Array | None = None) -> esvm.CandidateSet:
     """The device-side candidate set [n, d], shared by every call (replicated over the mesh).
@@ -324,8 +326,9 @@ class Solver:
         for sel in self._split(active[(sizes == r) & (coarse[active] == kind)], cap):
           read = self._padded(sel).astype(np.int32)
           write = np.where(np.arange(len(read)) < len(sel), read, len(pad)).astype(np.int32)
-          w_all, v_all, out_step, out_count = self._step(r, kind)(t_all, tx_all, w_all, v_all, read,
-                                                                  write, cset)
+          w_all, v_all, out_step, out_count = self._step(r)(t_all, tx_all, w_all, v_all, read,
+                                                            write, np.bool_(kind), cset)
+          self.coarse_steps += len(sel) if kind else 0
           pending.append((sel, out_step, out_count))
       before = step[active]
       for sel, out_step, out_count in pending:
