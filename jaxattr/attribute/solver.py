@@ -62,7 +62,7 @@ PCG = 0
 # direction it is given, and the accurate steps after it reach the same optimum. Measured on
 # random-init Flax features (5,000 x 513 per class): thresholds of 0.2-0.5 solve 1,000 targets of
 # class 0 7-9% faster at the same mean iteration count (5.72 -> 5.74), class 3 3% faster, all ten
-# classes 2% once compiled (each step shape compiles once more); 0.05 takes 6.04 iterations.
+# classes 2% once compiled (both forms share one program per shape); 0.05 takes 6.04 iterations.
 COARSE_ABOVE = 0.25
 
 # Active-set sizes: a step costs an [r, r] Gram gather and Cholesky per target (cubic in r), so
