@@ -13,10 +13,22 @@ run of the same round.
   python3 -m benchmarks.benchmark_multiprocess
   python3 -m benchmarks.benchmark_multiprocess --config=configs/digits.py:quick --repeats=1
   python3 -m benchmarks.benchmark_multiprocess --pin   # each process on its own core(s)
+
+With --launcher=pretrain only the MoCo pretraining runs (`launch/pretrain.py`), and the table
+gives images/s from WORKDIR/pretrain/summary.json. --independent then adds, for every
+multi-process layout P x D, a control run "P x D independent": the same P processes started
+together, each a one-process job of D devices on 1/P of the global batch (what each process of
+the joint job computes), with no `jax.distributed` and so no collectives. The control splits the
+multi-process overhead into what sharing the machine's cores costs (control vs the first
+layout) and what the communication costs (joint vs control):
+
+  python3 -m benchmarks.benchmark_multiprocess --launcher=pretrain --independent \
+      --overrides=pretrain.max_steps=66,pretrain.knn_every_epochs=0 --repeats=3
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -41,6 +53,12 @@ _REPEATS = flags.DEFINE_integer("repeats", 2, "Alternating rounds (the first one
 _OVERRIDES = flags.DEFINE_list("overrides", [], "Extra --config.* flags for every run.")
 _OUT = flags.DEFINE_string("out", "bench_results/multiprocess.json", "Result JSON.")
 _KEEP = flags.DEFINE_string("keep", "", "Keep the workdirs under this directory (default: none).")
+_LAUNCHER = flags.DEFINE_enum(
+    "launcher", "pipeline", ["pipeline", "pretrain"],
+    "What each run launches: the main job, or only its MoCo pretraining (images/s).")
+_INDEPENDENT = flags.DEFINE_bool(
+    "independent", False, "With --launcher=pretrain: add a control run per multi-process layout, "
+    "its processes as independent one-process jobs on 1/P of the batch each (no collectives).")
 _PIN = flags.DEFINE_bool(
     "pin", False, "Give each process of a multi-process layout its own share of the cores "
     "(taskset), as hosts own theirs; XLA:CPU sizes its thread pool by the cores a process may use.")
@@ -65,14 +83,28 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run(processes: int, devices: int, workdir: str, cache: str) -> dict:
+def _config_batch() -> int:
+  """The global pretraining batch of --config with --overrides."""
+  for o in _OVERRIDES.value:
+    if o.startswith("pretrain.batch_size="):
+      return int(o.split("=", 1)[1])
+  path, _, variant = _CONFIG.value.partition(":")
+  spec = importlib.util.spec_from_file_location("_benchmarked_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return int((module.get_config(variant) if variant else module.get_config()).pretrain.batch_size)
+
+
+def _run(processes: int, devices: int, workdir: str, cache: str, independent: bool = False) -> dict:
+  # independent: the processes are separate one-process jobs (workdirs WORKDIR.i) on 1/P of
+  # the pretraining batch each, started together.
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices),
              JAXATTR_COMPILATION_CACHE=cache)
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   cmd = [
       sys.executable,
-      os.path.join(REPO, "launch", "pipeline.py"), f"--config={_CONFIG.value}",
-      f"--workdir={workdir}", *(f"--config.{o}" for o in _OVERRIDES.value)
+      os.path.join(REPO, "launch", f"{_LAUNCHER.value}.py"), f"--config={_CONFIG.value}",
+      *(f"--config.{o}" for o in _OVERRIDES.value)
   ]
   port = _free_port()
   logs = [workdir + f".{i}.log" for i in range(processes)]
@@ -81,10 +113,17 @@ def _run(processes: int, devices: int, workdir: str, cache: str) -> dict:
   procs = []
   cores = sorted(os.sched_getaffinity(0))
   for i in range(processes):
-    extra = ([
-        f"--coordinator_address=localhost:{port}", f"--num_processes={processes}",
-        f"--process_id={i}"
-    ] if processes > 1 else [])
+    if independent:
+      extra = [
+          f"--workdir={workdir}.{i}", f"--config.pretrain.batch_size={_config_batch() // processes}"
+      ]
+    elif processes > 1:
+      extra = [
+          f"--workdir={workdir}", f"--coordinator_address=localhost:{port}",
+          f"--num_processes={processes}", f"--process_id={i}"
+      ]
+    else:
+      extra = [f"--workdir={workdir}"]
     pin = []
     if _PIN.value and processes > 1:
       share = cores[i * len(cores) // processes:(i + 1) * len(cores) // processes] or cores
@@ -99,6 +138,18 @@ def _run(processes: int, devices: int, workdir: str, cache: str) -> dict:
       with open(path) as f:
         tails.append(f.read()[-2000:])
     raise RuntimeError(f"layout {processes}x{devices} failed ({codes}):\n" + "\n".join(tails))
+  if _LAUNCHER.value == "pretrain":
+    pretrain = []
+    for w in ([f"{workdir}.{i}" for i in range(processes)] if independent else [workdir]):
+      with open(os.path.join(w, "pretrain", "summary.json")) as f:
+        pretrain.append(json.load(f))
+    # Images of the whole batch per second: the independent processes' sum.
+    return {
+        "wall_s": wall,
+        "images_per_s": sum(p["images_per_s"] for p in pretrain),
+        "pretrain_s": max(p["seconds"] for p in pretrain),
+        "final_loss": [p["final_loss"] for p in pretrain]
+    }
   with open(os.path.join(workdir, "summary.json")) as f:
     summary = json.load(f)
   return {"wall_s": wall, "summary": summary}
@@ -107,6 +158,18 @@ def _run(processes: int, devices: int, workdir: str, cache: str) -> dict:
 def main(argv):
   del argv
   layouts = [_layout(t) for t in _LAYOUTS.value]
+  if _INDEPENDENT.value:
+    if _LAUNCHER.value != "pretrain":
+      raise app.UsageError("--independent needs --launcher=pretrain (the control splits the "
+                           "pretraining batch; the other stages have no such split)")
+    batch = _config_batch()
+    for p, _ in layouts:
+      if batch % p:
+        raise app.UsageError(f"--independent: the pretraining batch {batch} does not divide "
+                             f"over {p} processes (--layouts)")
+  runs_of_round = [(p, d, False) for p, d in layouts]
+  if _INDEPENDENT.value:
+    runs_of_round += [(p, d, True) for p, d in layouts if p > 1]
   tmp = tempfile.mkdtemp(prefix="bench_multiprocess.")
   caches = {lay: os.path.join(tmp, f"cache-{lay[0]}x{lay[1]}") for lay in layouts}
   load_before = os.getloadavg()
@@ -114,11 +177,30 @@ def main(argv):
   try:
     for r in range(_REPEATS.value):
       base = None
-      for lay in layouts:
-        p, d = lay
-        workdir = os.path.join(_KEEP.value or tmp, f"run{r}-{p}x{d}")
-        logging.info("round %d: %d process(es) x %d device(s) -> %s", r, p, d, workdir)
-        out = _run(p, d, workdir, caches[lay])
+      for p, d, independent in runs_of_round:
+        name = f"{p}x{d}" + (" independent" if independent else "")
+        workdir = os.path.join(_KEEP.value or tmp, f"run{r}-{p}x{d}" + ("i" if independent else ""))
+        logging.info("round %d: %s -> %s", r, name, workdir)
+        out = _run(p, d, workdir, caches[(p, d)], independent)
+        if _LAUNCHER.value == "pretrain":
+          row = {
+              "round": r,
+              "cache": "cold" if r == 0 else "warm",
+              "layout": name,
+              "wall_s": out["wall_s"],
+              "pretrain_s": out["pretrain_s"],
+              "images/s": out["images_per_s"],
+          }
+          if base is None:
+            base = row["images/s"]
+          row["vs first layout"] = base / row["images/s"]  # > 1: slower
+          rows.append(row)
+          runs.append({**row, "final_loss": out["final_loss"]})
+          logging.info("%s", row)
+          for path in [workdir] + [f"{workdir}.{i}" for i in range(p)]:
+            if not _KEEP.value:
+              shutil.rmtree(path, ignore_errors=True)
+          continue
         s = out["summary"]
         job = s.get("job", {"seconds": {}})
         row = {
@@ -160,6 +242,8 @@ def main(argv):
           "overrides": _OVERRIDES.value,
           "repeats": _REPEATS.value,
           "pin": _PIN.value,
+          "launcher": _LAUNCHER.value,
+          "independent": _INDEPENDENT.value,
           "load_before": load_before,
           "load_after": load_after,
           "runs": runs
