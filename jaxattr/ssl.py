@@ -22,6 +22,7 @@ from typing import Any
 import flax
 import flax.linen as nn
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -210,13 +211,63 @@ def train_step(state: MoCoState, images: jax.Array, key: jax.Array, *, model: Mo
                   info_nce(q1, key0, bank2, p.temperature))
     return loss, upd["batch_stats"]
 
-  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  if grouped and sharding is not None:
+    # Each device differentiates the loss of its own whole groups, and the gradients cross the
+    # devices as ONE flat all-reduce: from XLA's partial sums they would be one all-reduce of a
+    # tuple of ~130 arrays, which the CPU collectives between processes (gloo) run array by array
+    # (measured between 2 processes: 38.9 ms for 5.2 MB in 127 arrays, 3.9 ms as one array).
+    rows = [x[order] for x in (x0, x1, key1, key0)]
+    loss, batch_stats, grads = _group_gradients(model, state.params, state.batch_stats, rows, bank1,
+                                                bank2, p.temperature, sharding)
+  else:
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                       ema_params=ema_params, ema_batch_stats=ema_stats, opt_state=opt_state,
                       bank=bank3, bank_ptr=ptr3)
   return new, {"loss": loss}
+
+
+def _group_gradients(model: MoCoNet, params, batch_stats, rows, bank1, bank2, temperature: float,
+                     sharding: NamedSharding):
+  """`train_step`'s loss, query BatchNorm statistics and gradients for a grouped, data-parallel
+  step: (loss, batch_stats, grads), computed per device under shard_map.
+
+  rows: the views x0, x1 and their keys key1, key0, each sorted by group (`group_order`) and
+  split over the mesh's 'data' axis, so every device holds whole SplitBatchNorm groups and their
+  running statistics (`state_shardings`). Each device applies the 'blocked' model with its share
+  of the groups to its rows; its share of the mean loss is weighted by its share of the rows, so
+  the psums are the whole batch's loss and gradients.
+  """
+  axis = sharding.spec[0]
+  devices = sharding.mesh.shape[axis]
+  local_model = model.clone(backbone=model.backbone.clone(num_splits=model.backbone.num_splits //
+                                                          devices))
+  n = rows[0].shape[0]
+
+  def local(params, stats, x0, x1, key1, key0, bank1, bank2):
+
+    def loss_fn(params):
+      (q0, _), upd = local_model.apply({
+          "params": params,
+          "batch_stats": stats
+      }, x0, train=True, mutable=["batch_stats"])
+      (q1, _), upd = local_model.apply({
+          "params": params,
+          "batch_stats": upd["batch_stats"]
+      }, x1, train=True, mutable=["batch_stats"])
+      loss = 0.5 * (info_nce(q0, key1, bank1, temperature) + info_nce(q1, key0, bank2, temperature))
+      return loss * (x0.shape[0] / n), upd["batch_stats"]
+
+    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    flat, unravel = jax.flatten_util.ravel_pytree(grads)
+    return jax.lax.psum(loss, axis), new_stats, unravel(jax.lax.psum(flat, axis))
+
+  split, whole = P(axis), P()
+  return jax.shard_map(local, mesh=sharding.mesh, in_specs=(whole, split) + (split,) * 4 +
+                       (whole, whole), out_specs=(whole, split, whole), check_vma=False)(
+                           params, batch_stats, *rows, bank1, bank2)
 
 
 def batch_indices(seed_key: jax.Array, step: jax.Array, num_examples: int,
@@ -262,7 +313,8 @@ def make_train_fn(config: ml_collections.ConfigDict, model: MoCoNet, num_example
   Where the devices divide encoder.num_splits, the step is `grouped` (`train_step`): each device
   holds whole SplitBatchNorm groups, so their statistics need no communication; with
   `state_sharding` from `state_shardings`, neither do their running statistics, and the
-  remaining collectives are few (the batch's reorderings, the gradients, the keys).
+  remaining collectives are few (the batch's reorderings, the keys, and the gradients as one flat
+  all-reduce: `_group_gradients`).
   The root key may be given as its raw key data (uint32), as a replicated global array is.
   """
   batch_sharding = None if mesh is None else NamedSharding(mesh, P("data"))
