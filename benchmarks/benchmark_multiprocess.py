@@ -95,9 +95,11 @@ def _config_batch() -> int:
   return int((module.get_config(variant) if variant else module.get_config()).pretrain.batch_size)
 
 
-def _run(processes: int, devices: int, workdir: str, cache: str, independent: bool = False) -> dict:
-  # independent: the processes are separate one-process jobs (workdirs WORKDIR.i) on 1/P of
-  # the pretraining batch each, started together.
+def _run(processes: int, devices: int, workdir: str, cache: str,
+         independent_batch: int | None = None) -> dict:
+  # independent_batch: the processes are separate one-process jobs (workdirs WORKDIR.i) on this
+  # pretraining batch each (1/P of the job's), started together.
+  independent = independent_batch is not None
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices),
              JAXATTR_COMPILATION_CACHE=cache)
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
@@ -114,9 +116,7 @@ def _run(processes: int, devices: int, workdir: str, cache: str, independent: bo
   cores = sorted(os.sched_getaffinity(0))
   for i in range(processes):
     if independent:
-      extra = [
-          f"--workdir={workdir}.{i}", f"--config.pretrain.batch_size={_config_batch() // processes}"
-      ]
+      extra = [f"--workdir={workdir}.{i}", f"--config.pretrain.batch_size={independent_batch}"]
     elif processes > 1:
       extra = [
           f"--workdir={workdir}", f"--coordinator_address=localhost:{port}",
@@ -158,6 +158,7 @@ def _run(processes: int, devices: int, workdir: str, cache: str, independent: bo
 def main(argv):
   del argv
   layouts = [_layout(t) for t in _LAYOUTS.value]
+  batch = None
   if _INDEPENDENT.value:
     if _LAUNCHER.value != "pretrain":
       raise app.UsageError("--independent needs --launcher=pretrain (the control splits the "
@@ -181,7 +182,7 @@ def main(argv):
         name = f"{p}x{d}" + (" independent" if independent else "")
         workdir = os.path.join(_KEEP.value or tmp, f"run{r}-{p}x{d}" + ("i" if independent else ""))
         logging.info("round %d: %s -> %s", r, name, workdir)
-        out = _run(p, d, workdir, caches[(p, d)], independent)
+        out = _run(p, d, workdir, caches[(p, d)], batch // p if independent else None)
         if _LAUNCHER.value == "pretrain":
           row = {
               "round": r,

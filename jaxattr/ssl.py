@@ -205,11 +205,8 @@ def train_step(state: MoCoState, images: jax.Array, key: jax.Array, *, model: Mo
   bank3, ptr3 = bank_enqueue(bank2, ptr2, key0)
 
   def loss_fn(params):
-    q0, upd = apply({"params": params, "batch_stats": state.batch_stats}, x0)
-    q1, upd = apply({"params": params, "batch_stats": upd["batch_stats"]}, x1)
-    loss = 0.5 * (info_nce(q0, key1, bank1, p.temperature) +
-                  info_nce(q1, key0, bank2, p.temperature))
-    return loss, upd["batch_stats"]
+    return query_loss(apply, params, state.batch_stats, (x0, x1, key1, key0), bank1, bank2,
+                      p.temperature)
 
   if grouped and sharding is not None:
     # Each device differentiates the loss of its own whole groups, and the gradients cross the
@@ -229,6 +226,17 @@ def train_step(state: MoCoState, images: jax.Array, key: jax.Array, *, model: Mo
   return new, {"loss": loss}
 
 
+def query_loss(apply, params, batch_stats, rows, bank1, bank2, temperature: float):
+  """(loss, updated batch_stats) of the query encoder: the symmetric InfoNCE of the views x0 and
+  x1 against the other view's keys and the memory bank as it stood before each view's keys were
+  enqueued. rows = (x0, x1, key1, key0); apply(variables, x) -> (projection, updates)."""
+  x0, x1, key1, key0 = rows
+  q0, upd = apply({"params": params, "batch_stats": batch_stats}, x0)
+  q1, upd = apply({"params": params, "batch_stats": upd["batch_stats"]}, x1)
+  loss = 0.5 * (info_nce(q0, key1, bank1, temperature) + info_nce(q1, key0, bank2, temperature))
+  return loss, upd["batch_stats"]
+
+
 def _group_gradients(model: MoCoNet, params, batch_stats, rows, bank1, bank2, temperature: float,
                      sharding: NamedSharding):
   """`train_step`'s loss, query BatchNorm statistics and gradients for a grouped, data-parallel
@@ -246,19 +254,16 @@ def _group_gradients(model: MoCoNet, params, batch_stats, rows, bank1, bank2, te
                                                           devices))
   n = rows[0].shape[0]
 
+  def apply(variables, x):
+    (proj, _), upd = local_model.apply(variables, x, train=True, mutable=["batch_stats"])
+    return proj, upd
+
   def local(params, stats, x0, x1, key1, key0, bank1, bank2):
 
     def loss_fn(params):
-      (q0, _), upd = local_model.apply({
-          "params": params,
-          "batch_stats": stats
-      }, x0, train=True, mutable=["batch_stats"])
-      (q1, _), upd = local_model.apply({
-          "params": params,
-          "batch_stats": upd["batch_stats"]
-      }, x1, train=True, mutable=["batch_stats"])
-      loss = 0.5 * (info_nce(q0, key1, bank1, temperature) + info_nce(q1, key0, bank2, temperature))
-      return loss * (x0.shape[0] / n), upd["batch_stats"]
+      loss, new_stats = query_loss(apply, params, stats, (x0, x1, key1, key0), bank1, bank2,
+                                   temperature)
+      return loss * (x0.shape[0] / n), new_stats
 
     (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     flat, unravel = jax.flatten_util.ravel_pytree(grads)

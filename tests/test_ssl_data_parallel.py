@@ -14,13 +14,11 @@ SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh
     from jaxattr import data, ssl
-    from tests.conftest import load_config
+    from tests.test_ssl import _tiny_config
 
     assert len(jax.devices()) == 4
-    c = load_config("digits", "quick")
-    c.data.options.limit_per_class = 8
+    c = _tiny_config()  # with 8 groups, 2 per device
     c.pretrain.batch_size = 32
-    c.encoder.width = 0.0625
     c.encoder.num_splits = 8
     c.pretrain.memory_bank_size = 64
     train, _ = data.load_splits(c.data)
