@@ -412,12 +412,7 @@ def _accurate_step(t, w, v, u, tx, cset: CandidateSet, idx, pos, mask, violators
   x, gram, c_neg = cset.x, cset.gram, cset.c_neg
   tt = _rowdot(t, t)
   g = _gradient(w, v, u, t, x, cset.c_pos, c_neg) if g is None else g
-  gh = _half_precondition(g, t, gamma)
-  h = _half_precondition(gh, t, gamma)  # P^-1 g
-  if tx is None:
-    xh, tx = jnp.split(jnp.concatenate([h, t]) @ x.T, 2)
-  else:
-    xh = h @ x.T
+  gh, xh, tx = _preconditioned_values(g, t, gamma, x, tx)
   bh = jnp.take_along_axis(xh, idx, 1) * mask  # B P^-1 g
   bt = jnp.take_along_axis(tx, idx, 1) * mask  # B t
   m_t = _active_system(gram, idx, mask, bt, 2.0 * gamma - gamma * gamma * tt, c_neg)
@@ -457,6 +452,17 @@ def _coarse_step(t, w, v, u, tx, cset: CandidateSet, idx, pos, mask, violators, 
   f = w - alpha[:, None] * t
   return -_half_precondition(
       _half_precondition(f - 2.0 * c_neg * (_spread(z, violators, pos) @ x), t, gamma), t, gamma)
+
+
+def _preconditioned_values(g, t, gamma, x, tx):
+  """(P^-1/2 g, (P^-1 g) x^T [B, n], t x^T [B, n]): t x^T formed in the same product when not
+  given."""
+  gh = _half_precondition(g, t, gamma)
+  h = _half_precondition(gh, t, gamma)  # P^-1 g
+  if tx is None:
+    xh, tx = jnp.split(jnp.concatenate([h, t]) @ x.T, 2)
+    return gh, xh, tx
+  return gh, h @ x.T, tx
 
 
 def _active_system(gram, idx, mask, bt, kappa, c_neg):
@@ -624,12 +630,7 @@ def _gram_space_cg(t, g, m, a_pos, cset: CandidateSet, cg_tol, cg_max, tx, pure_
   dtype = x.dtype
   tt = _rowdot(t, t)
   gamma = (1.0 - jax.lax.rsqrt(1.0 + a_pos * tt)) / tt
-  gh = _half_precondition(g, t, gamma)
-  h = _half_precondition(gh, t, gamma)  # P^-1 g
-  if tx is None:
-    xh, tx = jnp.split(jnp.concatenate([h, t]) @ x.T, 2)
-  else:
-    xh = h @ x.T
+  gh, xh, tx = _preconditioned_values(g, t, gamma, x, tx)
   bt = tx * m  # B t
   kappa = 2.0 * gamma - gamma * gamma * tt  # P^-1 = I - kappa t t^T
 
