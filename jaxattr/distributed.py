@@ -14,7 +14,8 @@ the workdir is one directory all processes see (process 0 writes a token, every 
 it). Stages run with `is_main()` writing shared files and `barrier` between phases.
 
 On the CPU backend the processes talk through gloo (`jax_cpu_collectives_implementation`), as
-the tests do with several local processes.
+the tests do with several local processes, and `share_cpu_compilation_cache` lets all of them
+load the programs process 0 wrote to the persistent compilation cache.
 """
 
 from __future__ import annotations
@@ -193,6 +194,76 @@ def _join(address, count, pid, local_device_ids, timeout_s, how) -> None:
   if local_device_ids is not None:
     kwargs["local_device_ids"] = [int(i) for i in local_device_ids]
   jax.distributed.initialize(address, count, pid, **kwargs)
+  if jax.local_devices()[0].platform == "cpu" and share_cpu_compilation_cache():
+    logging.info("compilation cache: CPU programs keyed alike on every process, so all of them "
+                 "load what process 0 compiled (`share_cpu_compilation_cache`)")
+
+
+def host_cpu_signature() -> str:
+  """This host's CPU model and instruction-set flags (what XLA:CPU's code generation targets), as
+  Linux lists them in /proc/cpuinfo; elsewhere Python's description of the machine."""
+  import platform  # pylint: disable=g-import-not-at-top
+  fields = {}
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        name, _, value = line.partition(":")
+        name = name.strip()
+        if name in ("vendor_id", "model name", "flags") and name not in fields:
+          fields[name] = " ".join(sorted(value.split())) if name == "flags" else value.strip()
+  except OSError:
+    pass
+  if "flags" not in fields:
+    fields = {"machine": platform.machine(), "processor": platform.processor()}
+  return "; ".join(f"{k}={v}" for k, v in sorted(fields.items()))
+
+
+def share_cpu_compilation_cache() -> bool:
+  """Keys the programs of a multi-process CPU job alike on every process, so that all of them load
+  the entries process 0 writes to JAX's persistent compilation cache. Returns whether it could
+  (False where this JAX lacks the internals it replaces; nothing changes then). Call it only in
+  a process whose backend is the CPU.
+
+  JAX writes cache entries from process 0 only, and keys them, among other things, by the
+  devices' topology and by the device assignment. On the CPU backend the topology is that of each
+  process's own client (its local devices), so it differs from process to process: the other
+  processes never find process 0's entries and compile every program of every run again, while
+  process 0 waits for them at the next collective (measured on 2 cores: ~15 s per run for the
+  MoCo step alone, and every per-process program of the ESVM solver). Here, as JAX itself does for
+  GPUs, the device assignment is left out of the key (the executable is loaded onto the devices
+  of the call, whichever process holds them), and the topology fingerprint is replaced by the
+  number of devices, which of them share a process (numbered in order of appearance, so process
+  1's one-device programs key like process 0's) and this host's CPU (`host_cpu_signature`). The
+  rest of the key (the program, its shardings and compile options, the JAX/XLA versions and
+  flags) is JAX's own, so a process loads only what it would have compiled itself, and a host
+  with another CPU compiles its own.
+  """
+  try:
+    from jax._src import cache_key  # pylint: disable=g-import-not-at-top
+    hash_topology = cache_key._hash_accelerator_config  # pylint: disable=protected-access
+    hash_options = cache_key._hash_serialized_compile_options  # pylint: disable=protected-access
+  except (ImportError, AttributeError):
+    return False
+  if getattr(hash_topology, "jaxattr_shared", False):
+    return True
+  cpu = host_cpu_signature()
+
+  def hash_accelerator_config(hash_obj, accelerators):
+    devices = list(np.asarray(accelerators).flat)
+    if not devices or any(getattr(d, "platform", None) != "cpu" for d in devices):
+      return hash_topology(hash_obj, accelerators)
+    order: dict[int, int] = {}
+    layout = [order.setdefault(d.process_index, len(order)) for d in devices]
+    hash_obj.update(f"jaxattr cpu: {len(devices)} devices, processes {layout}; {cpu}".encode())
+
+  def hash_serialized_compile_options(hash_obj, compile_options_obj, strip_device_assignment=False):
+    del strip_device_assignment
+    return hash_options(hash_obj, compile_options_obj, strip_device_assignment=True)
+
+  hash_accelerator_config.jaxattr_shared = True
+  cache_key._hash_accelerator_config = hash_accelerator_config  # pylint: disable=protected-access
+  cache_key._hash_serialized_compile_options = hash_serialized_compile_options  # pylint: disable=protected-access
+  return True
 
 
 def process_count() -> int:
@@ -308,9 +379,55 @@ def _check_job(config: Any, workdir: str) -> None:
   barrier("jaxattr-shared-workdir-read")
   if is_main():
     os.remove(path)
+  _share_compiled_programs()
   if not everyone.all():
     raise DistributedError(
         f"--workdir={workdir} is not one directory that all processes see: processes "
         f"{np.flatnonzero(everyone == 0).tolist()} cannot read what process 0 wrote there; put "
         "the workdir on a file system every host mounts (NFS, a shared disk, GCS through "
         "gcsfuse) at the same path")
+
+
+def _share_compiled_programs() -> None:
+  """Where every process uses one persistent compilation cache directory, turns on JAX's sharing
+  of compiled programs (`jax_share_binary_between_hosts`): a program over the devices of several
+  processes that is in no cache yet is compiled by one process and handed to the others through
+  the job's key-value store, instead of being compiled by all of them at once (on this project's
+  2-core machine the 2 processes of a cold run compiled every such program twice, on the same
+  cores). Only where the cache is shared: with one cache per host, process 0 could find a program
+  in its own cache while another process waits for it to be compiled. The processes decide
+  together, so they all share or none does.
+  """
+  directory = jax.config.jax_compilation_cache_dir
+  token = bytes(
+      _allgather(np.frombuffer(secrets.token_hex(8).encode(),
+                               np.uint8))[0].astype(np.uint8)).decode()
+  path = os.path.join(directory, f".shared-check-{token}") if directory else None
+  if path and is_main():
+    with utils.atomic_path(path) as tmp:
+      with open(tmp, "w") as f:
+        f.write(token)
+  barrier("jaxattr-shared-cache-written")
+  seen = False
+  if path:
+    try:
+      with open(path) as f:
+        seen = f.read() == token
+    except OSError:
+      pass
+  everyone = _allgather(np.asarray([int(seen)], np.int32)).reshape(-1)
+  barrier("jaxattr-shared-cache-read")
+  if path and is_main():
+    os.remove(path)
+  if everyone.all():
+    jax.config.update("jax_share_binary_between_hosts", True)
+    logging.info(
+        "compilation cache %s is shared by all processes: programs over several "
+        "processes are compiled once and handed to the others", directory)
+  else:
+    logging.info(
+        "compilation cache not shared by all processes (processes %s do not see process 0's "
+        "%s): each compiles its own programs, and on reruns only process 0 finds them (JAX "
+        "writes the cache from process 0 only); give every host --compilation_cache on a shared "
+        "file system to share them",
+        np.flatnonzero(everyone == 0).tolist(), directory or "cache")

@@ -366,6 +366,62 @@ def test_pretrain_on_two_processes_matches_one(pretrained_workdir, tmp_path):
   assert not [p for p in (two / "pretrain").iterdir() if p.name.startswith(".")]
 
 
+# One process of a 2-process job: a program over the devices of both processes and one on this
+# process's own device, with the persistent cache in argv[3]; prints how many compilation
+# requests the cache answered, of how many.
+_CACHE_JOB = """
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jaxattr import distributed, xla_flags
+distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+xla_flags.use_compilation_cache(sys.argv[3])
+counts = {"requests": 0, "hits": 0}
+def listen(event, **kwargs):
+  if event.endswith("/compile_requests_use_cache"):
+    counts["requests"] += 1
+  if event.endswith("/cache_hits"):
+    counts["hits"] += 1
+jax.monitoring.register_event_listener(listen)
+mesh = Mesh(np.asarray(jax.devices()), ("d",))
+x = jax.make_array_from_callback((8,), NamedSharding(mesh, P("d")), lambda i: np.arange(8.0)[i])
+total = jax.jit(lambda v: jnp.sum(jnp.sin(v) ** 2), out_shardings=NamedSharding(mesh, P()))(x)
+local = jax.jit(lambda v: jnp.cos(v) * 3)(jnp.arange(4.0))
+print(json.dumps(dict(counts, total=float(total.addressable_data(0)), local=float(local.sum()))))
+"""
+
+
+def test_every_process_loads_what_process_0_compiled(tmp_path):
+  # JAX writes the persistent compilation cache from process 0 only; on the CPU backend its keys
+  # differed between processes, so process 1 compiled every program of every run again
+  # (`distributed.share_cpu_compilation_cache`). The second run of the same job must find every
+  # program in the cache on both processes, and compute the same numbers.
+  cache = tmp_path / "cache"
+  runs = []
+  for _ in range(2):
+    port = _free_port()
+    procs = [
+        subprocess.Popen([
+            sys.executable, "-c", _CACHE_JOB, f"localhost:{port}",
+            str(i), str(cache)
+        ], env=_env(1), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    out = []
+    for p in procs:
+      stdout, stderr = p.communicate(timeout=300)
+      assert p.returncode == 0, stderr[-3000:]
+      out.append(json.loads(stdout.strip().splitlines()[-1]))
+    runs.append(out)
+  first, second = runs
+  assert first[0]["requests"] >= 2 and first[1]["hits"] == 0
+  for process in (0, 1):
+    assert second[process]["requests"] == first[process]["requests"]
+    assert second[process]["hits"] == second[process]["requests"], (process, second)
+    assert second[process]["total"] == first[0]["total"]
+    assert second[process]["local"] == first[0]["local"]
+
+
 def test_pretrain_on_two_processes_resumes_after_a_kill(tmp_path):
   longer = ["--config.pretrain.max_steps=6", "--config.pretrain.checkpoint_every_steps=1"]
   full, killed = tmp_path / "full", tmp_path / "killed"
