@@ -414,7 +414,8 @@ def test_every_process_loads_what_process_0_compiled(tmp_path):
       out.append(json.loads(stdout.strip().splitlines()[-1]))
     runs.append(out)
   first, second = runs
-  assert first[0]["requests"] >= 2 and first[1]["hits"] == 0
+  # A fresh cache: process 0 finds nothing (process 1 may already find what process 0 wrote).
+  assert first[0]["requests"] >= 2 and first[0]["hits"] == 0
   for process in (0, 1):
     assert second[process]["requests"] == first[process]["requests"]
     assert second[process]["hits"] == second[process]["requests"], (process, second)
