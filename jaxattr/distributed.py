@@ -360,32 +360,42 @@ def _check_job(config: Any, workdir: str) -> None:
     raise DistributedError("the processes run different configs (hash: processes " +
                            "; ".join(f"{h}: {ids}" for h, ids in groups.items()) +
                            "); give every process the same --config file and --config.* overrides")
-  # Process 0 writes a token with a nonce all processes share; each must read it back.
-  nonce = _allgather(np.frombuffer(secrets.token_hex(8).encode(), np.uint8))[0]
-  token = bytes(nonce.astype(np.uint8)).decode()
-  path = os.path.join(workdir, f".shared-check-{token}")
-  if is_main():
-    os.makedirs(workdir, exist_ok=True)
-    with utils.atomic_path(path) as tmp:
-      with open(tmp, "w") as f:
-        f.write(token)
-  barrier("jaxattr-shared-workdir-written")
-  try:
-    with open(path) as f:
-      seen = f.read() == token
-  except OSError:
-    seen = False
-  everyone = _allgather(np.asarray([int(seen)], np.int32)).reshape(-1)
-  barrier("jaxattr-shared-workdir-read")
-  if is_main():
-    os.remove(path)
-  _share_compiled_programs()
+  everyone = _who_sees(workdir, "workdir")
   if not everyone.all():
     raise DistributedError(
         f"--workdir={workdir} is not one directory that all processes see: processes "
-        f"{np.flatnonzero(everyone == 0).tolist()} cannot read what process 0 wrote there; put "
+        f"{np.flatnonzero(~everyone).tolist()} cannot read what process 0 wrote there; put "
         "the workdir on a file system every host mounts (NFS, a shared disk, GCS through "
         "gcsfuse) at the same path")
+  _share_compiled_programs()
+
+
+def _who_sees(directory: str | None, what: str) -> np.ndarray:
+  """Which processes (bool [process_count]) read back the token process 0 writes into
+  `directory` (created on process 0; None: no process sees it). A collective: every process
+  calls it, in the same order."""
+  # The token is a nonce all processes share, so a stale file never passes for a shared one.
+  nonce = _allgather(np.frombuffer(secrets.token_hex(8).encode(), np.uint8))[0]
+  token = bytes(nonce.astype(np.uint8)).decode()
+  path = os.path.join(directory, f".shared-check-{token}") if directory else None
+  if path and is_main():
+    os.makedirs(directory, exist_ok=True)
+    with utils.atomic_path(path) as tmp:
+      with open(tmp, "w") as f:
+        f.write(token)
+  barrier(f"jaxattr-shared-{what}-written")
+  seen = False
+  if path:
+    try:
+      with open(path) as f:
+        seen = f.read() == token
+    except OSError:
+      pass
+  everyone = _allgather(np.asarray([int(seen)], np.int32)).reshape(-1)
+  barrier(f"jaxattr-shared-{what}-read")
+  if path and is_main():
+    os.remove(path)
+  return everyone.astype(bool)
 
 
 def _share_compiled_programs() -> None:
@@ -399,26 +409,7 @@ def _share_compiled_programs() -> None:
   together, so they all share or none does.
   """
   directory = jax.config.jax_compilation_cache_dir
-  token = bytes(
-      _allgather(np.frombuffer(secrets.token_hex(8).encode(),
-                               np.uint8))[0].astype(np.uint8)).decode()
-  path = os.path.join(directory, f".shared-check-{token}") if directory else None
-  if path and is_main():
-    with utils.atomic_path(path) as tmp:
-      with open(tmp, "w") as f:
-        f.write(token)
-  barrier("jaxattr-shared-cache-written")
-  seen = False
-  if path:
-    try:
-      with open(path) as f:
-        seen = f.read() == token
-    except OSError:
-      pass
-  everyone = _allgather(np.asarray([int(seen)], np.int32)).reshape(-1)
-  barrier("jaxattr-shared-cache-read")
-  if path and is_main():
-    os.remove(path)
+  everyone = _who_sees(directory, "cache")
   if everyone.all():
     jax.config.update("jax_share_binary_between_hosts", True)
     logging.info(
@@ -430,4 +421,4 @@ def _share_compiled_programs() -> None:
         "%s): each compiles its own programs, and on reruns only process 0 finds them (JAX "
         "writes the cache from process 0 only); give every host --compilation_cache on a shared "
         "file system to share them",
-        np.flatnonzero(everyone == 0).tolist(), directory or "cache")
+        np.flatnonzero(~everyone).tolist(), directory or "cache")
