@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import inspect
 import os
 import secrets
 import time
@@ -221,8 +222,8 @@ def host_cpu_signature() -> str:
 def share_cpu_compilation_cache() -> bool:
   """Keys the programs of a multi-process CPU job alike on every process, so that all of them load
   the entries process 0 writes to JAX's persistent compilation cache. Returns whether it could
-  (False where this JAX lacks the internals it replaces; nothing changes then). Call it only in
-  a process whose backend is the CPU.
+  (False where this JAX lacks the internals it replaces, or they take other arguments; nothing
+  changes then). Call it only in a process whose backend is the CPU.
 
   JAX writes cache entries from process 0 only, and keys them, among other things, by the
   devices' topology and by the device assignment. On the CPU backend the topology is that of each
@@ -246,6 +247,14 @@ def share_cpu_compilation_cache() -> bool:
     return False
   if getattr(hash_topology, "jaxattr_shared", False):
     return True
+  try:  # Replaced only where they take the arguments this was written against.
+    expected = (["hash_obj",
+                 "accelerators"], ["hash_obj", "compile_options_obj", "strip_device_assignment"])
+    if [list(inspect.signature(f).parameters) for f in (hash_topology, hash_options)
+       ] != list(expected):
+      return False
+  except (TypeError, ValueError):
+    return False
   cpu = host_cpu_signature()
 
   def hash_accelerator_config(hash_obj, accelerators):
