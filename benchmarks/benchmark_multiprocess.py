@@ -13,6 +13,7 @@ run of the same round.
   python3 -m benchmarks.benchmark_multiprocess
   python3 -m benchmarks.benchmark_multiprocess --config=configs/digits.py:quick --repeats=1
   python3 -m benchmarks.benchmark_multiprocess --pin   # each process on its own core(s)
+  python3 -m benchmarks.benchmark_multiprocess --cold --repeats=3   # 3 first runs
 
 With --launcher=pretrain only the MoCo pretraining runs (`launch/pretrain.py`), and the table
 gives images/s from WORKDIR/pretrain/summary.json. --independent then adds, for every
@@ -50,6 +51,9 @@ _LAYOUTS = flags.DEFINE_list("layouts", ["1x2", "2x1"],
                              "PROCESSESxDEVICES layouts; the first is the baseline.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Alternating rounds (the first one cold).",
                                 lower_bound=1)
+_COLD = flags.DEFINE_bool(
+    "cold", False, "Start every round with an empty compilation cache (the spread of what a "
+    "first run costs), not only the first.")
 _OVERRIDES = flags.DEFINE_list("overrides", [], "Extra --config.* flags for every run.")
 _OUT = flags.DEFINE_string("out", "bench_results/multiprocess.json", "Result JSON.")
 _KEEP = flags.DEFINE_string("keep", "", "Keep the workdirs under this directory (default: none).")
@@ -172,12 +176,17 @@ def main(argv):
   if _INDEPENDENT.value:
     runs_of_round += [(p, d, True) for p, d in layouts if p > 1]
   tmp = tempfile.mkdtemp(prefix="bench_multiprocess.")
-  caches = {lay: os.path.join(tmp, f"cache-{lay[0]}x{lay[1]}") for lay in layouts}
   load_before = os.getloadavg()
   rows, runs = [], []
   try:
     for r in range(_REPEATS.value):
       base = None
+      cold = r == 0 or _COLD.value
+      # A fresh cache directory per layout, and per round with --cold.
+      caches = {
+          lay: os.path.join(tmp, f"cache-{lay[0]}x{lay[1]}" + (f"-{r}" if _COLD.value else ""))
+          for lay in layouts
+      }
       for p, d, independent in runs_of_round:
         name = f"{p}x{d}" + (" independent" if independent else "")
         workdir = os.path.join(_KEEP.value or tmp, f"run{r}-{p}x{d}" + ("i" if independent else ""))
@@ -186,7 +195,7 @@ def main(argv):
         if _LAUNCHER.value == "pretrain":
           row = {
               "round": r,
-              "cache": "cold" if r == 0 else "warm",
+              "cache": "cold" if cold else "warm",
               "layout": name,
               "wall_s": out["wall_s"],
               "pretrain_s": out["pretrain_s"],
@@ -206,7 +215,7 @@ def main(argv):
         job = s.get("job", {"seconds": {}})
         row = {
             "round": r,
-            "cache": "cold" if r == 0 else "warm",
+            "cache": "cold" if cold else "warm",
             "layout": f"{p}x{d}",
             "wall_s": out["wall_s"],
             **{
@@ -242,6 +251,7 @@ def main(argv):
           "layouts": _LAYOUTS.value,
           "overrides": _OVERRIDES.value,
           "repeats": _REPEATS.value,
+          "cold": _COLD.value,
           "pin": _PIN.value,
           "launcher": _LAUNCHER.value,
           "independent": _INDEPENDENT.value,
