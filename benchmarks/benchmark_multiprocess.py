@@ -68,7 +68,7 @@ _PIN = flags.DEFINE_bool(
     "(taskset), as hosts own theirs; XLA:CPU sizes its thread pool by the cores a process may use.")
 
 KINDS = ("start-up", "barriers", "gathers", "checkpoints")
-STAGES = ("pretrain", "features", "attribution", "support")
+STAGES = ("pretrain", "features", "attribution", "support", "lds")
 
 
 def _layout(text: str) -> tuple[int, int]:
