@@ -178,6 +178,25 @@ def main(argv):
   tmp = tempfile.mkdtemp(prefix="bench_multiprocess.")
   load_before = os.getloadavg()
   rows, runs = [], []
+
+  def write(complete: bool) -> None:
+    # After every run (complete=False until the last): a stopped benchmark keeps what it measured.
+    bench.write_result(
+        _OUT.value, "multiprocess", rows, {
+            "config": _CONFIG.value,
+            "layouts": _LAYOUTS.value,
+            "overrides": _OVERRIDES.value,
+            "repeats": _REPEATS.value,
+            "cold": _COLD.value,
+            "pin": _PIN.value,
+            "launcher": _LAUNCHER.value,
+            "independent": _INDEPENDENT.value,
+            "load_before": load_before,
+            "load_now": os.getloadavg(),
+            "complete": complete,
+            "runs": runs
+        })
+
   try:
     for r in range(_REPEATS.value):
       base = None
@@ -207,6 +226,7 @@ def main(argv):
           rows.append(row)
           runs.append({**row, "final_loss": out["final_loss"]})
           logging.info("%s", row)
+          write(False)
           for path in [workdir] + [f"{workdir}.{i}" for i in range(p)]:
             if not _KEEP.value:
               shutil.rmtree(path, ignore_errors=True)
@@ -238,6 +258,8 @@ def main(argv):
             "support": s.get("support"),
             "pretrain": s.get("pretrain")
         })
+        logging.info("%s", row)
+        write(False)
         if not _KEEP.value:
           shutil.rmtree(workdir, ignore_errors=True)
   finally:
@@ -245,20 +267,7 @@ def main(argv):
   load_after = os.getloadavg()
   print(bench.format_table(rows))
   print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min)")
-  bench.write_result(
-      _OUT.value, "multiprocess", rows, {
-          "config": _CONFIG.value,
-          "layouts": _LAYOUTS.value,
-          "overrides": _OVERRIDES.value,
-          "repeats": _REPEATS.value,
-          "cold": _COLD.value,
-          "pin": _PIN.value,
-          "launcher": _LAUNCHER.value,
-          "independent": _INDEPENDENT.value,
-          "load_before": load_before,
-          "load_after": load_after,
-          "runs": runs
-      })
+  write(True)
   print(f"wrote {_OUT.value}")
 
 
