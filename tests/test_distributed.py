@@ -202,6 +202,29 @@ def test_stages_not_yet_multi_process_refuse_and_bad_flags_are_named(tmp_path):
   assert res.returncode == 1 and "--process_id=2 must lie in [0, --num_processes=2)" in res.stderr
 
 
+def test_a_process_that_never_joins_times_out_naming_the_coordinator(tmp_path):
+  # Process 0 whose partner never starts, and process 1 whose coordinator never starts: each
+  # ends (JAX aborts it) after --distributed_timeout, the line naming the coordinator logged first.
+  procs = []
+  for pid in (0, 1):
+    cmd = [
+        sys.executable,
+        os.path.join(REPO, "launch", "attribute.py"), "--config", _CONFIG, "--workdir",
+        str(tmp_path / f"w{pid}"), f"--coordinator_address=localhost:{_free_port()}",
+        "--num_processes=2", f"--process_id={pid}", "--distributed_timeout=3"
+    ]
+    procs.append(
+        subprocess.Popen(cmd, env=_env(1), cwd=REPO, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True))
+  for pid, p in enumerate(procs):
+    _, stderr = p.communicate(timeout=300)
+    assert p.returncode != 0
+    assert ("joining the job (coordinator localhost:" in stderr and
+            f"as process {pid} of 2; waiting up to 3 s" in stderr and
+            "--coordinator_address and --num_processes" in stderr), stderr[-3000:]
+    assert not os.path.exists(tmp_path / f"w{pid}" / "attribution")
+
+
 def test_cluster_environment_detection():
   assert distributed.cluster_environment({}) is None
   assert distributed.cluster_environment({"SLURM_STEP_ID": "0", "SLURM_NTASKS": "4"}) == "SLURM"
