@@ -39,16 +39,20 @@ def _run(script, workdir, *extra, devices=4, config=_CONFIG):
   ], env=_env(devices), cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
-def _start_job(script, workdirs, extras, devices=2, timeout_s=120, config=_CONFIG, output=True):
-  # One process per (workdir, extra args), joined through a localhost coordinator.
+def _start_job(script, workdirs, extras, devices=2, timeout_s=120, config=_CONFIG, output=True,
+               ids=None, num_processes=None):
+  # One process per (workdir, extra args), joined through a localhost coordinator; by default
+  # processes 0.. of a job of len(workdirs), else the given ids of a job of num_processes.
   port = _free_port()
   pipe = subprocess.PIPE if output else subprocess.DEVNULL
+  ids = range(len(workdirs)) if ids is None else ids
+  num_processes = len(workdirs) if num_processes is None else num_processes
   procs = []
-  for i, (workdir, extra) in enumerate(zip(workdirs, extras)):
+  for i, workdir, extra in zip(ids, workdirs, extras):
     cmd = [
         sys.executable,
         os.path.join(REPO, "launch", script), "--config", config, "--workdir",
-        str(workdir), f"--coordinator_address=localhost:{port}", f"--num_processes={len(workdirs)}",
+        str(workdir), f"--coordinator_address=localhost:{port}", f"--num_processes={num_processes}",
         f"--process_id={i}", f"--distributed_timeout={timeout_s}", *extra
     ]
     procs.append(
@@ -205,17 +209,10 @@ def test_stages_not_yet_multi_process_refuse_and_bad_flags_are_named(tmp_path):
 def test_a_process_that_never_joins_times_out_naming_the_coordinator(tmp_path):
   # Process 0 whose partner never starts, and process 1 whose coordinator never starts: each
   # ends (JAX aborts it) after --distributed_timeout, the line naming the coordinator logged first.
-  procs = []
-  for pid in (0, 1):
-    cmd = [
-        sys.executable,
-        os.path.join(REPO, "launch", "attribute.py"), "--config", _CONFIG, "--workdir",
-        str(tmp_path / f"w{pid}"), f"--coordinator_address=localhost:{_free_port()}",
-        "--num_processes=2", f"--process_id={pid}", "--distributed_timeout=3"
-    ]
-    procs.append(
-        subprocess.Popen(cmd, env=_env(1), cwd=REPO, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True))
+  procs = [
+      _start_job("attribute.py", [tmp_path / f"w{pid}"], [[]], devices=1, timeout_s=3, ids=[pid],
+                 num_processes=2)[0] for pid in (0, 1)
+  ]
   for pid, p in enumerate(procs):
     _, stderr = p.communicate(timeout=300)
     assert p.returncode != 0
