@@ -190,9 +190,8 @@ def test_candidate_space_and_dspace_cg_agree_with_woodbury():
                              num_classes=1).generate()
   t, x = data.targets[0], data.candidates[0]
   cset = esvm.prepare(jnp.asarray(x), SolverOptions())
-  assert esvm.gram_cg(cset) and cset.gram_basis is not None and cset.pcg_inv is None
-  dspace = cset._replace(gram_basis=None, feature_basis=None, pcg_inv=esvm.with_pcg(
-      cset._replace(gram=None)).pcg_inv)
+  assert esvm.gram_cg(cset) and cset.gram_basis is not None and cset.pcg_vectors is None
+  dspace = esvm.with_dspace_pcg(cset._replace(gram_basis=None, feature_basis=None))
   ta = esvm._augment(jnp.asarray(t))
   w = esvm.initial_weights(jnp.asarray(t), cset)
   for _ in range(2):

@@ -85,10 +85,17 @@ class CandidateSet(NamedTuple):
     inverse: int32 [n]: row inverse[i] is the caller's candidate i. Valid candidates come sorted
       by norm, smallest first: near the origin a decision value is near the intercept for every
       target, so these violate for most targets and their Gram corner is what steps read most.
-    pcg_inv: [D, D] K^-1, K = I + 2 c_neg PCG_RHO x^T x: the shared preconditioner of `pcg_step`
-      (the Hessian with a fraction PCG_RHO of every candidate violating), target-independent;
-      None until `with_pcg` (only sets where some target has many violators need it), and None
-      for sets that take CG steps in candidate space instead (`gram_cg`).
+    pcg_vectors: [D, D] V, the eigenvectors of x^T x (ascending eigenvalues `pcg_values` [D]):
+      the shared part of the preconditioner of `pcg_step` in d-space (`_dspace_cg`), which needs
+      a target's own share of violating candidates (rho) in K = I + 2 c_neg rho x^T x, and its
+      last k = DSPACE_RANK columns U, the candidates' dominant directions, where the target's
+      Hessian is taken exactly. None until `with_pcg` (only sets where some target has many
+      violators need it), and None for sets that take CG steps in candidate space instead
+      (`gram_cg`).
+    pcg_values: [D] the eigenvalues of x^T x (clamped at 0). None with pcg_vectors.
+    pcg_xbasis: [n, k] x U. None with pcg_vectors.
+    pcg_pairs: [n, k * k] the products (x U)_i (x U)_j of every candidate, so that a target's
+      U^T X^T diag(violators) X U is one [B, n] x [n, k * k] product. None with pcg_vectors.
     gram_basis: [n, k] V = U sqrt(2 c_neg Lambda) for the Gram's top-k eigenpairs (U, Lambda):
       V V^T ~ 2 c_neg x x^T. The shared part of the preconditioner of `pcg_step` in candidate
       space (`gram_cg` sets); None until `with_pcg`, and for other sets.
@@ -104,14 +111,17 @@ class CandidateSet(NamedTuple):
   c_pos: jax.Array
   c_neg: jax.Array
   inverse: jax.Array
-  pcg_inv: jax.Array | None = None
+  pcg_vectors: jax.Array | None = None
   gram_basis: jax.Array | None = None
   feature_basis: jax.Array | None = None
+  pcg_values: jax.Array | None = None
+  pcg_xbasis: jax.Array | None = None
+  pcg_pairs: jax.Array | None = None
 
   @property
   def has_pcg(self) -> bool:
     """Whether `with_pcg` has formed the preconditioner of `pcg_step`."""
-    return self.pcg_inv is not None or self.gram_basis is not None
+    return self.pcg_vectors is not None or self.gram_basis is not None
 
   def caller_order(self, a: jax.Array) -> jax.Array:
     """A [..., n] candidate-indexed array of the solver's order in the caller's order."""
@@ -150,17 +160,34 @@ def with_pcg(cset: CandidateSet) -> CandidateSet:
   """`cset` with the preconditioner of `pcg_step`, formed once per set when a step first needs it.
 
   Candidate-space sets (`gram_cg`): `gram_basis`, from the shared Gram by a randomized subspace
-  iteration (two [n, n] x [n, k + 8] products and small QR/eigh: milliseconds). Others: `pcg_inv`,
-  an [n, D] x [D, n] product and a [D, D] inverse, inverted directly through a Cholesky factor:
-  the Woodbury form through the Gram, I - X^T (I / c + X X^T)^-1 X, costs half as much but cancels
-  most of float32's digits in the stiff directions, and a preconditioner that is not positive
-  definite lets CG's preconditioned residual pass the test while the step is wrong (measured:
-  decision values off by 2e-2 on ImageNet-shaped classes at norm 29).
+  iteration (two [n, n] x [n, k + 8] products and small QR/eigh: milliseconds). Others: the
+  d-space preconditioner (`with_dspace_pcg`).
   """
   if gram_cg(cset):
     v, w = _gram_basis(cset.x, cset.gram, cset.c_neg, GRAM_CG_RANK)
     return cset._replace(gram_basis=v, feature_basis=w)
-  return cset._replace(pcg_inv=_spd_inverse(2.0 * cset.c_neg * PCG_RHO * (cset.x.T @ cset.x)))
+  return with_dspace_pcg(cset)
+
+
+def with_dspace_pcg(cset: CandidateSet) -> CandidateSet:
+  """`cset` with the d-space preconditioner of `pcg_step` (`pcg_vectors`, `pcg_values`,
+  `pcg_xbasis`, `pcg_pairs`), whatever `gram_cg` says: an [n, D] x [D, n] product and a [D, D]
+  eigendecomposition (13 ms at D = 513, 0.4 s at D = 2,049 on this 2-core CPU).
+
+  Through the eigendecomposition, each target's K = I + 2 c_neg rho x^T x takes its own rho
+  (measured on random-init Flax features, 250-320 of 5,000 candidates violating, whose x^T x has a
+  slowly decaying spectrum: 18-22 CG iterations with a shared rho = 0.5, 13-14 with the target's
+  own). Inverting x^T x's Woodbury form through the Gram instead would cancel most of float32's
+  digits in the stiff directions.
+  """
+  x = cset.x
+  xtx = x.T @ x
+  values, vectors = jnp.linalg.eigh(0.5 * (xtx + xtx.T))
+  k = min(DSPACE_RANK, x.shape[1])
+  xb = x @ vectors[:, -k:]
+  pairs = (xb[:, :, None] * xb[:, None, :]).reshape(x.shape[0], k * k)
+  return cset._replace(pcg_vectors=vectors, pcg_values=jnp.maximum(values, 0.0), pcg_xbasis=xb,
+                       pcg_pairs=pairs)
 
 
 # `pcg_step` in candidate space (`gram_cg`): rank of the shared preconditioner's basis. Measured on
@@ -168,6 +195,14 @@ def with_pcg(cset: CandidateSet) -> CandidateSet:
 # features' mean direction, 2 c_neg lambda ~ 1e5) and then a fast decay (41, 17, 10, ...); CG takes
 # 12-15 iterations without a preconditioner, 5 with rank 16, 4 with 32 and 64.
 GRAM_CG_RANK = 32
+# `pcg_step` in d-space: rank k of the subspace (top eigenvectors of x^T x) in which the
+# preconditioner is each target's exact Hessian (`_dspace_cg`). Measured in float64 (CG to 1e-5):
+# at the optimum of many-violator targets (hard_torch: 2 c_neg x^T x has eigenvalues 624, 6.4, 1.8,
+# 1.0, 0.6, ...) 5-6 iterations without it, 4 with k = 8, 3-4 with 16, 3 with 32 and 64; on
+# random-init Flax features after the early steps (eigenvalues 3.5e5, 1,578, 580, 312, ..., 30 at
+# the 20th) 22-23 without, 13-14 with 16, 10-11 with 32. The target's share of A costs a [B, n] x
+# [n, k^2] product per Newton step, a quarter of a product with the candidates at k = 16.
+DSPACE_RANK = 16
 # Sets of at most this many candidates hold their whole Gram (`_upper_gram`), which candidate-space
 # CG reads as a symmetric matrix.
 GRAM_FULL = 2048
@@ -211,13 +246,6 @@ def _ridge(x: jax.Array, c_neg: jax.Array, k: jax.Array | int,
   x_k = x[:rows] * (jnp.arange(rows) < k)[:, None].astype(x.dtype)
   chol = jnp.linalg.cholesky(jnp.eye(x.shape[1], dtype=x.dtype) + 2.0 * c_neg * (x_k.T @ x_k))
   return chol, jax.scipy.linalg.cho_solve((chol, True), jnp.sum(x_k, 0))
-
-
-def _spd_inverse(a: jax.Array) -> jax.Array:
-  """(I + a)^-1 for a symmetric positive semi-definite a [D, D], symmetrised."""
-  eye = jnp.eye(a.shape[0], dtype=a.dtype)
-  inv = jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(eye + a), True), eye)
-  return 0.5 * (inv + inv.T)
 
 
 def _upper_gram(x: jax.Array, block: int = 1024) -> jax.Array:
@@ -505,11 +533,8 @@ def _advance(t, w, s, v, u, cset: CandidateSet, line_steps: int, violators, coun
   return NewtonStep(w + a[:, None] * s, jnp.minimum(step, next_step), count, next_count, v_next)
 
 
-# `pcg_step`: the preconditioner's share of violating candidates (measured: 0.3-0.6 give the same
-# CG iteration counts on sets where 30-95% of the candidates violate), the CG tolerance (relative
-# residual in the preconditioned norm: the step is then exact to about float32 rounding) and the
-# most CG iterations per step.
-PCG_RHO = 0.5
+# `pcg_step`: the CG tolerance (relative residual in the preconditioned norm: the step is then
+# exact to about float32 rounding) and the most CG iterations per step.
 CG_TOL = 1e-5
 CG_MAX = 200
 
@@ -524,9 +549,10 @@ def pcg_step(t: jax.Array, w: jax.Array, cset: CandidateSet, line_steps: int,
   candidate set by cost (`gram_cg`), each at a cost per iteration independent of the number of
   violators r, so it replaces the [r, r] Cholesky of `newton_step` when r is large:
 
-  - d-space (`_dspace_cg`): on H itself, two passes over the candidates per iteration, with the
-    shared preconditioner K = I + 2 c_neg PCG_RHO X^T X (`CandidateSet.pcg_inv`) plus the
-    target's rank-one term (Sherman-Morrison).
+  - d-space (`_dspace_cg`): on H itself, two passes over the candidates per iteration,
+    preconditioned by the target's exact Hessian on the candidates' dominant directions and its
+    own, and elsewhere by K = I + 2 c_neg rho X^T X with rho its share of violating candidates
+    (through the shared eigendecomposition `CandidateSet.pcg_vectors`).
   - candidate space (`_gram_space_cg`), for sets with fewer candidates than ~2 D: on the Woodbury
     system of `newton_step` over all r violators, I + 2 c_neg B P^-1 B^T, through the shared Gram
     ([n, n] products), preconditioned by its top eigenvectors restricted to the target's violators.
@@ -560,7 +586,7 @@ def pcg_step(t: jax.Array, w: jax.Array, cset: CandidateSet, line_steps: int,
   if cset.gram_basis is not None:
     s, solved = _gram_space_cg(t, g, m, a_pos, cset, cg_tol, cg_max, tx, pure_solve)
   else:
-    s, solved = _dspace_cg(t, g, m, a_pos, cset, cg_tol, cg_max)
+    s, solved = _dspace_cg(t, g, m, a_pos, cset, cg_tol, cg_max, pure_solve)
   # The CG step is exact to cg_tol, far inside the certificate's slack; an unsolved one is not
   # a step the convergence test may pass on.
   new = _advance(t, w, s, v, u, cset, line_steps, violators, count, solved)
@@ -599,16 +625,53 @@ def _cg(matvec, precondition, rhs, cg_tol, cg_max):
   return s, rz <= limit
 
 
-def _dspace_cg(t, g, m, a_pos, cset: CandidateSet, cg_tol, cg_max):
-  # H s = -g in d-space ([B, D] iterates), preconditioned by K^-1 (`CandidateSet.pcg_inv`) with
-  # the target's rank-one term added by Sherman-Morrison.
-  x, c_neg, kinv = cset.x, cset.c_neg, cset.pcg_inv
-  kt = t @ kinv
-  tkt = _rowdot(t, kt)
+def _dspace_cg(t, g, m, a_pos, cset: CandidateSet, cg_tol, cg_max, pure_solve):
+  # H s = -g in d-space ([B, D] iterates). The preconditioner is exact where H differs most from
+  # K = I + 2 c_neg rho x^T x (rho: the target's share of violating candidates): on span(Q),
+  # Q = [U, q] with U the candidates' k dominant directions (the last columns of `pcg_vectors`)
+  # and q the target's t orthogonalised against U (so the positive's stiff rank-one term lies in
+  # span(Q)), it is the target's A = Q^T H Q; on the complement, K^-1 (through the eigenvectors V):
+  #   P^-1 = Q A^-1 Q^T + (I - Q Q^T) V diag(1 / (1 + 2 c_neg rho lambda)) V^T (I - Q Q^T),
+  # symmetric positive definite. A costs one [B, n] x [n, k * k] product with `pcg_pairs` and one
+  # [B, D] x [D, n] product for x q per Newton step, and a [k + 1, k + 1] Cholesky factor per
+  # target; an iteration adds two [B, D] x [D, D] products and a few [B, D] x [D, k] ones.
+  x, c_neg, vectors, xb = cset.x, cset.c_neg, cset.pcg_vectors, cset.pcg_xbasis
+  dtype = x.dtype
+  k = xb.shape[1]
+  basis = vectors[:, -k:]
+
+  def outside(r):  # (I - U U^T) r
+    return r - (r @ basis) @ basis.T
+
+  a = t @ basis
+  tp = outside(outside(t))  # twice: one pass leaves float32's rounding along U
+  nt = jnp.sqrt(_rowdot(tp, tp))
+  # t (numerically) inside span(U): no q (a zero column of Q keeps P^-1 as above).
+  has_q = nt > 1e-3 * jnp.sqrt(_rowdot(t, t))
+  nt = jnp.where(has_q, nt, 0.0)
+  q = tp * jnp.where(has_q, 1.0 / jnp.where(has_q, nt, 1.0), 0.0)[:, None]
+  xq = (q @ x.T) * m  # x q on the violators
+  qt = jnp.concatenate([a, nt[:, None]], 1)  # Q^T t
+  uu = (m @ cset.pcg_pairs).reshape(-1, k, k)  # U^T X^T diag(m) X U
+  uq = xq @ xb  # U^T X^T diag(m) X q
+  bxb = jnp.concatenate([
+      jnp.concatenate([uu, uq[:, :, None]], 2),
+      jnp.concatenate([uq, _rowdot(xq, xq)[:, None]], 1)[:, None, :]
+  ], 1)
+  system = (jnp.eye(k + 1, dtype=dtype) + a_pos[:, None, None] * (qt[:, :, None] * qt[:, None, :]) +
+            2.0 * c_neg * bxb)
+  chol = linalg.cholesky(system, pure_solve)
+  rho = jnp.sum(m, -1) / jnp.sum(cset.valid).astype(dtype)
+  scale = 1.0 / (1.0 + (2.0 * c_neg * rho)[:, None] * cset.pcg_values)  # [B, D]
 
   def precondition(r):
-    kr = r @ kinv
-    return kr - (a_pos * _rowdot(t, kr) / (1.0 + a_pos * tkt))[:, None] * kt
+    c = jnp.concatenate([r @ basis, _rowdot(r, q)[:, None]], 1)  # Q^T r
+    y = linalg.cho_solve(chol, c, pure_solve)
+    rest = r - c[:, :k] @ basis.T - c[:, k:] * q
+    kr = ((rest @ vectors) * scale) @ vectors.T
+    kr = outside(kr)
+    kr = kr - _rowdot(kr, q)[:, None] * q
+    return kr + y[:, :k] @ basis.T + y[:, k:] * q
 
   def hessian(p):
     return p + (a_pos * _rowdot(t, p))[:, None] * t + 2.0 * c_neg * (((p @ x.T) * m) @ x)
