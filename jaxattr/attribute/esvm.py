@@ -177,8 +177,7 @@ def with_dspace_pcg(cset: CandidateSet) -> CandidateSet:
   Through the eigendecomposition, each target's K = I + 2 c_neg rho x^T x takes its own rho
   (measured on random-init Flax features, 250-320 of 5,000 candidates violating, whose x^T x has a
   slowly decaying spectrum: 18-22 CG iterations with a shared rho = 0.5, 13-14 with the target's
-  own). Inverting x^T x's Woodbury form through the Gram instead would cancel most of float32's
-  digits in the stiff directions.
+  own).
   """
   x = cset.x
   xtx = x.T @ x
@@ -669,7 +668,7 @@ def _dspace_cg(t, g, m, a_pos, cset: CandidateSet, cg_tol, cg_max, pure_solve):
     y = linalg.cho_solve(chol, c, pure_solve)
     rest = r - c[:, :k] @ basis.T - c[:, k:] * q
     kr = ((rest @ vectors) * scale) @ vectors.T
-    kr = outside(kr)
+    kr = outside(kr)  # rounding only: V's columns include U, which K^-1 keeps apart
     kr = kr - _rowdot(kr, q)[:, None] * q
     return kr + y[:, :k] @ basis.T + y[:, k:] * q
 

@@ -39,17 +39,18 @@ STALL_RATIO = 0.5
 # point most candidates violate on every family (initial weights are a ridge fit), and CG needs
 # ~26 iterations there on well-separated features (random-init Flax ResNet-18: 7x slower than
 # these steps), while the active set is anyway far from the optimum's. Measured on 1,000 targets
-# per family: 3 such iterations instead of 4 take 0.7-1.0 fewer Newton iterations on average on
-# the many-violator families (5-15% faster) and the same on Flax features; 2 cost Flax features
-# 20% (CG needs ~42 iterations there).
+# per family (with the earlier d-space preconditioner, a shared K alone): 3 such iterations
+# instead of 4 take 0.7-1.0 fewer Newton iterations on average on the many-violator families
+# (5-15% faster) and the same on Flax features; 2 cost Flax features 20% (CG needs ~42 iterations
+# there then, 13-14 now; with the current one, 2 still cost them ~6%).
 EARLY_ITERS = 3
 EARLY_ROWS = 64
 # ... and only while they pay: after a target's first step, an early step follows only if the last
 # one cut its violators to at most EARLY_DROP of what they were. On random-init Flax features the
 # first early step takes the median count from ~1,300 to ~160 and the stragglers keep falling; on
 # the many-violator family (hard_torch) it goes 5,000 -> ~2,300 -> ~3,000 (the first EARLY_ROWS
-# violators say little about a 3,000-violator optimum) and the CG steps of the exact Hessian,
-# 4 iterations each there, converge faster: 5.0 Newton iterations instead of 5.9, 1.09x faster.
+# violators say little about a 3,000-violator optimum), so the second early step is its last
+# and CG steps (4 CG iterations each there) follow: 5.2 Newton iterations instead of 5.9.
 EARLY_DROP = 1.0
 
 # Candidate sets with 2 c_neg sum_i ||x_i||^2 (a bound on the Hessian's condition number) above
