@@ -643,7 +643,7 @@ def _dspace_cg(t, g, m, a_pos, cset: CandidateSet, cg_tol, cg_max, pure_solve):
     return r - (r @ basis) @ basis.T
 
   a = t @ basis
-  tp = outside(outside(t))  # twice: one pass leaves float32's rounding along U
+  tp = outside(t - a @ basis.T)  # twice: one pass leaves float32's rounding along U
   nt = jnp.sqrt(_rowdot(tp, tp))
   # t (numerically) inside span(U): no q (a zero column of Q keeps P^-1 as above).
   has_q = nt > 1e-3 * jnp.sqrt(_rowdot(t, t))
