@@ -13,12 +13,17 @@ Modes:
     split, seconds and top-1 per model-hour.
   gpu: one ImageNet-shaped run on synthetic 64 px data that is learnable (per class a random
     smooth template plus noise): images/s per model, MFU and top-1 on held-out synthetic images.
+  stages: where the speed mode's time goes. The recipe's ResNet-18 cut into its stem and its four
+    stages, each timed alone at --batch_size x --crop px in training mode, forward and backward
+    (the backward = a gradient call minus a forward call), jaxattr beside the torch loop's
+    model, in alternating rounds (--repeats, medians; --stage_iters calls per timing).
 
 CPU (this project's 2-core dev box):
   python3 -m benchmarks.benchmark_imagenet_train --num_models=4 --train_examples=256 \
     --batch_size=64 --repeats=3                                               # ~10 min
   python3 -m benchmarks.benchmark_imagenet_train --mode=accuracy --recipes=ffcv_rn18_16,rn18_8 \
     --data=folder:../shared/data/cifar10-jpeg.tar.gz --train_examples=5000 --width=0.25
+  python3 -m benchmarks.benchmark_imagenet_train --mode=stages --repeats=3          # ~2 min
 H200 (benchmarks/gpu_check.sh):
   python3 -m benchmarks.benchmark_imagenet_train --mode=gpu --train_examples=128000 \
     --classes=1000 --epochs=2 --num_models=4
@@ -27,10 +32,12 @@ H200 (benchmarks/gpu_check.sh):
 from __future__ import annotations
 
 import ast
+import functools
 import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
@@ -38,7 +45,8 @@ from benchmarks import bench
 from jaxattr import augment, config, xla_flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("mode", "speed", ["speed", "accuracy", "gpu"], "What to measure (module doc).")
+flags.DEFINE_enum("mode", "speed", ["speed", "accuracy", "gpu", "stages"],
+                  "What to measure (module doc).")
 flags.DEFINE_string("recipe", "ffcv_rn18_16", "Recipe of the speed and gpu modes.")
 flags.DEFINE_list("recipes", ["ffcv_rn18_16", "rn18_8"], "Recipes of the accuracy mode.")
 flags.DEFINE_string("data", "synthetic", "'synthetic' or a jaxattr.data source (accuracy mode).")
@@ -52,7 +60,8 @@ flags.DEFINE_list("num_models", ["4"], "M values besides 1 (speed), or M (accura
 flags.DEFINE_integer("batch_size", 64, "Images per step per model.")
 flags.DEFINE_float("width", 1.0, "Channel multiplier (1 = ResNet-18).")
 flags.DEFINE_integer("epochs", 1, "Epochs per timed run (speed, gpu); 0 = the recipe's.")
-flags.DEFINE_integer("repeats", 3, "Alternating timed rounds (speed).")
+flags.DEFINE_integer("repeats", 3, "Alternating timed rounds (speed, stages).")
+flags.DEFINE_integer("stage_iters", 5, "Calls per timing (stages).", lower_bound=1)
 flags.DEFINE_integer(
     "devices", 0, "XLA:CPU devices to split the cores into (0 = XLA's default, one); with D "
     "devices M = 1 trains data parallel over all D, M >= D one model per device group.")
@@ -349,6 +358,124 @@ def gpu(rows, settings):
   settings.update(gflop_per_image=flops / 1e9, peak_tflops=peak, trainer=cfg.to_dict())
 
 
+def stages(rows, settings):
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+
+  from jaxattr.counterfactual import ensemble  # pylint: disable=g-import-not-at-top
+  from jaxattr.models import layers, resnet  # pylint: disable=g-import-not-at-top
+
+  torch.set_num_threads(FLAGS.torch_threads or os.cpu_count() or 1)
+  cfg = recipe_config(FLAGS.recipe)
+  if float(cfg.width) != 1.0:
+    raise app.UsageError("--mode=stages compares width 1 only (the torch model's)")
+  crop, b = FLAGS.crop or int(cfg.res_max), int(cfg.batch_size)
+  model = ensemble.classifier(cfg, FLAGS.classes)  # the trainer's ResNet-18 (stem, BlurPool, ...)
+  if model.stem != "small":
+    raise app.UsageError(
+        "--mode=stages mirrors the torch loop's 3x3 / 1 stem: stem must be 'small'")
+  block = functools.partial(resnet.BasicBlock, dtype=model.dtype, blurpool=model.blurpool,
+                            patch_below=model.patch_below)
+
+  class Stem(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      x = layers.conv(64, 3, 1, 1, model.dtype, name="conv1")(x.astype(model.dtype))
+      x = nn.relu(layers.BatchNorm(dtype=model.dtype, name="bn1")(x, True))
+      return layers.max_pool(x, 3, 2, 1)
+
+  class Stage(nn.Module):
+    planes: int
+    stride: int
+
+    @nn.compact
+    def __call__(self, x):
+      x = block(self.planes, self.stride, name="b0")(x, True)
+      return block(self.planes, 1, name="b1")(x, True)
+
+  tm = torch_resnet18(FLAGS.classes, 1.0, bool(cfg.blurpool))
+  tm.train()
+  parts = [("stem", Stem(), torch.nn.Sequential(tm.conv1, tm.bn1, tm.relu, tm.maxpool))]
+  parts += [(f"layer{i + 1}", Stage(64 * 2**i, 1 if i == 0 else 2), getattr(tm, f"layer{i + 1}"))
+            for i in range(4)]
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(b, crop, crop, 3)).astype(np.float32)
+  timers = []
+  for name, mod, tmod in parts:
+    xj = jnp.asarray(x)
+    variables = mod.init(jax.random.PRNGKey(0), xj)
+    stats = variables["batch_stats"]
+
+    def fwd(p, x, mod=mod, stats=stats):
+      return mod.apply({"params": p, "batch_stats": stats}, x, mutable=["batch_stats"])[0]
+
+    out = np.asarray(jax.jit(fwd)(variables["params"], xj), np.float32)
+    cot = jnp.asarray(rng.normal(size=out.shape).astype(np.float32))
+    grad_x = name != "stem"  # the stem's input is the images: no gradient, as in training
+
+    def loss(p, x, fwd=fwd, cot=cot):
+      return jnp.sum(fwd(p, x).astype(jnp.float32) * cot)
+
+    jf = jax.jit(fwd)
+    jg = jax.jit(jax.grad(loss, argnums=(0, 1) if grad_x else 0))
+    tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(grad_x)
+    with torch.no_grad():
+      tout = tmod(tx)
+    tcot = torch.from_numpy(np.asarray(cot).transpose(0, 3, 1, 2).copy())
+    if tuple(tout.shape) != (out.shape[0], out.shape[3], out.shape[1], out.shape[2]):
+      raise RuntimeError(f"stage {name}: jaxattr output {out.shape} (NHWC) and torch output "
+                         f"{tuple(tout.shape)} (NCHW) differ")
+
+    def t_fwd(tmod=tmod, tx=tx):
+      with torch.no_grad():
+        tmod(tx)
+
+    def t_grad(tmod=tmod, tx=tx, tcot=tcot):
+      (tmod(tx) * tcot).sum().backward()
+
+    timers.append((name, tuple(out.shape), lambda jf=jf, p=variables["params"], xj=xj: jf(p, xj),
+                   lambda jg=jg, p=variables["params"], xj=xj: jg(p, xj), t_fwd, t_grad))
+    x = out
+
+  def timed(fn, sync):
+    sync(fn())  # warm-up (compiles)
+    t0 = time.perf_counter()
+    for _ in range(FLAGS.stage_iters):
+      res = fn()
+    sync(res)
+    return (time.perf_counter() - t0) / FLAGS.stage_iters * 1e3
+
+  keys = ("jax_fwd", "jax_grad", "torch_fwd", "torch_grad")
+  ms = {name: {k: [] for k in keys} for name, *_ in timers}
+  for r in range(FLAGS.repeats):
+    for name, _, jfwd, jgrad, tfwd, tgrad in timers:
+      for k, fn, sync in zip(keys, (jfwd, jgrad, tfwd, tgrad),
+                             (jax.block_until_ready,) * 2 + (lambda _: None,) * 2):
+        ms[name][k].append(timed(fn, sync))
+    logging.info("stages round %d done (load %.2f)", r, os.getloadavg()[0])
+  total = {k: 0.0 for k in ("jax_fwd", "jax_bwd", "torch_fwd", "torch_bwd")}
+  for name, shape, *_ in timers:
+    m = {k: float(np.median(v)) for k, v in ms[name].items()}
+    row = {
+        "stage": name,
+        "out_shape": "x".join(map(str, shape)),
+        "jax_fwd_ms": m["jax_fwd"],
+        "jax_bwd_ms": m["jax_grad"] - m["jax_fwd"],
+        "torch_fwd_ms": m["torch_fwd"],
+        "torch_bwd_ms": m["torch_grad"] - m["torch_fwd"],
+    }
+    for k in total:
+      total[k] += row[f"{k}_ms"]
+    rows.append(row)
+  rows.append({"stage": "sum", "out_shape": "", **{f"{k}_ms": v for k, v in total.items()}})
+  for row in rows:
+    row["fwd_torch_over_jax"] = row["torch_fwd_ms"] / row["jax_fwd_ms"]
+    row["bwd_torch_over_jax"] = row["torch_bwd_ms"] / row["jax_bwd_ms"]
+  settings.update(crop=crop, batch_size=b, torch_threads=torch.get_num_threads(),
+                  trainer=cfg.to_dict())
+
+
 def main(argv):
   del argv
   set_flags = xla_flags.use_fast_cpu_flags()
@@ -358,7 +485,7 @@ def main(argv):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={FLAGS.devices}")
   rows, settings = [], {k: FLAGS[k].value for k in FLAGS if k in _OWN}
-  {"speed": speed, "accuracy": accuracy, "gpu": gpu}[FLAGS.mode](rows, settings)
+  {"speed": speed, "accuracy": accuracy, "gpu": gpu, "stages": stages}[FLAGS.mode](rows, settings)
   settings.update(backend=jax.default_backend(), loadavg=os.getloadavg(), xla_flags=os.environ.get(
       "XLA_FLAGS", ""))
   print(f"backend {jax.default_backend()}, mode {FLAGS.mode}, load {os.getloadavg()[0]:.2f}")
@@ -369,7 +496,7 @@ def main(argv):
 
 _OWN = ("mode", "recipe", "recipes", "data", "train_examples", "classes", "side", "crop",
         "num_models", "batch_size", "width", "epochs", "repeats", "compute_dtype", "devices",
-        "overrides")
+        "overrides", "stage_iters")
 
 if __name__ == "__main__":
   app.run(main)

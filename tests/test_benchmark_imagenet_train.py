@@ -1,0 +1,41 @@
+"""benchmarks/benchmark_imagenet_train.py --mode=stages on a tiny batch: its table and JSON."""
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args, timeout=600):
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  env["JAX_PLATFORMS"] = "cpu"
+  return subprocess.run([sys.executable, "-m", "benchmarks.benchmark_imagenet_train", *args],
+                        env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_stages_mode_times_each_stage_of_both_models(tmp_path):
+  out = tmp_path / "stages.json"
+  res = _run("--mode=stages", "--batch_size=2", "--crop=16", "--repeats=2", "--stage_iters=1",
+             f"--out={out}")
+  assert res.returncode == 0, res.stderr[-3000:]
+  result = json.loads(out.read_text())
+  rows = {row["stage"]: row for row in result["rows"]}
+  assert list(rows) == ["stem", "layer1", "layer2", "layer3", "layer4", "sum"]
+  # The stages chain as the ResNet-18 of 16 px crops does (small stem: max-pool to 8 px).
+  assert [rows[s]["out_shape"] for s in list(rows)[:5]] == [
+      "2x8x8x64", "2x8x8x64", "2x4x4x128", "2x2x2x256", "2x1x1x512"
+  ]
+  for name, row in rows.items():
+    assert row["jax_fwd_ms"] > 0 and row["torch_fwd_ms"] > 0, (name, row)
+  for key in ("jax_fwd_ms", "jax_bwd_ms", "torch_fwd_ms", "torch_bwd_ms"):
+    assert abs(rows["sum"][key] - sum(rows[s][key] for s in list(rows)[:5])) < 1e-6
+  assert result["settings"]["crop"] == 16 and result["settings"]["batch_size"] == 2
+  assert "stage" in res.stdout and "bwd_torch_over_jax" in res.stdout
+
+
+def test_stages_mode_refuses_a_width_the_torch_model_lacks(tmp_path):
+  res = _run("--mode=stages", "--width=0.5", f"--out={tmp_path / 'x.json'}", timeout=120)
+  assert res.returncode != 0
+  assert "width 1 only" in res.stderr
