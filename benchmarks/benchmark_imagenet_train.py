@@ -438,13 +438,8 @@ def stages(rows, settings):
                    lambda jg=jg, p=variables["params"], xj=xj: jg(p, xj), t_fwd, t_grad))
     x = out
 
-  def timed(fn, sync):
-    sync(fn())  # warm-up (compiles)
-    t0 = time.perf_counter()
-    for _ in range(FLAGS.stage_iters):
-      res = fn()
-    sync(res)
-    return (time.perf_counter() - t0) / FLAGS.stage_iters * 1e3
+  def timed(fn, sync):  # ms per call: the median of --stage_iters calls after a warm-up (compiles)
+    return bench.time_fn(lambda: sync(fn()), repeats=FLAGS.stage_iters)["median_s"] * 1e3
 
   keys = ("jax_fwd", "jax_grad", "torch_fwd", "torch_grad")
   ms = {name: {k: [] for k in keys} for name, *_ in timers}
