@@ -370,6 +370,9 @@ def stages(rows, settings):
   if float(cfg.width) != 1.0:
     raise app.UsageError("--mode=stages compares width 1 only (the torch model's)")
   crop, b = FLAGS.crop or int(cfg.res_max), int(cfg.batch_size)
+  if b < 2:  # torch's BatchNorm refuses a single value per channel in training (1 x 1 maps)
+    raise app.UsageError(f"--mode=stages needs --batch_size >= 2 (BatchNorm's training "
+                         f"statistics), got {b}")
   model = ensemble.classifier(cfg, FLAGS.classes)  # the trainer's ResNet-18 (stem, BlurPool, ...)
   if model.stem != "small":
     raise app.UsageError(

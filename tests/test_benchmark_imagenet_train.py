@@ -39,3 +39,10 @@ def test_stages_mode_refuses_a_width_the_torch_model_lacks(tmp_path):
   res = _run("--mode=stages", "--width=0.5", f"--out={tmp_path / 'x.json'}", timeout=120)
   assert res.returncode != 0
   assert "width 1 only" in res.stderr
+
+
+def test_stages_mode_refuses_a_batch_of_one(tmp_path):
+  res = _run("--mode=stages", "--batch_size=1", f"--out={tmp_path / 'x.json'}", timeout=120)
+  assert res.returncode != 0
+  assert "--batch_size >= 2" in res.stderr
+  assert not (tmp_path / "x.json").exists()
