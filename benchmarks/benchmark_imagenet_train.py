@@ -413,14 +413,14 @@ def stages(rows, settings):
     def fwd(p, x, mod=mod, stats=stats):
       return mod.apply({"params": p, "batch_stats": stats}, x, mutable=["batch_stats"])[0]
 
-    out = np.asarray(jax.jit(fwd)(variables["params"], xj), np.float32)
+    jf = jax.jit(fwd)
+    out = np.asarray(jf(variables["params"], xj), np.float32)
     cot = jnp.asarray(rng.normal(size=out.shape).astype(np.float32))
     grad_x = name != "stem"  # the stem's input is the images: no gradient, as in training
 
     def loss(p, x, fwd=fwd, cot=cot):
       return jnp.sum(fwd(p, x).astype(jnp.float32) * cot)
 
-    jf = jax.jit(fwd)
     jg = jax.jit(jax.grad(loss, argnums=(0, 1) if grad_x else 0))
     tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(grad_x)
     with torch.no_grad():
