@@ -55,9 +55,9 @@ flags.DEFINE_integer("classes", 100, "Classes of the synthetic data.")
 flags.DEFINE_integer("side", 64, "Image side of the data (the resident copy's).")
 flags.DEFINE_integer(
     "crop", 48, "Speed mode: training views of this side (the ffcv recipe's "
-    "last crop); 0 = the recipe's ramp.")
+    "last crop); 0 = the recipe's ramp.", lower_bound=0)
 flags.DEFINE_list("num_models", ["4"], "M values besides 1 (speed), or M (accuracy, gpu).")
-flags.DEFINE_integer("batch_size", 64, "Images per step per model.")
+flags.DEFINE_integer("batch_size", 64, "Images per step per model.", lower_bound=1)
 flags.DEFINE_float("width", 1.0, "Channel multiplier (1 = ResNet-18).")
 flags.DEFINE_integer("epochs", 1, "Epochs per timed run (speed, gpu); 0 = the recipe's.")
 flags.DEFINE_integer("repeats", 3, "Alternating timed rounds (speed, stages).")

@@ -46,3 +46,9 @@ def test_stages_mode_refuses_a_batch_of_one(tmp_path):
   assert res.returncode != 0
   assert "--batch_size >= 2" in res.stderr
   assert not (tmp_path / "x.json").exists()
+
+
+def test_negative_crop_is_refused_by_flag_name(tmp_path):
+  res = _run("--mode=stages", "--crop=-8", f"--out={tmp_path / 'x.json'}", timeout=120)
+  assert res.returncode != 0
+  assert "crop" in res.stderr and not (tmp_path / "x.json").exists()
