@@ -223,3 +223,47 @@ def test_stalled_float32_targets_continue_in_float64(monkeypatch, caplog):
   assert "continuing them in float64" in caplog.text
   assert (step <= SolverOptions().tol).all()
   np.testing.assert_allclose(v, v_ref, atol=5e-5, rtol=0)
+
+
+def _phi_slope(a, w, s, v, u, xs, ts, c_pos, c_neg):
+  # phi'(a) of `esvm._line_search` in float64, for one row.
+  return (w @ s + a * (s @ s) - 2 * c_pos * max(1 - u - a * ts, 0.0) * ts +
+          2 * c_neg * np.sum(np.maximum(1 + v + a * xs, 0.0) * xs))
+
+
+def test_line_search_settles_at_rounding_level():
+  """The exact line search stops once its Newton corrections are float32 noise, at the float64
+  minimiser: before `esvm.LINE_TOL`, rows whose phi' sat at its rounding floor never reached a
+  fixed point (and a converged row was sent to the bisection by its own bracket), so nearly every
+  batch ran all `line_steps`."""
+  rng = np.random.default_rng(0)
+  n, d, b = 5000, 128, 64
+  x = esvm._augment(jnp.asarray(rng.normal(size=(n, d)).astype(np.float32) * 0.3))
+  t = esvm._augment(jnp.asarray(rng.normal(size=(b, d)).astype(np.float32) * 0.3))
+  c_pos, c_neg = esvm.class_weights(n, 0.1)
+  w = jnp.asarray(rng.normal(size=(b, d + 1)).astype(np.float32) * 0.05)
+  v, u = w @ x.T, esvm._rowdot(t, w)
+  # The solver's case: Newton directions (float64), their minimisers near 1.
+  g = np.asarray(esvm._gradient(w, v, u, t, x, c_pos, c_neg), np.float64)
+  x64, t64 = np.asarray(x, np.float64), np.asarray(t, np.float64)
+  s = np.empty_like(g)
+  for i in range(b):
+    act = x64[np.asarray(v[i]) > -1]
+    h = (np.eye(d + 1) + 2 * c_neg * act.T @ act +
+         2 * c_pos * float(u[i] < 1) * np.outer(t64[i], t64[i]))
+    s[i] = -np.linalg.solve(h, g[i])
+  s = jnp.asarray(s.astype(np.float32))
+  xs, ts = s @ x.T, esvm._rowdot(t, s)
+  valid = jnp.ones((n,), bool)
+  a, steps = esvm._line_search(w, s, v, u, xs, ts, valid, c_pos, c_neg, 40)
+  assert int(steps) <= 8, int(steps)
+  f64 = [np.asarray(z, np.float64) for z in (w, s, v, u, xs, ts)]
+  for i in range(b):
+    args = [z[i] for z in f64] + [c_pos, c_neg]
+    lo, hi = 0.0, 1.0
+    while _phi_slope(hi, *args) < 0:
+      hi *= 2
+    for _ in range(100):
+      mid = 0.5 * (lo + hi)
+      lo, hi = (mid, hi) if _phi_slope(mid, *args) < 0 else (lo, mid)
+    assert abs(float(a[i]) - lo) <= 1e-4 * lo, (i, float(a[i]), lo)

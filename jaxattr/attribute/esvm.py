@@ -318,13 +318,27 @@ def _gradient(w, v, u, t, x, c_pos, c_neg):
           (jnp.maximum(1.0 + v, 0.0) @ x))
 
 
+# `_line_search`: a row is done once its Newton correction is at most this many rounding units
+# (the dtype's eps) of its step length. Near the root, phi' (a sum over every candidate) is
+# rounding noise: in float32 the corrections stall at 1e-7-1e-5 of a instead of reaching a fixed
+# point, and before this test (and with the bracket sending a converged row to the bisection),
+# over half of the rows ran to `line_steps`, and with them nearly every batch. Measured on
+# random-init Flax features (1,000 targets of class 0): 727 instead of 1,394 loop iterations in
+# all, Newton iterations 5.67 instead of 5.71 (max 8 instead of 11).
+LINE_TOL = 100.0
+
+
 def _line_search(w, s, v, u, xs, ts, valid, c_pos, c_neg, line_steps):
-  """Exact minimisers a [B] of the convex piecewise-quadratic phi(a) = f(w + a s), per row.
+  """(a [B], loop iterations): exact minimisers of the convex piecewise-quadratic
+  phi(a) = f(w + a s), per row, and how many iterations the batch took.
 
   Newton on phi', safeguarded by a bracket with phi'(lo) < 0 < phi'(hi): exact once on the right
-  piece, so the loop stops when every row is at its fixed point, not after all `line_steps`.
+  piece. A row is done when its Newton correction is at most LINE_TOL rounding units of a (phi'
+  is a sum of thousands of terms whose rounding makes finer corrections noise), so the loop stops
+  when every row is done, not after all `line_steps`.
   """
   dtype = w.dtype
+  eps = jnp.finfo(dtype).eps
   ws, ss = _rowdot(w, s), _rowdot(s, s)
   xs = jnp.where(valid, xs, 0.0)
 
@@ -341,17 +355,21 @@ def _line_search(w, s, v, u, xs, ts, valid, c_pos, c_neg, line_steps):
         jnp.where(mn > 0, xs * xs, 0.0), -1)
     lo = jnp.where(d1 < 0, a, lo)
     hi = jnp.where(d1 > 0, a, hi)
-    a_new = a - d1 / d2
+    correction = d1 / d2
+    a_new = a - correction
+    # A settled row keeps its a: tested before the bracket, which has a at one end and would send
+    # a converged row's own tiny correction to the bisection.
+    settled = (d1 == 0) | (jnp.abs(correction) <= LINE_TOL * eps * jnp.abs(a))
     inside = (a_new > lo) & (a_new < hi)
     fallback = jnp.where(jnp.isfinite(hi), 0.5 * (lo + hi), 2.0 * a)
-    a_new = jnp.where(d1 == 0, a, jnp.where(inside, a_new, fallback))
+    a_new = jnp.where(settled, a, jnp.where(inside, a_new, fallback))
     a_new = jnp.where(done, a, a_new)
     return k + 1, a_new, lo, hi, done | (a_new == a)
 
   b = w.shape[0]
-  _, a, _, _, _ = jax.lax.while_loop(cond, body, (0, jnp.ones((b,), dtype), jnp.zeros(
-      (b,), dtype), jnp.full((b,), jnp.inf, dtype), jnp.zeros((b,), bool)))
-  return a
+  steps, a, _, _, _ = jax.lax.while_loop(cond, body, (0, jnp.ones(
+      (b,), dtype), jnp.zeros((b,), dtype), jnp.full((b,), jnp.inf, dtype), jnp.zeros((b,), bool)))
+  return a, steps
 
 
 class NewtonStep(NamedTuple):
@@ -518,7 +536,7 @@ def _advance(t, w, s, v, u, cset: CandidateSet, line_steps: int, violators, coun
   xs, ts = s @ x.T, _rowdot(t, s)
   # The convergence test: ||[x; t] H^-1 g||_inf, how far any decision value may still move.
   step = jnp.maximum(jnp.max(jnp.abs(jnp.where(valid, xs, 0.0)), -1), jnp.abs(ts))
-  a = _line_search(w, s, v, u, xs, ts, valid, cset.c_pos, cset.c_neg, line_steps)
+  a, _ = _line_search(w, s, v, u, xs, ts, valid, cset.c_pos, cset.c_neg, line_steps)
   v_next = v + a[:, None] * xs
   next_violators = (v_next > -1.0) & valid
   next_count = jnp.sum(next_violators, -1)
