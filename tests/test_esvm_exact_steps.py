@@ -277,3 +277,30 @@ def test_line_search_settles_at_rounding_level(near):
       assert abs(float(a[i]) - lo) * reach <= 1e-6, (i, float(a[i]), lo, reach)
     else:
       assert abs(float(a[i]) - lo) <= 1e-4 * lo, (i, float(a[i]), lo)
+
+
+def test_large_woodbury_steps_replace_dspace_cg():
+  """Past their early iterations, targets with more than max_rows violators take Woodbury steps up
+  to `solver.LARGE_ROWS_MAX` where CG would run in d-space, to the same optimum as CG steps; sets
+  whose CG runs in candidate space (`esvm.gram_cg`) keep CG."""
+  rng = np.random.default_rng(1)
+  cand = (rng.normal(size=(3000, 64)) + 0.5).astype(np.float32)
+  targets = (rng.normal(size=(64, 64)) + 0.5).astype(np.float32)
+  solvers = [attribute.Solver(SolverOptions(max_rows=64)) for _ in range(2)]
+  solvers[1].large_rows = solvers[1].large_rows[:0]  # CG above max_rows, as before
+  cset = solvers[0].prepare(cand)
+  assert not esvm.gram_cg(cset)
+  (w, it, step), (w_cg, _, step_cg) = (s(targets, cset) for s in solvers)
+  assert max(solvers[0]._steps) > 64 and solver_lib.PCG not in solvers[0]._steps
+  assert solver_lib.PCG in solvers[1]._steps
+  assert (step <= SolverOptions().tol).all() and (step_cg <= SolverOptions().tol).all()
+  x = np.asarray(cset.x)
+  np.testing.assert_allclose(np.asarray(w) @ x.T, np.asarray(w_cg) @ x.T, atol=1e-5, rtol=0)
+
+  small = attribute.Solver(SolverOptions(max_rows=64))
+  small_set = small.prepare((rng.normal(size=(600, 512)) * 0.1 + 0.05).astype(np.float32))
+  assert esvm.gram_cg(small_set)
+  _, _, step = small((rng.normal(size=(16, 512)) * 0.1 + 0.05).astype(np.float32), small_set)
+  assert (step <= SolverOptions().tol).all()
+  assert solver_lib.PCG in small._steps
+  assert max(r for r in small._steps if r != solver_lib.PCG) <= 64

@@ -43,7 +43,9 @@ class SolverOptions:
     tol: a target has converged once its Newton step would move no decision value by more (> 0).
     max_iter: Newton iterations per target.
     max_rows: r, the most margin violators a Woodbury Newton step handles (an [r, r] Cholesky per
-      target); with more, the step is solved as exactly by preconditioned CG (`esvm.pcg_step`).
+      target); with more, the step is solved as exactly by preconditioned CG (`esvm.pcg_step`),
+      except that `Solver` takes Woodbury steps up to `solver.LARGE_ROWS_MAX` for targets past
+      their early iterations where CG runs in d-space (measured cheaper there).
     line_steps: most safeguarded Newton steps of the exact line search.
     shared_gram_max: candidate sets of at most this many rows form their [n, n] Gram once, shared
       by all targets; larger ones gather the active rows at every step.

@@ -77,6 +77,17 @@ COARSE_ABOVE = 0.25
 # each target uses the smallest size that holds its violators.
 ROW_BUCKETS = (64, 128, 160, 192, 224, 256, 320, 384, 512)
 
+# Targets with more than max_rows violators take CG steps (`esvm.pcg_step`) past their early
+# iterations, except in d-space sets (`esvm.gram_cg` false) while they have at most this many:
+# there each CG iteration costs two products with the candidates, and the few such targets of
+# random-init Flax features (~50 of 1,000, 225-2,837 violators, median ~240) take ~15 of them per
+# step (~4.7 ms a target-step against ~0.9 at r = 256). Measured on 1,000 targets, paired runs in
+# one process: Flax features class 0 1.10x (every round 1.04-1.26x), class 3 1.03x, the
+# many-violator families unchanged (their CG targets have thousands of violators). Candidate-space
+# CG (ImageNet-shaped classes, ~1,300 candidates) is cheap, and Woodbury at these sizes made that
+# family 2.3x slower, so those sets keep CG.
+LARGE_ROWS_MAX = 384
+
 # Batch caps on CPU devices, per device (`SolverOptions.max_batch` None): a step's [B, r, r]
 # systems and [B, n] arrays are reread by several passes, fastest while they stay in the
 # last-level cache: B r <= CPU_BATCH_ROWS and B n <= CPU_BATCH_VALUES. Accelerators take whole
@@ -111,6 +122,8 @@ class Solver:
     """
     self.options = o = options
     self.rows = tuple(r for r in ROW_BUCKETS if r < o.max_rows) + (o.max_rows,)
+    self.large_rows = np.asarray([r for r in ROW_BUCKETS if o.max_rows < r <= LARGE_ROWS_MAX],
+                                 np.int64)
     self.mesh = mesh
     self.num_devices = 1 if mesh is None else mesh.size
     self.min_batch = -(-o.min_batch // self.num_devices) * self.num_devices
@@ -317,6 +330,11 @@ class Solver:
                                             (count[active] <= EARLY_DROP * last_count[active]))
       sizes[big & early] = min(EARLY_ROWS, self.rows[-1])
       sizes[big & ~early] = PCG
+      # ... or, past its early iterations and in d-space sets (`LARGE_ROWS_MAX`), Woodbury at
+      # the smallest larger size that holds its violators.
+      if len(self.large_rows) and not esvm.gram_cg(cset):
+        fits = big & ~early & (count[active] <= self.large_rows[-1])
+        sizes[fits] = self.large_rows[np.searchsorted(self.large_rows, count[active][fits])]
       # Groups smaller than a minimal batch join the next larger size (a bigger active set is
       # still exact): fewer small calls and fewer compiled shapes.
       present = np.unique(sizes[sizes != PCG])
