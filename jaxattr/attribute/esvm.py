@@ -330,7 +330,7 @@ def _gradient(w, v, u, t, x, c_pos, c_neg):
 LINE_TOL = 100.0
 
 
-def _line_search(w, s, v, u, xs, ts, valid, c_pos, c_neg, line_steps):
+def _line_search(w, s, v, u, xs, ts, valid, c_pos, c_neg, line_steps, reach):
   """(a [B], loop iterations): exact minimisers of the convex piecewise-quadratic
   phi(a) = f(w + a s), per row, and how many iterations the batch took.
 
@@ -338,13 +338,13 @@ def _line_search(w, s, v, u, xs, ts, valid, c_pos, c_neg, line_steps):
   piece. A row is done when its Newton correction is at most LINE_TOL rounding units of a, or
   moves no decision value by more than a rounding unit (phi' is a sum of thousands of terms whose
   rounding makes finer corrections noise), so the loop stops when every row is done, not after
-  all `line_steps`.
+  all `line_steps`. reach [B]: max(|x s| over valid candidates, |t.s|), the most a unit of a moves
+  a decision value (`_advance`'s convergence bound).
   """
   dtype = w.dtype
   eps = jnp.finfo(dtype).eps
   ws, ss = _rowdot(w, s), _rowdot(s, s)
   xs = jnp.where(valid, xs, 0.0)
-  reach = jnp.maximum(jnp.max(jnp.abs(xs), -1), jnp.abs(ts))  # the most a moves a value per unit
 
   def cond(state):
     k, _, _, _, done = state
@@ -541,7 +541,7 @@ def _advance(t, w, s, v, u, cset: CandidateSet, line_steps: int, violators, coun
   xs, ts = s @ x.T, _rowdot(t, s)
   # The convergence test: ||[x; t] H^-1 g||_inf, how far any decision value may still move.
   step = jnp.maximum(jnp.max(jnp.abs(jnp.where(valid, xs, 0.0)), -1), jnp.abs(ts))
-  a, _ = _line_search(w, s, v, u, xs, ts, valid, cset.c_pos, cset.c_neg, line_steps)
+  a, _ = _line_search(w, s, v, u, xs, ts, valid, cset.c_pos, cset.c_neg, line_steps, step)
   v_next = v + a[:, None] * xs
   next_violators = (v_next > -1.0) & valid
   next_count = jnp.sum(next_violators, -1)
