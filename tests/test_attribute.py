@@ -453,6 +453,46 @@ def test_solver_batch_caps_split_groups_without_changing_results():
                              np.asarray(w_ref) @ x_aug.T, rtol=1e-4, atol=2e-5)
 
 
+def test_solver_packs_small_batches_into_padding_of_larger_active_sets():
+  solver = attribute.Solver()  # min_batch 16; CPU caps: 128 targets at r = 128, 64 at r = 160
+  active = np.arange(300)
+  sizes = np.r_[np.full(5, 64),
+                np.full(130, 128),
+                np.full(60, 160),
+                np.full(3, 160),
+                np.full(100, 192),
+                np.full(2, 224)]
+  coarse = np.r_[np.zeros(5, bool),
+                 np.ones(130, bool),
+                 np.ones(60, bool),
+                 np.zeros(3, bool),
+                 np.zeros(100, bool),
+                 np.ones(2, bool)]
+  batches = solver._batches(active, sizes, coarse, 5000)
+  got = np.concatenate([sel for _, _, sel in batches])
+  np.testing.assert_array_equal(np.sort(got), active)  # every target once
+  for r, kind, sel in batches:
+    assert (sizes[sel] <= r).all()  # a larger active set holds the violators: still exact
+    assert kind <= coarse[sel].all()  # accurate targets step accurately
+    assert len(sel) <= len(solver._padded(sel)) and len(solver._padded(sel)) <= 128
+  # Unpacked: 64 x 5 | 128c x 128, 2 | 160 x 3 | 160c x 60 | 192 x 64, 32, 4 | 224c x 2, 9
+  # calls. The small ones chain upwards (5 at r = 64 into the 2 at 128, which then step
+  # accurately, those 7 into the 3 at 160, ... into the 2 at 224): one call at r = 224 for 16.
+  assert [(r, kind, len(sel)) for r, kind, sel in batches] == [(128, True, 128), (160, True, 60),
+                                                               (192, False, 64), (192, False, 32),
+                                                               (224, False, 16)]
+  # An accurate target never joins a full-sized coarse batch, even with room in it.
+  sizes, coarse = np.r_[np.full(60, 160), np.full(3, 128)], np.r_[np.ones(60, bool),
+                                                                  np.zeros(3, bool)]
+  assert [
+      (r, kind, len(sel)) for r, kind, sel in solver._batches(np.arange(63), sizes, coarse, 5000)
+  ] == [(128, False, 3), (160, True, 60)]
+  # ... but a coarse one joins an accurate batch's padding.
+  assert [
+      (r, kind, len(sel)) for r, kind, sel in solver._batches(np.arange(63), sizes, ~coarse, 5000)
+  ] == [(160, False, 63)]
+
+
 def test_pure_spd_solve_matches_lapack():
   # The LAPACK-free solve of multi-device CPU meshes (linalg.cholesky pure=True) against the LAPACK
   # one, on Woodbury-like systems I + c G G^T with identity rows where the active set is padded.
