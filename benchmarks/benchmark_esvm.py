@@ -18,10 +18,11 @@ Modes (--mode):
     ways: end to end through `jaxattr.attribute.topk` (candidate preparation, solve, top-1280
     selection), and like for like with sklearn's loop (preparation, solve and the decision
     values of every candidate on the host, no ranking). After a warm-up (compiles), --repeats
-    rounds each time both jaxattr runs once and 1/repeats of the sklearn primal fits, so that
-    the machine's drifts hit all sides alike; jaxattr's rate is the median round's, sklearn's
-    the median target's. Prints targets/s of each, the ratios, top-k overlap at k=100 and 1280,
-    how many top-100 lists are identical, and the largest decision-value difference.
+    rounds each time both jaxattr runs once (in alternating order) and 1/repeats of the sklearn
+    primal fits, so that the machine's drifts hit all sides alike; jaxattr's rate is the median
+    round's, sklearn's the median target's. Prints targets/s of each, the ratios, top-k overlap
+    at k=100 and 1280, how many top-100 lists are identical, and the largest decision-value
+    difference.
   all: every test target (10,000 for CIFAR-10) with same-class candidates and k=1280, end to end
     through `jaxattr.attribute.topk` (chunks, top-k, host transfer), timed once after a warm-up.
   both (default).
@@ -304,11 +305,13 @@ def compare(train, test) -> tuple[list[dict], dict]:
 
   # Interleaved rounds, so that the machine's drifts (this 2-core VM's speed varies by 10-30%
   # between rounds) hit every side alike: each round times the topk run, the decision-value run
-  # and a 1/repeats share of the sklearn primal fits.
+  # and a 1/repeats share of the sklearn primal fits; the two jaxattr runs swap places every round,
+  # so that neither always follows sklearn's fits (which leave other data in the caches).
   timings = {"topk": [], "values": [], "primal": []}
   sk_values, loads = [], {"topk": [], "values": [], "primal": []}
   for r, part in enumerate(np.array_split(np.arange(n_sk), _REPEATS.value)):
-    for name, fn in (("topk", run_jax), ("values", run_values)):
+    order = (("topk", run_jax), ("values", run_values))
+    for name, fn in order if r % 2 == 0 else order[::-1]:
       t0 = time.perf_counter()
       fn()
       timings[name].append(time.perf_counter() - t0)
