@@ -474,7 +474,7 @@ def test_solver_packs_small_batches_into_padding_of_larger_active_sets():
   for r, kind, sel in batches:
     assert (sizes[sel] <= r).all()  # a larger active set holds the violators: still exact
     assert kind <= coarse[sel].all()  # accurate targets step accurately
-    assert len(sel) <= len(solver._padded(sel)) and len(solver._padded(sel)) <= 128
+    assert len(sel) <= solver._batch_size(len(sel)) <= 128
   # Unpacked: 64 x 5 | 128c x 128, 2 | 160 x 3 | 160c x 60 | 192 x 64, 32, 4 | 224c x 2, 9
   # calls. The small ones chain upwards (5 at r = 64 into the 2 at 128, which then step
   # accurately, those 7 into the 3 at 160, ... into the 2 at 224): one call at r = 224 for 16.

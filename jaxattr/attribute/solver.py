@@ -234,12 +234,16 @@ class Solver:
     return self._on_first(lambda c: self._prepare(c.x[:, :-1].astype(jnp.float64), valid=c.valid),
                           cset)
 
+  def _batch_size(self, count: int) -> int:
+    # The padded size of a batch of `count` targets: a power of two (few compiled shapes), at
+    # least min_batch, a multiple of the devices.
+    b = max(self.min_batch, 1 << int(np.ceil(np.log2(count))))
+    return -(-b // self.num_devices) * self.num_devices
+
   def _padded(self, sel: np.ndarray) -> np.ndarray:
-    # A batch padded to a power of two (few compiled shapes); padding repeats a real target,
-    # whose duplicate result is dropped.
-    b = max(self.min_batch, 1 << int(np.ceil(np.log2(len(sel)))))
-    b = -(-b // self.num_devices) * self.num_devices
-    return np.concatenate([sel, np.full((b - len(sel),), sel[0])])
+    # A batch padded to `_batch_size`; padding repeats a real target, whose duplicate result is
+    # dropped.
+    return np.concatenate([sel, np.full((self._batch_size(len(sel)) - len(sel),), sel[0])])
 
   def __call__(self, targets: np.ndarray,
                cset: esvm.CandidateSet) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -394,7 +398,7 @@ class Solver:
         continue
       hosts = [
           h for h in batches if h is not b and h[0] != PCG and h[0] >= b[0] and
-          (h[1] <= b[1] or small(h)) and len(self._padded(h[2])) - len(h[2]) >= len(b[2])
+          (h[1] <= b[1] or small(h)) and self._batch_size(len(h[2])) - len(h[2]) >= len(b[2])
       ]
       if hosts:
         h = min(hosts, key=lambda h: (h[0], h[1] != b[1]))
@@ -423,7 +427,7 @@ class Solver:
       return [part for i in range(0, len(sel), cap) for part in self._split(sel[i:i + cap])]
     parts = []
     while len(sel):
-      b = len(self._padded(sel))
+      b = self._batch_size(len(sel))
       if len(sel) < 0.75 * b and len(sel) > self.min_batch:
         b //= 2
         parts.append(sel[:b])
