@@ -20,9 +20,10 @@ Modes (--mode):
     values of every candidate on the host, no ranking). After a warm-up (compiles), --repeats
     rounds each time both jaxattr runs once (in alternating order) and 1/repeats of the sklearn
     primal fits, so that the machine's drifts hit all sides alike; jaxattr's rate is the median
-    round's, sklearn's the median target's. Prints targets/s of each, the ratios, top-k overlap
-    at k=100 and 1280, how many top-100 lists are identical, and the largest decision-value
-    difference.
+    round's, sklearn's the median target's; beside them, the paired ratios of each round (its
+    jaxattr run against its own fits: median and range). Prints targets/s of each, the ratios,
+    top-k overlap at k=100 and 1280, how many top-100 lists are identical, and the largest
+    decision-value difference.
   all: every test target (10,000 for CIFAR-10) with same-class candidates and k=1280, end to end
     through `jaxattr.attribute.topk` (chunks, top-k, host transfer), timed once after a warm-up.
   both (default).
@@ -308,6 +309,7 @@ def compare(train, test) -> tuple[list[dict], dict]:
   # and a 1/repeats share of the sklearn primal fits; the two jaxattr runs swap places every round,
   # so that neither always follows sklearn's fits (which leave other data in the caches).
   timings = {"topk": [], "values": [], "primal": []}
+  round_primal = []  # sklearn's mean seconds per target in each round (nan: no fits in it)
   sk_values, loads = [], {"topk": [], "values": [], "primal": []}
   for r, part in enumerate(np.array_split(np.arange(n_sk), _REPEATS.value)):
     order = (("topk", run_jax), ("values", run_values))
@@ -318,6 +320,7 @@ def compare(train, test) -> tuple[list[dict], dict]:
       loads[name].append(os.getloadavg()[0])
     times, vals = run_sklearn(part, False)
     timings["primal"] += times
+    round_primal.append(float(np.mean(times)) if times else float("nan"))
     sk_values += vals
     loads["primal"].append(os.getloadavg()[0])
     logging.info("round %d/%d: topk %.3f s, values %.3f s (%d targets); sklearn primal %s", r + 1,
@@ -356,6 +359,17 @@ def compare(train, test) -> tuple[list[dict], dict]:
         out["identical_top100_up_to_ties_frac"] = float(np.mean(tie_ok))
     return out
 
+  # Paired ratios: each round's jaxattr run against the sklearn fits of the same round, minutes
+  # apart at most, so that a slow spell of the machine hits both sides of a ratio; their median
+  # and range show how far the drift moves the headline ratio (medians over all rounds).
+  paired = {
+      name: [sk * n_jax / t for sk, t in zip(round_primal, timings[name]) if np.isfinite(sk)]
+      for name in ("topk", "values")
+  }
+
+  def spread(ratios):
+    return (f"{np.median(ratios):.1f} ({min(ratios):.1f}-{max(ratios):.1f})" if ratios else "")
+
   rate_jax = n_jax / t_jax["median_s"]
   rate_values = n_jax / t_values["median_s"]
   rate_sk = 1.0 / float(np.median(sk_times))
@@ -367,6 +381,7 @@ def compare(train, test) -> tuple[list[dict], dict]:
           "targets/s": rate_jax,
           "s/target": 1.0 / rate_jax,
           "vs primal": rate_jax / rate_sk,
+          "paired rounds": spread(paired["topk"]),
           "vs dual": rate_jax / rate_dual,
           "load1": load_jax
       },
@@ -376,6 +391,7 @@ def compare(train, test) -> tuple[list[dict], dict]:
           "targets/s": rate_values,
           "s/target": 1.0 / rate_values,
           "vs primal": rate_values / rate_sk,
+          "paired rounds": spread(paired["values"]),
           "vs dual": rate_values / rate_dual,
           "load1": load_values
       },
@@ -410,6 +426,8 @@ def compare(train, test) -> tuple[list[dict], dict]:
       "sklearn_primal_unconverged": int(np.sum(~np.asarray(converged[False]))),
       "sklearn_dual_unconverged": int(np.sum(~np.asarray(converged[True]))),
       "sklearn_primal_s": sk_times.tolist(),
+      "paired_round_ratios_topk": paired["topk"],
+      "paired_round_ratios_values": paired["values"],
       "sklearn_dual_s": dual_times.tolist(),
       "solver_iterations_mean": float(np.mean(stats.iterations)),
       "solver_iterations_max": int(np.max(stats.iterations)),
@@ -510,8 +528,12 @@ def main(argv):
     extra.update(e)
   print(
       bench.format_table(rows, [
-          "solver", "targets", "targets/s", "s/target", "vs primal", "vs dual", "seconds", "load1"
+          "solver", "targets", "targets/s", "s/target", "vs primal", "paired rounds", "vs dual",
+          "seconds", "load1"
       ]))
+  if _MODE.value in ("compare", "both"):
+    print("paired rounds: the ratio to sklearn's primal loop per round (each jaxattr run against "
+          "the fits of its own round), median (min-max).")
   print("load1: 1-minute load average of this 2-core machine right after each measurement "
         "(other processes compete for the cores while it is above ~2).")
   for key in ("vs_primal", "vs_dual"):

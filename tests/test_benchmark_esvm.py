@@ -50,6 +50,12 @@ def test_benchmark_esvm_compare_and_all(tmp_path):
   assert settings["sklearn_primal_unconverged"] == 0
   assert settings["all_nonconverged"] == 0 and len(settings["sklearn_primal_s"]) == 4
   assert settings["flags"]["max_rows"] == 224  # SolverOptions' default
+  # One paired ratio per round: the round's sklearn seconds per target over jaxattr's.
+  sk = np.asarray(settings["sklearn_primal_s"]).reshape(2, 2).mean(1)
+  for name, timing in (("topk", "jax_timing"), ("values", "values_timing")):
+    ratios = settings[f"paired_round_ratios_{name}"]
+    np.testing.assert_allclose(ratios, sk * 6 / np.asarray(settings[timing]["times_s"]), rtol=1e-9)
+  assert "paired rounds" in res.stdout
 
 
 def test_benchmark_esvm_rejects_bad_flags(tmp_path):
