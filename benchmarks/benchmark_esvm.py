@@ -359,8 +359,8 @@ def compare(train, test) -> tuple[list[dict], dict]:
         out["identical_top100_up_to_ties_frac"] = float(np.mean(tie_ok))
     return out
 
-  # Paired ratios: each round's jaxattr run against the sklearn fits of the same round, minutes
-  # apart at most, so that a slow spell of the machine hits both sides of a ratio; their median
+  # Paired ratios: each round's jaxattr run against the sklearn fits of the same round, seconds
+  # apart, so that a slow spell of the machine hits both sides of a ratio; their median
   # and range show how far the drift moves the headline ratio (medians over all rounds).
   paired = {
       name: [sk * n_jax / t for sk, t in zip(round_primal, timings[name]) if np.isfinite(sk)]
