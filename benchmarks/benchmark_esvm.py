@@ -96,8 +96,9 @@ _CLASS = flags.DEFINE_integer("class_id", 0, "Class of the compare mode's target
                               lower_bound=0)
 _N_SK = flags.DEFINE_integer("num_targets_sklearn", 100, "Targets fitted by sklearn primal.",
                              lower_bound=1)
-_N_DUAL = flags.DEFINE_integer("num_targets_dual", 3, "Targets fitted by sklearn dual=True.",
-                               lower_bound=1)
+_N_DUAL = flags.DEFINE_integer(
+    "num_targets_dual", 3, "Targets fitted by sklearn dual=True (0: "
+    "none; its fits take minutes on some families).", lower_bound=0)
 _N_JAX = flags.DEFINE_integer("num_targets_jax", 1000, "Targets solved by jaxattr (compare).",
                               lower_bound=1)
 _CHUNK = flags.DEFINE_integer("chunk_size", 1024, "jaxattr targets per step.", lower_bound=1)
@@ -328,7 +329,7 @@ def compare(train, test) -> tuple[list[dict], dict]:
                  f"{np.mean(times):.3f} s/target" if times else "none (more rounds than fits)")
   sk_times, sk_values = np.asarray(timings["primal"]), np.stack(sk_values)
   dual_times, dual_values = run_sklearn(range(n_dual), True)
-  dual_times, dual_values = np.asarray(dual_times), np.stack(dual_values)
+  dual_times = np.asarray(dual_times)
   load_dual = os.getloadavg()[0]
   t_jax = bench.summarize(timings["topk"])
   t_values = bench.summarize(timings["values"])
@@ -373,7 +374,7 @@ def compare(train, test) -> tuple[list[dict], dict]:
   rate_jax = n_jax / t_jax["median_s"]
   rate_values = n_jax / t_values["median_s"]
   rate_sk = 1.0 / float(np.median(sk_times))
-  rate_dual = 1.0 / float(np.median(dual_times))
+  rate_dual = 1.0 / float(np.median(dual_times)) if n_dual else float("nan")
   rows = [
       {
           "solver": "jaxattr ESVM (topk, k=1280)",
@@ -404,27 +405,28 @@ def compare(train, test) -> tuple[list[dict], dict]:
           "vs dual": rate_sk / rate_dual,
           "load1": load_sk
       },
-      {
-          "solver": "sklearn LinearSVC dual=True",
-          "targets": n_dual,
-          "targets/s": rate_dual,
-          "s/target": 1.0 / rate_dual,
-          "vs primal": rate_dual / rate_sk,
-          "vs dual": 1.0,
-          "load1": load_dual
-      },
   ]
+  if n_dual:
+    rows.append({
+        "solver": "sklearn LinearSVC dual=True",
+        "targets": n_dual,
+        "targets/s": rate_dual,
+        "s/target": 1.0 / rate_dual,
+        "vs primal": rate_dual / rate_sk,
+        "vs dual": 1.0,
+        "load1": load_dual
+    })
   agree = {
       "vs_primal": agreement(sk_values),
-      "vs_dual": agreement(dual_values),
+      "vs_dual": agreement(np.stack(dual_values)) if n_dual else None,
       "jax_timing": t_jax,
       "values_timing": t_values,
       # The decision-value run against the topk run's solve (same solver, same targets).
       "values_vs_esvm_scores_max_abs_diff": float(np.abs(values[:n_sk] - ours).max()),
       # Fits that reached max_iter (liblinear's ConvergenceWarning); their decision values
       # are off by up to ~1e-3, which shows in the agreement figures.
-      "sklearn_primal_unconverged": int(np.sum(~np.asarray(converged[False]))),
-      "sklearn_dual_unconverged": int(np.sum(~np.asarray(converged[True]))),
+      "sklearn_primal_unconverged": int(np.sum(~np.asarray(converged[False], bool))),
+      "sklearn_dual_unconverged": int(np.sum(~np.asarray(converged[True], bool))),
       "sklearn_primal_s": sk_times.tolist(),
       "paired_round_ratios_topk": paired["topk"],
       "paired_round_ratios_values": paired["values"],
@@ -537,7 +539,7 @@ def main(argv):
   print("load1: 1-minute load average of this 2-core machine right after each measurement "
         "(other processes compete for the cores while it is above ~2).")
   for key in ("vs_primal", "vs_dual"):
-    if key in extra:
+    if extra.get(key):
       print(key, {k: round(v, 8) for k, v in extra[key].items()})
   solver = {
       k: round(extra[k], 2)
