@@ -89,6 +89,12 @@ def main(argv):
 
   torch.set_num_threads(1)
   worker_counts = bench.int_list("workers", _WORKERS.value, 0)  # checked before any work
+  images = _CLASSES.value * _PER_CLASS.value
+  if images < 2 * _BATCH.value:
+    raise app.UsageError(
+        f"--classes x --per_class = {images} images make fewer than two batches of --batch="
+        f"{_BATCH.value}; the steady rate (after the first batch) needs at least two: raise "
+        "--per_class or lower --batch")
   root = _tree()
   split = stream.open_split(f"folder:{root}", "train")
   n = len(split)

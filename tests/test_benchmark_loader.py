@@ -26,3 +26,13 @@ def test_benchmark_loader_small(tmp_path):
   }
   assert all(r["images"] == 6 and r["images/s"] > 0 for r in result["rows"])
   assert os.path.isdir(tmp_path / "bench_results" / "imagenet_tree_2x3_500x375")
+
+
+def test_benchmark_loader_refuses_a_single_batch(tmp_path):
+  res = subprocess.run([
+      sys.executable, "-m", "benchmarks.benchmark_loader", "--classes=2", "--per_class=8",
+      "--batch=32", f"--out={tmp_path / 'loader.json'}"
+  ], env=repo_env(), cwd=str(tmp_path), capture_output=True, text=True, timeout=600)
+  assert res.returncode != 0
+  assert "16 images make fewer than two batches of --batch=32" in res.stderr
+  assert not (tmp_path / "bench_results").exists()  # refused before generating the tree
