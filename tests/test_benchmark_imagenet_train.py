@@ -52,3 +52,24 @@ def test_negative_crop_is_refused_by_flag_name(tmp_path):
   res = _run("--mode=stages", "--crop=-8", f"--out={tmp_path / 'x.json'}", timeout=120)
   assert res.returncode != 0
   assert "crop" in res.stderr and not (tmp_path / "x.json").exists()
+
+
+def test_synthetic_data_is_seeded_whatever_the_threads():
+  # Chunks come from their own seeded streams: the same images on 1 thread as on all cores.
+  code = """
+from concurrent import futures
+import numpy as np
+from benchmarks import benchmark_imagenet_train as b
+a, la = b.synthetic(5000, 7, 16, seed=3, chunk=1000)
+pool = futures.ThreadPoolExecutor
+futures.ThreadPoolExecutor = lambda n: pool(1)
+c, lc = b.synthetic(5000, 7, 16, seed=3, chunk=1000)
+d, _ = b.synthetic(5000, 7, 16, seed=4, chunk=1000)
+assert a.shape == (5000, 16, 16, 3) and a.dtype == np.uint8 and la.dtype == np.int32
+assert np.array_equal(a, c) and np.array_equal(la, lc) and not np.array_equal(a, d)
+assert set(np.unique(la)) == set(range(7)) and 100 < a.mean() < 155 and a.std() > 40
+print("ok")
+"""
+  res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+  assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
