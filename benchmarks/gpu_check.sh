@@ -91,19 +91,9 @@ step() {
   python3 -c "import sys, jax, torch; print(sys.version.split()[0], 'jax', jax.__version__,
 torch.__version__, jax.devices())"; } > "$RES/env.log" 2>&1
 cat "$RES/env.log"
-# The steps, the open issues' first: a step whose limit does not fit in what is left of the
-# budget gets what is left.
-# Issue 15: the ESVM on the harder feature families (synthetic: nothing to download or extract),
-# targets/s per family beside sklearn's primal loop on the host (no dual fits: at norm 3 one
-# takes over a minute).
-for fam in "hard_synthetic" "imagenet_shaped --family_norm=3" "imagenet_shaped --family_norm=30" \
-           "imagenet_shaped --family_norm=1000"; do
-  name=esvm_$(echo "$fam" | tr -c 'a-z0-9\n' '_' | sed 's/__*/_/g; s/_$//')
-  step "$name" 120 python3 -m benchmarks.benchmark_esvm --mode=compare --family=$fam \
-    $(size "--num_targets_jax=2000 --family_targets=2000 --num_targets_sklearn=10" \
-           "--num_targets_jax=20 --family_targets=20 --num_targets_sklearn=1 --repeats=1") \
-    --num_targets_dual=0 --out="$RES/$name.json"
-done
+# The steps, those that measure an open issue's accelerator goals first (#18's MFU, #19's
+# TRAK and LDS); a step whose limit does not fit in what is left of the budget gets what is
+# left.
 # Issue 18: ResNet-18s of the ffcv_rn18_16 recipe on 64 px ImageNet-shaped synthetic data (1,000
 # learnable classes, 256,000 images, 2 epochs, 4 models at once, batch 1024): images/s per model,
 # MFU, top-1 on held-out images. A full-size run: --train_examples=1281167 --epochs=16.
@@ -126,6 +116,17 @@ step lds_slice 420 python3 launch/lds.py --workdir workdir_gpu_check/lds \
   $(size "--config configs/cifar10.py:lds_gpu_slice --config.data.source=$DATA" \
          "--config configs/digits.py:quick --config.lds.methods=trak --config.lds.num_subsets=4")
 cp workdir_gpu_check/lds/lds/summary.json "$RES/lds_slice.json" 2>/dev/null && pack
+# Issue 15: the ESVM on the harder feature families (synthetic: nothing to download or extract),
+# targets/s per family beside sklearn's primal loop on the host (no dual fits: at norm 3 one
+# takes over a minute).
+for fam in "hard_synthetic" "imagenet_shaped --family_norm=3" "imagenet_shaped --family_norm=30" \
+           "imagenet_shaped --family_norm=1000"; do
+  name=esvm_$(echo "$fam" | tr -c 'a-z0-9\n' '_' | sed 's/__*/_/g; s/_$//')
+  step "$name" 120 python3 -m benchmarks.benchmark_esvm --mode=compare --family=$fam \
+    $(size "--num_targets_jax=2000 --family_targets=2000 --num_targets_sklearn=10" \
+           "--num_targets_jax=20 --family_targets=20 --num_targets_sklearn=1 --repeats=1") \
+    --num_targets_dual=0 --out="$RES/$name.json"
+done
 # Issues 15-16: 100 ImageNet-shaped classes x 50 targets, one topk call per class (the full
 # 1,000-class sweep: --classes=1000); the streaming loader beside torchvision's DataLoader.
 step esvm_imagenet_sweep 150 python3 -m benchmarks.esvm_imagenet_sweep \

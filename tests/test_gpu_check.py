@@ -103,6 +103,6 @@ def test_gpu_check_keeps_to_its_budget(tmp_path):
   _, names, summary, _ = _run_with_fake_python(tmp_path, GPU_CHECK_BUDGET="35", FAKE_SLEEP="60",
                                                GPU_CHECK_SMOKE="1")
   lines = summary.splitlines()
-  assert lines[0].startswith("esvm_hard_synthetic") and " rc 124 " in lines[0]
+  assert lines[0].startswith("imagenet_train") and " rc 124 " in lines[0]
   assert len(lines) == 13 and all("skipped (budget of 35 s spent)" in line for line in lines[1:])
-  assert "esvm_hard_synthetic.log" in names
+  assert "imagenet_train.log" in names
