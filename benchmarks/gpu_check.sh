@@ -42,6 +42,19 @@ SMOKE=${GPU_CHECK_SMOKE:-0}
 # second call for the steps the first one skipped).
 BUDGET=${GPU_CHECK_BUDGET:-$([ "$SMOKE" = 1 ] && echo 3600 || echo 540)}
 ONLY=${GPU_CHECK_ONLY:-}
+STEPS="imagenet_train trak lds_slice esvm_hard_synthetic esvm_imagenet_shaped_family_norm_3
+  esvm_imagenet_shaped_family_norm_30 esvm_imagenet_shaped_family_norm_1000 esvm_imagenet_sweep
+  loader features_float32 features_bfloat16 esvm train"
+if ! [[ "$BUDGET" =~ ^[0-9]+$ ]]; then
+  echo "GPU_CHECK_BUDGET=$BUDGET: expected whole seconds, e.g. 540" >&2
+  exit 2
+fi
+for name in $ONLY; do
+  if [[ " $(echo $STEPS) " != *" $name "* ]]; then
+    echo "GPU_CHECK_ONLY names an unknown step '$name'; the steps:" $STEPS >&2
+    exit 2
+  fi
+done
 rm -rf "$RES" && mkdir -p "$RES" "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if [ -d .whl ]; then

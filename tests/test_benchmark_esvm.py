@@ -26,15 +26,20 @@ def _features(path, rng, per_class, classes=2, dim=16):
       len(labels), dtype=np.int64))
 
 
-def test_benchmark_esvm_compare_and_all(tmp_path):
-  """Both modes on 1,300 candidates per class (the top-1280 needs that many): the table, the
-  agreement with sklearn and the JSON."""
-  rng = np.random.default_rng(0)
+def _feature_dir(tmp_path, seed, targets_per_class):
+  """train.npz (1,300 candidates per class: the top-1280 needs that many) and test.npz."""
+  rng = np.random.default_rng(seed)
   feat_dir = tmp_path / "features"
   feat_dir.mkdir()
   _features(feat_dir / "train.npz", rng, 1300)
-  _features(feat_dir / "test.npz", rng, 6)
-  out = tmp_path / "esvm.json"
+  _features(feat_dir / "test.npz", rng, targets_per_class)
+  return feat_dir
+
+
+def test_benchmark_esvm_compare_and_all(tmp_path):
+  """Both modes on 1,300 candidates per class (the top-1280 needs that many): the table, the
+  agreement with sklearn and the JSON."""
+  feat_dir, out = _feature_dir(tmp_path, seed=0, targets_per_class=6), tmp_path / "esvm.json"
   res = _run(f"--features_dir={feat_dir}", "--mode=both", "--num_targets_jax=6",
              "--num_targets_sklearn=4", "--num_targets_dual=1", "--repeats=2", f"--out={out}")
   assert res.returncode == 0, res.stderr[-3000:]
@@ -61,12 +66,7 @@ def test_benchmark_esvm_compare_and_all(tmp_path):
 def test_benchmark_esvm_compare_without_dual(tmp_path):
   """--num_targets_dual=0 skips scikit-learn's dual fits (minutes a target on some families):
   no dual row, no dual agreement, the rest as usual."""
-  rng = np.random.default_rng(2)
-  feat_dir = tmp_path / "features"
-  feat_dir.mkdir()
-  _features(feat_dir / "train.npz", rng, 1300)
-  _features(feat_dir / "test.npz", rng, 3)
-  out = tmp_path / "esvm.json"
+  feat_dir, out = _feature_dir(tmp_path, seed=2, targets_per_class=3), tmp_path / "esvm.json"
   res = _run(f"--features_dir={feat_dir}", "--mode=compare", "--num_targets_jax=3",
              "--num_targets_sklearn=1", "--num_targets_dual=0", "--repeats=1", f"--out={out}")
   assert res.returncode == 0, res.stderr[-3000:]

@@ -62,7 +62,21 @@ def test_gpu_check_step_flags_exist(line):
         node = node[part]
 
 
-def _run_with_fake_python(tmp_path, **env):
+def test_gpu_check_lists_its_steps():
+  # STEPS (what GPU_CHECK_ONLY is checked against) names every step the script runs.
+  with open(SCRIPT) as f:
+    text = f.read()
+  listed = re.search(r'STEPS="([^"]*)"', text).group(1).split()
+  assert len(listed) == len(set(listed)) == 13
+  names = [line.split()[1] for line in _steps()]
+  assert {n for n in names if "$" not in n} <= set(listed)
+  assert {n for n in listed if n.startswith("esvm_") and n != "esvm_imagenet_sweep"} == {
+      "esvm_hard_synthetic", "esvm_imagenet_shaped_family_norm_3",
+      "esvm_imagenet_shaped_family_norm_30", "esvm_imagenet_shaped_family_norm_1000"
+  }
+
+
+def _run_with_fake_python(tmp_path, expect_rc=0, **env):
   """The script in a copy of the checkout's layout, with a `python3` that only logs its
   arguments (and sleeps FAKE_SLEEP seconds in a step): its budget, step selection and packing
   alone."""
@@ -80,7 +94,9 @@ def _run_with_fake_python(tmp_path, **env):
   full_env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", OUT=str(out), **env)
   res = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh")], env=full_env,
                        capture_output=True, text=True, timeout=120)
-  assert res.returncode == 0, res.stderr
+  assert res.returncode == expect_rc, res.stderr
+  if expect_rc:
+    return res.stderr
   with tarfile.open(out / "gpu_check.tar.gz") as tar:
     names = {os.path.basename(n) for n in tar.getnames()}
     summary = tar.extractfile("gpu_check/steps.txt").read().decode()
@@ -106,3 +122,11 @@ def test_gpu_check_keeps_to_its_budget(tmp_path):
   assert lines[0].startswith("imagenet_train") and " rc 124 " in lines[0]
   assert len(lines) == 13 and all("skipped (budget of 35 s spent)" in line for line in lines[1:])
   assert "imagenet_train.log" in names
+
+
+def test_gpu_check_refuses_bad_settings_before_any_step(tmp_path):
+  err = _run_with_fake_python(tmp_path / "a", expect_rc=2, GPU_CHECK_ONLY="trak lds")
+  assert "unknown step 'lds'" in err and "lds_slice" in err
+  err = _run_with_fake_python(tmp_path / "b", expect_rc=2, GPU_CHECK_BUDGET="9m")
+  assert "GPU_CHECK_BUDGET=9m: expected whole seconds" in err
+  assert not (tmp_path / "a" / "out").exists() and not (tmp_path / "b" / "out").exists()
