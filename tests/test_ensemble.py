@@ -175,6 +175,13 @@ def test_flip_from_probs():
   np.testing.assert_array_equal(flip.flip_from_probs(probs, np.array([1, 2, 2])), [2, 0, 0])
 
 
+def test_near_tied_flip_classes_are_found():
+  probs = np.array([[0.1, 0.45, 0.45], [0.4, 0.2, 0.4 - 5e-5], [0.3, 0.3, 0.4], [0.5, 0.2, 0.3]])
+  # Row 0: 1 and 2 tie (true 0); row 1: 0 beats 2 by 5e-5 (true 1); row 2: the true class 2 is
+  # top and 0, 1 tie below it; row 3: 0 wins clearly.
+  np.testing.assert_array_equal(flip.near_ties(probs, np.array([0, 1, 2, 1])), [0, 1, 2])
+
+
 def test_bad_inputs_fail_early(tiny, trainers):
   train, ev = tiny
   trainer = trainers["map"]

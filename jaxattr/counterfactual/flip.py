@@ -26,6 +26,17 @@ def flip_from_probs(probs: np.ndarray, true_labels: np.ndarray) -> np.ndarray:
   return np.where(order[:, 0] == true_labels, order[:, 1], order[:, 0]).astype(np.int32)
 
 
+# A flip class that wins by less than this (in mean softmax) is logged as near-tied.
+NEAR_TIE = 1e-4
+
+
+def near_ties(probs: np.ndarray, true_labels: np.ndarray) -> np.ndarray:
+  """Positions whose flip class beats the next non-true class by < NEAR_TIE in probs [E, C]."""
+  rest = np.where(np.arange(probs.shape[1]) == np.asarray(true_labels)[:, None], -np.inf, probs)
+  top2 = -np.sort(-rest, axis=1)[:, :2]
+  return np.flatnonzero(top2[:, 0] - top2[:, 1] < NEAR_TIE)
+
+
 def flip_classes(trainer: ensemble.Trainer, eval_images: np.ndarray, eval_labels: np.ndarray,
                  num_models: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
   """The flip class of each eval image, from `num_models` full-data models.
@@ -47,6 +58,14 @@ def flip_classes(trainer: ensemble.Trainer, eval_images: np.ndarray, eval_labels
   seeds = seed + np.arange(num_models, dtype=np.int64)
   logits, _ = trainer.train_and_predict(eval_images, seeds)
   probs = np.asarray(jax.nn.softmax(jnp.asarray(logits), axis=-1)).mean(0)
+  tied = near_ties(probs, eval_labels)
+  if tied.size:
+    # Models equal to the last bits (another device layout, CPU or jax version) may pick the
+    # other class for these, and their mislabel searches then relabel to it.
+    logging.warning(
+        "flip classes of %d of %d targets (eval positions %s) beat the next class by < %g in "
+        "mean softmax: a run on other hardware may pick the other; more flip models "
+        "(support.flip_models) separate them", tied.size, len(probs), tied[:10].tolist(), NEAR_TIE)
   return probs.astype(np.float32), flip_from_probs(probs, eval_labels)
 
 
