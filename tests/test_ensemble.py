@@ -182,6 +182,28 @@ def test_near_tied_flip_classes_are_found():
   np.testing.assert_array_equal(flip.near_ties(probs, np.array([0, 1, 2, 1])), [0, 1, 2])
 
 
+def test_flip_classes_warns_of_near_ties(monkeypatch):
+  # Logits whose softmax puts classes 1 and 2 level for image 0 and class 0 clearly first for 1.
+  logits = np.log(np.array([[[0.2, 0.4, 0.4], [0.1, 0.2, 0.7]]], np.float32))
+
+  class Stub:
+
+    def train_and_predict(self, images, seeds):
+      assert len(seeds) == 1
+      return logits, None
+
+  messages = []
+  monkeypatch.setattr(flip.logging, "warning", lambda msg, *a: messages.append(msg % a))
+  probs, classes = flip.flip_classes(Stub(), np.zeros((2, 4, 4, 3), np.uint8), np.array([0, 1]),
+                                     num_models=1, seed=0)
+  np.testing.assert_array_equal(classes, [1, 2])
+  np.testing.assert_allclose(probs, np.exp(logits[0]), rtol=1e-6)
+  assert len(messages) == 1
+  assert "flip classes of 1 of 2 targets (eval positions [0])" in messages[0]
+  assert "support.flip_models in the pipeline, num_models in launch/flip.py" in messages[0]
+  assert "may separate them" in messages[0]
+
+
 def test_bad_inputs_fail_early(tiny, trainers):
   train, ev = tiny
   trainer = trainers["map"]

@@ -65,7 +65,8 @@ def flip_classes(trainer: ensemble.Trainer, eval_images: np.ndarray, eval_labels
     logging.warning(
         "flip classes of %d of %d targets (eval positions %s) beat the next class by < %g in "
         "mean softmax: a run on other hardware may pick the other; more flip models "
-        "(support.flip_models) separate them", tied.size, len(probs), tied[:10].tolist(), NEAR_TIE)
+        "(support.flip_models in the pipeline, num_models in launch/flip.py) may separate them",
+        tied.size, len(probs), tied[:10].tolist(), NEAR_TIE)
   return probs.astype(np.float32), flip_from_probs(probs, eval_labels)
 
 
