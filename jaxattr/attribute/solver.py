@@ -25,7 +25,8 @@ from jaxattr.attribute.options import AttributionError, SolverOptions
 # With `SolverOptions.fallback64`: float32 iterations before a target continues in float64. A
 # target that float32 has not converged by then is one of the few that stall at its rounding
 # floor (a tolerance of 1e-5 with thousands of violators) or converge slowly (feature norms of
-# ~1,000); float64, warm-started, finishes them in 1-8 iterations.
+# ~1,000); float64, warm-started, finishes them in 1-8 iterations (from farther off, such as 20
+# accurate float32 steps at norm ~1,000, `tests/test_esvm_exact_steps.py`: 2-21).
 FLOAT32_ITERS = 20
 # ... or earlier, once its steps stall: a step below STALL_NEAR x tol that is not at most
 # STALL_RATIO times the one before. Near the optimum exact Newton steps shrink fast; steps that
