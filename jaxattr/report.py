@@ -113,7 +113,7 @@ def _support(workdir: str, cfg: dict | None = None) -> str:
   ]
   for metric in metrics:
     parts.append(f"<h3>{metric} support</h3>")
-    rows, thresholds, settings = [], [], set()
+    rows, thresholds, settings, shared = [], [], set(), 0
     for method in sorted(os.listdir(os.path.join(root, metric))):
       path = os.path.join(root, metric, method, "summary.json")
       if not os.path.exists(path):
@@ -126,6 +126,11 @@ def _support(workdir: str, cfg: dict | None = None) -> str:
       thresholds = thresholds or sorted(s["fraction_flipped"], key=int)
       med = s["median_support"]
       rounds = s.get("rounds", [])
+      # A round's trainer call trains the models of every search due then (all methods and
+      # metrics at once): its time is the call's, shared with those searches, not this row's.
+      call_models = max((r.get("call_models", 0) for r in rounds), default=0)
+      own = call_models > max((r.get("models", 0) for r in rounds), default=0)
+      shared = max(shared, call_models if own else 0)
       rows.append([
           html.escape(method),
           str(s["targets"]),
@@ -136,7 +141,8 @@ def _support(workdir: str, cfg: dict | None = None) -> str:
           *[f"{100 * s['fraction_flipped'].get(t, 0):.0f}%" for t in thresholds],
           str(s["trainings"]),
           str(s.get("trainings_per_target_max", "")),
-          f"{len(rounds)} / " + _fmt_seconds(sum(r["seconds"] for r in rounds)),
+          f"{len(rounds)} / " + _fmt_seconds(sum(r["seconds"] for r in rounds)) +
+          (", shared" if own else ""),
       ])
       settings.add(f"k = {s['k']}, {s['num_tests']} models per evaluation, " + (
           "exhaustive grid" if s.get("exhaustive") else f"search budget {s['search_budget']}"))
@@ -148,8 +154,13 @@ def _support(workdir: str, cfg: dict | None = None) -> str:
         *[f"&le;{t}" for t in thresholds], "trainings", "max / target", "rounds / time"
     ]
     parts.append(_table(columns, rows))
-    parts.append(f"<p class='sub'>Search: {html.escape('; '.join(sorted(settings)))}. Columns "
-                 "&le;k: fraction of all targets flipped with at most k images.</p>")
+    parts.append(
+        f"<p class='sub'>Search: {html.escape('; '.join(sorted(settings)))}. Columns "
+        "&le;k: fraction of all targets flipped with at most k images. Rounds / time: the "
+        "search's trainer calls and their wall time" +
+        (f"; 'shared': each call trained the models of several searches at once (up to "
+         f"{shared} models a call, every method and metric due in that round), so these times "
+         "overlap and do not add up" if shared else "") + ".</p>")
     curves = os.path.join(root, metric, "curves.png")
     if not os.path.exists(curves) or _stale(curves, os.path.join(root, metric)):
       try:

@@ -89,6 +89,13 @@ def test_report_contains_tables_images_curves_and_timings(tmp_path):
     assert summary["median_support"] == 20
   assert page.count("<td>esvm</td>") == 2 and page.count("<td>l2</td>") == 2
   assert "<td>20</td>" in page and "&le;10" in page
+  # Both methods and metrics share each round's trainer call: its time is marked shared, not
+  # presented as each row's own, and the note gives the largest call (4 searches' models).
+  assert page.count(", shared</td>") == 4
+  rounds = summary["rounds"]
+  assert all(r["call_models"] == 4 * r["models"] for r in rounds)
+  assert f"up to {max(r['call_models'] for r in rounds)} models a call" in page
+  assert "do not add up" in page
   # Curves embedded as images, one per metric.
   assert len(re.findall(r"class='curve'[^>]*src='data:image/png;base64,", page)) == 2
   # Per method 3 targets, each with its image and top-16 with scores, plus the flipping prefix:
@@ -110,6 +117,18 @@ def test_report_contains_tables_images_curves_and_timings(tmp_path):
   assert "search_budget" in page and "git_revision" in page and "jax" in page
   # Self-contained: every image is embedded.
   assert "src='data:image/png;base64," in page and "src='/" not in page
+  # A search whose calls trained only its own models (one method, one metric) owns its time.
+  for metric in bisection.METRICS:
+    for method in ("esvm", "l2"):
+      p = f"{wd}/support/{metric}/{method}/summary.json"
+      with open(p) as f:
+        s = json.load(f)
+      for r in s["rounds"]:
+        r["call_models"] = r["models"]
+      utils.save_json(p, s)
+  page = read(report.write_report(wd, config, train=train, test=test, num_examples=1))
+  assert ", shared</td>" not in page and "do not add up" not in page
+  assert page.count("<td>4 / ") == 4
 
 
 def test_report_without_results_says_what_is_missing(tmp_path):
