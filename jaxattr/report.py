@@ -331,6 +331,11 @@ def png_data_uri(image: np.ndarray, min_size: int = 64) -> str:
   return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _count(n: Any, noun: str) -> str:
+  """'1 model', '20 models' (and '? models' for a missing count)."""
+  return f"{n} {noun}" if n == 1 else f"{'?' if n is None else n} {noun}s"
+
+
 def _lds(workdir: str, cfg: dict | None = None) -> str:
   head = "<h2>Linear datamodeling score (LDS)</h2>"
   path = os.path.join(workdir, "lds", "summary.json")
@@ -354,15 +359,19 @@ def _lds(workdir: str, cfg: dict | None = None) -> str:
   parts = [
       head,
       (f"<p>Mean over {s['targets']} targets of the Spearman correlation, over {s['subsets']} "
-       f"random subsets of {100 * s['alpha']:.0f}% of the training set ({s['models_per_subset']} "
-       "model(s) each), between a method's summed scores of a subset and the correct-class "
-       "margin of the models trained on it. Higher is better; the interval is a bootstrap over "
-       "targets.</p>"),
+       f"random subsets of {100 * s['alpha']:.0f}% of the training set "
+       f"({_count(s['models_per_subset'], 'model')} each), between a method's summed scores of a "
+       "subset and the correct-class margin of the models trained on it. Higher is better; the "
+       "interval is a bootstrap over targets.</p>"),
       _table(["method", "LDS", "95% interval", "targets"], rows),
   ]
+  if "class" in s["methods"]:
+    parts.append("<p class='sub'>'class' scores 1 for every image of the target's class and 0 for "
+                 "the others: no attribution at all, the floor against which a method that ranks "
+                 "only the target's class (esvm, l2, cosine) is read.</p>")
   if training:
-    parts.append(f"<p class='sub'>{training.get('models')} models, "
-                 f"{training.get('trainer_calls')} trainer call(s) in this run, waves of "
+    parts.append(f"<p class='sub'>{_count(training.get('models'), 'model')}, "
+                 f"{_count(training.get('trainer_calls'), 'trainer call')} in this run, waves of "
                  f"{training.get('wave')}.</p>")
   png = os.path.join(workdir, "lds", "scatter.png")
   if os.path.exists(png):

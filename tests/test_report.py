@@ -176,3 +176,34 @@ def test_report_from_config_json_loads_images_with_the_data_options(tmp_path):
   # 8x8 digits are upscaled 7x to 56 pixels; without data.options (32x32 digits) they were 64.
   sizes = [Image.open(io.BytesIO(base64.b64decode(u))).size for u in uris]
   assert sizes == [(56, 56)] * 2
+
+
+def test_report_lds_section_explains_the_class_floor_and_counts(tmp_path):
+  wd = str(tmp_path)
+  config, train, test, _ = make_workdir(wd)
+
+  def lds_summary(methods, models_per_subset, training):
+    utils.save_json(
+        os.path.join(wd, "lds", "summary.json"), {
+            "targets": 12,
+            "subsets": 4,
+            "alpha": 0.5,
+            "models_per_subset": models_per_subset,
+            "methods": {
+                m: {
+                    "lds": 0.1 * (i + 1),
+                    "ci95": [0.05 * (i + 1), 0.15 * (i + 1)],
+                    "targets_scored": 12
+                } for i, m in enumerate(methods)
+            },
+            "training": training
+        })
+    return read(report.write_report(wd, config, train=train, test=test, num_examples=1))
+
+  page = lds_summary(("esvm", "class"), 1, {"models": 4, "trainer_calls": 1, "wave": 4})
+  assert "<td>class</td>" in page and "<td>0.200</td>" in page and "0.100 to 0.300" in page
+  assert "(1 model each)" in page and "4 models, 1 trainer call in this run" in page
+  assert "'class' scores 1 for every image of the target's class" in page
+  page = lds_summary(("esvm", "trak"), 2, {"models": 8, "trainer_calls": 2, "wave": 4})
+  assert "(2 models each)" in page and "8 models, 2 trainer calls in this run" in page
+  assert "'class' scores" not in page and "model(s)" not in page and "call(s)" not in page
