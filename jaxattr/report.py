@@ -128,9 +128,9 @@ def _support(workdir: str, cfg: dict | None = None) -> str:
       rounds = s.get("rounds", [])
       # A round's trainer call trains the models of every search due then (all methods and
       # metrics at once): its time is the call's, shared with those searches, not this row's.
-      call_models = max((r.get("call_models", 0) for r in rounds), default=0)
-      own = call_models > max((r.get("models", 0) for r in rounds), default=0)
-      shared = max(shared, call_models if own else 0)
+      is_shared = any(r.get("call_models", 0) > r.get("models", 0) for r in rounds)
+      if is_shared:
+        shared = max([shared] + [r.get("call_models", 0) for r in rounds])
       rows.append([
           html.escape(method),
           str(s["targets"]),
@@ -142,7 +142,7 @@ def _support(workdir: str, cfg: dict | None = None) -> str:
           str(s["trainings"]),
           str(s.get("trainings_per_target_max", "")),
           f"{len(rounds)} / " + _fmt_seconds(sum(r["seconds"] for r in rounds)) +
-          (", shared" if own else ""),
+          (", shared" if is_shared else ""),
       ])
       settings.add(f"k = {s['k']}, {s['num_tests']} models per evaluation, " + (
           "exhaustive grid" if s.get("exhaustive") else f"search budget {s['search_budget']}"))
