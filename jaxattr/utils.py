@@ -57,6 +57,84 @@ def save_npy(path: str, array: np.ndarray) -> None:
       np.save(f, array)
 
 
+_SAVE_HINT = "write it with numpy.save (.npy) or numpy.savez (.npz), as numbers, not Python objects"
+
+
+def _file(path: str, what: str) -> str:
+  return "the file" if path in what else path
+
+
+def _check_magic(path: str, what: str, error: type[Exception]) -> None:
+  """Refuses a file that is neither an .npy array nor a zip (.npz) archive by its first bytes
+  (numpy would take it for a pickle and talk of allow_pickle)."""
+  try:
+    with open(path, "rb") as f:
+      head = f.read(6)
+  except OSError as e:
+    raise error(f"{what}: cannot open {path} ({e})") from e
+  if head != b"\x93NUMPY" and not head.startswith(b"PK"):
+    raise error(f"{what}: {_file(path, what)} is not a numpy file (it starts with {head!r}, not "
+                f"an .npy or .npz header); {_SAVE_HINT}")
+
+
+def load_user_npy(path: str, what: str, error: type[Exception] = ValueError,
+                  mmap: bool = False) -> np.ndarray:
+  """A user's .npy file (an external score or top-k matrix, a target list), or one `error` that
+  names `what` and the path when numpy cannot read it as one numeric array (not a numpy file,
+  truncated, pickled objects, an .npz archive)."""
+  _check_magic(path, what, error)
+  try:
+    out = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+  except (ValueError, OSError, EOFError) as e:
+    raise error(f"{what}: cannot read {_file(path, what)} as a numpy array ({e}); "
+                f"{_SAVE_HINT}") from e
+  if not isinstance(out, np.ndarray):
+    out.close()
+    raise error(f"{what}: {_file(path, what)} is an .npz archive, expected one array in an .npy "
+                f"file; {_SAVE_HINT}")
+  if out.dtype.hasobject or out.dtype.kind not in "biufc":
+    raise error(f"{what}: {_file(path, what)} holds {out.dtype} values, expected numbers; "
+                f"{_SAVE_HINT}")
+  return out
+
+
+def load_user_npz(path: str, what: str, error: type[Exception] = ValueError) -> dict[str, Any]:
+  """A user's .npz archive read whole ({key: array}), or one `error` naming `what` and the path."""
+  _check_magic(path, what, error)
+  try:
+    z = np.load(path, allow_pickle=False)
+  except (ValueError, OSError, EOFError) as e:
+    raise error(f"{what}: cannot read {_file(path, what)} as an .npz archive ({e}); "
+                f"{_SAVE_HINT}") from e
+  if not isinstance(z, np.lib.npyio.NpzFile):
+    raise error(f"{what}: {_file(path, what)} holds a single array, expected an .npz archive; "
+                f"{_SAVE_HINT}")
+  with z:
+    try:
+      return {key: z[key] for key in z.files}
+    except (ValueError, OSError, EOFError) as e:
+      raise error(f"{what}: cannot read an array of {_file(path, what)} ({e}); "
+                  f"{_SAVE_HINT}") from e
+
+
+def integer_values(values: Any, what: str, error: type[Exception] = ValueError) -> np.ndarray:
+  """`values` as int64, refusing anything that is not a whole number: integer arrays pass, float
+  arrays only when every entry is finite and whole (e.g. indices saved as float), never booleans
+  or cast-truncated fractions."""
+  a = np.asarray(values)
+  if a.dtype.kind in "iu":
+    return a.astype(np.int64)
+  if a.dtype.kind == "f":
+    whole = np.isfinite(a) & (a == np.round(a))
+    if whole.all():
+      return a.astype(np.int64)
+    first = np.unravel_index(int(np.argmin(whole)), a.shape)
+    raise error(f"{what}: expected whole-number index values, got {a.dtype} with "
+                f"{int((~whole).sum())} that are not (first {a[first].item()!r} at position "
+                f"{tuple(int(i) for i in first)})")
+  raise error(f"{what}: expected integer index values, got {a.dtype}")
+
+
 def save_json(path: str, obj: Any) -> None:
   """Atomically writes pretty JSON."""
   with atomic_path(path) as tmp:

@@ -48,7 +48,10 @@ among the possible targets' classes (same_class) or the training set; ensemble.c
 side and translate < it; ensemble.batch_size <= the training images minus support.k when removal
 support runs (its models drop up to k images and batches drop_last: fewer images than a batch
 would train no step), and <= the training images for full-data models (flip, mislabel);
-support.k <= the training images; support.targets among the test `index` values.
+support.k <= the training images; support.targets among the test `index` values; each 'name=PATH'
+file of support.methods and lds.methods read as its stage reads it (numeric, shape, whole-number
+training index values for top-k files, index and NaN checks for score files), so a bad file stops
+the pipeline before its first stage.
 `attribution.k` is compared with the classes that can hold targets (those of target_list for
 'list', else every test class), the rule of `jaxattr.attribute.ranking.check_inputs`.
 
@@ -566,7 +569,8 @@ def _check_lds(c: _Checker) -> None:
   c.int_("lds.bootstrap", lo=0)
 
 
-def _check_lds_data(c: _Checker, train: Any, where: str) -> None:
+def _check_lds_data(c: _Checker, train: Any, test: Any, where: str) -> None:
+  _check_lds_score_files(c, train, test)
   alpha, batch = c.good("lds.alpha"), c.good("ensemble.batch_size")
   if alpha is _BAD or train is None:
     return
@@ -581,6 +585,24 @@ def _check_lds_data(c: _Checker, train: Any, where: str) -> None:
     c.add(
         "lds.alpha", f"={alpha}: subsets of {size} images cannot hold the {classes} classes of "
         f"the training set {where}: raise lds.alpha")
+
+
+def _check_lds_score_files(c: _Checker, train: Any, test: Any) -> None:
+  """Each external score matrix of lds.methods read as the stage will read it (shape, dtype,
+  index, NaN), so that a bad file fails here and not after the pipeline's earlier stages."""
+  from jaxattr.counterfactual import lds  # pylint: disable=import-outside-toplevel
+  specs, num, seed = c.good("lds.methods"), c.good("lds.num_targets"), c.good("lds.seed")
+  if train is None or test is None or _BAD in (specs, num, seed) or "lds.methods" in c.flagged:
+    return
+  targets = lds.select_targets(len(test), num, seed)
+  for spec in specs:
+    name, _, path = spec.partition("=")
+    if path:
+      try:
+        lds.external_scores(name, path.strip(), targets, np.asarray(train.index),
+                            np.asarray(test.index))
+      except lds.LdsError as e:
+        c.add("lds.methods", ": " + str(e).removeprefix("lds.methods "))
 
 
 def _check_ensemble(c: _Checker) -> None:
@@ -812,7 +834,7 @@ def _check_against_data(c: _Checker, train: Any, test: Any, stages: tuple[str, .
   if "attribution" in stages:
     _check_attribution_data(c, counts, train, test, where)
   if "lds" in stages:
-    _check_lds_data(c, train, where)
+    _check_lds_data(c, train, test, where)
   if {"support", "flip"} & set(stages) and train is not None:
     # Streamed data trains on its resident copy (`jaxattr.resident`), resident.side pixels.
     in_memory = isinstance(getattr(train, "images", None), np.ndarray)
@@ -841,6 +863,30 @@ def _check_against_data(c: _Checker, train: Any, test: Any, stages: tuple[str, .
     _check_ensemble_batch(c, len(train), stages, where)
   if "support" in stages:
     _check_support_data(c, train, test, stages, where)
+
+
+def _check_support_topk_files(c: _Checker, specs: Sequence[str], k: int, requested: np.ndarray,
+                              train: Any, where: str) -> None:
+  """Each 'name=PATH' top-k matrix of support.methods read as the stage will read it: the rows
+  of support.targets, whole numbers, and (with the data) training index values."""
+  from jaxattr.counterfactual import support  # pylint: disable=import-outside-toplevel
+  for spec in specs:
+    path = spec.partition("=")[2].strip()
+    if not path or not os.path.isfile(path):
+      continue  # no file, or one that `_check_support` reported missing
+    try:
+      _, _, topk = support.load_topk("", spec, k, requested)
+    except ValueError as e:
+      c.add("support.methods", ": " + str(e).removeprefix("support.methods "))
+      continue
+    if train is not None:
+      foreign = np.setdiff1d(topk, np.asarray(train.index, np.int64))
+      if len(foreign):
+        c.add(
+            "support.methods", f": entry {spec!r}: the top-{k} of support.targets holds "
+            f"{len(foreign)} value(s) that are not training index values {where} (first "
+            f"{foreign[:10].tolist()}); a reference-layout matrix holds training index values, "
+            "best first")
 
 
 def _class_list(ds: Any, classes: np.ndarray) -> str:
@@ -951,8 +997,10 @@ def _check_support_data(c: _Checker, train: Any, test: Any, stages: tuple[str, .
           "support.targets", f": index values {absent[:10].tolist()} are not among the "
           f"{len(test_index)} test images {where} (limit_per_class may have dropped them)")
       return
-  num = c.good("support.num_targets")
   specs = c.good("support.methods")
+  if requested is not None and specs is not _BAD and k is not _BAD:
+    _check_support_topk_files(c, specs, k, requested, train, where)
+  num = c.good("support.num_targets")
   if "attribution" not in stages or specs is _BAD or all("=" in s for s in specs):
     return
   # Methods without '=' read this run's attribution outputs: its targets bound support's.

@@ -1,5 +1,7 @@
 """LDS: subsets, Spearman, bootstrap, score checks, and margins trained one call per wave."""
 
+import os
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -66,8 +68,22 @@ def test_score_checks_name_the_problem(tmp_path):
   np.testing.assert_array_equal(got, np.arange(50.0).reshape(5, 10)[[1, 3]])
   with pytest.raises(lds.LdsError, match="file not found"):
     lds.external_scores("ext", str(tmp_path / "none.npy"), np.array([1]), train_index, test_index)
-  with pytest.raises(lds.LdsError, match=r"expected \[2 targets, 11"):
+  with pytest.raises(
+      lds.LdsError, match=r"shape \(5, 10\), expected \[2 LDS targets or 5 test "
+      r"images, 11 training images\]"):
     lds.external_scores("ext", path, np.array([1, 3]), np.arange(11), test_index)
+  # Files numpy cannot read as numbers: one error naming the entry and the file.
+  with open(path, "w") as f:
+    f.write("not an array")
+  with pytest.raises(lds.LdsError, match="entry 'ext=.*s.npy': the file is not a numpy file"):
+    lds.external_scores("ext", path, np.array([1, 3]), train_index, test_index)
+  np.save(path, np.array([None, "a"], dtype=object), allow_pickle=True)
+  with pytest.raises(lds.LdsError, match="cannot read the file as a numpy array"):
+    lds.external_scores("ext", path, np.array([1, 3]), train_index, test_index)
+  np.savez(path[:-1] + "z", scores=np.ones((2, 10)))
+  os.replace(path[:-1] + "z", path)  # an archive under an .npy name
+  with pytest.raises(lds.LdsError, match="is an .npz archive, expected one array"):
+    lds.external_scores("ext", path, np.array([1, 3]), train_index, test_index)
   # .npz with the index values the columns belong to: checked against the split.
   npz = str(tmp_path / "s.npz")
   np.savez(npz, scores=np.ones((2, 10)), train_index=train_index, target_index=[101, 103])

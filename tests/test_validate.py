@@ -313,6 +313,60 @@ def test_support_targets_and_reference_methods(tmp_path):
   assert "support.num_targets=3 exceeds the 2 targets of support.targets" in found(config)[0]
 
 
+def test_external_matrices_are_read_before_any_stage(tmp_path):
+  """The 'name=PATH' files of support.methods and lds.methods are read in the validation pass
+  (with the data), as the stages read them, so a bad one fails before the pipeline's first stage."""
+  config = load_config("digits")
+  train, test = digits_data()
+  config.support.targets, config.support.num_targets = "3,5", 0
+  topk = np.zeros((359, 128), np.int64)
+  topk[[3, 5]] = np.arange(128)
+  good, bad = tmp_path / "topk.npy", tmp_path / "bad.npy"
+  np.save(good, topk)
+  config.support.methods = f"ref={good}"
+  assert found(config, train, test, stages=("support",)) == []
+  np.save(good, topk.astype(np.float32))  # whole numbers saved as floats are fine
+  assert found(config, train, test, stages=("support",)) == []
+  np.save(bad, topk + 0.5)
+  config.support.methods = f"ref={bad}"
+  problems = found(config, train, test, stages=("support",))
+  assert len(problems) == 1 and "expected whole-number index values" in problems[0], problems
+  assert "first 0.5 at position (0, 0)" in problems[0]
+  foreign = topk.copy()
+  foreign[5, 7] = 5000
+  np.save(bad, foreign)
+  problems = found(config, train, test, stages=("support",))
+  assert len(problems) == 1 and "1 value(s) that are not training index values" in problems[0]
+  assert "(first [5000])" in problems[0]
+  bad.write_text("3,5\n")  # a text file where a .npy is expected
+  problems = found(config, train, test, stages=("support",))
+  assert len(problems) == 1 and "is not a numpy file" in problems[0], problems
+  # A target list saved as floats: whole numbers pass, fractions are refused, not truncated.
+  listed = tmp_path / "targets.npy"
+  np.save(listed, np.array([3.0, 5.0]))
+  config.support.methods, config.support.targets = f"ref={good}", str(listed)
+  assert found(config, train, test, stages=("support",)) == []
+  np.save(listed, np.array([3.0, 5.5]))
+  problems = found(config, train, test, stages=("support",))
+  assert len(problems) == 1 and "expected whole-number index values" in problems[0], problems
+  assert "first 5.5 at position (1,)" in problems[0]
+  config.lds.num_targets = 0  # every test image
+  scores = tmp_path / "scores.npy"
+  np.save(scores, np.zeros((359, 100), np.float32))
+  config.lds.methods = f"esvm,ext={scores}"
+  problems = found(config, train, test, stages=("lds",))
+  assert len(problems) == 1 and problems[0].startswith("lds.methods: entry 'ext="), problems
+  assert "scores of shape (359, 100), expected [359 targets, 1438 training images]" in problems[0]
+  np.save(scores, np.array([{"a": 1}] * 3, dtype=object), allow_pickle=True)
+  problems = found(config, train, test, stages=("lds",))
+  assert len(problems) == 1 and "cannot read" in problems[0] and "numpy.save" in problems[0]
+  np.save(scores, np.zeros((359, 1438), np.float32))
+  assert found(config, train, test, stages=("lds",)) == []
+  # Without the data only the file's existence can be checked.
+  np.save(scores, np.zeros((359, 100), np.float32))
+  assert found(config, stages=("lds",)) == []
+
+
 def test_exhaustive_grid():
   config = load_config("digits")  # k = 128; the default grid reaches 1280
   assert found(config) == []  # not exhaustive: the grid is unused

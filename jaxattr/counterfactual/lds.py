@@ -136,18 +136,21 @@ def bootstrap_interval(values: np.ndarray, resamples: int, seed: int = 0,
   return float(lo), float(hi)
 
 
-def check_scores(name: str, scores: np.ndarray, num_targets: int, num_train: int) -> None:
-  """Raises LdsError for a score matrix that is not float [targets, train] or holds NaN/inf."""
+def check_scores(name: str, scores: np.ndarray, num_targets: int, num_train: int,
+                 what: str = "") -> None:
+  """Raises LdsError for a score matrix that is not float [targets, train] or holds NaN/inf;
+  `what` names it in the message (default: LDS method `name`)."""
+  what = what or f"LDS method {name!r}"
   scores = np.asarray(scores)
   if scores.ndim != 2 or scores.shape != (num_targets, num_train):
-    raise LdsError(f"LDS method {name!r}: scores of shape {scores.shape}, expected "
-                   f"[{num_targets} targets, {num_train} training images]")
+    raise LdsError(f"{what}: scores of shape {scores.shape}, expected [{num_targets} targets, "
+                   f"{num_train} training images]")
   if not np.issubdtype(scores.dtype, np.floating):
-    raise LdsError(f"LDS method {name!r}: scores of dtype {scores.dtype}, expected floats")
+    raise LdsError(f"{what}: scores of dtype {scores.dtype}, expected floats")
   bad = np.argwhere(~np.isfinite(scores))
   if len(bad):
-    raise LdsError(f"LDS method {name!r}: {len(bad)} scores are NaN or infinite (first at target "
-                   f"row {bad[0][0]}, training position {bad[0][1]})")
+    raise LdsError(f"{what}: {len(bad)} scores are NaN or infinite (first at target row "
+                   f"{bad[0][0]}, training position {bad[0][1]})")
 
 
 def external_scores(name: str, path: str, targets: np.ndarray, train_index: np.ndarray,
@@ -160,37 +163,40 @@ def external_scores(name: str, path: str, targets: np.ndarray, train_index: np.n
   columns (rows) belong to; they must be the split's, else the error names the first mismatch.
   """
   if not os.path.exists(path):
-    raise LdsError(f"lds.methods entry {name}={path}: file not found")
+    raise LdsError(f"lds.methods entry {name + '=' + path!r}: file not found")
   n_test, num_train = len(test_index), len(train_index)
+  what = f"lds.methods entry {name + '=' + path!r}"
   if path.endswith(".npz"):
-    with np.load(path) as z:
-      if "scores" not in z.files:
-        raise LdsError(f"lds.methods entry {name}={path}: no 'scores' array (has {z.files})")
-      scores = z["scores"]
-      for key, want in (("train_index", np.asarray(train_index)),):
-        if key in z.files:
-          got = z[key]
-          if got.shape != want.shape or not np.array_equal(got, want):
-            bad = (np.flatnonzero(
-                got[:len(want)] != want[:len(got)])[:1].tolist() if got.ndim == 1 else [])
-            where = f"; first difference at column {bad[0]}" if bad else ""
-            raise LdsError(f"lds.methods entry {name}={path}: its train_index ({got.shape[0]} "
-                           f"entries) is not the training split's ({len(want)} index values)"
-                           f"{where}: the scores belong to another split or order")
-      if "target_index" in z.files:
-        got = np.asarray(z["target_index"])
-        if len(got) == n_test and n_test != len(targets):
-          want = np.asarray(test_index)
-        else:
-          want = np.asarray(test_index)[targets]
-        if got.shape != want.shape or not np.array_equal(got, want):
-          raise LdsError(f"lds.methods entry {name}={path}: its target_index does not match the "
-                         "LDS targets' (or the test split's) index values")
+    z = utils.load_user_npz(path, what, LdsError)
+    if "scores" not in z:
+      raise LdsError(f"{what}: no 'scores' array (has {sorted(z)})")
+    scores = z["scores"]
+    if "train_index" in z:
+      got, want = np.asarray(z["train_index"]), np.asarray(train_index)
+      if got.shape != want.shape or not np.array_equal(got, want):
+        bad = (np.flatnonzero(
+            got[:len(want)] != want[:len(got)])[:1].tolist() if got.ndim == 1 else [])
+        where = f"; first difference at column {bad[0]}" if bad else ""
+        raise LdsError(f"{what}: its train_index (shape {got.shape}) is not the training "
+                       f"split's ({len(want)} index values){where}: the scores belong to another "
+                       "split or order")
+    if "target_index" in z:
+      got = np.asarray(z["target_index"])
+      if got.ndim == 1 and len(got) == n_test and n_test != len(targets):
+        want = np.asarray(test_index)
+      else:
+        want = np.asarray(test_index)[targets]
+      if got.shape != want.shape or not np.array_equal(got, want):
+        raise LdsError(f"{what}: its target_index does not match the LDS targets' (or the test "
+                       "split's) index values")
   else:
-    scores = np.load(path, mmap_mode="r")
-  if scores.ndim == 2 and scores.shape[0] == n_test and n_test != len(targets):
-    scores = scores[targets]
-  check_scores(f"{name}={path}", scores, len(targets), num_train)
+    scores = utils.load_user_npy(path, what, LdsError, mmap=True)
+  if n_test != len(targets) and scores.shape != (len(targets), num_train):
+    if scores.shape != (n_test, num_train):
+      raise LdsError(f"{what}: scores of shape {scores.shape}, expected [{len(targets)} LDS "
+                     f"targets or {n_test} test images, {num_train} training images]")
+    scores = scores[targets]  # a row per test image: keep the LDS targets' rows
+  check_scores(name, scores, len(targets), num_train, what)
   return np.asarray(scores, np.float32)
 
 

@@ -368,7 +368,9 @@ def parse_targets(spec: str) -> np.ndarray | None:
     return None
   if os.path.exists(spec):
     if spec.endswith(".npy"):
-      return np.load(spec).astype(np.int64).ravel()
+      what = f"support.targets={spec!r}"
+      return utils.integer_values(utils.load_user_npy(spec, what, SearchError), what,
+                                  SearchError).ravel()
     with open(spec) as f:
       spec = f.read()
   try:
@@ -396,7 +398,8 @@ def load_topk(workdir: str, method: str, k: int,
   if sep:
     if not os.path.exists(path):
       raise SearchError(f"method {name!r}: top-k file {path} does not exist")
-    matrix = np.load(path, mmap_mode="r")
+    what = f"support.methods entry {method!r}"
+    matrix = utils.load_user_npy(path, what, SearchError, mmap=True)
     if matrix.ndim != 2 or matrix.shape[1] < k:
       raise SearchError(f"{path}: expected a reference-layout matrix [n_test, >= {k}], got "
                         f"{matrix.shape}")
@@ -405,7 +408,8 @@ def load_topk(workdir: str, method: str, k: int,
                         "(--config.support.targets); its rows do not say which were computed")
     if targets.min() < 0 or targets.max() >= matrix.shape[0]:
       raise SearchError(f"{path}: targets must lie in [0, {matrix.shape[0]})")
-    return name, targets, np.asarray(matrix[targets, :k], np.int64)
+    return name, targets, utils.integer_values(matrix[targets, :k], f"{what} (the rows of "
+                                               "support.targets)", SearchError)
   base = os.path.join(workdir, "attribution", name)
   # jaxattr.attribute writes targets.npy as test positions and target_index.npy as test
   # `index` values; the search speaks index values.
