@@ -4,7 +4,7 @@ r"""Converts a PyTorch ResNet checkpoint into a jaxattr variables checkpoint.
   python launch/convert.py --src=moco_v2_800ep_pretrain.pth.tar --dst=workdir/moco_r50
   python launch/convert.py --src=resnet50.pth --dst=workdir/r50_sup --keep_fc
 
-The output loads with `launch/extract_features.py --config.encoder.checkpoint=DST`. Needs torch
+The output loads with `launch/features.py --config.encoder.checkpoint=DST`. Needs torch
 (pip install 'jaxattr[torch]') for this step only. See `jaxattr.convert` for the formats.
 """
 
