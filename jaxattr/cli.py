@@ -23,7 +23,8 @@ def launch(run: Callable[[Any, str],
   """Defines --config (a Python config file, locked) and --workdir, then calls run(config, workdir).
 
   Any config field can be overridden on the command line (`--config.pretrain.epochs=5`); a
-  misspelt field is an error before anything runs.
+  misspelt field is a one-line usage error (naming the flag, and the field ml_collections
+  suggests) before anything runs.
 
   On the CPU backend, XLA_FLAGS defaults to `cpu_flags` (`jaxattr.xla_flags`: about 2x faster
   convolution training on XLA:CPU) unless the user has set XLA_FLAGS, in which case those stand;
@@ -49,7 +50,10 @@ def launch(run: Callable[[Any, str],
   distributed.define_flags()
   flags.mark_flags_as_required(["config", "workdir"])
 
+  started = []
+
   def main(argv):
+    started.append(True)
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:  # -v 1 must still show the DEBUG tracebacks.
@@ -76,7 +80,37 @@ def launch(run: Callable[[Any, str],
       logging.info("%s", doc.strip().splitlines()[0])
     guarded(run, config.value, workdir.value, shard_lock=shard_lock)
 
-  app.run(main)
+  try:
+    app.run(main)
+  except (AttributeError, KeyError) as e:
+    if started:
+      raise
+    # ml_collections rejects an override of a field the config lacks with a bare KeyError /
+    # AttributeError from inside absl's flag parsing: say which flag, as absl says for the rest.
+    print(
+        f"FATAL Flags parsing error: {_unknown_field(e, sys.argv)}\n"
+        "Pass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
+    sys.exit(1)
+
+
+def _unknown_field(e: BaseException, argv: Sequence[str]) -> str:
+  """The usage line for a --config.FIELD override that names no field of the config."""
+  text, seen = "", set()
+  while e is not None and id(e) not in seen:  # the KeyError under ml_collections' wrapping
+    seen.add(id(e))
+    if not text and isinstance(e, KeyError) and e.args and isinstance(e.args[0], str):
+      text = e.args[0]
+    inner = e.args[0] if e.args and isinstance(e.args[0], BaseException) else None
+    e = inner or e.__cause__ or e.__context__
+  name, _, hint = text.partition("\n")
+  name = name.strip("'\"")
+  overrides = [a for a in argv[1:] if a.startswith("--config.")]
+  flag = next((a for a in overrides if name and name in a.partition("=")[0].split(".")[1:]), None)
+  field = flag.partition("=")[0][len("--config."):] if flag else name
+  hint = hint.replace('"', "'").strip()
+  return (f"flag {flag or '--config.' + field}: the config has no field {field!r}" +
+          (f" ({hint[0].lower() + hint[1:]})" if hint else "") +
+          "; see the config file for its fields")
 
 
 def guarded(run: Callable[[Any, str], Any], config: Any, workdir: str,

@@ -213,6 +213,21 @@ def test_launcher_failure_is_one_error_line(tmp_path):
   assert time.monotonic() - start < 30
 
 
+def test_misspelt_config_field_is_one_usage_line(tmp_path):
+  workdir = tmp_path / "w"
+  res = _launch("pipeline.py", workdir, "--config.pretrain.epoch=3", config="digits.py:quick")
+  assert res.returncode == 1, res.stderr[-3000:]
+  assert "Traceback" not in res.stderr, res.stderr[-3000:]
+  lines = res.stderr.strip().splitlines()
+  assert lines[-2] == ("FATAL Flags parsing error: flag --config.pretrain.epoch=3: the config has "
+                       "no field 'pretrain.epoch' (did you mean 'epochs' instead of 'epoch'?); "
+                       "see the config file for its fields"), lines[-2:]
+  res = _launch("lds.py", workdir, "--config.nosection.x=1")
+  assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+  assert "flag --config.nosection.x=1: the config has no field 'nosection.x';" in res.stderr
+  assert not workdir.exists()  # refused before the workdir is made
+
+
 def test_launcher_refuses_locked_workdir_at_once(tmp_path):
   holder = _write_lock(tmp_path, os.getpid())  # This test process: alive.
   res = _launch("pipeline.py", tmp_path, config="digits.py:quick")
