@@ -48,7 +48,8 @@ among the possible targets' classes (same_class) or the training set; ensemble.c
 side and translate < it; ensemble.batch_size <= the training images minus support.k when removal
 support runs (its models drop up to k images and batches drop_last: fewer images than a batch
 would train no step), and <= the training images for full-data models (flip, mislabel);
-support.k <= the training images; support.targets among the test `index` values; each 'name=PATH'
+support.k <= the training images; support.targets among the test `index` values; trak.proj_dim
+<= the training images when trak.lambda_reg is 0 (else X^T X is singular); each 'name=PATH'
 file of support.methods and lds.methods read as its stage reads it (numeric, shape, whole-number
 training index values for top-k files, index and NaN checks for score files), so a bad file stops
 the pipeline before its first stage.
@@ -824,6 +825,14 @@ def _check_against_data(c: _Checker, train: Any, test: Any, stages: tuple[str, .
             "data.source", f"={source!r}: test classes {_class_list(test, missing)} have no "
             "training images (no candidates to attribute them to); use data with every test "
             "class in the training split")
+
+  if train is not None and c.done("trak.proj_dim"):  # TRAK runs (its section was checked)
+    dim, ridge = c.good("trak.proj_dim"), c.good("trak.lambda_reg")
+    if dim is not _BAD and ridge is not _BAD and ridge == 0 and dim > len(train):
+      c.add(
+          "trak.proj_dim", f"={dim} exceeds the {len(train)} training images {where}: with "
+          "trak.lambda_reg=0 the projected gradients' X^T X is singular; lower trak.proj_dim "
+          f"to at most {len(train)} or set trak.lambda_reg > 0")
 
   if "pretrain" in stages and train is not None:
     batch = c.good("pretrain.batch_size")

@@ -193,6 +193,7 @@ def test_one_class_and_missing_test_class():
   config.ensemble.batch_size = 8
   config.attribution.num_targets = 4
   config.support.num_targets = 2
+  config.trak.proj_dim = 64  # below the 200 training images (a TRAK check of its own)
   problems = found(config, fake([200]), fake([5]))
   assert len(problems) == 1 and "holds only class(es) [0 ('c0')]" in problems[0], problems
   problems = found(config, fake([200, 0, 200]), fake([5, 5, 5]))
@@ -365,6 +366,23 @@ def test_external_matrices_are_read_before_any_stage(tmp_path):
   # Without the data only the file's existence can be checked.
   np.save(scores, np.zeros((359, 100), np.float32))
   assert found(config, stages=("lds",)) == []
+
+
+def test_trak_projection_needs_fewer_dimensions_than_images_without_a_ridge():
+  config = load_config("digits")  # TRAK in attribution.methods and lds.methods
+  train, test = digits_data()
+  config.trak.proj_dim = 1438
+  assert found(config, train, test) == []
+  config.trak.proj_dim = 1439
+  problems = found(config, train, test)
+  assert len(problems) == 1 and problems[0].startswith(
+      "trak.proj_dim=1439 exceeds the 1438 training images"), problems
+  assert "set trak.lambda_reg > 0" in problems[0]
+  config.trak.lambda_reg = 1e-3
+  assert found(config, train, test) == []
+  config.trak.lambda_reg, config.attribution.methods, config.lds.methods = 0.0, "esvm", "esvm"
+  config.support.methods = "esvm"
+  assert found(config, train, test) == []  # no TRAK, no check
 
 
 def test_exhaustive_grid():
