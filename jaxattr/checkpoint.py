@@ -69,8 +69,29 @@ def load_variables(path: str) -> tuple[Any, dict[str, Any]]:
   if not is_checkpoint(path):
     raise ValueError(f"{path} is not a jaxattr variables checkpoint (expected {META} and "
                      "variables/ inside; convert PyTorch files with launch/convert.py)")
-  with open(os.path.join(path, META)) as f:
-    meta = json.load(f)
-  variables = _local_checkpointer().restore(os.path.join(path, "variables"))
+  meta = read_meta(path)
+  try:
+    variables = _local_checkpointer().restore(os.path.join(path, "variables"))
+  except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds)
+    raise ValueError(f"{os.path.join(path, 'variables')}: cannot restore the variables "
+                     f"({type(e).__name__}: {e}); {_DAMAGED}") from e
   variables = jax.tree_util.tree_map(np.asarray, variables)
   return variables, meta
+
+
+_DAMAGED = ("the checkpoint is incomplete or damaged: write it again (launch/convert.py, or the "
+            "run that made it)")
+
+
+def read_meta(path: str) -> dict[str, Any]:
+  """PATH/meta.json of a variables checkpoint as a dict, or one ValueError naming the file."""
+  file = os.path.join(path, META)
+  try:
+    with open(file) as f:
+      meta = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{file}: cannot read the checkpoint's metadata ({e}); {_DAMAGED}") from e
+  if not isinstance(meta, dict) or not isinstance(meta.get("encoder", ""), str):
+    raise ValueError(f"{file}: expected a JSON object with the encoder's name ('encoder') and "
+                     f"settings, got {json.dumps(meta)[:80]}; {_DAMAGED}")
+  return meta

@@ -484,6 +484,18 @@ def _check_features(c: _Checker) -> None:
         "encoder.checkpoint",
         f"={path!r}: {what}; must be '' (pretrain) or a directory with meta.json and variables/ "
         "(write one with launch/convert.py)")
+  elif path not in (_BAD, "") and "://" not in path:
+    from jaxattr import checkpoint  # pylint: disable=import-outside-toplevel
+    from jaxattr.models import ENCODERS  # pylint: disable=import-outside-toplevel
+    try:
+      name = checkpoint.read_meta(path).get("encoder")
+    except ValueError as e:
+      c.add("encoder.checkpoint", f"={path!r}: {e}")
+    else:
+      if name is not None and name not in ENCODERS:
+        c.add(
+            "encoder.checkpoint", f"={path!r}: its meta.json names the encoder {name!r}, which "
+            f"this jaxattr does not know (known: {sorted(ENCODERS)})")
 
 
 def _check_attribution(c: _Checker) -> None:

@@ -404,6 +404,21 @@ def test_encoder_checkpoint(tmp_path):
   (tmp_path / "none" / "variables").mkdir(parents=True)
   (tmp_path / "none" / "meta.json").write_text("{}")
   assert found(config) == []
+  # A damaged meta.json, or one naming an encoder this jaxattr lacks: named with the config.
+  (tmp_path / "none" / "meta.json").write_text('{"encoder": "resnet50"')
+  problems = found(config)
+  assert len(problems) == 1 and "meta.json: cannot read the checkpoint's metadata" in problems[0]
+  assert "write it again" in problems[0]
+  (tmp_path / "none" / "meta.json").write_text('["resnet50"]')
+  assert "expected a JSON object with the encoder's name" in found(config)[0]
+  (tmp_path / "none" / "meta.json").write_text('{"encoder": "vit_b"}')
+  assert "names the encoder 'vit_b', which this jaxattr does not know" in found(config)[0]
+  (tmp_path / "none" / "meta.json").write_text('{"encoder": "resnet50"}')
+  assert found(config) == []
+  # The variables themselves are read by the features stage: an empty variables/ is one error.
+  from jaxattr import checkpoint  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match="variables: cannot restore the variables .*write it again"):
+    checkpoint.load_variables(str(tmp_path / "none"))
 
 
 def test_missing_field_and_base_config():
