@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 
 import numpy as np
 
@@ -31,6 +32,10 @@ def sha256_file(path: str) -> str:
   return h.hexdigest()
 
 
+def _first_line(e: BaseException) -> str:
+  return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
 def load_torch_state(path: str, trust_pickle: bool = False) -> dict[str, np.ndarray]:
   """Reads a PyTorch checkpoint and returns its state_dict as float32/int NumPy arrays.
 
@@ -49,15 +54,27 @@ def load_torch_state(path: str, trust_pickle: bool = False) -> dict[str, np.ndar
         "converting PyTorch checkpoints needs torch: pip install 'jaxattr[torch]'") from e
   if not os.path.isfile(path):
     raise FileNotFoundError(f"PyTorch checkpoint not found: {path}")
+  with open(path, "rb") as f:
+    head = f.read(4)
+  # torch.save writes a zip archive (PK..), or a pickle (protocol 2+: 0x80) in the legacy format.
+  if not head.startswith(b"PK") and not head.startswith(b"\x80"):
+    raise ConversionError(f"{path}: not a PyTorch checkpoint (it starts with {head!r}, neither the "
+                          "zip archive nor the pickle that torch.save writes)")
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pylint: disable=broad-except
+    if not isinstance(e, pickle.UnpicklingError):  # not the weights-only refusal: a broken file
+      raise ConversionError(f"{path}: torch.load failed ({_first_line(e)}); the file is damaged "
+                            "or not a PyTorch checkpoint") from e
     if not trust_pickle:
       raise ConversionError(
-          f"{path}: torch.load(weights_only=True) failed ({type(e).__name__}: "
-          f"{(str(e).splitlines() or [''])[0][:200]}). If you trust this file, retry with "
-          "trust_pickle=True (--trust_pickle)") from e
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+          f"{path}: torch.load(weights_only=True) failed ({_first_line(e)}). If you trust this "
+          "file, retry with trust_pickle=True (--trust_pickle)") from e
+    try:
+      obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e2:  # pylint: disable=broad-except
+      raise ConversionError(f"{path}: torch.load failed ({_first_line(e2)}); the file is damaged "
+                            "or not a PyTorch checkpoint") from e2
   state = obj
   if isinstance(obj, dict):
     for key in ("state_dict", "model", "model_state_dict"):

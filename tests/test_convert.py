@@ -301,6 +301,24 @@ def test_untrusted_pickle_needs_opt_in(tmp_path, tiny_lightly_state):
   assert meta["format"] == "lightly_resnet"
 
 
+def test_damaged_or_foreign_files_are_named_without_the_pickle_hint(tmp_path, tiny_lightly_state):
+  """A text file or a truncated archive is no pickle question: trust_pickle would not help."""
+  src, dst = tmp_path / "x.pth", str(tmp_path / "out")
+  src.write_text("{'conv1.weight': ...}")
+  for trust in (False, True):
+    with pytest.raises(convert.ConversionError, match=r"x.pth: not a PyTorch checkpoint \(it "
+                       r"starts with b\"\{'co\""):
+      convert.convert(str(src), dst, trust_pickle=trust)
+  torch.save(tiny_lightly_state, str(src))
+  src.write_bytes(src.read_bytes()[:2000])  # cut short, as by a failed copy
+  for trust in (False, True):
+    with pytest.raises(convert.ConversionError,
+                       match="torch.load failed .*the file is damaged") as e:
+      convert.convert(str(src), dst, trust_pickle=trust)
+    assert "trust_pickle" not in str(e.value)
+  assert not os.path.exists(dst)
+
+
 def test_refuses_to_overwrite(tmp_path, tiny_lightly_state):
   src = str(tmp_path / "ok.pth")
   torch.save(tiny_lightly_state, src)
