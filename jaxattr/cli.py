@@ -78,7 +78,7 @@ def launch(run: Callable[[Any, str],
       sys.exit(1)
     if doc:
       logging.info("%s", doc.strip().splitlines()[0])
-    guarded(run, config.value, workdir.value, shard_lock=shard_lock)
+    guarded(run, _loaded_config(config), workdir.value, shard_lock=shard_lock)
 
   try:
     app.run(main)
@@ -90,6 +90,26 @@ def launch(run: Callable[[Any, str],
     print(
         f"FATAL Flags parsing error: {_unknown_field(e, sys.argv)}\n"
         "Pass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
+    sys.exit(1)
+
+
+def _loaded_config(holder: flags.FlagHolder) -> Any:
+  """--config's ConfigDict; a file that does not exist or does not load is one `error:` line
+  (ml_collections defers that failure to the first access, as a multi-line OSError)."""
+  try:
+    value = holder.value
+    getattr(value, "keys")  # a config that failed to load raises on first access
+    return value
+  except Exception as e:  # pylint: disable=broad-except
+    spec = getattr(flags.FLAGS["config"], "config_filename", "") or ""
+    path = str(spec).split(":")[0]
+    if path and not os.path.isfile(path):
+      reason = "no such file" if not os.path.exists(path) else "not a file"
+      print(
+          f"error: --config {spec}: {reason}; pass a Python config file, e.g. "
+          "configs/digits.py[:variant]", file=sys.stderr)
+    else:
+      print(f"error: --config {spec}: cannot load it ({' '.join(str(e).split())})", file=sys.stderr)
     sys.exit(1)
 
 
@@ -122,6 +142,7 @@ def guarded(run: Callable[[Any, str], Any], config: Any, workdir: str,
     bad value found by the stage); 130 after Ctrl-C. app.UsageError passes through to absl.
   """
   _redeliver_swallowed_interrupts()
+  _check_workdir(workdir)
   try:
     # One job at a time per workdir: the job's process 0 holds the lock for all its processes.
     # The shards of a job array (config.shard) write their own directories, each under its lock.
@@ -157,6 +178,22 @@ def guarded(run: Callable[[Any, str], Any], config: Any, workdir: str,
           f"disk full (or quota exceeded) while writing {where}: free space on that disk (or "
           "pass another --workdir), then run the same command again to resume", workdir)
     _fail(_message(e), workdir)
+
+
+def _check_workdir(workdir: str) -> None:
+  """--workdir must be a directory or creatable as one: else one `error:` line and exit 1."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    print(
+        f"error: --workdir {workdir} is a file, not a directory: pass a directory (it is "
+        "created when missing)", file=sys.stderr)
+    sys.exit(1)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    print(
+        f"error: --workdir {workdir}: cannot create the directory ({e.strerror or e}); pass "
+        "one this user can write", file=sys.stderr)
+    sys.exit(1)
 
 
 def _redeliver_swallowed_interrupts() -> None:

@@ -228,6 +228,26 @@ def test_misspelt_config_field_is_one_usage_line(tmp_path):
   assert not workdir.exists()  # refused before the workdir is made
 
 
+def test_bad_config_file_or_workdir_is_one_error_line(tmp_path):
+  (tmp_path / "file").write_text("not a directory")
+  cases = [
+      (("--config", "configs/none.py", "--workdir", str(tmp_path / "w")),
+       "error: --config configs/none.py: no such file; pass a Python config file, e.g. "
+       "configs/digits.py[:variant]"),
+      (("--config", "configs/digits.py:quick", "--workdir", str(tmp_path / "file")),
+       f"error: --workdir {tmp_path / 'file'} is a file, not a directory: pass a directory (it "
+       "is created when missing)"),
+  ]
+  for args, line in cases:
+    res = subprocess.run([sys.executable,
+                          os.path.join(REPO, "launch", "pipeline.py"), *args], env=repo_env(),
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1] == line, res.stderr[-1000:]
+  assert sorted(os.listdir(tmp_path)) == ["file"]  # nothing created
+
+
 def test_launcher_refuses_locked_workdir_at_once(tmp_path):
   holder = _write_lock(tmp_path, os.getpid())  # This test process: alive.
   res = _launch("pipeline.py", tmp_path, config="digits.py:quick")
