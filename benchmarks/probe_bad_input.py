@@ -180,6 +180,34 @@ def _cases(
     wd = p.fresh(copy=True)
     return p.run("pipeline", wd, "--config.encoder.width=0.25"), wd, False
 
+  def support_file(make):
+    """The support launcher on a copy of the base run, with a file `make(base targets)` wrote."""
+
+    def fn():
+      wd = p.fresh(copy=True)
+      ids = np.load(os.path.join(p.base, "attribution", "esvm", "target_index.npy"))[:2]
+      return p.run("support", wd, *make(ids)), wd, False
+
+    return fn
+
+  def fractional_topk(ids):
+    path = os.path.join(data, "topk_frac.npy")
+    rows = np.zeros((359, 32))
+    rows[ids] = np.arange(32) + 0.5  # truncated: the training index values 0..31
+    np.save(path, rows)
+    return (f"--config.support.methods=ref={path}",
+            f"--config.support.targets={','.join(map(str, ids))}")
+
+  def fractional_targets(ids):
+    path = os.path.join(data, "targets_frac.npy")
+    np.save(path, ids + 0.25)  # truncated: the base run's own targets
+    return (f"--config.support.targets={path}",)
+
+  scores = os.path.join(data, "scores_shape.npy")
+  np.save(scores, np.zeros((20, 100), np.float32))  # [LDS targets, 100]: not the 1,438 images
+  text_scores = os.path.join(data, "scores_text.npy")
+  with open(text_scores, "w") as f:
+    f.write("0.1,0.2\n")
   nan = _npz(os.path.join(data, "nan.npz"), images=lambda x: x.__setitem__((0, 0, 0, 0), np.nan))
   inf = _npz(os.path.join(data, "inf.npz"), images=lambda x: x.__setitem__((0, 0, 0, 0), np.inf))
   frac = _npz(os.path.join(data, "frac.npz"), labels=lambda y: y + 0.5 * (np.arange(len(y)) == 3))
@@ -237,6 +265,15 @@ def _cases(
       ("truncated .tar.gz", "L", pipeline(f"--config.data.source=folder:{tgz}")),
       ("npz label outside the classes", "L", pipeline(f"--config.data.source=npz:{bad_label}")),
       ("architecture change on resume", "L", architecture_change),
+      # 2026-12-02 (the #19 and #18 surfaces):
+      ("LDS score file of the wrong shape", "L", pipeline(f"--config.lds.methods=esvm,ext={scores}")
+      ),
+      ("LDS score file that is text", "L",
+       pipeline(f"--config.lds.methods=esvm,ext={text_scores}")),
+      ("support top-k file with fractional values", "S", support_file(fractional_topk)),
+      ("support.targets .npy with fractional values", "S", support_file(fractional_targets)),
+      ("misspelt config field", "L", pipeline("--config.pretrain.epoch=3")),
+      ("trak.proj_dim above the training images", "L", pipeline("--config.trak.proj_dim=2000")),
   ]
 
 

@@ -28,6 +28,10 @@ def data_section() -> ml_collections.ConfigDict:
   c.options = ml_collections.ConfigDict()
   c.options.size = config_dict.placeholder(int)  # resize to size x size pixels (None = native)
   c.options.limit_per_class = config_dict.placeholder(int)  # first n per class (None = all)
+  # Per kind of source (jaxattr.data.SOURCE_OPTIONS; None = not given, the source's default):
+  c.options.workers = config_dict.placeholder(int)  # folder: decode threads of a directory (4)
+  c.options.val_labels = config_dict.placeholder(str)  # folder: a flat val/ folder's label file
+  c.options.data_dir = config_dict.placeholder(str)  # tfds: the data directory it was built in
   # Stream the images of a 'folder:DIR' tree through decode workers instead of loading a split
   # into memory (ImageNet); the features stage then writes memory-mapped .npy files.
   c.stream = False

@@ -34,7 +34,8 @@ runs):
   weight_decay >= 0; momentum, label_smoothing in [0, 1); compute_dtype 'auto' | 'float32' |
   'bfloat16'; formulation 'auto' | 'vmap' | 'map'; cpu_ops 'auto' | 'on' | 'off'; flip a bool.
 * always: seed an int >= 0; data.source 'digits', 'folder:PATH', 'npz:PATH' or 'tfds:NAME';
-  data.options.size / limit_per_class None or ints >= 1.
+  data.options.size / limit_per_class / workers None or ints >= 1, val_labels / data_dir None or
+  strings, and only the options of data.source's kind (`jaxattr.data.SOURCE_OPTIONS`).
 
 Types: an int field takes an int (not a bool, not a float, not a string), a float field any
 finite number (NaN and inf are rejected in every float of the checked sections), a bool field a
@@ -390,10 +391,24 @@ def _check_data_section(c: _Checker) -> None:
     elif kind == "digits" and sep:
       c.values.pop("data.source")
       c.bad("data.source", source, "'digits' without an argument")
-  for name in ("size", "limit_per_class"):
+  for name in ("size", "limit_per_class", "workers"):
     field = f"data.options.{name}"
     if c.has(field) and c.raw(field) is not None:
       c.int_(field, lo=1, what="or None")
+  for name in ("val_labels", "data_dir"):
+    field = f"data.options.{name}"
+    if c.has(field) and c.raw(field) is not None:
+      c.str_(field)
+  if source is not _BAD and c.has("data.options"):
+    from jaxattr import data as data_lib  # pylint: disable=import-outside-toplevel
+    kind = source.partition(":")[0]
+    given = [k for k, v in dict(c.raw("data.options")).items() if v is not None]
+    accepted = data_lib.COMMON_OPTIONS + data_lib.SOURCE_OPTIONS.get(kind, ())
+    for name in given:
+      if kind in data_lib.SOURCE_OPTIONS and name not in accepted:
+        c.add(
+            f"data.options.{name}", f": not an option of {kind!r} sources (they take "
+            f"{', '.join(accepted)}); unset it or use another source")
   if c.has("data.stream"):
     stream = c.bool_("data.stream")
     if stream is True and source is not _BAD and not source.startswith("tfds:") and not (

@@ -54,6 +54,23 @@ def test_explicit_label_file_option(tmp_path):
   fs = stream.open_split(f"folder:{root}", "test", val_labels=os.path.join(
       moved, "ILSVRC2012_validation_ground_truth.txt"))
   assert len(fs) == len(tree.VAL)
+  # The same from a config, as `--config.data.options.val_labels=FILE` sets it: streamed and in
+  # memory, with the option validated beside the others.
+  config = load_config("imagenet", "tiny")
+  config.data.source = f"folder:{root}"
+  config.data.options.val_labels = os.path.join(moved, "ILSVRC2012_validation_ground_truth.txt")
+  for streamed in (True, False):
+    config.data.stream = streamed
+    config.data.options.size = None if streamed else 16  # in memory: one size for the array
+    _, test = stream.splits(config.data)
+    assert len(test) == len(tree.VAL)
+  from jaxattr import validate  # pylint: disable=import-outside-toplevel
+  assert validate.problems(config, stages=()) == []
+  config.data.options.data_dir = str(tmp_path)
+  assert validate.problems(config, stages=()) == [
+      "data.options.data_dir: not an option of 'folder' sources (they take size, limit_per_class, "
+      "workers, val_labels); unset it or use another source"
+  ]
 
 
 def test_in_memory_load_reads_the_same_layout(imagenet):
