@@ -556,6 +556,7 @@ class Trainer:
     self.subsets = jax.jit(lift(counterfactual_subset, num_shared=1))
     self.plan = jax.jit(lift(self._plan_one, num_shared=1))
     self._steps: dict[int, Callable] = {}  # crop side -> compiled step
+    self._warned_wave = False
     self.predict = jax.jit(lift(pred, num_shared=1))
 
   def step(self, crop: int) -> Callable:
@@ -603,6 +604,19 @@ class Trainer:
     # inside a conditional many times slower. Only filler rows of shorter epochs are wasted.
     new = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, state)
     return new, jnp.where(ok, metrics["loss"], 0.0)
+
+  def _warn_unrolled_wave(self, wave: int) -> None:
+    """Warns once when XLA:CPU would compile several models per device unrolled (`over_models`):
+    compile time grows with them (~12 s each for a 1/16-width ResNet-18) and the steps are no
+    faster, as both cores already serve one model."""
+    per_device = wave // self.num_groups
+    if (per_device > 1 and self.formulation == "map" and jax.default_backend() == "cpu" and
+        not self._warned_wave):
+      self._warned_wave = True
+      logging.warning(
+          "ensemble: %d models per device in a wave; XLA:CPU compiles them unrolled, one copy "
+          "of the training step each, for no faster steps. --config.ensemble.models_per_wave=%d "
+          "(one per device) gives identical models and compiles once", per_device, self.num_groups)
 
   def check_arguments(self, eval_images: np.ndarray, seeds: Any, prefixes: Any, sizes: Any,
                       flip: Any) -> tuple[np.ndarray, ...]:
@@ -677,6 +691,7 @@ class Trainer:
     ndev = self.mesh.devices.size
     wave = wave_size(cfg, m, self.num_groups)
     num_waves = math.ceil(m / wave)
+    self._warn_unrolled_wave(wave)
     eb, e = int(cfg.eval_batch_size), len(eval_images)
     padded = np.zeros((math.ceil(max(e, 1) / eb) * eb,) + eval_images.shape[1:], np.uint8)
     padded[:e] = eval_images
