@@ -141,6 +141,7 @@ def _shape_images(images: np.ndarray, resize: int, crop: int) -> np.ndarray:
 def extract_stream(split: stream.Split, step, batch_size: int, path: str, *, resize: int, crop: int,
                    key: str, store_dtype: str = "float32", chunk_rows: int = 10000,
                    workers: int = 0, threads: int = 4, skip_unreadable: bool = False,
+                   switch: str = "skip_unreadable=True",
                    feature_dim: int) -> tuple[np.ndarray, np.ndarray]:
   """Features of a streamed split written to `path` (.npy) chunk by chunk (`ChunkStore`).
 
@@ -159,7 +160,8 @@ def extract_stream(split: stream.Split, step, batch_size: int, path: str, *, res
   if not distributed.is_main():
     store = chunkstore.ChunkStore(path, shape, store_dtype, chunk_rows, key, create=False)
   meter = utils.Throughput(f"extract {split.split} (streamed)", len(split), "images")
-  transform = stream.ResizeCrop(resize=resize, crop=crop, skip_unreadable=skip_unreadable)
+  transform = stream.ResizeCrop(resize=resize, crop=crop, skip_unreadable=skip_unreadable,
+                                switch=switch)
   for j, start, stop in store.missing(meter, shard=(me, processes)):
     parts = []
     loader = stream.read_range(split, transform, batch_size, start, stop, workers=workers,
@@ -262,12 +264,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
     key = ownership.digest(fields)
     for split, fs in splits.items():
       t0 = time.perf_counter()
-      _, ok = extract_stream(fs, step, batch, os.path.join(
-          out_dir, f"{split}.features.npy"), resize=shape[0], crop=shape[1], key=f"{key}:{split}",
-                             store_dtype=config.features.store_dtype,
-                             chunk_rows=config.features.chunk_rows, workers=config.features.workers,
-                             threads=config.features.threads,
-                             skip_unreadable=config.features.skip_unreadable, feature_dim=dim)
+      _, ok = extract_stream(
+          fs, step, batch, os.path.join(out_dir, f"{split}.features.npy"), resize=shape[0],
+          crop=shape[1], key=f"{key}:{split}", store_dtype=config.features.store_dtype,
+          chunk_rows=config.features.chunk_rows, workers=config.features.workers,
+          threads=config.features.threads, skip_unreadable=config.features.skip_unreadable,
+          switch="--config.features.skip_unreadable=True", feature_dim=dim)
       if main:
         utils.save_npz(os.path.join(out_dir, f"{split}.npz"), labels=fs.labels, index=fs.index,
                        class_names=np.asarray(fs.class_names), ok=ok)

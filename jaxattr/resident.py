@@ -35,7 +35,7 @@ def paths(directory: str, split: str, side: int) -> tuple[str, str]:
 
 def prepare(split: stream.Split, directory: str, side: int, *, key: str, chunk_rows: int = 10000,
             batch_size: int = 256, workers: int = 0, threads: int = 4,
-            skip_unreadable: bool = False) -> dict[str, Any]:
+            skip_unreadable: bool = False, switch: str = "skip_unreadable=True") -> dict[str, Any]:
   """Decodes `split` into its resident copy under `directory` (resuming a killed run of `key`).
 
   Args:
@@ -47,6 +47,7 @@ def prepare(split: stream.Split, directory: str, side: int, *, key: str, chunk_r
     batch_size: images per decode batch.
     workers, threads: decode processes (0: threads of this process) and threads per process.
     skip_unreadable: unreadable images become zeros with ok=False instead of stopping.
+    switch: how the caller turns skip_unreadable on, named in the error.
 
   Returns:
     A summary: images, seconds, images/s, bytes, unreadable.
@@ -60,7 +61,8 @@ def prepare(split: stream.Split, directory: str, side: int, *, key: str, chunk_r
   images_path, meta_path = paths(directory, split.split, side)
   store = chunkstore.ChunkStore(images_path, (len(split), side, side, 3), np.uint8, chunk_rows,
                                 f"{key}:{split.split}:{side}")
-  transform = stream.ResizeCrop(resize=side, crop=side, draft=True, skip_unreadable=skip_unreadable)
+  transform = stream.ResizeCrop(resize=side, crop=side, draft=True, skip_unreadable=skip_unreadable,
+                                switch=switch)
   done = store.done()
   meter = utils.Throughput(f"prepare {split.split} at {side} px", len(split), "images")
   t0 = time.perf_counter()
@@ -198,7 +200,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
       s:
           prepare(fs, directory, cfg.side, key=key, chunk_rows=cfg.chunk_rows,
                   batch_size=cfg.batch_size, workers=cfg.workers, threads=cfg.threads,
-                  skip_unreadable=cfg.skip_unreadable) for s, fs in splits.items()
+                  skip_unreadable=cfg.skip_unreadable,
+                  switch="--config.resident.skip_unreadable=True") for s, fs in splits.items()
   }
   summary["fingerprint"] = key
   utils.save_json(os.path.join(directory, "summary.json"), summary)

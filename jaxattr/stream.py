@@ -302,12 +302,15 @@ class ResizeCrop:
     draft: decode JPEGs at a reduced scale first (`decode_rgb`), for small sides (the resident
       copy): the result differs from a full decode by a few grey levels (see `prepare`).
     skip_unreadable: an unreadable file gives a zero image and ok=False instead of raising.
+    switch: how the caller turns skip_unreadable on, named in the error (a config flag in the
+      stages).
   """
 
   resize: int
   crop: int
   draft: bool = False
   skip_unreadable: bool = False
+  switch: str = "skip_unreadable=True"
 
   def __post_init__(self):
     if not 1 <= self.crop <= self.resize:
@@ -327,9 +330,9 @@ class ResizeCrop:
       ok = True
     except (DataError, OSError) as e:
       if not self.skip_unreadable:
-        if isinstance(e, DataError):
-          raise
-        raise DataError(f"unreadable image {path}: {e}") from e
+        what = str(e) if isinstance(e, DataError) else f"unreadable image {path}: {e}"
+        raise DataError(f"{what}; replace or remove the file, or pass {self.switch} to store "
+                        "such images as zeros (ok=False, counted in the summary) and go on") from e
       image, ok = np.zeros((self.crop, self.crop, 3), np.uint8), False
     return {
         "image": image,

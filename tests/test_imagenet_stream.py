@@ -179,10 +179,27 @@ def test_unreadable_image_named_or_skipped(tmp_path):
   with open(bad, "wb") as f:
     f.write(b"\xff\xd8 not really a jpeg")
   fs = stream.open_split(f"folder:{root}", "train")
-  with pytest.raises(DataError, match=f"unreadable image .*{os.path.basename(bad)}"):
+  with pytest.raises(
+      DataError, match=f"unreadable image .*{os.path.basename(bad)}.*replace or "
+      "remove the file, or pass skip_unreadable=True to store such images as zeros"):
     stream.ResizeCrop(resize=20, crop=16)(fs[0])
   out = stream.ResizeCrop(resize=20, crop=16, skip_unreadable=True)(fs[0])
   assert not out["ok"] and not out["image"].any()
+
+  # The stages name their own config switch; the prepare stage with it on counts the image.
+  from jaxattr import features, resident  # pylint: disable=g-import-not-at-top
+  c = load_config("imagenet", "tiny")
+  c.data.source = f"folder:{root}"
+  c.encoder.checkpoint = str(tmp_path / "encoder")
+  save_tiny_encoder(c.encoder.checkpoint)
+  workdir = str(tmp_path / "w")
+  for run, switch in ((features.run, "--config.features.skip_unreadable=True"),
+                      (resident.run, "--config.resident.skip_unreadable=True")):
+    with pytest.raises(DataError, match=f"_00001.JPEG.*or pass {switch} to store"):
+      run(c, workdir)
+  c.resident.skip_unreadable = True
+  summary = resident.run(c, workdir)
+  assert summary["train"]["unreadable"] == 1 and summary["test"]["unreadable"] == 0, summary
 
 
 def test_archives_and_other_sources_are_not_streamed(tmp_path):
