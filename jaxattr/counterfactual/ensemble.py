@@ -616,7 +616,8 @@ class Trainer:
       logging.warning(
           "ensemble: %d models per device in a wave; XLA:CPU compiles them unrolled, one copy "
           "of the training step each, for no faster steps. --config.ensemble.models_per_wave=%d "
-          "(one per device) gives identical models and compiles once", per_device, self.num_groups)
+          "(one per device, or per device group with a data axis) trains the same models (at "
+          "most rounding differs) and compiles once", per_device, self.num_groups)
 
   def check_arguments(self, eval_images: np.ndarray, seeds: Any, prefixes: Any, sizes: Any,
                       flip: Any) -> tuple[np.ndarray, ...]:
