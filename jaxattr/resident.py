@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from jaxattr import chunkstore, stream, utils
+from jaxattr import chunkstore, data as data_lib, stream, utils
+from jaxattr.folders import DataError
 
 SIDES = (32, 64, 96, 128)
 
@@ -176,6 +177,13 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
   matches the data and the `resident` section, resumed after a kill otherwise."""
   from jaxattr import ownership  # pylint: disable=g-import-not-at-top
 
+  source = config.data.source
+  kind, path = data_lib.parse_source(source)
+  if kind not in ("folder", "tfds") or (kind == "folder" and os.path.isfile(path)):
+    raise DataError(
+        f"prepare: data.source={source!r} is held in memory; the resident copy is decoded from a "
+        "'folder:DIR' tree or a prepared 'tfds:NAME' only. In-memory sources (digits, npz, "
+        "archives) need none: launch/support.py and the pipeline use them as they are")
   cfg = config.resident
   problems = [] if cfg.side in SIDES else [f"resident.side={cfg.side!r}: must be one of {SIDES}"]
   for name, lo in (("chunk_rows", 1), ("batch_size", 1), ("workers", 0), ("threads", 1)):

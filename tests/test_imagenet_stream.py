@@ -205,6 +205,12 @@ def test_unreadable_image_named_or_skipped(tmp_path):
 def test_archives_and_other_sources_are_not_streamed(tmp_path):
   with pytest.raises(DataError, match="cannot be streamed"):
     stream.open_split("digits", "train")
+  # launch/prepare.py on an in-memory source says that it needs no resident copy.
+  from jaxattr import resident  # pylint: disable=g-import-not-at-top
+  c = load_config("digits", "quick")
+  with pytest.raises(DataError, match="data.source='digits' is held in memory.*need none"):
+    resident.run(c, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
 
 
 # --- streamed features ---------------------------------------------------------------------------
