@@ -78,7 +78,8 @@ def features_section() -> ml_collections.ConfigDict:
   c.dtype = "float32"  # compute dtype, 'float32' | 'bfloat16' (features are stored as float32)
   # Streamed data only (data.stream): the dtype on disk, rows per resumable chunk, decode worker
   # processes (0 = threads of this process), decode threads per process, and whether an
-  # unreadable image is skipped (zero image, counted, `ok` False) instead of stopping the run.
+  # unreadable image is skipped (zero image, counted, `ok` False; attribution neither ranks it
+  # nor takes it as a target) instead of stopping the run.
   c.store_dtype = "float32"  # 'float32' | 'float16'
   c.chunk_rows = 10000
   c.workers = 0
@@ -95,7 +96,8 @@ def resident_section() -> ml_collections.ConfigDict:
   c.batch_size = 256  # images per decode batch
   c.workers = 0  # decode processes (0 = threads of this process)
   c.threads = 4  # decode threads per process
-  c.skip_unreadable = False  # store an unreadable image as zeros (ok=False) instead of stopping
+  # Store an unreadable image as zeros (ok=False; no model trains on it) instead of stopping.
+  c.skip_unreadable = False
   return c
 
 

@@ -68,6 +68,8 @@ class Dataset:
     index: int64 [N], each example's position in the source's canonical order of the split.
     source: the source string given to `load`.
     split: 'train' or 'test'.
+    ok: None, or bool [N] with False for images that were unreadable when a resident copy was
+      prepared with skip_unreadable (black images there, which the trainer never trains on).
   """
 
   images: np.ndarray
@@ -76,6 +78,7 @@ class Dataset:
   index: np.ndarray
   source: str = ""
   split: str = ""
+  ok: np.ndarray | None = None
 
   def __post_init__(self):
     n = len(self.images)
@@ -89,6 +92,9 @@ class Dataset:
       raise DataError(
           f"{self.source}:{self.split}: labels must lie in [0, {len(self.class_names)}), got "
           f"[{self.labels.min()}, {self.labels.max()}]")
+    if self.ok is not None and (np.shape(self.ok) != (n,) or np.asarray(self.ok).dtype != bool):
+      raise DataError(f"{self.source}:{self.split}: ok must be bool [{n}], got "
+                      f"{np.asarray(self.ok).dtype} {np.shape(self.ok)}")
 
   def __len__(self) -> int:
     return len(self.images)
@@ -101,7 +107,8 @@ class Dataset:
     """The examples at `positions` (positions in this record, not `index` values)."""
     positions = np.asarray(positions)
     return dataclasses.replace(self, images=self.images[positions], labels=self.labels[positions],
-                               index=self.index[positions])
+                               index=self.index[positions],
+                               ok=None if self.ok is None else self.ok[positions])
 
 
 def load(source: str, split: str, **options: Any) -> Dataset:

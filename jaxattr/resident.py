@@ -164,10 +164,11 @@ def datasets(config: Any, workdir: str, train: Any, test: Any) -> tuple[Any, Any
           f"{split.split} split (limit_per_class or the tree changed?); {fix}")
     if not np.array_equal(labels, np.asarray(split.labels)):
       raise ResidentMismatchError(f"{what} has other labels than the {split.split} split; {fix}")
+    ok = np.asarray(copy["ok"], bool) if "ok" in copy else None
     out.append(
         data.Dataset(images=copy["images"], labels=labels.astype(np.int32), index=index,
                      class_names=list(copy["class_names"]), source=f"resident:{directory}",
-                     split=split.split))
+                     split=split.split, ok=None if ok is None or ok.all() else ok))
   return out[0], out[1]
 
 

@@ -167,6 +167,66 @@ def test_chunked_equals_unchunked():
   assert differ.mean() < 0.02
 
 
+def test_unreadable_rows_are_never_candidates_nor_targets(tmp_path):
+  """Rows the features stage skipped (ok False) are ranked as if absent from the split, and
+  test rows so marked are no targets; with every row readable nothing changes."""
+  train, labels, test, test_labels, index = toy_features(seed=5)
+  ok = np.ones(len(train), bool)
+  ok[[0, 4, 9, 30]] = False
+  kept = np.flatnonzero(ok)
+  for method in ("esvm", "l2"):
+    kw = dict(method=method, k=20, targets=np.array([0, 3, 8]), chunk_size=2)
+    got = attribute.topk(train, labels, test, test_labels, train_index=index, train_ok=ok,
+                         chunk_dir=str(tmp_path / method), **kw)
+    want = attribute.topk(train[kept], labels[kept], test, test_labels, train_index=index[kept],
+                          **kw)
+    np.testing.assert_array_equal(got.indices, want.indices)
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-6, atol=1e-7)
+    assert not np.isin(got.indices, index[~ok]).any()
+    # The same chunks are reused by a rerun only with the same exclusions.
+    again = attribute.topk(train, labels, test, test_labels, train_index=index, train_ok=ok,
+                           chunk_dir=str(tmp_path / method), **kw)
+    assert again.computed_targets == 0
+    other = ok.copy()
+    other[1] = False
+    redo = attribute.topk(train, labels, test, test_labels, train_index=index, train_ok=other,
+                          chunk_dir=str(tmp_path / method), **kw)
+    assert redo.computed_targets == 3 and not np.isin(redo.indices, index[1]).any()
+  # All readable: the same as no mask at all.
+  plain = attribute.topk(train, labels, test, test_labels, method="l2", k=20, train_index=index)
+  every = attribute.topk(train, labels, test, test_labels, method="l2", k=20, train_index=index,
+                         train_ok=np.ones(len(train), bool))
+  np.testing.assert_array_equal(plain.indices, every.indices)
+  # k beyond a class's readable images, and a mask of the wrong shape, are clear errors.
+  c = int(labels[0])
+  n_ok = int((ok & (labels == c)).sum())
+  with pytest.raises(
+      topk_lib.AttributionError,
+      match=f"k={n_ok + 1} is larger than class {c}, which has {n_ok} training "
+      "candidates \\(4 unreadable training images"):
+    attribute.topk(train, labels, test, test_labels, k=n_ok + 1,
+                   targets=np.flatnonzero(test_labels == c)[:1], train_ok=ok)
+  with pytest.raises(topk_lib.AttributionError, match="train_ok must be bool"):
+    attribute.topk(train, labels, test, test_labels, k=5, train_ok=ok[:-1])
+
+  # Targets: unreadable test images are left out of 'all' and 'random', refused in a 'list'.
+  test_ok = np.ones(50, bool)
+  test_ok[[2, 7]] = False
+  assert 2 not in attribution.select_targets("all", 50, 0, (), 0, test_ok)
+  assert len(attribution.select_targets("all", 50, 0, (), 0, test_ok)) == 48
+  for seed in range(5):
+    drawn = attribution.select_targets("random", 50, 48, (), seed, test_ok)
+    np.testing.assert_array_equal(drawn, np.flatnonzero(test_ok))
+    np.testing.assert_array_equal(  # all readable: the draw is the one without the mask
+        attribution.select_targets("random", 50, 10, (), seed, np.ones(50, bool)),
+        attribution.select_targets("random", 50, 10, (), seed))
+  with pytest.raises(topk_lib.AttributionError, match=r"must lie in \[1, 48\] \(the test images "
+                     "readable"):
+    attribution.select_targets("random", 50, 49, (), 0, test_ok)
+  with pytest.raises(topk_lib.AttributionError, match=r"unreadable .*positions \[7\]"):
+    attribution.select_targets("list", 50, 0, (1, 7), 0, test_ok)
+
+
 def test_sliced_scoring_program_equals_whole(monkeypatch):
   # On CPU the ESVM scoring program runs a chunk in slices of CPU_FINISH_SLICE targets.
   train, labels, test, test_labels, index = toy_features(seed=5)

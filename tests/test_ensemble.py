@@ -312,6 +312,33 @@ def test_removed_images_and_their_labels_are_never_used(tiny, trainers):
   assert not np.array_equal(base, changed)
 
 
+def test_unreadable_images_are_trained_on_by_no_model(tiny, trainers):
+  """Images a resident copy marks unreadable (`Dataset.ok` False) are removed from every model's
+  training set: the models equal models that remove them, bit for bit, with or without a prefix
+  of their own (which may name them too)."""
+  train, ev = tiny
+  unreadable = np.flatnonzero(np.arange(128) % 4 == 1)  # 96 readable: 3 steps per epoch
+  ok = np.ones(128, bool)
+  ok[unreadable] = False
+  marked = ensemble.Trainer(
+      tiny_config(formulation="map"),
+      data.Dataset(images=train.images, labels=train.labels, index=train.index,
+                   class_names=train.class_names, ok=ok))
+  prefix = np.array([1, 0, 5, 2])  # two unreadable, two readable: 94 kept, 2 steps
+  got, stats = marked.train_and_predict(ev, [1, 1], np.stack([prefix, prefix]), [0, 4])
+  full, _ = trainers["map"].train_and_predict(ev, [1], unreadable[None], [len(unreadable)])
+  both = np.union1d(unreadable, prefix)
+  fewer, _ = trainers["map"].train_and_predict(ev, [1], both[None], [len(both)])
+  np.testing.assert_array_equal(got[0], full[0])
+  np.testing.assert_array_equal(got[1], fewer[0])
+  assert not np.array_equal(got[0], got[1])
+  # A mislabel model relabels its prefix but still never trains on the unreadable images.
+  relab, _ = marked.train_and_predict(ev, [1], prefix[None], [4], [3])
+  want, _ = ensemble.Trainer(tiny_config(formulation="map"), relabel(train, [0, 2], 3)).\
+      train_and_predict(ev, [1], unreadable[None], [len(unreadable)])
+  np.testing.assert_array_equal(relab, want)
+
+
 def test_mislabelled_prefix_trains_like_a_relabelled_dataset(tiny, trainers):
   """A mislabel model equals a full-data model on a Dataset with the prefix relabelled."""
   train, ev = tiny

@@ -200,6 +200,24 @@ def test_unreadable_image_named_or_skipped(tmp_path):
   c.resident.skip_unreadable = True
   summary = resident.run(c, workdir)
   assert summary["train"]["unreadable"] == 1 and summary["test"]["unreadable"] == 0, summary
+  # Skipped, it keeps its position but is no attribution candidate and in no training set.
+  train, test = resident.datasets(c, workdir, *stream.splits(c.data))
+  assert np.flatnonzero(~train.ok).tolist() == [0] and test.ok is None  # _00001: the first
+  c.features.skip_unreadable = True
+  assert features.run(c, workdir)["train"]["unreadable_skipped"] == 1
+  from jaxattr.attribute import attribution  # pylint: disable=g-import-not-at-top
+  # The bad image's class has one candidate fewer; k = the readable rest takes all but it.
+  c.attribution.targets, c.attribution.k = "all", int(np.sum(train.labels == 0))
+  with pytest.raises(
+      attribution.AttributionError,
+      match=f"class 0, which has {c.attribution.k - 1} training candidates "
+      r"\(1 unreadable"):
+    attribution.run(c, workdir)
+  c.attribution.k -= 1
+  res = attribution.run(c, workdir)
+  for method in ("esvm", "l2"):
+    top = res[method].indices
+    assert len(top) == len(test) and not (top == train.index[0]).any(), (method, top)
 
 
 def test_archives_and_other_sources_are_not_streamed(tmp_path):

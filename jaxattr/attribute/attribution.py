@@ -72,18 +72,36 @@ def load_features(workdir: str, split: str) -> dict[str, np.ndarray]:
   return out
 
 
-def select_targets(spec: str, n_test: int, num_targets: int, target_list: Sequence[int],
-                   seed: int) -> np.ndarray:
-  """int64 [targets] test positions for targets='all' | 'random' (seeded, sorted) | 'list'."""
+def select_targets(spec: str, n_test: int, num_targets: int, target_list: Sequence[int], seed: int,
+                   test_ok: np.ndarray | None = None) -> np.ndarray:
+  """int64 [targets] test positions for targets='all' | 'random' (seeded, sorted) | 'list'.
+
+  `test_ok` (bool [n_test], the features' `ok`): test images that the features stage skipped as
+  unreadable (False) are left out of 'all' and 'random' (drawn among the readable ones), and a
+  'list' naming one is refused. With every image readable the targets are as without it.
+  """
+  ok = None if test_ok is None or np.all(test_ok) else np.asarray(test_ok, bool)
+  skipped = "" if ok is None else f" readable (of {n_test}; {int((~ok).sum())} were unreadable)"
   if spec == "all":
-    return np.arange(n_test, dtype=np.int64)
+    return np.arange(n_test, dtype=np.int64) if ok is None else np.flatnonzero(ok)
   if spec == "random":
-    if not 0 < num_targets <= n_test:
-      raise AttributionError(f"num_targets={num_targets} must lie in [1, {n_test}]")
+    pool = np.arange(n_test) if ok is None else np.flatnonzero(ok)
+    if not 0 < num_targets <= len(pool):
+      raise AttributionError(f"num_targets={num_targets} must lie in [1, {len(pool)}] (the test "
+                             f"images{skipped}); set --config.attribution.num_targets")
     rng = np.random.default_rng(seed)
-    return np.sort(rng.choice(n_test, size=num_targets, replace=False)).astype(np.int64)
+    return np.sort(pool[rng.choice(len(pool), size=num_targets, replace=False)]).astype(np.int64)
   if spec == "list":
-    return np.asarray(list(target_list), dtype=np.int64)
+    targets = np.asarray(list(target_list), dtype=np.int64)
+    if ok is not None:
+      inside = targets[(targets >= 0) & (targets < n_test)]
+      bad = inside[~ok[inside]]
+      if len(bad):
+        raise AttributionError(
+            f"attribution.target_list names test images that were unreadable when the features "
+            f"were extracted (skip_unreadable stored them as black images): positions "
+            f"{bad[:10].tolist()}; drop them from --config.attribution.target_list")
+    return targets
   raise AttributionError(f"unknown targets spec {spec!r}; expected 'all', 'random' or 'list'")
 
 
@@ -136,11 +154,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
     return results
   feats = {split: load_features(workdir, split) for split in ("train", "test")}
   targets = select_targets(cfg.targets, len(feats["test"]["features"]), cfg.num_targets,
-                           cfg.target_list, int(config.seed))
+                           cfg.target_list, int(config.seed), feats["test"].get("ok"))
+  train_ok = feats["train"].get("ok")
   for method in methods:
     check_inputs(feats["train"]["features"], feats["train"]["labels"], feats["test"]["features"],
                  feats["test"]["labels"], targets, "esvm" if method == "trak" else method, cfg.k,
-                 cfg.same_class, feats["train"]["index"])
+                 cfg.same_class, feats["train"]["index"], train_ok)
   if train is None or test is None:
     train, test = stream.splits(config.data)  # streamed data: file lists, images read when shown
     # Where the stage loads the data, it checks its fields (the main job checks all at once).
@@ -160,7 +179,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
            feats["test"]["labels"], method=method, k=cfg.k, same_class=cfg.same_class,
            targets=targets, train_index=feats["train"]["index"],
            options=options, chunk_size=cfg.chunk_size, chunk_dir=shard_dir(
-               workdir, method, index, count), allow_nonconverged=True, shard=(index, count))
+               workdir, method, index,
+               count), allow_nonconverged=True, shard=(index, count), train_ok=train_ok)
     logging.info(
         "attribution: shard %d of %d done (%s); once every shard is done, launch/merge.py with "
         "the same config and workdir writes the result", index, count, ", ".join(methods))
@@ -178,9 +198,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, train: data_lib.Data
     def solve(shard=None, method=method, out_dir=out_dir):
       return topk(feats["train"]["features"], feats["train"]["labels"], feats["test"]["features"],
                   feats["test"]["labels"], method=method, k=cfg.k, same_class=cfg.same_class,
-                  targets=targets, train_index=feats["train"]["index"], options=options,
-                  chunk_size=cfg.chunk_size, chunk_dir=os.path.join(out_dir, "chunks"),
-                  allow_nonconverged=True, shard=shard)  # every file first; see below
+                  targets=targets, train_index=feats["train"]["index"],
+                  options=options, chunk_size=cfg.chunk_size, chunk_dir=os.path.join(
+                      out_dir, "chunks"), allow_nonconverged=True, shard=shard,
+                  train_ok=train_ok)  # every file first; see below
 
     if processes > 1:  # each process its share of the chunks, then all assemble them
       solve((distributed.process_index(), processes))
@@ -276,7 +297,8 @@ def merge(config: ml_collections.ConfigDict, workdir: str) -> dict[str, TopK]:
                                lambda: ownership.features_fields(config, workdir))
   feats = {split: load_features(workdir, split) for split in ("train", "test")}
   targets = select_targets(cfg.targets, len(feats["test"]["features"]), cfg.num_targets,
-                           cfg.target_list, int(config.seed))
+                           cfg.target_list, int(config.seed), feats["test"].get("ok"))
+  train_ok = feats["train"].get("ok")
   args = (feats["train"]["features"], feats["train"]["labels"], feats["test"]["features"],
           feats["test"]["labels"])
   if "trak" in methods:  # computed whole by shard 0 (`run`), not in chunks
@@ -307,7 +329,7 @@ def merge(config: ml_collections.ConfigDict, workdir: str) -> dict[str, TopK]:
     chunk_size = int(keys[0]["key"]["chunk_size"])
     expected = chunk_hash(*args, method=method, k=cfg.k, same_class=cfg.same_class, targets=targets,
                           train_index=feats["train"]["index"], options=options,
-                          chunk_size=chunk_size)
+                          chunk_size=chunk_size, train_ok=train_ok)
     if keys[0]["hash"] != expected:
       raise AttributionError(
           f"merge {method}: the shards belong to another config or data than this one (their "
@@ -339,7 +361,8 @@ def merge(config: ml_collections.ConfigDict, workdir: str) -> dict[str, TopK]:
     # One device: the shards' chunk size is kept as it is (no rounding to this job's devices).
     res = topk(*args, method=method, k=cfg.k, same_class=cfg.same_class, targets=targets,
                train_index=feats["train"]["index"], options=options, chunk_size=chunk_size,
-               chunk_dir=assembled, allow_nonconverged=True, devices=jax.local_devices()[:1])
+               chunk_dir=assembled, allow_nonconverged=True, devices=jax.local_devices()[:1],
+               train_ok=train_ok)
     _write(out_dir, res, feats["test"]["index"], method, config)
     _write_grid(os.path.join(out_dir, "grid.png"), res, method, train, test, config.viz)
     ownership.record(workdir, "attribution",

@@ -123,13 +123,14 @@ def _is_int(value: Any) -> bool:
 
 def check_inputs(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
                  test_labels: np.ndarray, targets: Any, method: str, k: int, same_class: bool,
-                 train_index: np.ndarray | None = None) -> None:
+                 train_index: np.ndarray | None = None, train_ok: np.ndarray | None = None) -> None:
   """Raises AttributionError for any input that would make the attribution meaningless.
 
   The arguments are `topk`'s: features floating point [N, d] without NaN/inf (nor values beyond
   float32's range), labels 1-D non-negative integer class ids (whole-number floats accepted) of
   the features' length, targets a non-empty 1-D integer array of distinct test positions, k a
-  positive integer no larger than any candidate set, train_index 1-D integer [n_train].
+  positive integer no larger than any candidate set, train_index 1-D integer [n_train],
+  train_ok None or bool [n_train] (False: never a candidate).
   """
   if method not in METHODS:
     raise AttributionError(f"unknown attribution method {method!r}; expected one of {METHODS}")
@@ -165,18 +166,37 @@ def check_inputs(train_features: np.ndarray, train_labels: np.ndarray, test_feat
     raise AttributionError("target positions contain duplicates")
   if not _is_int(k) or k < 1:
     raise AttributionError(f"k must be a positive integer, got {k!r}")
+  ok = _candidate_mask(train_ok, len(train_features))
+  skipped = (f" ({int((~ok).sum())} unreadable training images, skipped when the features were "
+             "extracted, are no candidates)" if not ok.all() else "")
   if same_class:
-    classes, counts = np.unique(train_labels, return_counts=True)
-    counts = dict(zip(classes.tolist(), counts.tolist()))
+    counts = candidate_counts(train_labels, ok)
     for c in np.unique(test_labels[targets]).tolist():
       if counts.get(c, 0) == 0:
-        raise AttributionError(f"class {c} has targets but no training candidates")
+        raise AttributionError(f"class {c} has targets but no training candidates{skipped}")
       if counts[c] < k:
         raise AttributionError(
-            f"k={k} is larger than class {c}, which has {counts[c]} training candidates; "
+            f"k={k} is larger than class {c}, which has {counts[c]} training candidates{skipped}; "
             "lower k (e.g. --config.attribution.k) or set same_class=False")
-  elif len(train_features) < k:
-    raise AttributionError(f"k={k} is larger than the {len(train_features)} training examples")
+  elif ok.sum() < k:
+    raise AttributionError(f"k={k} is larger than the {int(ok.sum())} training examples{skipped}")
+
+
+def _candidate_mask(train_ok: Any, n_train: int) -> np.ndarray:
+  """bool [n_train]: which training rows may be ranked (all when `train_ok` is None)."""
+  if train_ok is None:
+    return np.ones(n_train, bool)
+  ok = np.asarray(train_ok)
+  if ok.shape != (n_train,) or ok.dtype != np.bool_:
+    raise AttributionError(f"train_ok must be bool [{n_train}] (one per train_features row), got "
+                           f"{_describe(ok)}")
+  return ok
+
+
+def candidate_counts(train_labels: np.ndarray, ok: np.ndarray) -> dict[int, int]:
+  """{class: training rows of that label that may be ranked}."""
+  classes, counts = np.unique(np.asarray(train_labels)[ok], return_counts=True)
+  return dict(zip(classes.tolist(), counts.tolist()))
 
 
 def _ranked_topk(scores, ranked, valid, k, on_host):
@@ -341,7 +361,8 @@ def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np
          options: SolverOptions = SolverOptions(), chunk_size: int = 1024,
          devices: Sequence[jax.Device] | None = None, chunk_dir: str | None = None,
          log_every_s: float = 10.0, select_on_host: bool | None = None,
-         allow_nonconverged: bool = False, shard: tuple[int, int] | None = None) -> TopK:
+         allow_nonconverged: bool = False, shard: tuple[int, int] | None = None,
+         train_ok: np.ndarray | None = None) -> TopK:
   """Ranks training examples for each target and keeps the best k.
 
   Args:
@@ -367,6 +388,8 @@ def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np
       shards are read where present, else left zero in the result). The processes of a job, or
       n separate jobs, each run their shard; a call without `shard` then assembles the result
       from the chunk files.
+    train_ok: bool [n_train], False for rows never to rank (unreadable images that the features
+      stage skipped, `ok` in its npz); None: every row is a candidate.
 
   Returns:
     A `TopK` with rows in the order of `targets`.
@@ -391,7 +414,8 @@ def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np
   test_features = np.asarray(test_features)
   targets = np.arange(len(test_features)) if targets is None else np.asarray(targets)
   check_inputs(train_features, train_labels, test_features, test_labels, targets, method, k,
-               same_class, train_index)
+               same_class, train_index, train_ok)
+  ok = _candidate_mask(train_ok, len(train_features))
   train_labels = _class_ids("train_labels", train_labels)
   test_labels = _class_ids("test_labels", test_labels)
   targets = targets.astype(np.int64)
@@ -403,17 +427,16 @@ def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np
   plan = plan_chunks(test_labels, targets, same_class, chunk_size)
   # Candidate set sizes of the classes this run visits, and their padded sizes.
   if same_class:
-    classes, counts = np.unique(train_labels, return_counts=True)
-    counts = dict(zip(classes.tolist(), counts.tolist()))
+    counts = candidate_counts(train_labels, ok)
     set_size = {int(c): counts[int(c)] for c, _ in plan}
   else:
-    set_size = {-1: len(train_features)}
+    set_size = {-1: int(ok.sum())}
   padded = padded_sizes(list(set_size.values()))
   if chunk_dir is not None:
     _prepare_chunk_dir(
         chunk_dir,
         chunk_key(method, k, same_class, options, chunk_size, targets, train_features, train_labels,
-                  train_index, test_features, test_labels))
+                  train_index, test_features, test_labels, None if ok.all() else ok))
 
   indices = np.zeros((len(targets), k), np.int64)
   scores = np.zeros((len(targets), k), np.float32)
@@ -432,8 +455,7 @@ def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np
       progress.done += len(members)
     else:
       if c != current_class or cand is None:
-        cand_pos = np.flatnonzero(
-            train_labels == c) if same_class else np.arange(len(train_features))
+        cand_pos = np.flatnonzero(ok & (train_labels == c) if same_class else ok)
         cand = (cand_pos, runner.put_candidates(train_features[cand_pos], padded[set_size[c]]))
         current_class = c
       start = time.perf_counter()
@@ -491,21 +513,25 @@ def _check_finite(method: str, options: SolverOptions, scores: np.ndarray, posit
 
 def chunk_key(method: str, k: int, same_class: bool, options: SolverOptions, chunk_size: int,
               targets: np.ndarray, train_features: np.ndarray, train_labels: np.ndarray,
-              train_index: np.ndarray, test_features: np.ndarray,
-              test_labels: np.ndarray) -> dict[str, Any]:
+              train_index: np.ndarray, test_features: np.ndarray, test_labels: np.ndarray,
+              train_ok: np.ndarray | None = None) -> dict[str, Any]:
   """What a `topk` call's chunk files belong to (its settings and its inputs' fingerprints);
-  chunk_size already rounded to the devices."""
-  return dict(method=method, k=k, same_class=same_class, options=dataclasses.asdict(options),
-              chunk_size=chunk_size,
-              targets=fingerprint.arrays_fingerprint(targets), train=fingerprint.arrays_fingerprint(
-                  train_features, train_labels, train_index), test=fingerprint.arrays_fingerprint(
-                      test_features, test_labels))
+  chunk_size already rounded to the devices; `train_ok` only when some row is excluded (so
+  chunks written before it existed stay valid)."""
+  key = dict(method=method, k=k, same_class=same_class, options=dataclasses.asdict(options),
+             chunk_size=chunk_size,
+             targets=fingerprint.arrays_fingerprint(targets), train=fingerprint.arrays_fingerprint(
+                 train_features, train_labels, train_index), test=fingerprint.arrays_fingerprint(
+                     test_features, test_labels))
+  if train_ok is not None:
+    key["excluded"] = np.flatnonzero(~np.asarray(train_ok, bool)).tolist()
+  return key
 
 
 def chunk_hash(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
                test_labels: np.ndarray, *, method: str, k: int, same_class: bool,
                targets: np.ndarray, train_index: np.ndarray | None, options: SolverOptions,
-               chunk_size: int) -> str:
+               chunk_size: int, train_ok: np.ndarray | None = None) -> str:
   """The hash `topk` records in chunk_dir/resume.json for these arguments (chunk_size as
   rounded to the devices): shards of one job agree on it."""
   train_index = np.arange(len(train_features)) if train_index is None else np.asarray(train_index)
@@ -513,7 +539,8 @@ def chunk_hash(train_features: np.ndarray, train_labels: np.ndarray, test_featur
       chunk_key(method, k, same_class, options, chunk_size,
                 np.asarray(targets).astype(np.int64), np.asarray(train_features),
                 _class_ids("train_labels", train_labels), train_index.astype(np.int64),
-                np.asarray(test_features), _class_ids("test_labels", test_labels)))
+                np.asarray(test_features), _class_ids("test_labels", test_labels),
+                None if train_ok is None or np.all(train_ok) else np.asarray(train_ok, bool)))
 
 
 def _prepare_chunk_dir(chunk_dir: str, key: dict[str, Any]) -> None:

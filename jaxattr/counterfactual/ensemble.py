@@ -191,8 +191,8 @@ def epoch_batches(key: jax.Array, keep: jax.Array, batch_size: int,
   return idx, valid
 
 
-def counterfactual_subset(prefix: jax.Array, size: jax.Array, flip: jax.Array,
-                          labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+def counterfactual_subset(prefix: jax.Array, size: jax.Array, flip: jax.Array, labels: jax.Array,
+                          usable: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """One model's training set, (keep bool [N], labels int32 [N]), built on the device.
 
   Args:
@@ -200,11 +200,15 @@ def counterfactual_subset(prefix: jax.Array, size: jax.Array, flip: jax.Array,
     size: int32 [], how many prefix entries the model acts on.
     flip: int32 [], -1 = remove them, else relabel them to this class.
     labels: int32 [N], the dataset's labels.
+    usable: bool [N], images any model may train on (False: unreadable ones that a resident copy
+      stored as black images); None = all.
   """
   n = labels.shape[0]
   used = jnp.where(jnp.arange(prefix.shape[0]) < size, prefix, n)  # position n: dropped
   removal = flip < 0
   keep = jnp.ones(n, bool).at[used].set(False, mode="drop") | jnp.logical_not(removal)
+  if usable is not None:
+    keep = keep & usable
   return keep, jnp.where(removal, labels, labels.at[used].set(flip, mode="drop"))
 
 
@@ -546,6 +550,10 @@ class Trainer:
     self.images = _device_images(self.mesh, train.images, self.images_spec,
                                  data_size if self.sharded else 1)
     self.labels = distributed.global_array(self.mesh, train.labels.astype(np.int32), P())
+    # Unreadable images of a resident copy (`Dataset.ok`): in no model's training set.
+    self.usable = None if getattr(train, "ok", None) is None else np.asarray(train.ok, bool)
+    self.usable_dev = None if self.usable is None else distributed.global_array(
+        self.mesh, self.usable, P())
     lift = functools.partial(over_models, mesh=self.mesh, formulation=self.formulation)
     per_model, partial = NamedSharding(self.mesh, P("models")), functools.partial
     init = partial(init_state, model=self.model, tx=self.tx, image_shape=train.images.shape[1:])
@@ -553,7 +561,7 @@ class Trainer:
                    config=self.config)
     self.keys = jax.jit(jax.vmap(jax.random.key), out_shardings=per_model)
     self.init = jax.jit(lift(init, num_shared=0), out_shardings=per_model)
-    self.subsets = jax.jit(lift(counterfactual_subset, num_shared=1))
+    self.subsets = jax.jit(lift(counterfactual_subset, num_shared=1 if self.usable is None else 2))
     self.plan = jax.jit(lift(self._plan_one, num_shared=1))
     self._steps: dict[int, Callable] = {}  # crop side -> compiled step
     self._warned_wave = False
@@ -655,7 +663,12 @@ class Trainer:
     flip = np.asarray(np.full(m, -1) if flip is None else flip)
     _require(flip.shape == (m,) and _is_int(flip) and flip.min() >= -1 and flip.max() < c,
              f"flip must be int [M={m}] in [-1, {c}) (-1 = removal)", flip)
-    kept = np.where(flip < 0, n - sizes, n).astype(np.int64)
+    if self.usable is None:
+      kept = np.where(flip < 0, n - sizes, n).astype(np.int64)
+    else:  # unreadable images are never kept, removed or not
+      removed_usable = np.sum(used & self.usable[np.clip(prefixes, 0, n - 1)], axis=1)
+      kept = np.where(flip < 0,
+                      self.usable.sum() - removed_usable, self.usable.sum()).astype(np.int64)
     too_few = np.flatnonzero(kept < bs)
     _require(
         not too_few.size, f"models {too_few[:5].tolist()} keep fewer images than one batch "
@@ -715,8 +728,9 @@ class Trainer:
       # Pad the last wave with copies of its first model so every wave has the same shape.
       rows = np.concatenate([members, np.full(wave - len(members), members[0])])
       keys = self.keys(per_model((seeds[rows] % (2**32)).astype(np.uint32)))
+      shared = (self.labels,) if self.usable_dev is None else (self.labels, self.usable_dev)
       keep, labels = self.subsets(per_model(prefixes[rows]), per_model(sizes[rows]),
-                                  per_model(flip[rows]), self.labels)
+                                  per_model(flip[rows]), *shared)
       states = self.init(keys)
       for ep in range(epochs):
         t_epoch = time.perf_counter()
