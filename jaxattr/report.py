@@ -60,6 +60,7 @@ def write_report(workdir: str, config: Any = None, train: Any = None, test: Any 
       (f"<h1>jaxattr report</h1><p class='muted'>{html.escape(os.path.abspath(workdir))} "
        f"&middot; generated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}</p>"),
       _timings(workdir),
+      _unreadable(workdir),
       _support(workdir, cfg),
       _lds(workdir, cfg),
       _examples(workdir, train, test, data_note, num_examples),
@@ -91,6 +92,25 @@ def _timings(workdir: str) -> str:
   total = sum(v for v in timings.values() if isinstance(v, (int, float)))
   rows.append(["<b>total</b>", f"<b>{_fmt_seconds(total)}</b>"])
   return head + _table(["stage", "wall time"], rows)
+
+
+def _unreadable(workdir: str) -> str:
+  """A note on the images that the features or prepare stage skipped as unreadable ('' when
+  none), so that a reader knows the attribution and the models went without them."""
+  counts = []
+  for stage, path, key in (("features", "features/summary.json", "unreadable_skipped"),
+                           ("prepare", "resident/summary.json", "unreadable")):
+    summary, _ = _read_json(os.path.join(workdir, path), path)
+    for split in ("train", "test"):
+      n = ((summary or {}).get(split) or {}).get(key, 0) if isinstance(summary, dict) else 0
+      if isinstance(n, int) and n > 0:
+        counts.append(f"{n} {split} image{'s' * (n != 1)} ({stage})")
+  if not counts:
+    return ""
+  return ("<h2>Unreadable images</h2>" +
+          _note("Skipped as unreadable (skip_unreadable) and stored as black images: " +
+                ", ".join(counts) + ". They are never attributed, never targets, and no "
+                "counterfactual model trains on them; the stage's log names the first ones."))
 
 
 def _support(workdir: str, cfg: dict | None = None) -> str:

@@ -138,6 +138,23 @@ def test_report_without_results_says_what_is_missing(tmp_path):
   assert "No support results yet" in page
   assert "No attribution results yet" in page
   assert "No config given" in page
+  assert "Unreadable images" not in page
+
+
+def test_report_names_the_images_skipped_as_unreadable(tmp_path):
+  wd = str(tmp_path)
+  utils.save_json(f"{wd}/features/summary.json", {
+      "train": {
+          "unreadable_skipped": 2
+      },
+      "test": {
+          "unreadable_skipped": 0
+      }
+  })
+  utils.save_json(f"{wd}/resident/summary.json", {"train": {"unreadable": 1}, "test": {}})
+  page = read(report.write_report(wd))
+  assert "<h2>Unreadable images</h2>" in page
+  assert "2 train images (features), 1 train image (prepare). They are never attributed" in page
 
 
 def test_report_of_a_config_without_support_says_so(tmp_path):
