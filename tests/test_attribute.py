@@ -225,6 +225,12 @@ def test_unreadable_rows_are_never_candidates_nor_targets(tmp_path):
     attribution.select_targets("random", 50, 49, (), 0, test_ok)
   with pytest.raises(topk_lib.AttributionError, match=r"unreadable .*positions \[7\]"):
     attribution.select_targets("list", 50, 0, (1, 7), 0, test_ok)
+  # A features file whose 'ok' does not fit its rows is named.
+  np.savez(tmp_path / "features.npz", features=train, labels=labels, ok=ok[:-1])
+  os.makedirs(tmp_path / "w" / "features")
+  os.replace(tmp_path / "features.npz", tmp_path / "w" / "features" / "train.npz")
+  with pytest.raises(topk_lib.AttributionError, match=r"train.npz: 'ok' must be bool \[310\]"):
+    attribution.load_features(str(tmp_path / "w"), "train")
 
 
 def test_sliced_scoring_program_equals_whole(monkeypatch):

@@ -69,6 +69,10 @@ def load_features(workdir: str, split: str) -> dict[str, np.ndarray]:
   if len(out["index"]) != len(out["features"]):
     raise AttributionError(
         f"{path}: {len(out['features'])} feature rows but {len(out['index'])} index entries")
+  if "ok" in out and (out["ok"].dtype != bool or out["ok"].shape != (len(out["features"]),)):
+    raise AttributionError(f"{path}: 'ok' must be bool [{len(out['features'])}] (one per feature "
+                           f"row), got {out['ok'].dtype} {out['ok'].shape}; rerun the features "
+                           "stage")
   return out
 
 
