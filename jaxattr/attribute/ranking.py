@@ -436,7 +436,7 @@ def topk(train_features: np.ndarray, train_labels: np.ndarray, test_features: np
     _prepare_chunk_dir(
         chunk_dir,
         chunk_key(method, k, same_class, options, chunk_size, targets, train_features, train_labels,
-                  train_index, test_features, test_labels, None if ok.all() else ok))
+                  train_index, test_features, test_labels, ok))
 
   indices = np.zeros((len(targets), k), np.int64)
   scores = np.zeros((len(targets), k), np.float32)
@@ -516,14 +516,14 @@ def chunk_key(method: str, k: int, same_class: bool, options: SolverOptions, chu
               train_index: np.ndarray, test_features: np.ndarray, test_labels: np.ndarray,
               train_ok: np.ndarray | None = None) -> dict[str, Any]:
   """What a `topk` call's chunk files belong to (its settings and its inputs' fingerprints);
-  chunk_size already rounded to the devices; `train_ok` only when some row is excluded (so
-  chunks written before it existed stay valid)."""
+  chunk_size already rounded to the devices; `train_ok` counts only when some row is excluded
+  (so chunks written before it existed stay valid)."""
   key = dict(method=method, k=k, same_class=same_class, options=dataclasses.asdict(options),
              chunk_size=chunk_size,
              targets=fingerprint.arrays_fingerprint(targets), train=fingerprint.arrays_fingerprint(
                  train_features, train_labels, train_index), test=fingerprint.arrays_fingerprint(
                      test_features, test_labels))
-  if train_ok is not None:
+  if train_ok is not None and not np.all(train_ok):
     key["excluded"] = np.flatnonzero(~np.asarray(train_ok, bool)).tolist()
   return key
 
@@ -539,8 +539,7 @@ def chunk_hash(train_features: np.ndarray, train_labels: np.ndarray, test_featur
       chunk_key(method, k, same_class, options, chunk_size,
                 np.asarray(targets).astype(np.int64), np.asarray(train_features),
                 _class_ids("train_labels", train_labels), train_index.astype(np.int64),
-                np.asarray(test_features), _class_ids("test_labels", test_labels),
-                None if train_ok is None or np.all(train_ok) else np.asarray(train_ok, bool)))
+                np.asarray(test_features), _class_ids("test_labels", test_labels), train_ok))
 
 
 def _prepare_chunk_dir(chunk_dir: str, key: dict[str, Any]) -> None:
