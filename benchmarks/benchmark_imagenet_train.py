@@ -389,7 +389,7 @@ def stages(rows, settings):
     raise app.UsageError(
         "--mode=stages mirrors the torch loop's 3x3 / 1 stem: stem must be 'small'")
   block = functools.partial(resnet.BasicBlock, dtype=model.dtype, blurpool=model.blurpool,
-                            patch_below=model.patch_below)
+                            patch_below=model.patch_below, materialize=model.materialize)
 
   class Stem(nn.Module):
 

@@ -161,8 +161,8 @@ def trainer_section() -> ml_collections.ConfigDict:
   c.formulation = "auto"
   # Same values through ops XLA:CPU differentiates faster: ResNet-9's stride-2 convolution
   # gradient through a space-to-depth convolution; ResNet-18's convolutions with outputs of at
-  # most 4 x 4 pixels as patch matrix products. 'auto' = on for the CPU backend only | 'on' |
-  # 'off'.
+  # most 4 x 4 pixels as patch matrix products, and its conv inputs stored once
+  # (`layers.materialize`). 'auto' = on for the CPU backend only | 'on' | 'off'.
   c.cpu_ops = "auto"
   c.eval_batch_size = 500  # images per model per evaluation step
   # Devices per model: each model's batch is split over this many devices (the mesh axis

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from benchmarks import folding
-from jaxattr.models import resnet
+from jaxattr.models import layers, resnet
 from jaxattr.models.layers import count_params
 
 
@@ -157,3 +157,47 @@ def test_patch_convolutions_equal_xla_convolutions():
   np.testing.assert_allclose(lb, la, rtol=1e-4, atol=1e-4)
   for u, w in zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gb)):
     np.testing.assert_allclose(w, u, rtol=1e-3, atol=1e-4 * float(jnp.abs(u).max()) + 1e-6)
+
+
+def test_materialize_is_the_identity_and_a_fusion_boundary():
+  """layers.materialize: the same values and gradients, for every float including non-finite
+  ones, and a conditional that survives XLA's optimisations (forward and backward), so that
+  XLA:CPU stores the value instead of recomputing it inside its consumers. Under vmap it
+  stays the identity. A BlurPool ResNet-18 that stores its conv inputs has the gradients of one
+  that does not (within float32 rounding)."""
+  x = jnp.asarray([[np.inf, -np.inf, np.nan, 0.0, -0.0, 1e30, -1e-30, 3.0]], jnp.float32)
+  np.testing.assert_array_equal(np.asarray(layers.materialize(x)), np.asarray(x))
+  np.testing.assert_array_equal(np.asarray(jax.vmap(layers.materialize)(x)), np.asarray(x))
+  assert np.signbit(np.asarray(layers.materialize(x))[0, 4])  # -0.0 kept
+
+  def f(v, s):
+    return jnp.sum(jnp.sin(layers.materialize(jax.nn.relu(v * s + 1.0))) * v)
+
+  v = jnp.linspace(-2.0, 2.0, 48).reshape(2, 3, 8)
+  s = jnp.linspace(0.5, 1.5, 8)
+  g = jax.grad(f, argnums=(0, 1))(v, s)
+  g_ref = jax.grad(lambda v, s: jnp.sum(jnp.sin(jax.nn.relu(v * s + 1.0)) * v), (0, 1))(v, s)
+  for a, b in zip(g, g_ref):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  hlo = jax.jit(jax.grad(f, argnums=(0, 1))).lower(v, s).compile().as_text()
+  assert hlo.count(" conditional(") == 2, "XLA removed layers.materialize's conditional"
+
+  img = jnp.asarray(np.random.default_rng(1).normal(size=(4, 32, 32, 3)).astype(np.float32))
+  plain = resnet.ResNet18(num_classes=5, stem="small", width=0.25, blurpool=True)
+  stored = resnet.ResNet18(num_classes=5, stem="small", width=0.25, blurpool=True, materialize=True)
+  var = plain.init(jax.random.key(0), img)
+
+  def loss(model, p):
+    out, _ = model.apply({
+        "params": p,
+        "batch_stats": var["batch_stats"]
+    }, img, train=True, mutable=["batch_stats"])
+    return jnp.sum(out["logits"]**2)
+
+  ga = jax.jit(jax.grad(lambda p: loss(plain, p)))(var["params"])
+  gb = jax.jit(jax.grad(lambda p: loss(stored, p)))(var["params"])
+  for u, w in zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gb)):
+    np.testing.assert_allclose(np.asarray(w), np.asarray(u), rtol=1e-5,
+                               atol=1e-6 * float(jnp.abs(u).max()))
+  with pytest.raises(ValueError, match="materialize is implemented for BasicBlock"):
+    resnet.ResNet50(materialize=True).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))

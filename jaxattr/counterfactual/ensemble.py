@@ -86,9 +86,10 @@ def classifier(config: ml_collections.ConfigDict, num_classes: int,
                      f"{config.model!r}")
   cpu_ops = config.cpu_ops == "on" or (config.cpu_ops == "auto" and jax.default_backend() == "cpu")
   if config.model == "resnet18":
-    # On the CPU, convs with outputs of <= 4 x 4 pixels as patch matrix products (layers.Conv).
+    # On the CPU, convs with outputs of <= 4 x 4 pixels as patch matrix products (layers.Conv),
+    # and every conv input stored once (layers.materialize).
     kwargs.update(stem=config.stem, blurpool=bool(config.blurpool), axis_name=axis_name,
-                  patch_below=16 if cpu_ops else 0)
+                  patch_below=16 if cpu_ops else 0, materialize=cpu_ops)
   if config.model == "resnet9":
     kwargs["s2d_grad"] = cpu_ops
   return models[config.model](num_classes=num_classes, width=float(config.width),

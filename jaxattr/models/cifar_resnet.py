@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxattr.models.layers import BatchNorm, Conv, blur, conv
+from jaxattr.models.layers import BatchNorm, Conv, blur, conv, materialize
 
 
 class BasicBlock(nn.Module):
@@ -39,6 +39,9 @@ class BasicBlock(nn.Module):
   blurpool: bool = False
   axis_name: str | None = None  # BatchNorm statistics over this mesh axis (`layers.BatchNorm`)
   patch_below: int = 0  # convs with at most this many output pixels: `layers.patch_conv`
+  # Every conv input stored once (`layers.materialize`), not recomputed inside the transposes of
+  # the weight gradients (XLA:CPU).
+  materialize: bool = False
   expansion = 1  # output channels / planes (class constant, not a field)
 
   @nn.compact
@@ -47,8 +50,10 @@ class BasicBlock(nn.Module):
                            split_layout=self.split_layout, axis_name=self.axis_name)
     blurred = blur(x) if self.blurpool and self.stride > 1 and x.shape[-1] >= 16 else x
     make = functools.partial(Conv, patch_below=self.patch_below) if self.patch_below else conv
+    stored = materialize if self.materialize else lambda v: v
+    blurred = stored(blurred)
     y = make(self.planes, 3, self.stride, 1, self.dtype, name="conv1")(blurred)
-    y = nn.relu(bn(name="bn1")(y, train))
+    y = stored(nn.relu(bn(name="bn1")(y, train)))
     y = make(self.planes, 3, 1, 1, self.dtype, name="conv2")(y)
     y = bn(name="bn2")(y, train)
     if self.stride != 1 or x.shape[-1] != self.planes:

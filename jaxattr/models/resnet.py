@@ -79,6 +79,9 @@ class ResNet(nn.Module):
     patch_below: BasicBlock convs with at most this many output pixels run as one matrix
       product of their patches (`layers.patch_conv`: same values; XLA:CPU's weight gradient of
       a 2 x 2-output convolution is pathologically slow). 0: never.
+    materialize: BasicBlock conv inputs stored once (`layers.materialize`: XLA:CPU otherwise
+      recomputes BatchNorm, ReLU, residual sums and BlurPool inside the weight gradients'
+      transposes). Same values.
   """
 
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
@@ -90,6 +93,7 @@ class ResNet(nn.Module):
   blurpool: bool = False
   axis_name: str | None = None
   patch_below: int = 0
+  materialize: bool = False
 
   @property
   def feature_dim(self) -> int:
@@ -115,6 +119,10 @@ class ResNet(nn.Module):
       if self.block != "basic":
         raise ValueError("patch_below is implemented for BasicBlock ResNets (ResNet-18/34) only")
       extra["patch_below"] = self.patch_below
+    if self.materialize:
+      if self.block != "basic":
+        raise ValueError("materialize is implemented for BasicBlock ResNets (ResNet-18/34) only")
+      extra["materialize"] = True
     for i, blocks in enumerate(self.stage_sizes):
       for j in range(blocks):
         stride = 2 if (i > 0 and j == 0) else 1
