@@ -350,7 +350,11 @@ def main(argv):
     raise SystemExit(f"the quick pipeline failed in {checkout}:\n{base.stderr[-3000:]}")
   print(f"base workdir in {time.perf_counter() - t0:.0f} s ({checkout})", flush=True)
   rows = []
-  for name, kind, fn in _cases(p):
+  cases = _cases(p)
+  stale = set(EXPECT) - {name for name, _, _ in cases}
+  if stale:  # a renamed case would otherwise lose its check silently
+    raise SystemExit(f"EXPECT names cases that do not exist: {sorted(stale)}")
+  for name, kind, fn in cases:
     if _ONLY.value and name not in _ONLY.value:
       continue
     t0 = time.perf_counter()
