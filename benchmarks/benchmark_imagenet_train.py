@@ -24,7 +24,7 @@ CPU (this project's 2-core dev box):
   python3 -m benchmarks.benchmark_imagenet_train --mode=accuracy --recipes=ffcv_rn18_16,rn18_8 \
     --data=folder:../shared/data/cifar10-jpeg.tar.gz --train_examples=5000 --width=0.25
   python3 -m benchmarks.benchmark_imagenet_train --mode=stages --repeats=3          # ~2 min
-H200 (benchmarks/gpu_check.sh):
+H200 (launch/gpu_check.sh):
   python3 -m benchmarks.benchmark_imagenet_train --mode=gpu --train_examples=128000 \
     --classes=1000 --epochs=2 --num_models=4
 """

@@ -11,7 +11,7 @@ examples/s (median, min-max) and the ratio. Checks that both sides' margins agre
 
 CPU (this project's 2-core box):
   python3 -m benchmarks.benchmark_trak --width=0.25 --examples=1024 --repeats=3
-GPU (benchmarks/gpu_check.sh):
+GPU (launch/gpu_check.sh):
   python3 -m benchmarks.benchmark_trak --width=1 --examples=4096 --chunk=256 --batch=256
 """
 

@@ -9,7 +9,7 @@ Device time = work / (peak x MFU). MFU anchor: ffcv-imagenet's rn18 16-epoch run
 one A100 (REFERENCE.md) for ~1.4e17 FLOP (its 160-192 px ramp, counted the same way at 224-px
 scaled FLOPs), i.e. ~21% of the A100's 312 bf16 TFLOP/s. Small 40-48 px images leave the
 accelerator less work per kernel, so the table also shows a pessimistic 10% MFU;
-`benchmarks/gpu_check.sh` measures the real one (benchmark_imagenet_train --mode=gpu).
+`launch/gpu_check.sh` measures the real one (benchmark_imagenet_train --mode=gpu).
 
   python3 -m benchmarks.imagenet_projection
 """

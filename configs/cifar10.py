@@ -14,7 +14,7 @@ Variants (comma-separated):
           LDS over 8 subsets and 100 targets; only a smoke test of the protocol.
   trak1, trak10, trak100   TRAK from 1, 10 or 100 full-data ResNet-9s instead of 5 (the first
           models of the same seeds: a TRAK-100 run's first 5 models are TRAK-5's).
-  lds_gpu_slice   the accelerator check's slice (benchmarks/gpu_check.sh, implies jpeg): LDS of
+  lds_gpu_slice   the accelerator check's slice (launch/gpu_check.sh, implies jpeg): LDS of
           TRAK-5 only (no encoder needed) over 16 subsets and 1,000 targets with the full recipe,
           21 full-width ResNet-9s + 5 for TRAK; run with launch/lds.py.
 

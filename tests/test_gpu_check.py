@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.sh, statically: it parses as bash, and every flag that a step passes, at
+"""launch/gpu_check.sh, statically: it parses as bash, and every flag that a step passes, at
 GPU size or at the rehearsal's toy size (GPU_CHECK_SMOKE=1), is one that the step's program
 defines. The script only runs where an accelerator is lent; a renamed flag would otherwise be
 found there, at the price of that machine's minutes."""
@@ -12,7 +12,7 @@ import tarfile
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "benchmarks", "gpu_check.sh")
+SCRIPT = os.path.join(REPO, "launch", "gpu_check.sh")
 
 
 def _steps() -> list[str]:
@@ -81,9 +81,9 @@ def _run_with_fake_python(tmp_path, expect_rc=0, **env):
   arguments (and sleeps FAKE_SLEEP seconds in a step): its budget, step selection and packing
   alone."""
   root = tmp_path / "checkout"
-  (root / "benchmarks").mkdir(parents=True)
+  (root / "launch").mkdir(parents=True)
   (root / "jaxattr").mkdir()
-  (root / "benchmarks" / "gpu_check.sh").write_text(open(SCRIPT).read())
+  (root / "launch" / "gpu_check.sh").write_text(open(SCRIPT).read())
   (root / "jaxattr" / "config.py").write_text('CIFAR10_JPEG = "folder:missing.tar.gz"\n')
   fake = tmp_path / "bin"
   fake.mkdir()
@@ -92,7 +92,7 @@ def _run_with_fake_python(tmp_path, expect_rc=0, **env):
   (fake / "python3").chmod(0o755)
   out = tmp_path / "out"
   full_env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", OUT=str(out), **env)
-  res = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh")], env=full_env,
+  res = subprocess.run(["bash", str(root / "launch" / "gpu_check.sh")], env=full_env,
                        capture_output=True, text=True, timeout=120)
   assert res.returncode == expect_rc, res.stderr
   if expect_rc:

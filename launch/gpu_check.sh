@@ -5,11 +5,11 @@
 # sends back at most 8 files); the last lines printed are one status line per step (exit
 # status, seconds).
 #
-#   OUT=/tmp/out bash benchmarks/gpu_check.sh
+#   OUT=/tmp/out bash launch/gpu_check.sh
 #
 # The accelerator image has jax, flax, optax, orbax-checkpoint, torch and scikit-learn, but not
 # ml-collections, grain (+ array-record, portpicker), traker or lightly: `bash
-# benchmarks/gpu_check.sh --fetch_wheels` (on a machine with the package registries) downloads
+# launch/gpu_check.sh --fetch_wheels` (on a machine with the package registries) downloads
 # them for its Python 3.12 into .whl/ (git-ignored), and the check installs whatever is in
 # .whl/ into a private folder first. ../shared does not travel there either: the CIFAR-10
 # archive of jaxattr/config.py's CIFAR10_JPEG is read from data/cifar10-jpeg.tar.gz in the
