@@ -8,7 +8,7 @@ Stages: MoCo pretraining (16x16 digits, width-0.25 ResNet-18, 20 epochs) -> feat
 l2 and TRAK top-128 for 16 seeded test targets -> removal and mislabel support of the first 8
 targets with ResNet-9s at 1/8 width -> LDS of ESVM, l2 and TRAK over 20 subsets -> report.html.
 
-Expected on a 2-core CPU: about 8-15 minutes end to end; kNN accuracy of the encoder about 0.85
+Expected on a 2-core CPU: about 8-17 minutes end to end; kNN accuracy of the encoder about 0.85
 (see the README for the measured numbers). `configs/digits.py:quick` shrinks everything to a
 smoke test of a few seconds of training.
 """
