@@ -226,6 +226,8 @@ def _examples(workdir: str, train: Any, test: Any, data_note: str, num_examples:
       continue
     removal = _support_by_target(workdir, "removal", method)
     mislabel = _support_by_target(workdir, "mislabel", method, "flip_class")
+    k_removal = _support_k(workdir, "removal", method, topk.shape[1])
+    k_mislabel = _support_k(workdir, "mislabel", method, topk.shape[1])
     names = list(getattr(test, "class_names", []))
     for i, target in enumerate(targets[:num_examples]):
       label = int(test.labels[t_pos[i]])
@@ -242,26 +244,32 @@ def _examples(workdir: str, train: Any, test: Any, data_note: str, num_examples:
                     f"#{j + 1} {score}<br>{html.escape(_name(names, lab))}", cls))
       parts.append(f"<div class='row'>{''.join(cells)}</div>")
       s = removal.get(int(target))
-      if s is None:
-        if removal:  # measured for other targets
-          parts.append(_note("removal support: not measured for this target."))
-      elif s < 0:
+      unmeasured = [
+          metric for metric, found in (("removal", removal), ("mislabel", mislabel))
+          if found and int(target) not in found
+      ]  # measured for other targets only
+      if unmeasured:
+        parts.append(_note(f"{' and '.join(unmeasured)} support: not measured for this target."))
+      if s is not None and s < 0:
         parts.append(
-            _note(f"removal support: not flipped within k (all {topk.shape[1]} "
-                  "listed images removed)."))
-      else:
+            _note(f"removal support >{k_removal}: not flipped within k (its top {k_removal} "
+                  "removed)."))
+      elif s is not None:
         shown = min(s, MAX_PREFIX, rows.shape[1])
         prefix_rows = support.positions_of(train.index, topk[i, :shown], "top-k")
         more = f" (first {shown} shown)" if shown < s else ""
         cells = [_figure(train.images[r], "", "small") for r in prefix_rows]
-        parts.append(f"<p class='sub'>removal support {s}: removing these {s} images flipped "
+        what = "this image" if s == 1 else f"these {s} images"
+        parts.append(f"<p class='sub'>removal support {s}: removing {what} flipped "
                      f"target {int(target)}{more}</p><div class='row'>{''.join(cells)}</div>")
       if int(target) in mislabel:
         ms, flip = mislabel[int(target)]
-        text = (f"not flipped within k by relabelling to class {_name(names, flip)}"
-                if ms < 0 else f"relabelling its top {ms} to class {_name(names, flip)} flipped it")
-        parts.append(f"<p class='sub'>mislabel support {'-1' if ms < 0 else ms}: "
-                     f"{html.escape(text)}</p>")
+        to = html.escape(_name(names, flip))
+        parts.append(
+            f"<p class='sub'>mislabel support &gt;{k_mislabel}: not flipped by relabelling its "
+            f"top {k_mislabel} to class {to}</p>" if ms <
+            0 else f"<p class='sub'>mislabel support {ms}: relabelling its top {ms} to class {to} "
+            "flipped it</p>")
   return "\n".join(parts)
 
 
@@ -327,6 +335,16 @@ def _support_by_target(workdir: str, metric: str, method: str, extra: str = "") 
   with open(path) as f:
     rows = [json.loads(line) for line in f if line.strip()]
   return {r["target"]: (r["support"], r[extra]) if extra else r["support"] for r in rows}
+
+
+def _support_k(workdir: str, metric: str, method: str, default: int) -> int:
+  """The k a metric's searches used (its summary.json), else `default` (the listed top-k)."""
+  path = os.path.join(workdir, "support", metric, method, "summary.json")
+  try:
+    with open(path) as f:
+      return int(json.load(f)["k"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return default
 
 
 def _stale(png: str, folder: str) -> bool:

@@ -131,6 +131,45 @@ def test_report_contains_tables_images_curves_and_timings(tmp_path):
   assert page.count("<td>4 / ") == 4
 
 
+def test_report_per_target_support_lines_name_the_searches_k(tmp_path):
+  # The searches' k (32) is below the listed top-k (40 here): an unflipped target's lines give
+  # the searches' k, not the listing's width; one image reads as one; a target measured for one
+  # metric only says so for the other.
+  wd = str(tmp_path)
+  config, train, test, targets = make_workdir(wd)
+  for method in ("esvm", "l2"):
+    path = f"{wd}/attribution/{method}/topk.npy"
+    topk = np.load(path)
+    extra = np.stack([np.setdiff1d(train.index, row)[:8] for row in topk])
+    np.save(path, np.concatenate([topk, extra], 1))
+    np.save(f"{wd}/attribution/{method}/scores.npy", np.zeros((len(targets), 40), np.float32))
+  removal = f"{wd}/support/removal/esvm/results.jsonl"
+  rows = [json.loads(line) for line in read(removal).splitlines()]
+  for r in rows:
+    if r["target"] == int(targets[1]):
+      r["support"] = 1
+  with open(removal, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  mislabel = f"{wd}/support/mislabel/esvm/results.jsonl"
+  rows = [json.loads(line) for line in read(mislabel).splitlines()]
+  with open(mislabel, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows if r["target"] != int(targets[0]))
+  for metric in bisection.METRICS:  # l2's last target searched for neither metric
+    path = f"{wd}/support/{metric}/l2/results.jsonl"
+    rows = [json.loads(line) for line in read(path).splitlines()]
+    with open(path, "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in rows if r["target"] != int(targets[4]))
+  page = read(report.write_report(wd, config, train=train, test=test, num_examples=5))
+  # targets[3] never flips: both metrics, both methods.
+  assert page.count("removal support &gt;32: not flipped within k (its top 32 removed).") == 2
+  assert page.count("mislabel support &gt;32: not flipped by relabelling its top 32 to class") == 2
+  assert "top 40" not in page and "support -1" not in page
+  assert "removal support 1: removing this image flipped target" in page
+  assert page.count("'note'>mislabel support: not measured for this target.") == 1
+  assert page.count("'note'>removal and mislabel support: not measured for this target.") == 1
+  assert page.count("'note'>removal support: not measured") == 0
+
+
 def test_report_without_results_says_what_is_missing(tmp_path):
   path = report.write_report(str(tmp_path))
   page = read(path)
