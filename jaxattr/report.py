@@ -164,7 +164,8 @@ def _support(workdir: str, cfg: dict | None = None) -> str:
           f"{len(rounds)} / " + _fmt_seconds(sum(r["seconds"] for r in rounds)) +
           (", shared" if is_shared else ""),
       ])
-      settings.add(f"k = {s['k']}, {s['num_tests']} models per evaluation, " + (
+      models = "1 model" if s["num_tests"] == 1 else f"{s['num_tests']} models"
+      settings.add(f"k = {s['k']}, {models} per evaluation, " + (
           "exhaustive grid" if s.get("exhaustive") else f"search budget {s['search_budget']}"))
     if not rows:
       parts.append(_note("No finished method yet."))

@@ -108,6 +108,7 @@ def test_report_contains_tables_images_curves_and_timings(tmp_path):
   assert page.count("class='same'>") + page.count("class='other'>") == 2 * 3 * 16
   assert "removal support 4: removing these 4 images" in page
   assert "removal support 20:" in page
+  assert "Search: k = 32, 3 models per evaluation, search budget 3." in page
   # Mislabel supports equal the removal ones here; flip class of a label-l target is l % 3 + 1.
   label = int(test.labels[test.index == targets[0]][0])
   name = ["cat", "dog", "ship", "frog"][label % 3 + 1]
@@ -159,7 +160,13 @@ def test_report_per_target_support_lines_name_the_searches_k(tmp_path):
     rows = [json.loads(line) for line in read(path).splitlines()]
     with open(path, "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in rows if r["target"] != int(targets[4]))
+  for metric in bisection.METRICS:
+    for method in ("esvm", "l2"):
+      path = f"{wd}/support/{metric}/{method}/summary.json"
+      summary = json.loads(read(path))
+      utils.save_json(path, {**summary, "num_tests": 1})
   page = read(report.write_report(wd, config, train=train, test=test, num_examples=5))
+  assert "Search: k = 32, 1 model per evaluation, search budget 3." in page
   # targets[3] never flips: both metrics, both methods.
   assert page.count("removal support &gt;32: not flipped within k (its top 32 removed).") == 2
   assert page.count("mislabel support &gt;32: not flipped by relabelling its top 32 to class") == 2
