@@ -209,6 +209,9 @@ def _cases(
 
   scores = os.path.join(data, "scores_shape.npy")
   np.save(scores, np.zeros((20, 100), np.float32))  # [LDS targets, 100]: not the 1,438 images
+  broken_config = os.path.join(data, "broken_config.py")
+  with open(broken_config, "w") as f:
+    f.write("def get_config(:\n  pass\n")
   text_scores = os.path.join(data, "scores_text.npy")
   with open(text_scores, "w") as f:
     f.write("0.1,0.2\n")
@@ -278,6 +281,9 @@ def _cases(
       ("support.targets .npy with fractional values", "S", support_file(fractional_targets)),
       ("misspelt config field", "L", pipeline("--config.pretrain.epoch=3")),
       ("trak.proj_dim above the training images", "L", pipeline("--config.trak.proj_dim=2000")),
+      # 2026-12-03 (config files that fail to build):
+      ("config file with a syntax error", "L", pipeline(config=broken_config)),
+      ("unknown config variant", "L", pipeline(config="configs/digits.py:nosuch")),
   ]
 
 
@@ -320,6 +326,8 @@ EXPECT = {
     "support.targets .npy with fractional values": "whole-number",
     "misspelt config field": "pretrain.epoch",
     "trak.proj_dim above the training images": "trak.proj_dim",
+    "config file with a syntax error": "SyntaxError",
+    "unknown config variant": "nosuch",
 }
 
 

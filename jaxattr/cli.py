@@ -6,6 +6,7 @@ import _thread
 import contextlib
 import errno
 import os
+import re
 import sys
 import threading
 import traceback
@@ -81,7 +82,7 @@ def launch(run: Callable[[Any, str],
     guarded(run, _loaded_config(config), workdir.value, shard_lock=shard_lock)
 
   try:
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
   except (AttributeError, KeyError) as e:
     if started:
       raise
@@ -91,6 +92,56 @@ def launch(run: Callable[[Any, str],
         f"FATAL Flags parsing error: {_unknown_field(e, sys.argv)}\n"
         "Pass --helpshort or --helpfull to see help on flags.", file=sys.stderr)
     sys.exit(1)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, except that a config file that fails while it loads or builds its
+  config (a syntax error, an unknown variant, any exception) is one usage line with the error and
+  where in the file it was raised, not a traceback. A KeyError or AttributeError raised outside
+  the file passes through: an override naming no field (`launch` words it)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    text = str(e)
+    if "Error whilst parsing config file" not in text:
+      return app.parse_flags_with_usage(argv)  # absl's own message and exit
+    # ml_collections re-raises a config file's TypeError / ValueError as a flag error that holds
+    # the formatted traceback: keep its last line and the last file position in it.
+    flag = text.partition(": Error whilst parsing config file")[0].strip()
+    last = [line.strip() for line in text.splitlines() if line.strip()][-1]
+    path = _config_arg(argv).split(":")[0]
+    frames = [(f, n)
+              for f, n in re.findall(r'File "([^"]+)", line (\d+)', text)
+              if path and os.path.abspath(f) == os.path.abspath(path)]
+    where = f" (at {frames[-1][0]}:{frames[-1][1]})" if frames else ""
+    _config_error(f"{flag}: the config file raised {last}{where}")
+  except Exception as e:  # pylint: disable=broad-except
+    frames = traceback.extract_tb(e.__traceback__)
+    path = _config_arg(argv).split(":")[0]
+    own = [f for f in frames if path and os.path.abspath(f.filename) == os.path.abspath(path)]
+    no_function = isinstance(e, AttributeError) and "'get_config'" in str(e)
+    if isinstance(e, (KeyError, AttributeError)) and not own and not no_function:
+      raise  # an override naming no field of the config
+    where = f" (at {own[-1].filename}:{own[-1].lineno})" if own else ""
+    what = ("defines no get_config() returning the config"
+            if no_function else f"raised {type(e).__name__}: {' '.join(str(e).split())}{where}")
+    _config_error(f"flag --config={_config_arg(argv)}: the config file {what}")
+
+
+def _config_arg(argv: Sequence[str]) -> str:
+  """The value given to --config on the command line ('' when absent)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg[len("--config="):]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return ""
+
+
+def _config_error(text: str) -> NoReturn:
+  print(f"FATAL Flags parsing error: {text}\nPass --helpshort or --helpfull to see help on flags.",
+        file=sys.stderr)
+  sys.exit(1)
 
 
 def _loaded_config(holder: flags.FlagHolder) -> Any:

@@ -248,6 +248,45 @@ def test_bad_config_file_or_workdir_is_one_error_line(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["file"]  # nothing created
 
 
+def test_config_file_that_fails_to_build_is_one_usage_line(tmp_path):
+  # A config file with a syntax error, one that raises (ValueError through ml_collections' flag
+  # error, KeyError and ZeroDivisionError directly), an unknown variant, and one without
+  # get_config(): each one usage line naming the flag, the error and its line in the file.
+  files = {
+      "syntax.py": "def get_config(:\n  pass\n",
+      "zero.py": "def get_config():\n  return 1 / 0\n",
+      "key.py": "def get_config():\n  return {}['lr']\n",
+      "value.py": "def get_config():\n\n  raise ValueError('no such dataset')\n",
+      "nothing.py": "X = 1\n",
+  }
+  for name, text in files.items():
+    (tmp_path / name).write_text(text)
+  path = str(tmp_path)
+  cases = [
+      ("syntax.py", "the config file raised SyntaxError: invalid syntax (syntax.py, line 1)"),
+      ("zero.py",
+       f"the config file raised ZeroDivisionError: division by zero (at {path}/zero.py:2)"),
+      ("key.py", f"the config file raised KeyError: 'lr' (at {path}/key.py:2)"),
+      ("value.py", f"the config file raised ValueError: no such dataset (at {path}/value.py:3)"),
+      ("nothing.py", "the config file defines no get_config() returning the config"),
+  ]
+  workdir = tmp_path / "w"
+  for name, text in cases:
+    res = _launch("pipeline.py", workdir, config=f"{path}/{name}")
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-2] == (
+        f"FATAL Flags parsing error: flag --config={path}/{name}: {text}"), res.stderr[-1000:]
+  res = _launch("support.py", workdir, config="digits.py:nosuch")
+  with open(os.path.join(REPO, "configs", "digits.py")) as f:
+    line = next(i for i, text in enumerate(f, 1) if "unknown variant" in text)
+  assert res.stderr.strip().splitlines()[-2] == (
+      f"FATAL Flags parsing error: flag --config={REPO}/configs/digits.py:nosuch: the config file "
+      "raised ValueError: unknown variant 'nosuch' of configs/digits.py (known: quick) "
+      f"(at {REPO}/configs/digits.py:{line})"), res.stderr[-1000:]
+  assert not workdir.exists()
+
+
 def test_launcher_refuses_locked_workdir_at_once(tmp_path):
   holder = _write_lock(tmp_path, os.getpid())  # This test process: alive.
   res = _launch("pipeline.py", tmp_path, config="digits.py:quick")
