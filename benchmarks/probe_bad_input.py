@@ -339,7 +339,7 @@ def classify(p: Probe, out: subprocess.CompletedProcess, wd: str, right: bool) -
   if wd in p.library:  # a library call raises: clear when its exception is jaxattr's own
     return "clear" if "jaxattr." in last and "Error: " in last else "unclear"
   # A config error lists its problems on the lines after `error: invalid config (...)`.
-  one = ("error:" in err and "Traceback" not in err) or "FATAL Flags parsing error" in err
+  one = ("error:" in err or "FATAL Flags parsing error" in err) and "Traceback" not in err
   ckpt = os.path.join(wd, "pretrain", "checkpoints")
   worked = wd not in p.copies and os.path.isdir(ckpt) and os.listdir(ckpt)
   if not one or not last:
