@@ -10,7 +10,7 @@ The output loads with `launch/features.py --config.encoder.checkpoint=DST`. Need
 
 from absl import app, flags, logging
 
-from jaxattr import convert
+from jaxattr import convert, utils
 
 _SRC = flags.DEFINE_string("src", None, "PyTorch checkpoint (.pth, .pth.tar, Lightning .ckpt).",
                            required=True)
@@ -42,6 +42,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
+  utils.quiet_library_logs()
   try:
     meta = convert.convert(_SRC.value, _DST.value, _FORMAT.value, encoder=_ENCODER.value,
                            width=_WIDTH.value, prefix=_PREFIX.value, keep_fc=_KEEP_FC.value,
