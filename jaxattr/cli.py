@@ -109,23 +109,24 @@ def _parse_flags(argv: list[str]) -> list[str]:
     # the formatted traceback: keep its last line and the last file position in it.
     flag = text.partition(": Error whilst parsing config file")[0].strip()
     last = [line.strip() for line in text.splitlines() if line.strip()][-1]
-    path = _config_arg(argv).split(":")[0]
-    frames = [(f, n)
-              for f, n in re.findall(r'File "([^"]+)", line (\d+)', text)
-              if path and os.path.abspath(f) == os.path.abspath(path)]
-    where = f" (at {frames[-1][0]}:{frames[-1][1]})" if frames else ""
-    _config_error(f"{flag}: the config file raised {last}{where}")
+    frames = [(f, int(n)) for f, n in re.findall(r'File "([^"]+)", line (\d+)', text)]
+    _config_error(f"{flag}: the config file raised {last}{_where(frames, argv)}")
   except Exception as e:  # pylint: disable=broad-except
-    frames = traceback.extract_tb(e.__traceback__)
-    path = _config_arg(argv).split(":")[0]
-    own = [f for f in frames if path and os.path.abspath(f.filename) == os.path.abspath(path)]
+    where = _where([(f.filename, f.lineno) for f in traceback.extract_tb(e.__traceback__)], argv)
     no_function = isinstance(e, AttributeError) and "'get_config'" in str(e)
-    if isinstance(e, (KeyError, AttributeError)) and not own and not no_function:
+    if isinstance(e, (KeyError, AttributeError)) and not where and not no_function:
       raise  # an override naming no field of the config
-    where = f" (at {own[-1].filename}:{own[-1].lineno})" if own else ""
     what = ("defines no get_config() returning the config"
             if no_function else f"raised {type(e).__name__}: {' '.join(str(e).split())}{where}")
     _config_error(f"flag --config={_config_arg(argv)}: the config file {what}")
+
+
+def _where(frames: Sequence[tuple[str, Any]], argv: Sequence[str]) -> str:
+  """' (at FILE:LINE)' for the last of the traceback's (file, line) frames in the --config file,
+  or '' when none is."""
+  path = os.path.abspath(_config_arg(argv).split(":")[0]) if _config_arg(argv) else ""
+  own = [(f, n) for f, n in frames if path and os.path.abspath(f) == path]
+  return f" (at {own[-1][0]}:{own[-1][1]})" if own else ""
 
 
 def _config_arg(argv: Sequence[str]) -> str:

@@ -266,11 +266,12 @@ def _examples(workdir: str, train: Any, test: Any, data_note: str, num_examples:
       if int(target) in mislabel:
         ms, flip = mislabel[int(target)]
         to = html.escape(_name(names, flip))
-        parts.append(
-            f"<p class='sub'>mislabel support &gt;{k_mislabel}: not flipped by relabelling its "
-            f"top {k_mislabel} to class {to}</p>" if ms <
-            0 else f"<p class='sub'>mislabel support {ms}: relabelling its top {ms} to class {to} "
-            "flipped it</p>")
+        if ms < 0:
+          line = (f"mislabel support &gt;{k_mislabel}: not flipped by relabelling its top "
+                  f"{k_mislabel} to class {to}")
+        else:
+          line = f"mislabel support {ms}: relabelling its top {ms} to class {to} flipped it"
+        parts.append(f"<p class='sub'>{line}</p>")
   return "\n".join(parts)
 
 
